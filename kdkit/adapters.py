@@ -1,0 +1,148 @@
+"""Feature-matching adapters: bridge student and teacher features of different widths.
+
+`adapter(s, t)` takes student features `s` (B, Ds) or (B, N, Ds) and teacher features `t` (B, Dt) or
+(B, N, Dt) and returns `(s_mapped, t_target)` of equal shape, so `criterion(s_mapped, t_target)` is the
+feature loss. Adapters see both tensors, which is what lets `covariance` and `gram` map widths without
+parameters. They are plain `nn.Module`s: usable in any PyTorch loop with nothing else from kdkit.
+See docs/adapters.md for formulas and when to choose which.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdkit.registry import ADAPTERS
+
+
+class Adapter(nn.Module):
+    """Base class: checks shapes, then `map(s, t)` does the adapter's work."""
+
+    same_tokens = True  # gram compares samples, so only it accepts different token counts
+
+    def __init__(self, student_dim: int, teacher_dim: int) -> None:
+        super().__init__()
+        self.student_dim = student_dim
+        self.teacher_dim = teacher_dim
+
+    @property
+    def extra_parameters(self) -> int:
+        """Number of trainable parameters the adapter adds to the student."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Return `(s_mapped, t_target)` of equal shape."""
+        self._check(s, t)
+        return self.map(s, t)
+
+    def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The adapter's mapping of shape-checked features; subclasses implement it."""
+        raise NotImplementedError
+
+    def _check(self, s: Tensor, t: Tensor) -> None:
+        name, ss, ts = type(self).__name__, tuple(s.shape), tuple(t.shape)
+        if s.ndim not in (2, 3) or t.ndim not in (2, 3):
+            raise ValueError(f"{name}: features must be (B, D) or (B, N, D); got student {ss}, teacher {ts}")
+        if s.shape[0] != t.shape[0]:
+            raise ValueError(f"{name}: batch sizes differ: student {ss}, teacher {ts}")
+        if self.same_tokens and (s.ndim != t.ndim or s.shape[1:-1] != t.shape[1:-1]):
+            raise ValueError(f"{name}: student {ss} and teacher {ts} need the same rank and token count")
+        if s.shape[-1] != self.student_dim or t.shape[-1] != self.teacher_dim:
+            raise ValueError(
+                f"{name}: built for student_dim={self.student_dim}, teacher_dim={self.teacher_dim}; "
+                f"got student {ss}, teacher {ts}"
+            )
+
+
+@ADAPTERS.register("identity")
+class IdentityAdapter(Adapter):
+    """Compare features as they are; needs equal widths."""
+
+    def __init__(self, student_dim: int, teacher_dim: int) -> None:
+        if student_dim != teacher_dim:
+            raise ValueError(
+                f"identity adapter needs equal widths; got student_dim={student_dim}, "
+                f"teacher_dim={teacher_dim}. Use 'covariance', 'projection' or 'gram'."
+            )
+        super().__init__(student_dim, teacher_dim)
+
+    def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return s, t
+
+
+@ADAPTERS.register("projection")
+class ProjectionAdapter(Adapter):
+    """FitNets-style learnable linear map Ds -> Dt on the student; train it with the student."""
+
+    def __init__(self, student_dim: int, teacher_dim: int, bias: bool = True) -> None:
+        super().__init__(student_dim, teacher_dim)
+        self.proj = nn.Linear(student_dim, teacher_dim, bias=bias)
+
+    def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return self.proj(s), t
+
+
+@ADAPTERS.register("covariance")
+class CovarianceAdapter(Adapter):
+    """KDFAS parameter-free mapping through the batch cross-covariance.
+
+    ŝ, t̂ = rows of s, t L2-normalised (rows = samples, or samples x tokens for (B, N, D));
+    C = ŝᵀ t̂ (Ds x Dt); returns (ŝ C, t̂). C has rank at most the number of rows, so it depends on the
+    batch: under DDP each rank sees only its own batch.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, eps: float = 1e-12, detach_covariance: bool = False) -> None:
+        super().__init__(student_dim, teacher_dim)
+        self.eps = eps
+        self.detach_covariance = detach_covariance
+
+    def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        s_hat = F.normalize(s.reshape(-1, s.shape[-1]), dim=1, eps=self.eps)
+        t_hat = F.normalize(t.reshape(-1, t.shape[-1]), dim=1, eps=self.eps)
+        cov = (s_hat.detach() if self.detach_covariance else s_hat).T @ t_hat
+        mapped = s_hat @ cov
+        return mapped.reshape(t.shape), t_hat.reshape(t.shape)
+
+
+@ADAPTERS.register("gram")
+class GramAdapter(Adapter):
+    """Similarity-preserving KD (Tung & Mori, ICCV 2019): compare B x B sample-similarity matrices.
+
+    Each sample is flattened to z (B, D) or (B, N*D); G = z zᵀ; each row of G is normalised to unit
+    L`p` norm. Returns (G_s, G_t), both (B, B), so widths and token counts may differ. Mean-reduced MSE
+    on them is the SP loss ||G_t - G_s||_F^2 / B^2 (MSE's mean over the B^2 entries is that division).
+
+    `p=2` (default) is the paper's and RepDistiller's L2 row normalisation. torchdistill's `SPKDLoss`
+    calls `normalize(G, 1)`, whose second argument is `p`, so it normalises rows to unit L1 norm; with
+    `p=1`, gram + mse equals `SPKDLoss(reduction='batchmean')` exactly (scale 1).
+    """
+
+    same_tokens = False
+
+    def __init__(self, student_dim: int, teacher_dim: int, p: float = 2.0) -> None:
+        super().__init__(student_dim, teacher_dim)
+        self.p = p
+
+    def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return self._gram(s), self._gram(t)
+
+    def _gram(self, x: Tensor) -> Tensor:
+        z = x.flatten(1)
+        return F.normalize(z @ z.T, p=self.p, dim=1)
+
+
+def build_adapter(name: str, student_dim: int, teacher_dim: int, **options: object) -> nn.Module:
+    """Build the adapter registered as `name` for student width `student_dim` and teacher width `teacher_dim`.
+
+    `options` are the adapter's own keyword arguments (e.g. `bias=False` for `projection`).
+    """
+    cls = ADAPTERS.get(name)
+    params = inspect.signature(cls).parameters
+    valid = [p for p in params if p not in ("student_dim", "teacher_dim")]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(set(options) - set(valid))
+    if unknown and not takes_any:
+        raise ValueError(f"adapter {name!r} got unknown options {unknown}; valid options: {valid or 'none'}")
+    return cls(student_dim, teacher_dim, **options)

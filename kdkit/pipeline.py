@@ -1,0 +1,296 @@
+"""Running a recipe: check the whole plan first, then run its stages in order.
+
+Run directory layout::
+
+    RUN/recipe.yaml          the resolved recipe (after --set overrides)
+    RUN/metrics.jsonl        one JSON object per logged step / epoch, every stage
+    RUN/summary.json         final metrics of every stage (best and last)
+    RUN/<stage>/last.pt      resume state of a train/distill stage
+    RUN/<stage>/model.pt     the trained network at its best validation epoch
+    RUN/<stage>/done.json    written last: the stage is complete and is skipped on --resume
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.markup import escape
+from rich.table import Table
+from torch import nn
+
+from kdkit.checkpoint import atomic_write_text, file_sha256, load_file, seed_everything
+from kdkit.data import build_dataset, build_loaders, eval_loader, example_batch
+from kdkit.distiller import Distiller, SupervisedTask, stage_pairs
+from kdkit.info import model_size
+from kdkit.models import build_model, load_state_dict_checked
+from kdkit.plugins import load_plugins
+from kdkit.recipe import ModelSpec, Recipe, RecipeError, StageSpec
+from kdkit.registry import DATASETS, EVALUATORS, RegistryError
+from kdkit.runlog import MetricsLog, console
+from kdkit.trainer import StageResult, Trainer, autocast, predict, resolve_device
+
+
+class RecipeRun:
+    """One execution of a recipe in a run directory."""
+
+    def __init__(self, recipe: Recipe, out_dir: Path) -> None:
+        self.recipe = recipe
+        self.out_dir = Path(out_dir)
+        self.trained: dict[str, tuple[ModelSpec, Path]] = {}  # stage -> (model spec, model.pt)
+
+    # ------------------------------------------------------------------ checks before any work
+    def check(self) -> list[Table]:
+        """Build every model and dry-run every distill stage; raise RecipeError on any problem.
+
+        Returns the tap/adapter tables of the distill stages (for `kdkit validate`)."""
+        r = self.recipe
+        problems = []
+        installed = load_plugins()
+        for name in r.plugins:
+            info = installed.get(name)
+            if info is None:
+                problems.append(f"plugins: {name!r} is not installed (installed: {sorted(installed)})")
+            elif info.error:
+                problems.append(f"plugins: {name!r} failed to load ({info.error})")
+        for key, registry in (("data.dataset", DATASETS), ("evaluator", EVALUATORS)):
+            name = r.data.dataset if key == "data.dataset" else r.evaluator
+            try:
+                registry.get(name)
+            except RegistryError as exc:
+                problems.append(f"{key}: {exc}")
+        if problems:
+            raise RecipeError(problems)
+        self.make_evaluator()
+        example = example_batch(r.data)
+        tables = []
+        for stage in r.pipeline:
+            if stage.do != "evaluate":
+                try:
+                    autocast(resolve_device(r.stage_train(stage).device), r.stage_train(stage).amp)
+                except ValueError as exc:
+                    raise RecipeError([f"pipeline.{stage.name}: {exc}"]) from None
+            if stage.do == "distill":
+                distiller = self.build_distiller(stage, example, check_only=True)
+                tables.append(self.tap_table(stage, distiller))
+                distiller.close()
+            elif stage.do == "train":
+                self.build(stage.model, f"pipeline.{stage.name}.model")
+        return tables
+
+    def make_evaluator(self) -> Any:
+        """The recipe's evaluator instance."""
+        try:
+            return EVALUATORS.get(self.recipe.evaluator)(**self.recipe.evaluator_options)
+        except (TypeError, ValueError) as exc:
+            raise RecipeError([f"evaluator_options: {exc}"]) from None
+
+    def build(self, key: str, where: str) -> nn.Module:
+        """Build the model `models[key]`, re-raising build problems as recipe errors."""
+        try:
+            return build_model(self.recipe.models[key], where=f"models.{key}")
+        except ValueError as exc:
+            raise RecipeError([f"{where}: {exc}"]) from None
+
+    def build_distiller(self, stage: StageSpec, example: torch.Tensor, check_only: bool = False) -> Distiller:
+        """Teacher (trained in an earlier stage, or from its spec), student, taps and adapters."""
+        d = self.recipe.stage_distill(stage)
+        train = self.recipe.stage_train(stage)
+        where = f"pipeline.{stage.name}.distill"
+        earlier = self.recipe.pipeline[: self.recipe.pipeline.index(stage)]  # never a later stage
+        teacher_stage = next((s for s in earlier if s.name == d.teacher and s.do != "evaluate"), None)
+        if teacher_stage is not None:
+            key = (
+                teacher_stage.model
+                if teacher_stage.do == "train"
+                else self.recipe.stage_distill(teacher_stage).student
+            )
+            teacher = self.build(key, f"{where}.teacher")
+            if not check_only:
+                load_state_dict_checked(
+                    teacher, load_file(self.trained[d.teacher][1])["model"], f"stage {d.teacher!r} model.pt"
+                )
+        else:
+            teacher = self.build(d.teacher, f"{where}.teacher")
+        student = self.build(d.student, f"{where}.student")
+        try:
+            pairs = stage_pairs(teacher, student, d.stages, d.point, d.select) if d.adapter != "none" else []
+            return Distiller(
+                teacher,
+                student,
+                pairs,
+                adapter=d.adapter,
+                adapter_options=d.adapter_options,
+                criterion=d.criterion,
+                alpha=d.alpha,
+                tau=d.tau,
+                beta=d.beta,
+                label_smoothing=train.label_smoothing,
+                example_input=example,
+            )
+        except (ValueError, KeyError) as exc:
+            raise RecipeError([f"{where}: {exc}"]) from None
+
+    def tap_table(self, stage: StageSpec, distiller: Distiller) -> Table:
+        """A table of stage pairs: taps → shapes → adapter → criterion."""
+        d = self.recipe.stage_distill(stage)
+        table = Table(
+            title=f"stage {stage.name!r}: feature pairs (adapter params: {distiller.extra_parameters()})"
+        )
+        for col in ("#", "student tap", "shape", "teacher tap", "shape", "adapter", "criterion"):
+            table.add_column(col)
+        for i, (pair, (s_shape, t_shape)) in enumerate(zip(distiller.pairs, distiller.shapes, strict=True)):
+            table.add_row(
+                str(i),
+                escape(f"{pair.student.path} [{pair.student.select}]"),
+                str(s_shape),
+                escape(f"{pair.teacher.path} [{pair.teacher.select}]"),
+                str(t_shape),
+                d.adapter,
+                d.criterion,
+            )
+        return table
+
+    # ------------------------------------------------------------------ execution
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Run every stage (skipping complete ones when resuming); return the summary."""
+        r = self.recipe
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(yaml.safe_dump(r.to_dict(), sort_keys=False), self.out_dir / "recipe.yaml")
+        log = MetricsLog(self.out_dir)
+        summary = self._read_summary() if resume else {}
+        try:
+            for stage in r.pipeline:
+                stage_dir = self.out_dir / stage.name
+                done = stage_dir / "done.json"
+                if resume and done.exists():
+                    console.print(f"[{stage.name}] complete, skipped (resume)", markup=False)
+                    self._remember(stage, stage_dir)
+                    continue
+                console.rule(f"stage {stage.name}: {stage.do}")
+                seed_everything(r.seed)
+                result = self._run_stage(stage, stage_dir, log, resume)
+                summary[stage.name] = result
+                atomic_write_text(json.dumps(summary, indent=2), self.out_dir / "summary.json")
+                atomic_write_text(json.dumps({"stage": stage.name}), done)
+        finally:
+            log.close()
+        return summary
+
+    def _read_summary(self) -> dict[str, Any]:
+        path = self.out_dir / "summary.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _remember(self, stage: StageSpec, stage_dir: Path) -> None:
+        if stage.do == "train":
+            self.trained[stage.name] = (self.recipe.models[stage.model], stage_dir / "model.pt")
+        elif stage.do == "distill":
+            key = self.recipe.stage_distill(stage).student
+            self.trained[stage.name] = (self.recipe.models[key], stage_dir / "model.pt")
+
+    def _run_stage(self, stage: StageSpec, stage_dir: Path, log: MetricsLog, resume: bool) -> dict[str, Any]:
+        r = self.recipe
+        if stage.do == "evaluate":
+            return self._evaluate_stage(stage, stage_dir)
+        train = r.stage_train(stage)
+        train_loader, eval_loaders, set_epoch = build_loaders(r.data, r.seed)
+        meta: dict[str, Any] = {"stage": stage.name, "recipe": r.to_dict(), "data": _data_meta(r)}
+        if stage.do == "train":
+            model = self.build(stage.model, f"pipeline.{stage.name}.model")
+            task: nn.Module = SupervisedTask(model, train.label_smoothing)
+            meta["spec"] = _spec_for_checkpoint(r.models[stage.model])
+            extra = 0
+        else:
+            task = self.build_distiller(stage, example_batch(r.data))
+            d = r.stage_distill(stage)
+            meta["spec"] = _spec_for_checkpoint(r.models[d.student])
+            meta["teacher"] = self._teacher_reference(d.teacher)
+            extra = task.extra_parameters()
+        trainer = Trainer(
+            task,
+            train,
+            train_loader,
+            eval_loaders,
+            self.make_evaluator(),
+            stage_dir,
+            log,
+            stage.name,
+            r.seed,
+            model_meta=meta,
+            set_epoch=set_epoch,
+        )
+        result: StageResult = trainer.fit(resume=resume)
+        if isinstance(task, Distiller):
+            task.close()
+        self._remember(stage, stage_dir)
+        return {
+            "do": stage.do,
+            **dataclasses.asdict(result),
+            **model_size(task.model),
+            "adapter_params": extra,
+        }
+
+    def _teacher_reference(self, teacher: str) -> dict[str, Any]:
+        """The teacher is never saved with the student: reference it by path and hash."""
+        if teacher in self.trained:
+            path = self.trained[teacher][1]
+        else:
+            path = self.recipe.models[teacher].weights
+            if path is None:
+                return {"model": teacher, "path": None, "sha256": None}
+        # Absolute: the reference must still point at the teacher when read from another directory.
+        return {"model": teacher, "path": str(Path(path).resolve()), "sha256": file_sha256(path)}
+
+    def _evaluate_stage(self, stage: StageSpec, stage_dir: Path) -> dict[str, Any]:
+        r = self.recipe
+        evaluator = self.make_evaluator()
+        device = resolve_device(r.train.device)
+        splits = ["val", stage.split] if stage.split != "val" else ["val"]
+        loaders = {s: eval_loader(build_dataset(r.data, s), r.data) for s in splits}
+        results: dict[str, Any] = {}
+        for run in stage.runs:
+            spec, path = self.trained[run]
+            model = build_model(dataclasses.replace(spec, weights=None, pretrained=False))
+            load_state_dict_checked(model, load_file(path)["model"], str(path))
+            model.to(device)
+            predictions = {
+                s: predict(model, loader, device, r.train.amp, f"[{stage.name}] {run} {s}")
+                for s, loader in loaders.items()
+            }
+            run_dir = stage_dir / run
+            run_dir.mkdir(parents=True, exist_ok=True)
+            results[run] = {**evaluator(predictions, run_dir), **model_size(model)}
+        console.print(results_table(results, stage.split, getattr(evaluator, "summary_keys", None)))
+        return {"do": "evaluate", "split": stage.split, "results": results}
+
+
+def results_table(results: dict[str, dict[str, float]], split: str, keys: list[str] | None = None) -> Table:
+    """A comparison table: one row per run, the split's metrics plus size columns."""
+    first = next(iter(results.values()), {})
+    keys = keys or [k for k in first if k.startswith(f"{split}/")]
+    table = Table(title=f"results on {split}")
+    table.add_column("run")
+    for key in [*keys, "params_M", "MiB"]:
+        table.add_column(key, justify="right")
+    for run, metrics in results.items():
+        table.add_row(
+            run,
+            *(f"{metrics[k]:.4f}" if k in metrics else "-" for k in keys),
+            f"{metrics['params_M']:.3f}",
+            f"{metrics['MiB']:.2f}",
+        )
+    return table
+
+
+def _spec_for_checkpoint(spec: ModelSpec) -> dict[str, Any]:
+    """The spec to rebuild the network from `model.pt` (its weights are in the file itself)."""
+    return dataclasses.asdict(dataclasses.replace(spec, weights=None, pretrained=False))
+
+
+def _data_meta(recipe: Recipe) -> dict[str, Any]:
+    d = recipe.data
+    return {"dataset": d.dataset, "image_size": d.image_size, "mean": d.mean, "std": d.std}

@@ -1,0 +1,468 @@
+"""Recipes: YAML → typed, validated configuration.
+
+A recipe is read with `yaml.safe_load` (no tags that import or run code), overridden with
+`--set a.b=c` strings, then checked against the dataclasses below *before any work starts*.
+Every problem is collected and reported with its key path, e.g.
+``train.lr: expected a number, got 'fast'`` or ``distil: unknown key. Did you mean 'distill'?``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kdkit.registry import did_you_mean
+
+
+class RecipeError(ValueError):
+    """One or more problems in a recipe; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str = "recipe") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def __str__(self) -> str:
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        return f"invalid {self.source}:\n{lines}"
+
+
+# --------------------------------------------------------------------------------------------
+# The schema. Field comments are the reference; docs/recipes.md is generated from the same facts.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSpec:
+    """One model: a kdkit/plugin model name or any timm model name, plus its options."""
+
+    name: str  # registered model name, or a timm model name such as vit_base_patch16_224
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for the factory
+    weights: str | None = None  # local .pth/.pt/.safetensors file to initialise from
+    pretrained: bool = False  # download timm's pretrained weights (needs network or a hub cache)
+
+
+@dataclass
+class DataSpec:
+    """The data set every stage reads."""
+
+    dataset: str  # a registered dataset, e.g. digits or fas_folder
+    root: str | None = None  # where the data lives (dataset-specific)
+    image_size: int = 224  # side of the square input image in pixels
+    batch_size: int = 64
+    eval_batch_size: int | None = None  # default: 2 × batch_size
+    num_workers: int = 0  # DataLoader worker processes
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # input normalisation
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    options: dict[str, Any] = field(default_factory=dict)  # dataset-specific options
+
+
+@dataclass
+class DistillSpec:
+    """How the student learns from the teacher (used by `distill` stages)."""
+
+    teacher: str = "teacher"  # a key of `models`, or the name of an earlier stage that trained it
+    student: str = "student"  # a key of `models`
+    adapter: str = "covariance"  # feature adapter per stage pair, or 'none' for no feature KD
+    adapter_options: dict[str, Any] = field(default_factory=dict)
+    criterion: Literal["mse", "smooth_l1", "cosine"] = "mse"  # feature loss after the adapter
+    # [[student_block, teacher_block], ...] (1-based), explicit {student: path, teacher: path} pairs,
+    # or 'uniform:N': N pairs spread evenly over both depths (12 vs 24 blocks, N=4: 3,6,9,12 ↔ 6,12,18,24)
+    stages: list[Any] | str = field(default_factory=list)
+    point: str = "block"  # which part of a block to tap: block | attn | mlp (preset dependent)
+    select: str | None = None  # token selector (cls, mean, patch, tokens, all); default: preset's
+    alpha: float = 0.7  # weight of the logit KD term; CE gets 1 - alpha
+    tau: float = 3.0  # KD temperature
+    beta: float = 1.0  # weight of the feature term (mean over stage pairs)
+
+
+@dataclass
+class TrainSpec:
+    """Optimisation settings (a stage may override any of them)."""
+
+    epochs: int = 10
+    optimizer: str = "adamw"  # any timm optimizer name
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    momentum: float = 0.9  # for SGD-like optimizers
+    scheduler: str = "cosine"  # any timm scheduler name, or 'none'
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+    label_smoothing: float = 0.0
+    clip_grad: float | None = None  # max gradient norm; null = no clipping
+    amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 needs CUDA (uses a grad scaler)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    log_every: int = 20  # steps between progress/log updates
+    max_steps_per_epoch: int | None = None  # cap steps per epoch (quick runs, smoke tests)
+
+
+@dataclass
+class StageSpec:
+    """One step of the pipeline."""
+
+    name: str
+    do: Literal["train", "distill", "evaluate"]
+    model: str | None = None  # train: the key of `models` to train
+    runs: list[str] = field(default_factory=list)  # evaluate: stage names whose models to test
+    split: str = "test"  # evaluate: the split to report
+    train: dict[str, Any] = field(default_factory=dict)  # overrides of the top-level `train`
+    distill: dict[str, Any] = field(default_factory=dict)  # overrides of the top-level `distill`
+
+
+@dataclass
+class Recipe:
+    """A whole experiment: data, models, distillation, training and the pipeline of stages."""
+
+    name: str
+    data: DataSpec
+    models: dict[str, ModelSpec]
+    pipeline: list[StageSpec]
+    seed: int = 0
+    plugins: list[str] = field(default_factory=list)  # plugins the recipe needs (checked)
+    distill: DistillSpec = field(default_factory=DistillSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    evaluator: str = "classification"  # a registered evaluator
+    evaluator_options: dict[str, Any] = field(default_factory=dict)
+
+    def stage_train(self, stage: StageSpec) -> TrainSpec:
+        """The stage's training settings: the top-level `train` with the stage's overrides."""
+        merged = {**dataclasses.asdict(self.train), **stage.train}
+        return _convert(TrainSpec, merged, f"pipeline.{stage.name}.train", [])
+
+    def stage_distill(self, stage: StageSpec) -> DistillSpec:
+        """The stage's distillation settings: the top-level `distill` with the stage's overrides."""
+        merged = {**dataclasses.asdict(self.distill), **stage.distill}
+        return _convert(DistillSpec, merged, f"pipeline.{stage.name}.distill", [])
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (YAML/JSON-serialisable) of the resolved recipe."""
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Typed conversion with error collection.
+# --------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        tp, "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+    )
+
+
+def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    """Convert `value` to type `tp`, appending a message to `problems` for each mismatch."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _convert_dataclass(tp, value, path, problems)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            trial: list[str] = []
+            out = _convert(arg, value, path, trial)
+            if not trial:
+                return out
+        problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return None
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            problems.append(f"{path}: expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+            return []
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(item_tp, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {value!r}")
+            return {}
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _convert(val_tp, v, f"{path}.{k}", problems) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{path}: expected a number, got {value!r}")
+            return 0.0
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{path}: expected an integer, got {value!r}")
+            return 0
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: expected true/false, got {value!r}")
+        return bool(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{path}: expected a string, got {value!r}")
+            return str(value)
+        return value
+    raise TypeError(f"unsupported schema type {tp!r} at {path}")  # a bug in the schema, not the recipe
+
+
+def _convert_dataclass(cls: Any, value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, dict):
+        problems.append(f"{path or 'recipe'}: expected a mapping, got {value!r}")
+        value = {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{path}." if path else ""
+    for key in value:
+        if key not in fields:
+            problems.append(
+                f"{prefix}{key}: unknown key.{did_you_mean(str(key), list(fields))}"
+                f" Valid keys: {', '.join(fields)}"
+            )
+    kwargs = {}
+    for name, f in fields.items():
+        raw = value.get(name, _MISSING)
+        if raw is _MISSING:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.append(f"{prefix}{name}: missing required value ({_type_name(hints[name])})")
+            continue
+        kwargs[name] = _convert(hints[name], raw, f"{prefix}{name}", problems)
+    try:
+        return cls(**kwargs)
+    except TypeError:  # a required field was missing; already reported
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides and cross-field checks.
+# --------------------------------------------------------------------------------------------
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that also reads `1e-3` (no dot) as a number, as YAML 1.2 does."""
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+# What a malformed document can raise besides YAMLError (bad !!int/!!timestamp values, deep nesting).
+_YAML_ERRORS = (yaml.YAMLError, ValueError, RecursionError)
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_SafeLoader)  # a SafeLoader subclass: no code-running tags
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping safely; syntax errors name the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([f"file not found: {path}"], str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError([f"cannot read {path}: {exc}"], str(path)) from None
+    try:
+        data = _safe_load(text)
+    except _YAML_ERRORS as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise RecipeError([f"malformed YAML at {where}{problem}"], str(path)) from None
+    if not isinstance(data, dict):
+        raise RecipeError([f"expected a YAML mapping at the top level, got {type(data).__name__}"], str(path))
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split 'a.b.c=value' into (['a', 'b', 'c'], value); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not key.strip() or any(not p for p in parts):
+        raise RecipeError([f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=0.001"])
+    try:
+        value = _safe_load(raw) if raw.strip() else ""
+    except _YAML_ERRORS:
+        value = raw  # not valid YAML: keep the text as a string
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each 'a.b=c' override applied.
+
+    List items are addressed by index (`pipeline.0.train.epochs=2`) or, for lists of mappings
+    with a `name`, by that name (`pipeline.teacher.train.epochs=2`).
+    """
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                index = _list_index(node, part, where, text)
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise RecipeError([f"--set {text!r}: {'.'.join(parts[:depth])} is {node!r}, not a mapping"])
+    return data
+
+
+def _list_index(node: list[Any], part: str, where: str, text: str) -> int:
+    if re.fullmatch(r"-?[0-9]+", part):
+        index = int(part)
+        if -len(node) <= index < len(node):
+            return index
+        raise RecipeError([f"--set {text!r}: {where}: index out of range (the list has {len(node)} items)"])
+    names = [item.get("name") if isinstance(item, dict) else None for item in node]  # aligned with node
+    if part in names:
+        return names.index(part)
+    hint = did_you_mean(part, [n for n in names if isinstance(n, str)])
+    raise RecipeError([f"--set {text!r}: {where}: no list item named {part!r}.{hint}"])
+
+
+def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping into a `Recipe`, or raise `RecipeError` listing every problem."""
+    problems: list[str] = []
+    recipe = _convert_dataclass(Recipe, data, "", problems)
+    if recipe is not None and not problems:
+        _check_semantics(recipe, problems)
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return parse_recipe(data, str(path))
+
+
+def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
+    """Cross-field checks that the types alone cannot express."""
+    names = [s.name for s in recipe.pipeline]
+    if not recipe.pipeline:
+        problems.append("pipeline: expected at least one stage")
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"pipeline: stage name {dup!r} is used more than once")
+    data = recipe.data
+    if data.image_size <= 0 or data.batch_size <= 0:
+        problems.append("data: image_size and batch_size must be positive")
+    if len(data.mean) != len(data.std) or any(s <= 0 for s in data.std):
+        problems.append("data.std: expected as many positive values as data.mean")
+    _check_train(recipe.train, "train", problems)
+    trained: dict[str, str] = {}  # stage name -> model key it produced
+    for i, stage in enumerate(recipe.pipeline):
+        where = f"pipeline[{i}] ({stage.name})"
+        stage_problems: list[str] = []
+        train = _convert(
+            TrainSpec, {**dataclasses.asdict(recipe.train), **stage.train}, f"{where}.train", stage_problems
+        )
+        distill = _convert(
+            DistillSpec,
+            {**dataclasses.asdict(recipe.distill), **stage.distill},
+            f"{where}.distill",
+            stage_problems,
+        )
+        problems.extend(stage_problems)
+        if stage_problems:
+            if stage.do != "evaluate":  # later stages may still name it: no follow-on errors
+                trained[stage.name] = stage.model or ""
+            continue
+        _check_train(train, f"{where}.train", problems)
+        if stage.do == "train":
+            if stage.model not in recipe.models:
+                problems.append(
+                    f"{where}.model: expected one of {sorted(recipe.models)}, got {stage.model!r}"
+                )
+            else:
+                trained[stage.name] = stage.model
+        elif stage.do == "distill":
+            _check_distill(distill, f"{where}.distill", recipe, list(trained), problems)
+            trained[stage.name] = distill.student
+        elif stage.do == "evaluate":
+            if not stage.runs:
+                problems.append(f"{where}.runs: expected the names of earlier train/distill stages")
+            for run in stage.runs:
+                if run not in trained:
+                    problems.append(
+                        f"{where}.runs: {run!r} is not an earlier train/distill stage"
+                        f"{did_you_mean(run, list(trained))}"
+                    )
+
+
+def _check_train(train: TrainSpec, where: str, problems: list[str]) -> None:
+    if train.epochs < 1:
+        problems.append(f"{where}.epochs: expected at least 1, got {train.epochs}")
+    if train.lr <= 0:
+        problems.append(f"{where}.lr: expected a positive number, got {train.lr}")
+    if train.eval_every < 1 or train.log_every < 1:
+        problems.append(f"{where}: eval_every and log_every must be at least 1")
+
+
+def _check_distill(
+    d: DistillSpec, where: str, recipe: Recipe, earlier: list[str], problems: list[str]
+) -> None:
+    if not 0.0 <= d.alpha <= 1.0:
+        problems.append(f"{where}.alpha: expected a value in [0, 1], got {d.alpha}")
+    if d.tau <= 0:
+        problems.append(f"{where}.tau: expected a positive temperature, got {d.tau}")
+    if d.beta < 0:
+        problems.append(f"{where}.beta: expected a value >= 0, got {d.beta}")
+    if d.student not in recipe.models:
+        problems.append(f"{where}.student: expected one of {sorted(recipe.models)}, got {d.student!r}")
+    if d.teacher not in recipe.models and d.teacher not in earlier:
+        problems.append(
+            f"{where}.teacher: expected a model key {sorted(recipe.models)} or an earlier "
+            f"stage name {earlier}, got {d.teacher!r}"
+        )
+    if isinstance(d.stages, str):
+        if not re.fullmatch(r"uniform:[1-9][0-9]*", d.stages):
+            problems.append(f"{where}.stages: expected a list of pairs or 'uniform:N', got {d.stages!r}")
+        return
+    for i, pair in enumerate(d.stages):
+        ok = (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, int) for v in pair)) or (
+            isinstance(pair, dict) and {"student", "teacher"} <= set(pair)
+        )
+        if not ok:
+            problems.append(
+                f"{where}.stages[{i}]: expected [student_block, teacher_block] or "
+                f"{{student: path, teacher: path}}, got {pair!r}"
+            )

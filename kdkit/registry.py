@@ -1,0 +1,106 @@
+"""A tiny name → object registry, and the registries kdkit and its plugins fill.
+
+Everything a recipe can name by string (models, adapters, datasets, evaluators, tap presets,
+CLI subcommands) lives in one of these. Plugins add entries; the core never names a plugin.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class RegistryError(KeyError):
+    """An unknown or duplicate registry name. The message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError would wrap the message in quotes
+        return str(self.args[0])
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """Return ' Did you mean 'x'?' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+class Registry(Generic[T]):
+    """Maps names to objects (classes, factories, functions).
+
+    >>> ADAPTERS = Registry("adapter")
+    >>> @ADAPTERS.register("identity")
+    ... class Identity: ...
+    >>> ADAPTERS.get("identity") is Identity
+    True
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str | None = None) -> Callable[[T], T]:
+        """Decorator registering an object under `name` (default: its `__name__`)."""
+
+        def decorator(obj: T) -> T:
+            self.add(name or obj.__name__, obj)  # type: ignore[attr-defined]
+            return obj
+
+        return decorator
+
+    def add(self, name: str, obj: T) -> None:
+        """Register `obj` under `name`; a name may be registered only once."""
+        if name in self._entries:
+            raise RegistryError(
+                f"{self.kind} {name!r} is already registered (by {self._entries[name]!r}); "
+                f"registered {self.kind}s: {', '.join(self.names())}"
+            )
+        self._entries[name] = obj
+
+    def get(self, name: str) -> T:
+        """Return the entry named `name`, or raise `RegistryError` listing the valid names."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise RegistryError(
+                f"unknown {self.kind} {name!r}.{did_you_mean(name, self.names())} "
+                f"Registered {self.kind}s: {', '.join(self.names()) or '(none)'}"
+            ) from None
+
+    def names(self) -> list[str]:
+        """All registered names, sorted."""
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.names()})"
+
+
+@dataclass
+class Registries:
+    """The registries handed to a plugin's `register(registries)` entry point."""
+
+    models: Registry[Callable[..., Any]] = field(default_factory=lambda: MODELS)
+    adapters: Registry[Callable[..., Any]] = field(default_factory=lambda: ADAPTERS)
+    datasets: Registry[Callable[..., Any]] = field(default_factory=lambda: DATASETS)
+    evaluators: Registry[Callable[..., Any]] = field(default_factory=lambda: EVALUATORS)
+    tap_presets: Registry[Any] = field(default_factory=lambda: TAP_PRESETS)
+    commands: Registry[Callable[..., Any]] = field(default_factory=lambda: COMMANDS)
+
+
+MODELS: Registry[Callable[..., Any]] = Registry("model")
+ADAPTERS: Registry[Callable[..., Any]] = Registry("adapter")
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
+EVALUATORS: Registry[Callable[..., Any]] = Registry("evaluator")
+TAP_PRESETS: Registry[Any] = Registry("tap preset")
+COMMANDS: Registry[Callable[..., Any]] = Registry("command")

@@ -1,0 +1,332 @@
+"""Taps: capture intermediate features of a model with forward hooks.
+
+A `Tap` names a submodule by its dotted path (`blocks.7`), whether to take its input or output, and a
+selector that turns the captured tensor into the feature to distil (`cls` token, `mean` of patch
+tokens, ...). A `TapRecorder` attaches the hooks to one model and `pop()` returns the selected features
+of the last forward. Presets (`vit`, `resnet`, `convnext`) turn "after block k" into paths.
+
+Rules that keep feature losses honest:
+- one recorder per model: student and teacher taps on the same path must not share a buffer;
+- create recorders before `torch.compile` runs (hooks added afterwards never fire);
+- `pop()` fails loudly when a tap did not fire, since a missing feature would make its loss 0.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torchdistill.core.forward_hook import ForwardHookManager
+
+from kdkit.registry import TAP_PRESETS
+
+SELECTORS = ("cls", "patch", "mean", "tokens", "index:K", "all")
+
+
+class TapError(ValueError):
+    """A tap that names no module, did not fire, or captured something unusable."""
+
+
+def _parse_select(select: str) -> tuple[str, int | None]:
+    """Split `index:K` into ('index', K); validate every other selector name."""
+    if select.startswith("index:"):
+        try:
+            return "index", int(select[len("index:") :])
+        except ValueError:
+            raise ValueError(f"selector {select!r}: K in 'index:K' must be an integer") from None
+    if select not in SELECTORS:
+        raise ValueError(f"unknown selector {select!r}; valid selectors: {', '.join(SELECTORS)}")
+    return select, None
+
+
+@dataclass(frozen=True)
+class Tap:
+    """What to capture: the `io` ('output' or 'input') of the submodule at `path`, reduced by `select`."""
+
+    path: str
+    io: str = "output"
+    select: str = "cls"
+
+    def __post_init__(self) -> None:
+        if self.io not in ("output", "input"):
+            raise ValueError(f"tap {self.path!r}: io must be 'output' or 'input', got {self.io!r}")
+        _parse_select(self.select)
+
+
+def select_features(x: Tensor, select: str, num_prefix_tokens: int = 1) -> Tensor:
+    """Reduce a captured tensor to the feature to distil.
+
+    Token tensors (B, N, D), where the first `num_prefix_tokens` tokens are class/register tokens:
+    `cls` -> x[:, 0]; `patch` -> x[:, num_prefix_tokens:]; `mean` -> mean of the patch tokens;
+    `tokens` -> x; `index:K` -> x[:, K]; `all` -> x.
+    CNN maps (B, C, H, W): `mean` -> (B, C) global average; `tokens` -> (B, H*W, C); `all` -> x.
+    Any other rank, e.g. already pooled (B, D) features: only `all`. Selectors that do not fit the shape
+    raise ValueError rather than silently passing the tensor through.
+    """
+    name, index = _parse_select(select)
+    if name == "all":
+        return x
+    shape = tuple(x.shape)
+    if x.ndim == 4:
+        if name == "mean":
+            return x.mean(dim=(2, 3))
+        if name == "tokens":
+            return x.flatten(2).transpose(1, 2)
+        raise ValueError(
+            f"selector {select!r} needs (B, N, D) tokens; got a (B, C, H, W) map {shape}. "
+            "Use 'mean', 'tokens' or 'all'."
+        )
+    if x.ndim != 3:
+        raise ValueError(
+            f"selector {select!r} needs (B, N, D) tokens or a (B, C, H, W) map; got shape "
+            f"{shape}. Use 'all' for features that are already pooled."
+        )
+    if name == "tokens":
+        return x
+    if name == "index":
+        if not -x.shape[1] <= index < x.shape[1]:
+            raise ValueError(f"selector {select!r}: index out of range for {x.shape[1]} tokens {shape}")
+        return x[:, index]
+    if name == "cls":
+        if num_prefix_tokens < 1:
+            raise ValueError(
+                f"selector 'cls' on a model without prefix tokens (shape {shape}); "
+                "use 'mean', 'patch' or 'tokens'"
+            )
+        return x[:, 0]
+    if x.shape[1] <= num_prefix_tokens:
+        raise ValueError(
+            f"selector {select!r}: shape {shape} has no tokens after the {num_prefix_tokens} prefix tokens"
+        )
+    patch = x[:, num_prefix_tokens:]
+    return patch if name == "patch" else patch.mean(dim=1)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the model inside DDP/DataParallel (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _first(value: object) -> object:
+    """Tuple or list input/output: element 0 (e.g. the hidden state of (hidden, attn))."""
+    if isinstance(value, (tuple, list)):
+        return value[0] if value else None
+    return value
+
+
+class TapRecorder:
+    """Forward hooks on one model that capture the features its taps name.
+
+    >>> rec = TapRecorder(student, {"s3": Tap("blocks.2", select="cls")})
+    >>> logits = student(images)
+    >>> feats = rec.pop()            # {"s3": (B, D)}; raises TapError if a tap did not fire
+    >>> rec.remove()                 # or use `with TapRecorder(...) as rec:`
+
+    Built on torchdistill's `ForwardHookManager` (one manager per recorder, so a student and a teacher
+    tap on the same path never overwrite each other). Tensors are held only from the forward until
+    `pop()`; the student's tensors keep their autograd graph so a feature loss can backpropagate.
+    `nn.DataParallel` is not supported (its replicas write separate entries); use DDP.
+    """
+
+    def __init__(self, model: nn.Module, taps: dict[str, Tap], num_prefix_tokens: int | None = None) -> None:
+        root = unwrap_model(model)
+        self.taps = dict(taps)
+        self.num_prefix_tokens = (
+            getattr(root, "num_prefix_tokens", 1) if num_prefix_tokens is None else num_prefix_tokens
+        )
+        modules = dict(root.named_modules())
+        for name, tap in self.taps.items():
+            if tap.path not in modules:
+                close = difflib.get_close_matches(tap.path, [p for p in modules if p], n=5, cutoff=0)
+                raise TapError(
+                    f"tap {name!r}: no module at path {tap.path!r} in {type(root).__name__}; "
+                    f"closest paths: {', '.join(close)}"
+                )
+        # One hook per path, capturing input and/or output as the taps on that path need.
+        ios: dict[str, set[str]] = {}
+        for tap in self.taps.values():
+            ios.setdefault(tap.path, set()).add(tap.io)
+        self._manager = ForwardHookManager(torch.device("cpu"))  # cpu: never gather across DP replicas
+        for path, wanted in ios.items():
+            self._manager.add_hook(
+                root, path, requires_input="input" in wanted, requires_output="output" in wanted
+            )
+        self._removed = False
+
+    def pop(self) -> dict[str, Tensor]:
+        """Return {tap name: selected feature} of the last forward and clear the buffers.
+
+        Raises TapError naming the taps that did not fire since the last `pop()`.
+        """
+        if self._removed:
+            raise TapError("this TapRecorder was removed; create a new one")
+        replicated = [
+            p for p, by_io in self._manager.io_dict.items() if any(len(d) > 1 for d in by_io.values())
+        ]
+        io_dict = self._manager.pop_io_dict()
+        if replicated:
+            raise TapError(f"tap paths {replicated} fired on several devices (nn.DataParallel?); use DDP")
+        missing = [
+            f"{name} ({tap.path}, {tap.io})"
+            for name, tap in self.taps.items()
+            if tap.io not in io_dict[tap.path]
+        ]
+        if missing:
+            raise TapError(
+                f"taps did not fire in the last forward: {', '.join(missing)}. Did the model run "
+                "since the last pop()? Hooks added after a compiled model first ran never fire: "
+                "create the recorder before that."
+            )
+        features = {}
+        for name, tap in self.taps.items():
+            value = _first(io_dict[tap.path][tap.io])
+            if not isinstance(value, Tensor):
+                raise TapError(
+                    f"tap {name!r}: the {tap.io} of {tap.path!r} is {type(value).__name__}, not a "
+                    "tensor (keyword-only inputs are not captured; tap the output instead)"
+                )
+            features[name] = select_features(value, tap.select, self.num_prefix_tokens)
+        return features
+
+    def remove(self) -> None:
+        """Remove every hook and drop captured tensors."""
+        self._manager.clear()
+        self._removed = True
+
+    def __enter__(self) -> TapRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def list_taps(model: nn.Module, example_input: Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """Every named submodule path with its output shape (element 0 of tuples) for one forward.
+
+    Runs in eval mode under no_grad and restores each module's mode afterwards. Modules that do not run
+    or return no tensor are left out. Uses plain hooks that keep only shapes, not a hook manager
+    that would hold every module's output tensor at once.
+    """
+    root = unwrap_model(model)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook_for(path: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            value = _first(output)
+            if isinstance(value, Tensor):
+                shapes[path] = tuple(value.shape)
+
+        return hook
+
+    named = [(path, module) for path, module in root.named_modules() if path]
+    handles = [module.register_forward_hook(hook_for(path)) for path, module in named]
+    modes = {module: module.training for module in root.modules()}
+    try:
+        root.eval()
+        with torch.no_grad():
+            root(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    return [(path, shapes[path]) for path, _ in named if path in shapes]
+
+
+@dataclass(frozen=True)
+class TapPreset:
+    """Layer-hook paths for one architecture family.
+
+    `stages(model)` lists the path of every block/stage in order; `points` maps a point name to the
+    suffix appended to a stage path (`"attn": ".attn"`); index k (1-based) means "after block k".
+    """
+
+    name: str
+    stages: Callable[[nn.Module], list[str]]
+    default_select: str
+    points: dict[str, str] = field(default_factory=lambda: {"block": ""})
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether this preset understands `model` (wrappers are unwrapped)."""
+        return bool(self.stages(unwrap_model(model)))
+
+    def depth(self, model: nn.Module) -> int:
+        """Number of blocks/stages."""
+        return len(self.stages(unwrap_model(model)))
+
+    def path(self, model: nn.Module, index: int, point: str = "block") -> str:
+        """Module path of `point` in block `index` (1-based)."""
+        stages = self.stages(unwrap_model(model))
+        name = type(unwrap_model(model)).__name__
+        if index > len(stages):
+            raise ValueError(f"stage index {index} is beyond the depth {len(stages)} of {name}")
+        if index < 1:
+            raise ValueError(
+                f"stage index {index} is below 1 (stage indices are 1-based, 1..{len(stages)}) for {name}"
+            )
+        if point not in self.points:
+            raise ValueError(f"preset {self.name!r} has no point {point!r}; points: {', '.join(self.points)}")
+        return stages[index - 1] + self.points[point]
+
+
+def _vit_stages(model: nn.Module) -> list[str]:
+    blocks = getattr(model, "blocks", None)
+    # The attn check keeps CNNs with a `blocks` container (timm EfficientNet) out.
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) and hasattr(blocks[0], "attn"):
+        return [f"blocks.{i}" for i in range(len(blocks))]
+    return []
+
+
+def _resnet_stages(model: nn.Module) -> list[str]:
+    names = ["layer1", "layer2", "layer3", "layer4"]
+    return names if all(isinstance(getattr(model, n, None), nn.Module) for n in names) else []
+
+
+def _convnext_stages(model: nn.Module) -> list[str]:
+    stages = getattr(model, "stages", None)
+    if type(model).__name__ == "ConvNeXt" and isinstance(stages, (nn.Sequential, nn.ModuleList)):
+        return [f"stages.{i}" for i in range(len(stages))]
+    return []
+
+
+for _preset in (
+    TapPreset("vit", _vit_stages, "cls", {"block": "", "attn": ".attn", "mlp": ".mlp"}),
+    TapPreset("resnet", _resnet_stages, "mean"),
+    TapPreset("convnext", _convnext_stages, "mean"),
+):
+    TAP_PRESETS.add(_preset.name, _preset)
+
+
+def find_preset(model: nn.Module) -> TapPreset:
+    """The registered preset that matches `model`; ValueError if none (or several) do."""
+    found = [TAP_PRESETS.get(name) for name in TAP_PRESETS if TAP_PRESETS.get(name).matches(model)]
+    name = type(unwrap_model(model)).__name__
+    if not found:
+        raise ValueError(
+            f"no tap preset matches {name}; presets: {', '.join(TAP_PRESETS)}. "
+            "Name module paths explicitly instead (see `kdkit taps MODEL` for the paths)."
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"several tap presets match {name}: {', '.join(p.name for p in found)}; "
+            "name module paths explicitly instead"
+        )
+    return found[0]
+
+
+def stage_taps(
+    model: nn.Module, indices: list[int], point: str = "block", select: str | None = None
+) -> list[Tap]:
+    """Taps after the 1-based blocks `indices` of `model`, using its preset's paths and default selector."""
+    preset = find_preset(model)
+    chosen = preset.default_select if select is None else select
+    return [Tap(preset.path(model, index, point), select=chosen) for index in indices]

@@ -1,0 +1,331 @@
+"""The training loop. Read it top to bottom: `Trainer.fit` is the whole story.
+
+A *task* is any `nn.Module` whose `forward(images, labels)` returns a dict with a `loss` (and
+other named terms, all logged) and the `logits`, and which has `trainable_state_dict()` /
+`load_trainable_state_dict()` and a `model` attribute (the network being trained): `Distiller`
+and `SupervisedTask` are the two in kdkit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kdkit.checkpoint import atomic_save, load_file, rng_state, set_rng_state
+from kdkit.evaluation import Evaluator, Predictions
+from kdkit.recipe import TrainSpec
+from kdkit.runlog import MetricsLog, console
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device: {name!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return device
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context for `amp` ('none', 'bf16', 'fp16')."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp: fp16 needs a CUDA device; use bf16 on the CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp: str = "none",
+    description: str = "predict",
+) -> Predictions:
+    """Run `model` over `loader` in eval mode; return logits and labels in dataset order."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    with _progress(len(loader), description) as advance:
+        for images, targets in loader:
+            with autocast(device, amp):
+                out = model(images.to(device, non_blocking=True))
+            logits.append(out.float().cpu())
+            labels.append(targets.cpu())
+            advance()
+    model.train(was_training)
+    return Predictions(torch.cat(logits), torch.cat(labels).long(), loader.dataset)
+
+
+@contextlib.contextmanager
+def _progress(total: int, description: str, fields: str = "") -> Any:
+    """A rich progress bar on a terminal; silent elsewhere (logs carry the numbers)."""
+    if not console.is_terminal:
+        yield lambda *_, **__: None
+        return
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    ]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(escape(description), total=total, info=fields)
+        yield lambda n=1, **kw: progress.update(task, advance=n, **kw)
+
+
+@dataclass
+class StageResult:
+    """What a finished stage reports: best (on the monitored metric) and last-epoch metrics."""
+
+    best: dict[str, float] = field(default_factory=dict)
+    last: dict[str, float] = field(default_factory=dict)
+    best_epoch: int = 0
+    epochs: int = 0
+    seconds: float = 0.0
+    train_seconds_per_epoch: float = 0.0
+
+
+class Trainer:
+    """Optimises a task, evaluates it, checkpoints it; resumes from `last.pt`."""
+
+    def __init__(
+        self,
+        task: nn.Module,
+        spec: TrainSpec,
+        train_loader: DataLoader,
+        eval_loaders: dict[str, DataLoader],
+        evaluator: Evaluator,
+        out_dir: Path,
+        log: MetricsLog,
+        stage: str,
+        seed: int = 0,
+        model_meta: dict[str, Any] | None = None,
+        set_epoch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.task, self.spec, self.stage, self.seed = task, spec, stage, seed
+        self.train_loader, self.eval_loaders, self.evaluator = train_loader, eval_loaders, evaluator
+        self.out_dir, self.log = Path(out_dir), log
+        self.model_meta = model_meta or {}
+        self.set_epoch = set_epoch or (lambda epoch: None)
+        self.device = resolve_device(spec.device)
+        self.task.to(self.device)
+        self.steps_per_epoch = len(train_loader)
+        if spec.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, spec.max_steps_per_epoch)
+        self.optimizer = create_optimizer_v2(
+            task, opt=spec.optimizer, lr=spec.lr, weight_decay=spec.weight_decay, momentum=spec.momentum
+        )
+        self.scheduler = None
+        if spec.scheduler != "none":
+            self.scheduler, _ = create_scheduler_v2(
+                self.optimizer,
+                sched=spec.scheduler,
+                num_epochs=spec.epochs,
+                warmup_epochs=spec.warmup_epochs,
+                warmup_lr=spec.warmup_lr,
+                min_lr=spec.min_lr,
+                step_on_epochs=False,
+                updates_per_epoch=self.steps_per_epoch,
+            )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=spec.amp == "fp16")
+        self.epoch = 0  # completed epochs
+        self.global_step = 0
+        self.best: dict[str, Any] = {"value": None, "epoch": 0, "metrics": {}}
+        self.last_metrics: dict[str, float] = {}
+        self.train_seconds = 0.0
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self, resume: bool = False) -> StageResult:
+        """Train for `spec.epochs` epochs (continuing from `last.pt` when `resume`)."""
+        if resume and (self.out_dir / "last.pt").exists():
+            self._load_state(self.out_dir / "last.pt")
+            console.print(  # markup=False: "[stage]" is text, not a rich style tag
+                f"[{self.stage}] resumed from {self.out_dir / 'last.pt'} after epoch {self.epoch}",
+                markup=False,
+            )
+        start = time.perf_counter()
+        for epoch in range(self.epoch, self.spec.epochs):
+            epoch_start = time.perf_counter()
+            train_terms = self._train_one_epoch(epoch)
+            self.train_seconds += time.perf_counter() - epoch_start
+            self.epoch = epoch + 1
+            record = {
+                "stage": self.stage,
+                "epoch": self.epoch,
+                "step": self.global_step,
+                **{f"train/{k}": v for k, v in train_terms.items()},
+            }
+            if self.epoch % self.spec.eval_every == 0 or self.epoch == self.spec.epochs:
+                metrics = self.evaluate()
+                record.update(metrics)
+                self._update_best(metrics)
+            self.log.write(record)
+            self._save_state()
+            console.print(
+                f"[{self.stage}] epoch {self.epoch}/{self.spec.epochs} "
+                + " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float) and "/" in k),
+                markup=False,
+            )
+        if not (self.out_dir / "model.pt").exists():  # resumed after the last epoch, or no eval
+            self._save_model(self.last_metrics)
+        return StageResult(
+            best=self.best["metrics"],
+            last=self.last_metrics,
+            best_epoch=self.best["epoch"],
+            epochs=self.epoch,
+            seconds=time.perf_counter() - start,
+            train_seconds_per_epoch=self.train_seconds / max(self.epoch, 1),
+        )
+
+    def _train_one_epoch(self, epoch: int) -> dict[str, float]:
+        self.task.train()
+        self.set_epoch(epoch)
+        sums: dict[str, torch.Tensor] = {}
+        seen = 0
+        tick = time.perf_counter()
+        with _progress(
+            self.steps_per_epoch, f"[{self.stage}] epoch {epoch + 1}/{self.spec.epochs}"
+        ) as advance:
+            for step, (images, labels) in enumerate(self.train_loader):
+                if step >= self.steps_per_epoch:
+                    break
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                if self.scheduler is not None:
+                    self.scheduler.step_update(self.global_step)
+                with autocast(self.device, self.spec.amp):
+                    out = self.task(images, labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(out["loss"]).backward()
+                if self.spec.clip_grad:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.task.parameters(), self.spec.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.global_step += 1
+                # Sum terms on the device; synchronise only every log_every steps (no per-step .item()).
+                for key, value in out.items():
+                    if key != "logits":
+                        sums[key] = sums.get(key, 0) + value.detach().float() * len(labels)
+                seen += len(labels)
+                if self.global_step % self.spec.log_every == 0 or step + 1 == self.steps_per_epoch:
+                    means = self._check_finite({k: (v / seen).item() for k, v in sums.items()})
+                    rate = seen / max(time.perf_counter() - tick, 1e-9)
+                    info = " ".join(f"{k}={v:.3f}" for k, v in means.items()) + f" {rate:.0f} img/s"
+                    advance(0, info=info)
+                    self.log.write(
+                        {
+                            "stage": self.stage,
+                            "epoch": epoch + 1,
+                            "step": self.global_step,
+                            "lr": self.optimizer.param_groups[0]["lr"],
+                            "img_per_s": rate,
+                            **{f"train/{k}": v for k, v in means.items()},
+                        }
+                    )
+                advance()
+        return self._check_finite({k: (v / max(seen, 1)).item() for k, v in sums.items()})
+
+    def _check_finite(self, terms: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
+        if bad:
+            raise TrainingDiverged(
+                f"[{self.stage}] the loss became non-finite at step {self.global_step} ({bad}); stopped. "
+                f"The last good checkpoint is kept in {self.out_dir} (last.pt, if an epoch had finished). "
+                "Try a lower train.lr, train.clip_grad, or amp: none."
+            )
+        return terms
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Predict on every evaluation split and let the evaluator turn that into metrics."""
+        model = self.task.model
+        predictions = {
+            split: predict(model, loader, self.device, self.spec.amp, f"[{self.stage}] {split}")
+            for split, loader in self.eval_loaders.items()
+        }
+        metrics = self.evaluator(predictions, None)
+        self.last_metrics = metrics
+        return metrics
+
+    def _update_best(self, metrics: dict[str, float]) -> None:
+        key = self.evaluator.monitor
+        if key not in metrics:
+            raise KeyError(f"evaluator monitor {key!r} not among the metrics {sorted(metrics)}")
+        value = metrics[key]
+        best = self.best["value"]
+        better = best is None or (value > best if self.evaluator.mode == "max" else value < best)
+        if better:
+            self.best = {"value": value, "epoch": self.epoch, "metrics": metrics}
+            self._save_model(metrics)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _save_model(self, metrics: dict[str, float]) -> None:
+        """`model.pt`: the trained network only (no optimizer, adapters or teacher)."""
+        atomic_save(
+            {
+                "kdkit": 1,
+                "kind": "model",
+                "model": self.task.model.state_dict(),
+                "epoch": self.epoch,
+                "metrics": metrics,
+                **self.model_meta,
+            },
+            self.out_dir / "model.pt",
+        )
+
+    def _save_state(self) -> None:
+        """`last.pt`: everything needed to continue exactly where training stopped."""
+        atomic_save(
+            {
+                "kdkit": 1,
+                "kind": "trainer_state",
+                "stage": self.stage,
+                "epoch": self.epoch,
+                "global_step": self.global_step,
+                "trainable": self.task.trainable_state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+                "scaler": self.scaler.state_dict(),
+                "rng": rng_state(),
+                "best": self.best,
+                "last_metrics": self.last_metrics,
+                "train_seconds": self.train_seconds,
+                **self.model_meta,
+            },
+            self.out_dir / "last.pt",
+        )
+
+    def _load_state(self, path: Path) -> None:
+        state = load_file(path)
+        self.task.load_trainable_state_dict(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.best, self.last_metrics = state["best"], state["last_metrics"]
+        self.train_seconds = state["train_seconds"]

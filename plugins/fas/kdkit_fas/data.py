@@ -1,0 +1,156 @@
+"""The torch dataset that training reads: face-crop frames with labels and per-frame metadata.
+
+Frames come either from the manifest of `kdkit fas prepare` (`frames_from_manifest`) or from
+the plain folder layout, e.g. `kdkit fas synth` output (`frames_from_folder`). A record is a
+dict with keys path (relative to the root, or absolute), video, subject, label (1 live / 0
+attack), attack_type and split.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from kdkit.data import DataError
+from kdkit_fas.layouts import LayoutError, canonical_split, image_files, index_dataset
+from kdkit_fas.prepare import MANIFEST_COLUMNS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+META_KEYS = ("video", "subject", "label", "attack_type")
+
+
+def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool) -> v2.Compose:
+    """Train: reflect-padded random crop, horizontal flip, mild brightness/contrast jitter. Eval: resize.
+
+    Spoof cues are high-frequency textures (halftone dots, moiré, screen sub-pixels); random
+    *resized* crops resample them differently at every step and blur them, so training crops keep
+    the pixel scale of evaluation.
+    """
+    geometry: list = [v2.Resize((image_size, image_size), antialias=True)]
+    if train:
+        geometry += [
+            v2.RandomCrop(image_size, padding=max(1, image_size // 16), padding_mode="reflect"),
+            v2.RandomHorizontalFlip(),
+            v2.ColorJitter(brightness=0.1, contrast=0.1),
+        ]
+    return v2.Compose(
+        [v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    )
+
+
+class FrameDataset(Dataset):
+    """Face-crop frames → `(image: float tensor (3, S, S) normalised, label: int)`.
+
+    `meta[i]` holds video, subject, label and attack_type of item i, for video-level and
+    per-attack-type evaluation.
+    """
+
+    def __init__(
+        self,
+        records: list[dict],
+        root: str | Path,
+        image_size: int,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        train: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        self.paths: list[Path] = []
+        self.labels: list[int] = []
+        self.meta: list[dict] = []
+        for number, record in enumerate(records):
+            missing = [key for key in ("path", *META_KEYS) if key not in record]
+            label = str(record.get("label", "")).strip()
+            if missing or label not in ("0", "1"):
+                raise DataError(
+                    f"frame record {number} under {self.root}: expected keys path, {', '.join(META_KEYS)} "
+                    f"and label 0 or 1, got {record!r}"
+                )
+            self.paths.append(self.root / record["path"])  # an absolute path stays absolute
+            self.labels.append(int(label))
+            self.meta.append({key: record[key] for key in META_KEYS} | {"label": int(label)})
+        self.transform = build_transform(image_size, mean, std, train)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise OSError(f"cannot read frame image {path}: {exc}") from exc
+        return self.transform(rgb), self.labels[index]
+
+
+def _split_rows(rows: list[dict], root: Path, split: str) -> list[dict]:
+    """The rows of `split`, checked to be non-empty and to hold both classes."""
+    chosen = [row for row in rows if canonical_split(row["split"]) == split]
+    if not chosen:
+        raise DataError(f"the {split!r} split of {root} has no frames")
+    labels = {str(row["label"]).strip() for row in chosen}
+    if not labels <= {"0", "1"}:
+        raise DataError(f"the {split!r} split of {root} has labels {sorted(labels)}; expected 0 and 1")
+    if len(labels) < 2:
+        kind = "bona fide (label 1)" if labels == {"1"} else "attack (label 0)"
+        raise DataError(f"the {split!r} split of {root} holds only {kind} frames; both classes are needed")
+    return [row | {"label": int(row["label"])} for row in chosen]
+
+
+def _canonical(split: str) -> str:
+    try:
+        return canonical_split(split)
+    except LayoutError as exc:
+        raise DataError(str(exc)) from None
+
+
+def frames_from_manifest(root: str | Path, split: str) -> list[dict]:
+    """Frame records of `split` ('train', 'dev'/'val', 'test') from `root/manifest.csv`."""
+    root, split = Path(root), _canonical(split)
+    manifest = root / "manifest.csv"
+    if not manifest.is_file():
+        raise DataError(f"{manifest} does not exist; create it with `kdkit fas prepare DATASET --out {root}`")
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = sorted(set(MANIFEST_COLUMNS) - set(reader.fieldnames or []))
+        if missing:
+            raise DataError(f"{manifest}: missing column(s) {', '.join(missing)}")
+        rows = list(reader)
+    try:
+        return _split_rows(rows, root, split)
+    except LayoutError as exc:
+        raise DataError(f"{manifest}: {exc}") from None
+
+
+def frames_from_folder(root: str | Path, split: str) -> list[dict]:
+    """Frame records of `split` from the plain layout `<split>/<live|spoof>/<video>/*.png`."""
+    root, split = Path(root), _canonical(split)
+    try:
+        records = index_dataset("folder", root)
+    except LayoutError as exc:
+        raise DataError(str(exc)) from None
+    rows = []
+    for record in records:
+        if record.split != split:
+            continue
+        frames = image_files(record.path) if record.path.is_dir() else [record.path]
+        rows += [
+            {
+                "path": frame.relative_to(root).as_posix(),
+                "video": record.video,
+                "subject": record.subject,
+                "label": record.label,
+                "attack_type": record.attack_type,
+                "split": record.split,
+            }
+            for frame in frames
+        ]
+    return _split_rows(rows, root, split)

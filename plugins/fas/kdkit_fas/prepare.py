@@ -1,0 +1,344 @@
+"""`kdkit fas prepare`: decode a raw FAS data set once into a face-crop frame cache + manifest.
+
+For every indexed video: decode it once with OpenCV, sample K frames evenly, crop the face
+(from the data set's face-location file when it ships one, else a detector), resize and write
+`out/frames/<split>/<video>/<k>.png`. A finished video leaves `.done.json` beside its frames so
+a re-run skips it; a video without that marker (interrupted, failed) is redone from scratch.
+`out/manifest.csv` (path relative to `out`, video, subject, label, attack_type, split) lists
+every finished frame and is written atomically at the end of each run.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from kdkit_fas import faces
+from kdkit_fas.layouts import IMAGE_EXTS, VideoRecord, image_files, index_dataset
+
+MANIFEST_COLUMNS = ("path", "video", "subject", "label", "attack_type", "split")
+MARKER = ".done.json"
+
+
+class PrepareError(ValueError):
+    """Bad arguments, or a data set that cannot be prepared as asked."""
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What a video's frames depend on; a marker written with other settings is stale."""
+
+    frames_per_video: int
+    size: int
+    detector: str
+    scale: float
+    image_format: str
+
+
+@dataclass
+class PrepareReport:
+    """Outcome of `prepare`: counts over the whole cache and the videos that failed, by id."""
+
+    out: Path
+    manifest: Path
+    videos: int = 0
+    processed: int = 0  # finished in this run
+    skipped: int = 0  # already finished by an earlier run
+    frames: int = 0  # rows in the manifest
+    no_face_frames: int = 0  # sampled frames dropped because no face was found
+    failed: dict[str, str] = field(default_factory=dict)  # video id -> reason
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        lines = [
+            f"{self.videos} videos: {self.processed} prepared, {self.skipped} already done, "
+            f"{len(self.failed)} failed; {self.frames} frames in {self.manifest}",
+            f"{self.no_face_frames} sampled frames had no face and were dropped",
+        ]
+        lines += [f"failed: {video}: {reason}" for video, reason in sorted(self.failed.items())]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Outcome:
+    video: str
+    frames: list[str] = field(default_factory=list)
+    no_face: int = 0
+    error: str | None = None
+
+
+def sample_indices(count: int, k: int) -> list[int]:
+    """`k` frame indices spread evenly over `count` frames (the centre of k equal segments)."""
+    if count <= k:
+        return list(range(count))
+    return [(2 * i + 1) * count // (2 * k) for i in range(k)]
+
+
+def _frame_count(path: Path) -> int:
+    capture = _open(path)
+    count = 0
+    while capture.grab():
+        count += 1
+    capture.release()
+    return count
+
+
+def _open(path: Path) -> cv2.VideoCapture:
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise OSError("cannot open video")
+    # Keep the stored orientation: annotation files refer to the frames as stored.
+    capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)
+    return capture
+
+
+def read_video_frames(path: Path, k: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield `(index, BGR frame)` for `k` evenly spaced frames, decoding the video once.
+
+    When the container reports no frame count, the frames are counted in a first pass.
+    """
+    probe = _open(path)
+    count = int(probe.get(cv2.CAP_PROP_FRAME_COUNT))
+    probe.release()
+    wanted = set(sample_indices(count if count > 0 else _frame_count(path), k))
+    capture, index, found = _open(path), 0, 0
+    try:
+        while wanted and index <= max(wanted) and capture.grab():
+            if index in wanted:
+                ok, frame = capture.retrieve()
+                if ok:
+                    found += 1
+                    yield index, frame
+            index += 1
+    finally:
+        capture.release()
+    if not found:
+        raise OSError("no decodable frames")
+
+
+@functools.cache
+def _detector(spec: str) -> faces.Detector | None:
+    return faces.make_detector(spec)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise OSError(f"cannot read image {path.name}")
+    return image
+
+
+def _box_source(record: VideoRecord, detector_spec: str) -> Callable[[int, np.ndarray], faces.Box | None]:
+    """`(frame index, frame) -> box or None` for a record: its annotation file, else a detector."""
+    if record.face_format == "full":
+        return lambda index, frame: faces.full_frame(frame)
+    if record.face is not None and record.face_format in faces.FRAME_READERS:
+        track = faces.read_face_track(record.face, record.face_format)
+        return lambda index, frame: track.get(index)  # frames missing from the file have no face
+    if record.face is not None and record.face_format == "celeba_bb":
+        return lambda index, frame: faces.read_celeba_bb(record.face, frame.shape[1], frame.shape[0])
+    detector = _detector(detector_spec)
+    if detector is None:
+        raise OSError("no face-location file and no face detector")
+    return lambda index, frame: detector(frame)
+
+
+def _sampled_frames(record: VideoRecord, k: int) -> Iterator[tuple[int, np.ndarray]]:
+    """`(index, BGR frame)` pairs of a video, a folder of frames or a single image."""
+    if record.path.is_dir():
+        files = image_files(record.path)
+        return ((i, _read_image(files[i])) for i in sample_indices(len(files), k))
+    if record.path.suffix.lower() in IMAGE_EXTS:
+        return iter([(0, _read_image(record.path))])
+    return read_video_frames(record.path, k)
+
+
+def _frame_dir(out: Path, record: VideoRecord) -> Path:
+    return out / "frames" / record.split / record.video
+
+
+def _process(record: VideoRecord, out: Path, settings: _Settings) -> _Outcome:
+    """Prepare one record; never raises for bad media, it returns the reason instead."""
+    folder = _frame_dir(out, record)
+    shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted run
+    folder.mkdir(parents=True)
+    outcome = _Outcome(record.video)
+    try:
+        box_of = _box_source(record, settings.detector)
+        for k, (index, frame) in enumerate(_sampled_frames(record, settings.frames_per_video)):
+            if record.upside_down:
+                frame = cv2.flip(frame, 0)  # as Bob's MSU loader does; boxes refer to the flipped frame
+            box = box_of(index, frame)
+            if box is None:
+                outcome.no_face += 1
+                continue
+            name = f"{k}.{settings.image_format}"
+            crop = faces.crop_face(frame, box, settings.scale, settings.size)
+            if not cv2.imwrite(str(folder / name), crop):
+                raise OSError(f"cannot write {folder / name}")
+            outcome.frames.append(name)
+    except (OSError, ValueError, cv2.error) as exc:
+        return _Outcome(record.video, error=str(exc) or type(exc).__name__)
+    if not outcome.frames:
+        return _Outcome(record.video, no_face=outcome.no_face, error="no face in any sampled frame")
+    _write_atomic(folder / MARKER, json.dumps({"settings": asdict(settings), **asdict(outcome)}))
+    return outcome
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one process per core already
+
+
+def _finished(out: Path, record: VideoRecord, settings: _Settings) -> _Outcome | None:
+    """The outcome stored by an earlier run with the same settings, or None."""
+    marker = _frame_dir(out, record) / MARKER
+    try:
+        stored = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if stored.get("settings") != asdict(settings):
+        return None
+    return _Outcome(record.video, frames=stored["frames"], no_face=stored["no_face"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text(text, encoding="utf-8", newline="")
+    os.replace(temporary, path)
+
+
+def write_manifest(path: Path, rows: list[dict]) -> None:
+    """Write manifest rows (MANIFEST_COLUMNS) to `path` atomically."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=MANIFEST_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(path, text.getvalue())
+
+
+def _check_settings(frames_per_video: int, size: int, workers: int, scale: float, image_format: str) -> None:
+    for name, value in (("frames_per_video", frames_per_video), ("size", size), ("workers", workers)):
+        if not isinstance(value, int) or value < 1:
+            raise PrepareError(f"{name} must be a positive integer, got {value!r}")
+    if not scale >= 1:
+        raise PrepareError(f"scale must be >= 1, got {scale!r}")
+    if image_format not in ("png", "jpg"):
+        raise PrepareError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+
+
+def _run(
+    todo: list[VideoRecord], out: Path, settings: _Settings, workers: int, progress: bool
+) -> Iterator[_Outcome]:
+    """Process records in a pool (or in-process for one worker) behind a rich progress bar."""
+    bar = Progress(
+        TextColumn("[bold]fas prepare"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not progress,
+    )
+    if workers == 1 or len(todo) <= 1:
+        with bar:
+            task = bar.add_task("videos", total=len(todo))
+            for record in todo:
+                yield _process(record, out, settings)
+                bar.advance(task)
+        return
+    # Submit before the progress thread starts, so worker processes are not forked from it.
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+        futures = [pool.submit(_process, record, out, settings) for record in todo]
+        try:
+            with bar:
+                task = bar.add_task("videos", total=len(todo))
+                for future in as_completed(futures):
+                    yield future.result()
+                    bar.advance(task)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def prepare(
+    dataset: str,
+    root: str | Path,
+    out: str | Path,
+    protocol: object = None,
+    fold: object = None,
+    frames_per_video: int = 8,
+    size: int = 224,
+    workers: int | None = None,
+    progress: bool = True,
+    detector: str = "auto",
+    scale: float = 1.2,
+    image_format: str = "png",
+) -> PrepareReport:
+    """Build (or resume) the frame cache of `dataset` under `out`; see the module docstring.
+
+    `detector` is used for records without a face-location file ('auto', 'haar', 'full' or a
+    YuNet .onnx path; see `faces.make_detector`). Raises `PrepareError` / `LayoutError` on bad
+    input; unreadable videos are listed in the report, not raised.
+    """
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    _check_settings(frames_per_video, size, workers, scale, image_format)
+    records = index_dataset(dataset, root, protocol, fold)
+    try:
+        available = _detector(detector)
+    except ValueError as exc:
+        raise PrepareError(str(exc)) from None
+    needs_detector = [r for r in records if r.face_format == "detect"]
+    if needs_detector and available is None:
+        raise PrepareError(
+            f"{len(needs_detector)} video(s) (e.g. {needs_detector[0].path}) have no face-location "
+            f"file and this OpenCV ({cv2.__version__}) ships no Haar cascade: pass "
+            "detector=<YuNet .onnx path>, or detector='full' for data already cropped to the face"
+        )
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = _Settings(frames_per_video, size, detector, scale, image_format)
+
+    outcomes = {r.video: _finished(out, r, settings) for r in records}
+    todo = [r for r in records if outcomes[r.video] is None]
+    report = PrepareReport(out, out / "manifest.csv", videos=len(records), skipped=len(records) - len(todo))
+    for outcome in _run(todo, out, settings, workers, progress):
+        if outcome.error:
+            report.failed[outcome.video] = outcome.error
+            report.no_face_frames += outcome.no_face
+        else:
+            report.processed += 1
+            outcomes[outcome.video] = outcome
+
+    rows = []
+    for record in records:
+        outcome = outcomes[record.video]
+        if outcome is None or outcome.error:
+            continue
+        report.no_face_frames += outcome.no_face
+        folder = _frame_dir(out, record).relative_to(out).as_posix()
+        rows += [
+            {
+                "path": f"{folder}/{name}",
+                "video": record.video,
+                "subject": record.subject,
+                "label": record.label,
+                "attack_type": record.attack_type,
+                "split": record.split,
+            }
+            for name in outcome.frames
+        ]
+    write_manifest(report.manifest, rows)
+    report.frames = len(rows)
+    return report

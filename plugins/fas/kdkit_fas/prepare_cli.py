@@ -1,0 +1,52 @@
+"""`kdkit fas prepare DATASET --root RAW --out DIR [...]`: arguments and entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kdkit_fas.layouts import LAYOUTS, LayoutError
+from kdkit_fas.prepare import PrepareError, prepare
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `fas prepare` arguments to `parser`."""
+    parser.add_argument("dataset", help=f"data set layout: {', '.join(LAYOUTS)}")
+    parser.add_argument("--root", type=Path, required=True, help="the raw data set folder")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (frames/ and manifest.csv)")
+    parser.add_argument(
+        "--protocol", help="OULU-NPU 1-4; 'holdout' (dev from train) for casia/msu/celeba_spoof"
+    )
+    parser.add_argument("--fold", type=int, help="OULU-NPU protocol 3/4 fold, 1-6")
+    parser.add_argument("--frames-per-video", type=int, default=8, help="frames sampled evenly per video")
+    parser.add_argument("--size", type=int, default=224, help="side of the square face crops in pixels")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPU cores)")
+    parser.add_argument(
+        "--detector",
+        default="auto",
+        help="for videos without face-location files: auto, haar, full (whole frame) or a YuNet .onnx path",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prepare the data set; 0 on success (failed videos are listed), 2 on bad input."""
+    try:
+        report = prepare(
+            args.dataset,
+            args.root,
+            args.out,
+            protocol=args.protocol,
+            fold=args.fold,
+            frames_per_video=args.frames_per_video,
+            size=args.size,
+            workers=args.workers,
+            progress=not args.no_progress,
+            detector=args.detector,
+        )
+    except (LayoutError, PrepareError, OSError) as exc:
+        print(f"kdkit fas prepare: error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0

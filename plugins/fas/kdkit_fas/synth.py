@@ -1,0 +1,786 @@
+"""Synthetic face anti-spoofing data set: procedurally drawn live faces, simulated print and replay attacks.
+
+Layout (the plain folder layout): ``OUT/<split>/<live|spoof>/<video>/<frame>.png`` with subject-disjoint
+splits train/dev/test, ``OUT/meta.csv`` (path, split, video, subject, label, attack_type; label 1 = live)
+and ``OUT/synth.json`` (parameters and counts). Each subject has 2 live, 1 print and 1 replay video, so
+half of the frames are live.
+
+Every image, live or attack, is renormalised to the per-channel mean/std of a clean live-style
+rendering drawn from the same scene distribution, so global colour statistics carry no class
+information; the attack cues (halftone dots, paper texture, sub-pixel grid, moiré, glare, bezels,
+hands) are drawn at a pitch of a few output pixels so that they stay visible at 32-64 px.
+Everything is drawn on a canvas twice the output size and downscaled with area interpolation.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+FORMAT = "kdkit-fas-synth"
+VERSION = 1
+VIDEOS_PER_SUBJECT: dict[str, int] = {"live": 2, "print": 1, "replay": 1}
+SPLITS = ("train", "dev", "test")
+META_COLUMNS = ("path", "split", "video", "subject", "label", "attack_type")
+_SS = 2  # supersampling factor of the drawing canvas
+_SHIFT = 4  # fixed-point bits for sub-pixel cv2 drawing
+_FP = 1 << _SHIFT
+_SKIN_LIGHT = np.array([0.96, 0.80, 0.68])
+_SKIN_DARK = np.array([0.33, 0.20, 0.13])
+
+
+@dataclass(frozen=True)
+class SynthSummary:
+    """What a synth run produced (or found): frame and video counts per split and attack type."""
+
+    out: Path
+    frames: dict[str, dict[str, int]]
+    videos: dict[str, dict[str, int]]
+    subjects: dict[str, int]
+    reused: bool
+    seconds: float
+
+    @property
+    def total_frames(self) -> int:
+        """Number of frames over all splits."""
+        return sum(sum(per_type.values()) for per_type in self.frames.values())
+
+
+# ----------------------------------------------------------------------------------------------- drawing
+
+
+class _Layer:
+    """An RGB layer with coverage (alpha), drawn with sub-pixel cv2 primitives."""
+
+    def __init__(self, side: int) -> None:
+        self.rgb = np.zeros((side, side, 3), np.float32)
+        self.alpha = np.zeros((side, side), np.float32)
+
+    def ellipse(self, c, axes, color, angle=0.0, start=0.0, end=360.0, thickness=-1) -> None:
+        """Filled (thickness -1) or outlined ellipse arc; centre and axes in canvas pixels."""
+        cc = (round(c[0] * _FP), round(c[1] * _FP))
+        aa = (max(1, round(axes[0] * _FP)), max(1, round(axes[1] * _FP)))
+        for img, col in ((self.rgb, tuple(map(float, color))), (self.alpha, 1.0)):
+            cv2.ellipse(img, cc, aa, angle, start, end, col, thickness, cv2.LINE_8, _SHIFT)
+
+    def polyline(self, pts, color, thickness: int) -> None:
+        """Open polyline through ``pts`` (canvas pixels)."""
+        p = [np.round(np.asarray(pts) * _FP).astype(np.int32)]
+        for img, col in ((self.rgb, tuple(map(float, color))), (self.alpha, 1.0)):
+            cv2.polylines(img, p, False, col, thickness, cv2.LINE_8, _SHIFT)
+
+    def paint(self, mask: np.ndarray, rgb: np.ndarray) -> None:
+        """Paint ``rgb`` (colour or per-pixel field) where the boolean ``mask`` holds."""
+        self.rgb[mask] = (np.broadcast_to(rgb, self.rgb.shape))[mask]
+        self.alpha[mask] = 1.0
+
+
+def _grid(side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (x, y) of a square canvas."""
+    ax = np.arange(side, dtype=np.float32) + 0.5
+    return np.meshgrid(ax, ax)
+
+
+def _smooth_noise(rng: np.random.Generator, side: int, blur: tuple[int, int]) -> np.ndarray:
+    """Zero-mean, unit-std noise smoothed with a box kernel (texture for walls, hair, paper)."""
+    n = cv2.blur(rng.standard_normal((side, side)).astype(np.float32), blur)
+    return (n - n.mean()) / (n.std() + 1e-6)
+
+
+def _random_colour(rng: np.random.Generator, lo: float = 0.08, hi: float = 0.92) -> np.ndarray:
+    """A random, partly desaturated colour."""
+    c = rng.uniform(lo, hi, 3)
+    return c + (c.mean() - c) * rng.uniform(0.1, 0.7)
+
+
+def _background(rng: np.random.Generator, side: int) -> np.ndarray:
+    """A wall: flat, linear or radial gradient between two colours, sometimes blotchy or striped."""
+    x, y = _grid(side)
+    c1, c2 = _random_colour(rng), _random_colour(rng)
+    kind = rng.integers(3)
+    if kind == 0:
+        t = np.zeros_like(x)
+    elif kind == 1:
+        a = rng.uniform(0, 2 * np.pi)
+        t = (np.cos(a) * x + np.sin(a) * y) / side
+        t = (t - t.min()) / (t.max() - t.min())
+    else:
+        px, py = rng.uniform(0, side, 2)
+        t = np.clip(np.hypot(x - px, y - py) / side, 0, 1)
+    img = c1 * (1 - t[..., None]) + c2 * t[..., None]
+    if rng.random() < 0.5:
+        k = int(rng.integers(3, 16))
+        img *= 1 + rng.uniform(0.04, 0.18) * _smooth_noise(rng, side, (k, k))[..., None]
+    if rng.random() < 0.2:  # wallpaper stripes, coarse enough not to mimic screen artefacts
+        a, period = rng.uniform(0, np.pi), rng.uniform(6, 16) * _SS
+        img *= (
+            1
+            + rng.uniform(0.04, 0.12)
+            * np.sin(2 * np.pi * (np.cos(a) * x + np.sin(a) * y) / period)[..., None]
+        )
+    return img.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------- live faces
+
+
+@dataclass(frozen=True)
+class _Identity:
+    """Appearance fixed per subject (proportions relative to the face half-width/half-height)."""
+
+    skin: np.ndarray
+    aspect: float
+    jaw: float
+    eye_dx: float
+    eye_y: float
+    eye_w: float
+    iris: np.ndarray
+    brow: float
+    brow_tilt: float
+    nose_w: float
+    mouth_w: float
+    mouth_y: float
+    lip: np.ndarray
+    smile: float
+    hair: np.ndarray
+    hair_style: int  # 0 short, 1 long, 2 bald, 3 fringe
+    hairline: float
+    glasses: bool
+    shirt: np.ndarray
+    texture_seed: int
+
+
+def _identity(rng: np.random.Generator) -> _Identity:
+    """Draw a subject's appearance."""
+    t = rng.beta(1.3, 1.3)
+    skin = _SKIN_LIGHT * (1 - t) + _SKIN_DARK * t + rng.normal(0, 0.025, 3)
+    hair_dark = rng.uniform(0.05, 0.45)
+    hair = (
+        np.array([1.0, 0.75, 0.5]) * hair_dark if rng.random() < 0.8 else rng.uniform(0.3, 0.8) * np.ones(3)
+    )
+    return _Identity(
+        skin=np.clip(skin, 0.05, 1),
+        aspect=rng.uniform(1.18, 1.45),
+        jaw=rng.uniform(0.6, 0.9),
+        eye_dx=rng.uniform(0.36, 0.46),
+        eye_y=rng.uniform(-0.12, 0.0),
+        eye_w=rng.uniform(0.14, 0.2),
+        iris=_random_colour(rng, 0.05, 0.55),
+        brow=rng.uniform(0.035, 0.08),
+        brow_tilt=rng.uniform(-0.06, 0.06),
+        nose_w=rng.uniform(0.12, 0.2),
+        mouth_w=rng.uniform(0.28, 0.42),
+        mouth_y=rng.uniform(0.48, 0.6),
+        lip=np.clip(skin * np.array([0.95, 0.6, 0.6]) + rng.normal(0, 0.03, 3), 0, 1),
+        smile=rng.uniform(-0.02, 0.1),
+        hair=hair,
+        hair_style=int(rng.choice(4, p=[0.4, 0.3, 0.1, 0.2])),
+        hairline=rng.uniform(0.38, 0.6),
+        glasses=bool(rng.random() < 0.2),
+        shirt=_random_colour(rng),
+        texture_seed=int(rng.integers(2**31)),
+    )
+
+
+@dataclass(frozen=True)
+class _Scene:
+    """Per-video setting: framing, pose, lighting, camera and the wall behind."""
+
+    cx: float
+    cy: float
+    scale: float
+    roll: float
+    yaw: float
+    light: np.ndarray
+    ambient: float
+    diffuse: float
+    white: np.ndarray
+    noise: float
+    blur: float
+    wall: np.ndarray
+
+
+def _scene(rng: np.random.Generator, side: int) -> _Scene:
+    """Draw a video's setting on a canvas of ``side`` pixels."""
+    az, el = rng.uniform(0, 2 * np.pi), rng.uniform(0.2, 1.1)
+    return _Scene(
+        cx=side * rng.uniform(0.42, 0.58),
+        cy=side * rng.uniform(0.4, 0.52),
+        scale=side * rng.uniform(0.17, 0.23),
+        roll=rng.uniform(-12, 12),
+        yaw=rng.uniform(-0.5, 0.5),
+        light=np.array([np.cos(az) * np.sin(el), np.sin(az) * np.sin(el), np.cos(el)], np.float32),
+        ambient=rng.uniform(0.25, 0.55),
+        diffuse=rng.uniform(0.45, 0.8),
+        white=np.clip(1 + rng.normal(0, 0.06, 3), 0.8, 1.2).astype(np.float32),
+        noise=rng.uniform(0.004, 0.03),
+        blur=rng.uniform(0.0, 0.6),
+        wall=_background(rng, side),
+    )
+
+
+@dataclass(frozen=True)
+class _Motion:
+    """Small per-frame change: head shift/rotation, blink, gaze, lighting flicker."""
+
+    dx: float
+    dy: float
+    droll: float
+    dyaw: float
+    blink: bool
+    gaze: float
+    gain: float
+
+
+def _motion(rng: np.random.Generator, side: int) -> _Motion:
+    """Draw one frame's small motion."""
+    return _Motion(
+        dx=rng.normal(0, 0.012) * side,
+        dy=rng.normal(0, 0.01) * side,
+        droll=rng.normal(0, 1.5),
+        dyaw=rng.normal(0, 0.05),
+        blink=bool(rng.random() < 0.15),
+        gaze=rng.uniform(-1, 1),
+        gain=float(1 + rng.normal(0, 0.025)),
+    )
+
+
+def _hair_masks(idt: _Identity, x, y, cx, cy, fw, fh) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks of hair behind the head (long hair) and hair over the head (cap)."""
+    u, v = (x - cx) / fw, (y - cy) / fh
+    back = (idt.hair_style == 1) & ((u / 1.25) ** 2 + ((v - 0.3) / 1.3) ** 2 < 1)
+    if idt.hair_style == 2:
+        return back, np.zeros_like(back)
+    line = -idt.hairline + 0.5 * u**2
+    if idt.hair_style == 3:  # fringe: low, wavy hairline
+        line = -0.3 + 0.05 * np.sin(u * 9) + 0.6 * u**2
+    cap = ((u / 1.08) ** 2 + ((v + 0.04) / 1.08) ** 2 < 1) & (v < line)
+    return back, cap
+
+
+def _draw_eye(layer: _Layer, idt: _Identity, ex, ey, ew, skin, m: _Motion, lw: int) -> None:
+    """One eye (open or closed) with its eyebrow."""
+    eh = ew * 0.5
+    dark = skin * 0.35
+    if m.blink:
+        layer.ellipse((ex, ey), (ew, eh), skin * 0.92)
+        layer.ellipse((ex, ey), (ew, eh * 0.5), dark, start=0, end=180, thickness=lw)
+    else:
+        layer.ellipse((ex, ey), (ew, eh), (0.93, 0.92, 0.9))
+        ix = ex + m.gaze * ew * 0.3
+        layer.ellipse((ix, ey), (eh * 0.9, eh * 0.9), idt.iris)
+        layer.ellipse((ix, ey), (eh * 0.42, eh * 0.42), (0.04, 0.03, 0.03))
+        layer.ellipse((ix + eh * 0.3, ey - eh * 0.3), (eh * 0.18, eh * 0.18), (1.0, 1.0, 1.0))
+        layer.ellipse((ex, ey), (ew, eh), dark, start=180, end=360, thickness=lw)
+    by = ey - ew * 1.1
+    pts = [
+        (ex - ew * 1.1, by + idt.brow_tilt * ew * 8),
+        (ex, by - ew * 0.2),
+        (ex + ew * 1.15, by + ew * 0.15),
+    ]
+    layer.polyline(pts, idt.hair * 0.85, max(1, round(idt.brow * ew * 6)))
+
+
+def _face_layer(idt: _Identity, sc: _Scene, m: _Motion, side: int) -> _Layer:
+    """Draw the head, neck and shoulders (unrotated) on a transparent layer."""
+    x, y = _grid(side)
+    cx, cy = sc.cx + m.dx, sc.cy + m.dy
+    yaw = sc.yaw + m.dyaw
+    fw, fh = sc.scale * (1 - 0.08 * abs(yaw)), sc.scale * idt.aspect
+    shift = yaw * fw * 0.25  # features move towards the side the head turns to
+    lw = max(1, round(side / 90))
+    skin = idt.skin
+    layer = _Layer(side)
+    back, cap = _hair_masks(idt, x, y, cx, cy, fw, fh)
+    strands = _smooth_noise(np.random.default_rng(idt.texture_seed), side, (1, 7))
+    hair_field = idt.hair * (1 + 0.25 * strands)[..., None]
+    layer.paint(back, hair_field)
+    layer.ellipse((cx, cy + 1.8 * fh), (2.2 * fw, 0.8 * fh), idt.shirt)
+    layer.paint((np.abs(x - cx) < 0.42 * fw) & (y > cy + 0.4 * fh) & (y < cy + 1.3 * fh), skin * 0.8)
+    for s in (-1, 1):
+        layer.ellipse((cx + s * fw * 0.97 - shift * 0.3, cy - 0.02 * fh), (0.14 * fw, 0.24 * fh), skin * 0.92)
+    layer.ellipse((cx, cy), (fw, fh * 0.9), skin)
+    layer.ellipse((cx + shift * 0.2, cy + 0.2 * fh), (fw * idt.jaw, fh * 0.78), skin)
+    layer.paint(cap, hair_field)
+    ew, ey = idt.eye_w * fw, cy + (idt.eye_y - 0.08) * fh
+    for s in (-1, 1):
+        _draw_eye(layer, idt, cx + s * idt.eye_dx * fw + shift, ey, ew, skin, m, lw)
+        if idt.glasses:
+            layer.ellipse(
+                (cx + s * idt.eye_dx * fw + shift, ey), (ew * 1.45, ew * 1.2), (0.08,) * 3, thickness=lw
+            )
+    if idt.glasses:
+        layer.polyline([(cx + shift - 0.15 * fw, ey), (cx + shift + 0.15 * fw, ey)], (0.08,) * 3, lw)
+    nx, ny = cx + shift * 1.3, cy + 0.3 * fh
+    side_sign = 1 if sc.light[0] < 0 else -1  # nose shadow opposite the light
+    layer.polyline(
+        [(nx + side_sign * 0.05 * fw, ey + 0.1 * fh), (nx + side_sign * 0.1 * fw, ny)], skin * 0.75, lw
+    )
+    layer.ellipse((nx, ny), (idt.nose_w * fw, 0.06 * fh), skin * 0.88)
+    for s in (-1, 1):
+        layer.ellipse((nx + s * idt.nose_w * fw * 0.45, ny + 0.02 * fh), (0.04 * fw, 0.025 * fh), skin * 0.4)
+    mx, my, mw = cx + shift, cy + idt.mouth_y * fh, idt.mouth_w * fw
+    layer.ellipse((mx, my), (mw, 0.08 * fh), idt.lip)
+    layer.ellipse((mx, my - idt.smile * fh), (mw, max(idt.smile, 0.01) * fh), skin * 0.3, 0, 0, 180, lw)
+    return layer
+
+
+def _shading(sc: _Scene, m: _Motion, side: int) -> np.ndarray:
+    """Lambertian shading of an ellipsoid around the head, under the scene's light."""
+    x, y = _grid(side)
+    u = (x - sc.cx - m.dx) / (sc.scale * 1.2)
+    v = (y - sc.cy - m.dy) / (sc.scale * 1.5)
+    nz = np.sqrt(np.clip(1 - u**2 - v**2, 0.03, 1))
+    n = np.stack([u, v, nz], -1) / np.sqrt(u**2 + v**2 + nz**2)[..., None]
+    return sc.ambient + sc.diffuse * np.clip(n @ sc.light, 0, 1)
+
+
+def _render_person(idt: _Identity, sc: _Scene, m: _Motion, side: int) -> np.ndarray:
+    """A clean live-style image (float RGB, canvas size): the shaded, rolled face over the wall."""
+    layer = _face_layer(idt, sc, m, side)
+    rgb = layer.rgb * _shading(sc, m, side)[..., None]
+    rot = cv2.getRotationMatrix2D((sc.cx + m.dx, sc.cy + m.dy), sc.roll + m.droll, 1.0)
+    rgb = cv2.warpAffine(rgb, rot, (side, side), flags=cv2.INTER_LINEAR)
+    alpha = cv2.warpAffine(layer.alpha, rot, (side, side), flags=cv2.INTER_LINEAR)[..., None]
+    wall = sc.wall * (0.55 + 0.45 * (sc.ambient + sc.diffuse * sc.light[2]))
+    return rgb * alpha + wall * (1 - alpha)
+
+
+# -------------------------------------------------------------------------------------- attacks
+
+
+def _paste(canvas: np.ndarray, obj: np.ndarray, center, scale: float, angle: float) -> np.ndarray:
+    """Composite ``obj`` (float RGB) onto ``canvas``, scaled, rotated and centred at ``center``."""
+    h, w = obj.shape[:2]
+    rot = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+    rot[:, 2] += np.asarray(center) - np.array([w / 2, h / 2])
+    size = canvas.shape[1], canvas.shape[0]
+    placed = cv2.warpAffine(obj, rot, size, flags=cv2.INTER_LINEAR)
+    cover = cv2.warpAffine(np.ones((h, w), np.float32), rot, size, flags=cv2.INTER_LINEAR)[..., None]
+    return placed + canvas * (1 - cover)
+
+
+def _hand(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """A hand holding the medium: a palm outside the frame edge and a thumb reaching in."""
+    side = img.shape[0]
+    layer = _Layer(side)
+    t = rng.uniform()
+    skin = _SKIN_LIGHT * (1 - t) + _SKIN_DARK * t
+    edge, pos = int(rng.integers(3)), rng.uniform(0.2, 0.8) * side  # bottom, left, right
+    cx, cy, ang = [(pos, side, 90), (0, pos, 0), (side, pos, 180)][edge]
+    ux, uy = np.cos(np.radians(ang)), -np.sin(np.radians(ang))
+    layer.ellipse((cx - ux * 0.1 * side, cy - uy * 0.1 * side), (0.22 * side, 0.16 * side), skin * 0.9, -ang)
+    layer.ellipse((cx + ux * 0.1 * side, cy + uy * 0.1 * side), (0.13 * side, 0.045 * side), skin, -ang + 20)
+    a = cv2.GaussianBlur(layer.alpha, (0, 0), 0.7)[..., None]
+    shade = 1 + 0.2 * _smooth_noise(rng, side, (9, 9))[..., None]
+    return layer.rgb * shade * a + img * (1 - a)
+
+
+def _halftone(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Amplitude-modulated halftone: one rotated dot screen per channel (pitch 2.4-4 output px)."""
+    x, y = _grid(img.shape[0])
+    pitch = rng.uniform(2.4, 4.0) * _SS
+    base = rng.uniform(0, np.pi / 2)
+    sharp = rng.uniform(6, 14)
+    out = np.empty_like(img)
+    for c, offset in enumerate((np.radians(15), np.radians(75), 0.0)):
+        a = base + offset
+        u, v = np.cos(a) * x + np.sin(a) * y, -np.sin(a) * x + np.cos(a) * y
+        screen = 0.5 + 0.25 * (np.cos(2 * np.pi * u / pitch) + np.cos(2 * np.pi * v / pitch))
+        out[..., c] = 1 / (1 + np.exp(-sharp * (img[..., c] - screen)))
+    strength = rng.uniform(0.3, 0.7)
+    return img * (1 - strength) + out * strength
+
+
+def _bend(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Smoothly warp the paper and shade it like a bent sheet."""
+    side = img.shape[0]
+    x, y = _grid(side)
+    amp = rng.uniform(0.01, 0.035) * side
+    field = [
+        cv2.resize(rng.normal(0, 1, (3, 3)).astype(np.float32), (side, side), cv2.INTER_CUBIC) for _ in (0, 1)
+    ]
+    bent = cv2.remap(
+        img, x + amp * field[0] - 0.5, y + amp * field[1] - 0.5, cv2.INTER_LINEAR, None, cv2.BORDER_REFLECT
+    )
+    return bent * (1 + 0.06 * field[0])[..., None]
+
+
+def _print_attack(photo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The printed sheet (paper margin included) before it is placed in the capture scene."""
+    side = photo.shape[0]
+    img = cv2.GaussianBlur(photo, (0, 0), rng.uniform(0.3, 1.0))
+    grey = img.mean(-1, keepdims=True)
+    img = grey + (img - grey) * rng.uniform(0.4, 0.8)  # narrow gamut
+    contrast = rng.uniform(0.65, 0.9)
+    img = 0.5 + (img - 0.5) * contrast
+    img = _halftone(np.clip(img, 0, 1), rng)
+    paper = np.array([1.0, 0.98, 0.93]) * rng.uniform(0.88, 1.0)
+    margin = int(rng.integers(1, round(0.08 * side) + 1))
+    sheet = np.empty((side + 2 * margin, side + 2 * margin, 3), np.float32)
+    sheet[:] = paper
+    sheet[margin:-margin, margin:-margin] = img * paper
+    sheet = cv2.resize(sheet, (side, side), interpolation=cv2.INTER_AREA)
+    fibres = _smooth_noise(rng, side, (int(rng.integers(1, 4)), int(rng.integers(3, 9))))
+    sheet *= 1 + rng.uniform(0.02, 0.06) * fibres[..., None]
+    return _bend(sheet, rng)
+
+
+def _screen_params(rng: np.random.Generator, side: int) -> dict:
+    """Per-video display properties (fixed across the video's frames)."""
+    return {
+        "gamma": rng.choice([rng.uniform(0.6, 0.85), rng.uniform(1.2, 1.6)]),
+        "tint": np.array([rng.uniform(0.9, 1), rng.uniform(0.96, 1.03), rng.uniform(1, 1.12)], np.float32),
+        "angle": rng.uniform(-0.08, 0.08),
+        "pitch": rng.uniform(2.0, 3.6) * _SS,
+        "gap": rng.uniform(0.1, 0.5),
+        "grid": rng.uniform(0.2, 0.55),
+        "mfreq": rng.uniform(1 / 9, 1 / 3.5) / _SS,
+        "curv": rng.uniform(-3, 3) / side**2,
+        "mx": rng.uniform(0, side),
+        "mphase": rng.uniform(0, 2 * np.pi),
+        "moire": rng.uniform(0.02, 0.09),
+        "band": rng.uniform(0.0, 0.05),
+        "band_period": rng.uniform(0.2, 0.6) * side,
+        "glare": rng.uniform(0.05, 0.45),
+        "glare_at": rng.uniform(0, side, 2),
+        "glare_rot": rng.uniform(0, np.pi),
+        "glare_axes": rng.uniform([0.1, 0.04], [0.35, 0.2]) * side,
+    }
+
+
+def _glare(x: np.ndarray, y: np.ndarray, at: np.ndarray, rot: float, axes: np.ndarray) -> np.ndarray:
+    """A rotated elliptical Gaussian highlight (reflection on the screen's glass)."""
+    c, s = np.cos(rot), np.sin(rot)
+    u, v = (x - at[0]) * c + (y - at[1]) * s, (y - at[1]) * c - (x - at[0]) * s
+    return np.exp(-0.5 * ((u / axes[0]) ** 2 + (v / axes[1]) ** 2))
+
+
+def _screen_content(frame: np.ndarray, rng: np.random.Generator, p: dict) -> np.ndarray:
+    """A displayed frame seen up close: gamma, sub-pixel RGB grid, moiré, refresh banding, glare."""
+    x, y = _grid(frame.shape[0])
+    img = np.clip(frame, 0, 1) ** p["gamma"] * p["tint"]
+    u = np.cos(p["angle"]) * x + np.sin(p["angle"]) * y
+    v = np.cos(p["angle"]) * y - np.sin(p["angle"]) * x
+    rows = 1 - p["gap"] * (0.5 + 0.5 * np.cos(2 * np.pi * v / p["pitch"])) ** 6
+    phase = 2 * np.pi * (u * p["mfreq"] + p["curv"] * ((x - p["mx"]) ** 2 + v**2)) + p["mphase"]
+    for c in range(3):
+        sub = (0.5 + 0.5 * np.cos(2 * np.pi * (u / p["pitch"] - c / 3))) ** 2 / 0.375  # mean 1
+        img[..., c] *= (1 - p["grid"] + p["grid"] * sub) * rows
+        img[..., c] += p["moire"] * np.sin(phase + 2 * np.pi * c / 3)
+    band = 1 + p["band"] * np.sin(2 * np.pi * y / p["band_period"] + rng.uniform(0, 2 * np.pi))
+    glare = _glare(x, y, p["glare_at"] + rng.normal(0, 0.01 * x.shape[0], 2), p["glare_rot"], p["glare_axes"])
+    return img * band[..., None] + p["glare"] * glare[..., None]
+
+
+def _bezel(screen: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Surround the screen with a device frame (dark or silver) with rounded corners."""
+    side = screen.shape[0]
+    b = int(rng.integers(round(0.04 * side), round(0.12 * side) + 1))
+    colour = rng.uniform(0.02, 0.2) if rng.random() < 0.75 else rng.uniform(0.55, 0.75)
+    dev = np.pad(screen, ((b, b), (b, b), (0, 0)), constant_values=colour)
+    dev += rng.uniform(0.0, 0.04) * _smooth_noise(rng, dev.shape[0], (5, 5))[..., None]
+    return dev
+
+
+# ------------------------------------------------------------------------------------ camera, videos
+
+
+def _stats(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std."""
+    return img.mean((0, 1)), img.std((0, 1))
+
+
+def _downscale(img: np.ndarray, cam: _Scene, gain: float, size: int) -> np.ndarray:
+    """White balance and exposure, then area-downscale the canvas to the output size."""
+    return cv2.resize((img * cam.white * gain).astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+
+
+def _capture(img: np.ndarray, cam: _Scene, rng: np.random.Generator, clean: np.ndarray) -> np.ndarray:
+    """Camera (defocus, sensor noise on the downscaled ``img``), then per-channel stats set to ``clean``'s.
+
+    ``clean`` is a noise-free live-style frame, for live and attack frames alike, so colour statistics
+    follow one distribution whatever the class.
+    """
+    if cam.blur > 0.05:
+        img = cv2.GaussianBlur(img, (0, 0), cam.blur)
+    img = img + rng.normal(0, cam.noise, img.shape) + rng.normal(0, cam.noise / 2, (*img.shape[:2], 1))
+    mean, std = _stats(np.clip(clean, 0, 1))
+    for _ in range(2):  # a second pass corrects what clipping moved
+        m, s = _stats(img)
+        img = np.clip((img - m) / np.maximum(s, 1e-6) * std + mean, 0, 1)
+    return (img * 255 + 0.5).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class _Session:
+    """A live recording of a subject: its scene, and per frame the canvas and the clean output frame."""
+
+    scene: _Scene
+    shown: list[np.ndarray]
+    clean: list[np.ndarray]
+
+
+def _session(idt: _Identity, rng: np.random.Generator, frames: int, size: int) -> _Session:
+    """Film the subject: the scene and per-frame motion come from ``rng``."""
+    side = size * _SS
+    scene = _scene(rng, side)
+    motions = [_motion(rng, side) for _ in range(frames)]
+    shown = [_render_person(idt, scene, m, side) for m in motions]
+    clean = [_downscale(s, scene, m.gain, size) for s, m in zip(shown, motions, strict=True)]
+    return _Session(scene, shown, clean)
+
+
+def _attack_frames(session: _Session, rng: np.random.Generator, kind: str, size: int) -> Iterator[np.ndarray]:
+    """Frames of a print (a photo of the session's first frame) or replay (the session's video) attack,
+    held in front of another camera and wall. Each frame gets the colour statistics of its source."""
+    side = size * _SS
+    cam = _scene(rng, side)  # the recapture: its wall, white balance and camera
+    framed = rng.random() < 0.45  # medium smaller than the frame: paper edges or bezel visible
+    scale = rng.uniform(0.7, 0.9) if framed else rng.uniform(1.0, 1.12)
+    angle, centre = rng.uniform(-6, 6), side * (0.5 + rng.uniform(-0.06, 0.06, 2) * framed)
+    hand_seed = int(rng.integers(2**62)) if rng.random() < 0.35 else None  # same hand in every frame
+    bezel_seed = int(rng.integers(2**62))
+    if kind == "print":
+        sheet = _print_attack(session.shown[0], rng)
+    else:
+        screen = _screen_params(rng, side)
+    for f, shown in enumerate(session.shown):
+        m = _motion(rng, side)  # hand shake and light flicker of the recapture
+        if kind == "print":
+            medium, clean = sheet, session.clean[0] * m.gain
+        else:
+            medium = _screen_content(shown, rng, screen)
+            medium = _bezel(medium, np.random.default_rng(bezel_seed)) if framed else medium
+            clean = session.clean[f]
+        jitter = rng.normal(0, 0.004 * side, 2)
+        img = _paste(cam.wall, medium, centre + jitter, scale * side / medium.shape[0], angle + m.droll * 0.3)
+        if hand_seed is not None:
+            img = _hand(np.random.default_rng(hand_seed), img)
+        yield _capture(_downscale(img, cam, m.gain, size), cam, rng, clean)
+
+
+def _video(seed: int, subject: int, index: int, kind: str, frames: int, size: int) -> list[np.ndarray]:
+    """All frames (uint8 RGB) of one video; depends only on its arguments.
+
+    Attacks re-use the subject's live sessions as their source (print and replay of the first and
+    second live video, as real data sets record them), so their colour statistics pair with live ones.
+    """
+    n_live = VIDEOS_PER_SUBJECT["live"]
+    session_index = index if kind == "live" else (index - n_live) % n_live
+    idt = _identity(np.random.default_rng([seed, 1, subject]))
+    session = _session(idt, np.random.default_rng([seed, 2, subject, session_index]), frames, size)
+    rng = np.random.default_rng([seed, 3, subject, index])
+    if kind == "live":
+        return [_capture(clean, session.scene, rng, clean) for clean in session.clean]
+    return list(_attack_frames(session, rng, kind, size))
+
+
+# --------------------------------------------------------------------------------------- data set
+
+
+def _subject_splits(n_subjects: int, seed: int) -> dict[int, str]:
+    """Subject -> split, about 60/20/20 % of subjects, disjoint by construction."""
+    order = np.random.default_rng([seed, 0]).permutation(n_subjects)
+    n_dev = n_test = max(1, round(0.2 * n_subjects))
+    names = ["test"] * n_test + ["dev"] * n_dev + ["train"] * (n_subjects - n_dev - n_test)
+    return {int(s): names[i] for i, s in enumerate(order)}
+
+
+def _jobs(n_subjects: int, seed: int) -> Iterator[tuple[int, int, str, str]]:
+    """(subject, video index, attack type, split) of every video."""
+    splits = _subject_splits(n_subjects, seed)
+    for subject in range(n_subjects):
+        index = 0
+        for kind, count in VIDEOS_PER_SUBJECT.items():
+            for _ in range(count):
+                yield subject, index, kind, splits[subject]
+                index += 1
+
+
+def _video_name(subject: int, index: int, kind: str) -> str:
+    """Video folder name, e.g. ``s007_live1``."""
+    live_index = index if kind == "live" else 0
+    return f"s{subject:03d}_{kind}{live_index}"
+
+
+def _write_video(root: str, params: dict, job: tuple[int, int, str, str]) -> list[dict[str, str]]:
+    """Render one video, write its PNG frames under ``root`` and return its meta.csv rows."""
+    subject, index, kind, split = job
+    video = _video_name(subject, index, kind)
+    rel = Path(split) / ("live" if kind == "live" else "spoof") / video
+    (Path(root) / rel).mkdir(parents=True)
+    rows = []
+    for f, img in enumerate(_video(params["seed"], subject, index, kind, params["frames"], params["size"])):
+        path = rel / f"{f:03d}.png"
+        if not cv2.imwrite(str(Path(root) / path), img[..., ::-1]):
+            raise OSError(f"could not write {Path(root) / path}")
+        label = "1" if kind == "live" else "0"
+        rows.append(
+            {
+                "path": path.as_posix(),
+                "split": split,
+                "video": video,
+                "subject": f"s{subject:03d}",
+                "label": label,
+                "attack_type": kind,
+            }
+        )
+    return rows
+
+
+def _init_worker() -> None:
+    """Worker processes draw single-threaded so that W workers use W cores."""
+    cv2.setNumThreads(1)
+
+
+def _counts(rows: list[dict[str, str]]) -> dict:
+    """Frames, videos and subjects per split (and per attack type)."""
+    frames = {s: dict.fromkeys(VIDEOS_PER_SUBJECT, 0) for s in SPLITS}
+    videos = {s: {k: set() for k in VIDEOS_PER_SUBJECT} for s in SPLITS}
+    subjects = {s: set() for s in SPLITS}
+    for r in rows:
+        frames[r["split"]][r["attack_type"]] += 1
+        videos[r["split"]][r["attack_type"]].add(r["video"])
+        subjects[r["split"]].add(r["subject"])
+    return {
+        "frames": frames,
+        "videos": {s: {k: len(v) for k, v in per.items()} for s, per in videos.items()},
+        "subjects": {s: len(v) for s, v in subjects.items()},
+    }
+
+
+def _existing(out: Path, info: dict, started: float) -> SynthSummary | None:
+    """Summary of a complete identical set already in ``out``; None if ``out`` is absent or empty."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise NotADirectoryError(f"--out {out}: exists and is not a folder")
+    if not any(out.iterdir()):
+        return None
+    try:
+        found = json.loads((out / "synth.json").read_text())
+    except (OSError, ValueError):
+        raise FileExistsError(
+            f"--out {out}: folder is not empty and holds no readable synth.json; refusing to write into it "
+            "(choose a new or empty folder)"
+        ) from None
+    keys = ("format", "version", "params")
+    if any(found.get(k) != info[k] for k in keys):
+        raise FileExistsError(
+            f"--out {out}: holds a synth data set with other parameters "
+            f"({ {k: found.get(k) for k in keys} } != { {k: info[k] for k in keys} }); "
+            "choose another folder or delete it"
+        )
+    meta = out / "meta.csv"
+    with meta.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    missing = [r["path"] for r in rows if not (out / r["path"]).is_file()]
+    if not rows or missing or _counts(rows)["frames"] != found["counts"]["frames"]:
+        raise FileExistsError(
+            f"--out {out}: synth data set is incomplete ({len(missing)} listed files missing)"
+        )
+    c = found["counts"]
+    return SynthSummary(out, c["frames"], c["videos"], c["subjects"], True, time.perf_counter() - started)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temp file in the same folder."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _render_all(root: Path, params: dict, workers: int, progress: bool) -> list[dict[str, str]]:
+    """Write every video under ``root`` (in parallel when workers > 1); meta rows sorted by path."""
+    jobs = list(_jobs(params["n_subjects"], params["seed"]))
+    columns = (
+        TextColumn("synth"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("videos"),
+        TimeElapsedColumn(),
+    )
+    rows: list[dict[str, str]] = []
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("synth", total=len(jobs))
+        if workers == 1:
+            for job in jobs:
+                rows += _write_video(str(root), params, job)
+                bar.advance(task)
+        else:
+            # spawn, not fork: a forked child can inherit a lock held by a parent thread (OpenCV's or
+            # torch's thread pools) and hang before doing any work
+            spawn = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker) as pool:
+                futures = [pool.submit(_write_video, str(root), params, job) for job in jobs]
+                for fut in as_completed(futures):
+                    rows += fut.result()
+                    bar.advance(task)
+    return sorted(rows, key=lambda r: r["path"])
+
+
+def generate(
+    out: Path,
+    n_subjects: int = 30,
+    frames: int = 4,
+    size: int = 64,
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+) -> SynthSummary:
+    """Write the synthetic FAS data set to ``out`` (see the module docstring) and summarise it.
+
+    The set is generated in a temporary sibling folder and renamed into place, so ``out`` is either
+    absent/empty or complete. If ``out`` already holds a complete set with the same parameters nothing
+    is written (``reused`` is True); if it holds anything else, FileExistsError is raised.
+    Output depends only on (n_subjects, frames, size, seed), never on ``workers``.
+    """
+    for name, value, low in (
+        ("n_subjects", n_subjects, 3),
+        ("frames", frames, 1),
+        ("size", size, 16),
+        ("seed", seed, 0),
+        ("workers", workers, 1),
+    ):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"synth: {name} must be an integer >= {low}, got {value!r}")
+    started = time.perf_counter()
+    out = Path(out)
+    params = {"n_subjects": n_subjects, "frames": frames, "size": size, "seed": seed}
+    info = {"format": FORMAT, "version": VERSION, "params": params, "videos_per_subject": VIDEOS_PER_SUBJECT}
+    found = _existing(out, info, started)
+    if found is not None:
+        return found
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.synth-", dir=out.parent))
+    try:
+        rows = _render_all(tmp, params, workers, progress)
+        counts = _counts(rows)
+        _write_atomic(tmp / "synth.json", json.dumps({**info, "counts": counts}, indent=2) + "\n")
+        with (tmp / "meta.csv").open("w", newline="") as fh:  # last: its presence marks a complete set
+            writer = csv.DictWriter(fh, fieldnames=META_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        if out.exists():
+            out.rmdir()  # empty (checked above); rename needs the name free
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return SynthSummary(
+        out, counts["frames"], counts["videos"], counts["subjects"], False, time.perf_counter() - started
+    )

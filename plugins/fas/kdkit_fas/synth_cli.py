@@ -1,0 +1,56 @@
+"""``kdkit fas synth``: write the synthetic FAS data set (plain folder layout, meta.csv, synth.json)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .synth import SPLITS, VIDEOS_PER_SUBJECT, SynthSummary, generate
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``kdkit fas synth`` to ``parser``."""
+    parser.add_argument("--out", type=Path, required=True, help="new or empty folder for the data set")
+    parser.add_argument("--n-subjects", type=int, default=30, help="subjects, split 60/20/20 %% (default 30)")
+    parser.add_argument("--frames", type=int, default=4, help="frames per video (default 4)")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+
+
+def _table(summary: SynthSummary) -> Table:
+    """Frames (videos) per split and attack type."""
+    title = f"{summary.out} ({'already complete, nothing written' if summary.reused else 'written'})"
+    table = Table(title=title)
+    table.add_column("split")
+    table.add_column("subjects", justify="right")
+    for kind in VIDEOS_PER_SUBJECT:
+        table.add_column(f"{kind} frames (videos)", justify="right")
+    for split in SPLITS:
+        cells = [f"{summary.frames[split][k]} ({summary.videos[split][k]})" for k in VIDEOS_PER_SUBJECT]
+        table.add_row(split, str(summary.subjects[split]), *cells)
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate the data set; 0 on success, 2 on bad options or an occupied ``--out``."""
+    try:
+        summary = generate(
+            args.out,
+            n_subjects=args.n_subjects,
+            frames=args.frames,
+            size=args.size,
+            seed=args.seed,
+            workers=args.workers,
+            progress=True,
+        )
+    except (ValueError, FileExistsError, NotADirectoryError) as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        return 2
+    console = Console()
+    console.print(_table(summary))
+    console.print(f"{summary.total_frames} frames in {summary.seconds:.1f} s", highlight=False)
+    return 0

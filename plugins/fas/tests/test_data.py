@@ -1,0 +1,102 @@
+"""FrameDataset and the two record builders (prepare manifest, plain folder layout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures import make_folder, make_oulu, write_image
+from kdkit_fas.data import FrameDataset, frames_from_folder, frames_from_manifest
+from kdkit_fas.prepare import prepare, write_manifest
+
+from kdkit.data import DataError
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def test_frame_dataset_items_and_meta(tmp_path: Path) -> None:
+    root = make_folder(tmp_path)
+    records = frames_from_folder(root, "train")
+    dataset = FrameDataset(records, root, image_size=24, mean=MEAN, std=STD, train=False)
+    assert len(dataset) == 4 * 3
+    image, label = dataset[0]
+    assert image.shape == (3, 24, 24) and image.dtype == torch.float32 and isinstance(label, int)
+    assert image.min() >= -2.0 - 1e-6 and image.max() <= 2.0 + 1e-6  # (x - 0.5) / 0.25 with x in [0, 1]
+    assert [dataset[i][1] for i in range(len(dataset))] == [m["label"] for m in dataset.meta]
+    assert dataset.meta[-1] == {
+        "video": "s002_replay0",
+        "subject": "s002",
+        "label": 0,
+        "attack_type": "replay",
+    }
+    train = FrameDataset(records, root, image_size=24, mean=MEAN, std=STD, train=True)
+    assert train[0][0].shape == (3, 24, 24)
+
+
+def test_frames_from_folder_split_aliases_and_single_images(tmp_path: Path) -> None:
+    root = make_folder(tmp_path)
+    dev = frames_from_folder(root, "val")
+    assert {r["split"] for r in dev} == {"dev"} and {r["label"] for r in dev} == {0, 1}
+    assert frames_from_folder(root, "devel") == dev
+    test = frames_from_folder(root, "test")
+    assert {r["path"] for r in test if r["label"] == 0} == {"test/fake/still.jpg"}
+    with pytest.raises(DataError, match="unknown split 'holdout'"):
+        frames_from_folder(root, "holdout")
+
+
+def test_frames_from_manifest_after_prepare(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    prepare(
+        "oulu",
+        make_oulu(tmp_path / "raw"),
+        out,
+        protocol=4,
+        fold=1,
+        frames_per_video=2,
+        size=16,
+        progress=False,
+    )
+    test = frames_from_manifest(out, "test")
+    assert len(test) == 6 * 2 and {r["label"] for r in test} == {0, 1}
+    assert all((out / r["path"]).is_file() for r in test)
+    dataset = FrameDataset(frames_from_manifest(out, "val"), out, image_size=16, train=False)
+    assert len(dataset) == 12 * 2 and dataset[3][0].shape == (3, 16, 16)
+    assert {m["attack_type"] for m in dataset.meta} == {"live", "print/1", "replay/1"}
+
+
+def test_empty_and_single_class_splits_name_root_and_split(tmp_path: Path) -> None:
+    rows = [
+        {
+            "path": f"frames/train/v{i}/0.png",
+            "video": f"v{i}",
+            "subject": "s",
+            "label": 1,
+            "attack_type": "live",
+            "split": "train",
+        }
+        for i in range(2)
+    ]
+    write_manifest(tmp_path / "manifest.csv", rows)
+    with pytest.raises(DataError, match=rf"'train' split of {tmp_path} holds only bona fide"):
+        frames_from_manifest(tmp_path, "train")
+    with pytest.raises(DataError, match=rf"'test' split of {tmp_path} has no frames"):
+        frames_from_manifest(tmp_path, "test")
+    with pytest.raises(DataError, match="kdkit fas prepare"):
+        frames_from_manifest(tmp_path / "elsewhere", "train")
+    (tmp_path / "train" / "spoof" / "v").mkdir(parents=True)
+    write_image(tmp_path / "train" / "spoof" / "v" / "0.png")
+    with pytest.raises(DataError, match="only attack"):
+        frames_from_folder(tmp_path, "train")
+
+
+def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "live" / "0.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a png")
+    record = {"path": "live/0.png", "video": "v", "subject": "s", "label": "1", "attack_type": "live"}
+    dataset = FrameDataset([record], tmp_path, image_size=8)
+    with pytest.raises(OSError, match=r"live/0\.png"):
+        dataset[0]
+    with pytest.raises(DataError, match="label 0 or 1"):
+        FrameDataset([record | {"label": "2"}], tmp_path, image_size=8)

@@ -1,0 +1,156 @@
+"""The FAS plugin inside kdkit: registration, the evaluator, and the demo pipeline end to end."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from kdkit_fas import metrics_cli
+from kdkit_fas.evaluator import FasEvaluator
+from kdkit_fas.metrics import ScoreSet, eer_threshold, hter
+
+from kdkit.cli import main
+from kdkit.evaluation import Predictions
+from kdkit.plugins import load_plugins
+from kdkit.registry import DATASETS, EVALUATORS
+
+ROOT = Path(__file__).resolve().parents[3]
+DEMO = ROOT / "recipes" / "kdfas-demo.yaml"
+
+
+class _Meta:
+    """A stand-in dataset: only `meta` matters to the evaluator."""
+
+    def __init__(self, meta: list[dict]) -> None:
+        self.meta = meta
+
+
+def _predictions(rng: np.random.Generator, n_videos: int, frames: int, shift: float) -> Predictions:
+    """Frames of live (label 1) and print/replay (label 0) videos with P(live) from a logistic model."""
+    meta, logits, labels = [], [], []
+    for v in range(n_videos):
+        label = v % 2
+        kind = "live" if label else ("print" if v % 4 == 0 else "replay")
+        centre = rng.normal(shift if label else -shift, 1.0)
+        for _ in range(frames):
+            z = centre + rng.normal(0, 0.5)
+            logits.append([0.0, z])
+            labels.append(label)
+            meta.append({"video": f"{kind}_{v}", "attack_type": kind, "label": label})
+    return Predictions(torch.tensor(logits), torch.tensor(labels), _Meta(meta))
+
+
+def test_plugin_registers_through_the_entry_point() -> None:
+    plugins = load_plugins()
+    assert "fas" in plugins and plugins["fas"].error is None
+    assert {"fas_folder", "fas_manifest"} <= set(DATASETS.names())
+    assert "fas" in EVALUATORS
+
+
+def test_evaluator_fixes_the_threshold_on_dev_and_writes_reusable_scores(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    dev, test = _predictions(rng, 40, 3, 1.0), _predictions(rng, 40, 3, 1.5)
+    evaluator = FasEvaluator(level="video")
+    metrics = evaluator({"val": dev, "test": test}, tmp_path)
+
+    # Recompute the video-level numbers by hand: threshold from dev's EER, HTER on test.
+    def video_scores(pred: Predictions) -> ScoreSet:
+        p = torch.softmax(pred.logits, 1)[:, 1].numpy()
+        videos = [m["video"] for m in pred.dataset.meta]
+        return ScoreSet(
+            p, pred.labels.numpy(), [m["attack_type"] for m in pred.dataset.meta], videos
+        ).per_video()
+
+    d, t = video_scores(dev), video_scores(test)
+    _, threshold = eer_threshold(d.scores, d.labels)
+    assert metrics["test/threshold"] == pytest.approx(threshold)
+    assert metrics["test/hter"] == pytest.approx(hter(t.scores, t.labels, threshold))
+    assert metrics["val/eer"] == pytest.approx(eer_threshold(d.scores, d.labels)[0])
+    assert 0.0 <= metrics["test/frame_hter"] <= 1.0 and metrics["test/auc"] > 0.5
+
+    # The scores CSV it writes is the input of `kdkit fas metrics` and gives the same HTER.
+    for name in ("scores_val.csv", "scores_test.csv", "metrics_test.json", "roc_det_test.png"):
+        assert (tmp_path / name).is_file()
+    parser = argparse.ArgumentParser()
+    metrics_cli.add_arguments(parser)
+    args = parser.parse_args(
+        ["--scores", str(tmp_path / "scores_test.csv"), "--dev", str(tmp_path / "scores_val.csv"), "--json"]
+    )
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert metrics_cli.run(args) == 0
+    result = json.loads(buffer.getvalue())
+    assert result["video"]["hter"] == pytest.approx(metrics["test/hter"], abs=1e-6)
+    assert result["frame"]["hter"] == pytest.approx(metrics["test/frame_hter"], abs=1e-6)
+
+
+def test_evaluator_needs_dev_and_two_classes() -> None:
+    rng = np.random.default_rng(1)
+    with pytest.raises(ValueError, match="dev split"):
+        FasEvaluator()({"test": _predictions(rng, 4, 1, 1.0)})
+    with pytest.raises(ValueError, match="level"):
+        FasEvaluator(level="clip")
+
+
+def _tiny_demo_args(tmp_path: Path) -> list[str]:
+    vit = "{img_size: 32, patch_size: 8, num_classes: 2, depth: %d, embed_dim: %d, num_heads: 2}"
+    overrides = [
+        f"data.root={tmp_path / 'synth'}",
+        "data.image_size=32",
+        "data.batch_size=16",
+        "data.options.synth={n_subjects: 5, frames: 2, size: 32, seed: 0, workers: 1}",
+        "models.teacher.options=" + vit % (2, 32),
+        "models.student.options=" + vit % (1, 16),
+        "distill.stages=[[1, 2]]",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=2",
+    ]
+    return [arg for text in overrides for arg in ("--set", text)]
+
+
+def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["run", str(DEMO), "--out", str(out), *_tiny_demo_args(tmp_path)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"teacher", "student_kd", "test"}
+    results = summary["test"]["results"]
+    for run in ("teacher", "student_kd"):
+        assert 0.0 <= results[run]["test/hter"] <= 1.0
+        assert (out / "test" / run / "roc_det_test.png").is_file()
+        with open(out / "test" / run / "scores_test.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert {r["attack_type"] for r in rows} == {"live", "print", "replay"}
+    assert results["teacher"]["params_M"] > results["student_kd"]["params_M"]
+    # The student's checkpoint references the teacher instead of containing it.
+    student = torch.load(out / "student_kd" / "model.pt", weights_only=True)
+    assert student["teacher"]["sha256"] and not any(k.startswith("teacher") for k in student["model"])
+    assert "test/hter" in capsys.readouterr().err
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["validate", str(ROOT / "recipes" / "kdfas.yaml")])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "data.root" in err and "Traceback" not in err
+
+
+def test_fas_command_group_is_wired_into_kdkit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "synth"
+    assert (
+        main(["fas", "synth", "--out", str(out), "--n-subjects", "3", "--frames", "1", "--size", "16"]) == 0
+    )
+    assert (out / "meta.csv").is_file()
+    assert main(["fas", "metrics", "--scores", str(tmp_path / "missing.csv")]) == 2
+    assert "missing.csv" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fas", "--help"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out
+    assert all(name in usage for name in ("synth", "prepare", "metrics"))

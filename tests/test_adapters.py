@@ -1,0 +1,141 @@
+"""Tests for kdkit.adapters: shapes, parameters, gradients, formulas, and agreement with torchdistill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchdistill.losses.mid_level import SPKDLoss
+
+from kdkit.adapters import build_adapter
+from kdkit.losses import mse
+from kdkit.registry import ADAPTERS, RegistryError
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=GEN)
+
+
+def test_registered_names():
+    assert {"identity", "projection", "covariance", "gram"} <= set(ADAPTERS)
+
+
+@pytest.mark.parametrize("name", ["projection", "covariance"])
+@pytest.mark.parametrize("tokens", [(), (5,)])
+def test_width_mapping_shapes(name, tokens):
+    adapter = build_adapter(name, 8, 12)
+    s_mapped, t_target = adapter(randn(4, *tokens, 8), randn(4, *tokens, 12))
+    assert s_mapped.shape == t_target.shape == (4, *tokens, 12)
+
+
+@pytest.mark.parametrize("tokens", [(), (5,)])
+def test_identity_shapes(tokens):
+    s, t = randn(4, *tokens, 8), randn(4, *tokens, 8)
+    s_out, t_out = build_adapter("identity", 8, 8)(s, t)
+    assert s_out is s and t_out is t
+
+
+def test_gram_shapes_allow_different_token_counts():
+    s_mapped, t_target = build_adapter("gram", 8, 12)(randn(4, 5, 8), randn(4, 7, 12))
+    assert s_mapped.shape == t_target.shape == (4, 4)
+
+
+def test_identity_width_error_at_build_time():
+    with pytest.raises(ValueError, match="student_dim=8, teacher_dim=12"):
+        build_adapter("identity", 8, 12)
+
+
+@pytest.mark.parametrize(
+    ("s_shape", "t_shape", "message"),
+    [
+        ((4, 8), (3, 12), r"batch sizes differ: student \(4, 8\), teacher \(3, 12\)"),
+        ((4, 5, 8), (4, 12), r"same rank and token count"),
+        ((4, 5, 8), (4, 6, 12), r"student \(4, 5, 8\) and teacher \(4, 6, 12\)"),
+        ((4, 9), (4, 12), r"built for student_dim=8, teacher_dim=12; got student \(4, 9\)"),
+        ((4, 8, 2, 2), (4, 12), r"must be \(B, D\) or \(B, N, D\)"),
+    ],
+)
+def test_shape_errors_name_the_shapes(s_shape, t_shape, message):
+    with pytest.raises(ValueError, match=message):
+        build_adapter("covariance", 8, 12)(randn(*s_shape), randn(*t_shape))
+
+
+def test_extra_parameters():
+    assert build_adapter("projection", 8, 12).extra_parameters == 8 * 12 + 12
+    assert build_adapter("projection", 8, 12, bias=False).extra_parameters == 8 * 12
+    for name in ("covariance", "gram"):
+        adapter = build_adapter(name, 8, 12)
+        assert adapter.extra_parameters == 0 and not list(adapter.parameters())
+    assert build_adapter("identity", 8, 8).extra_parameters == 0
+
+
+def test_unknown_adapter_and_option():
+    with pytest.raises(RegistryError, match="covariance"):
+        build_adapter("covariance_matrix", 8, 12)
+    with pytest.raises(ValueError, match=r"unknown options \['bais'\]; valid options: \['bias'\]"):
+        build_adapter("projection", 8, 12, bais=False)
+
+
+def test_projection_learns_a_linear_map():
+    torch.manual_seed(0)
+    true_map = randn(8, 12)
+    s = randn(64, 8)
+    t = s @ true_map
+    adapter = build_adapter("projection", 8, 12)
+    opt = torch.optim.Adam(adapter.parameters(), lr=0.05)
+    first = None
+    for _ in range(200):
+        loss = mse(*adapter(s, t))
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.01 * first
+
+
+def test_covariance_matches_direct_formula():
+    s, t = randn(6, 8), randn(6, 12)
+    s_mapped, t_target = build_adapter("covariance", 8, 12)(s, t)
+    s_hat = s / s.norm(dim=1, keepdim=True)
+    t_hat = t / t.norm(dim=1, keepdim=True)
+    cov = s_hat.T @ t_hat
+    torch.testing.assert_close(s_mapped, s_hat @ cov)
+    torch.testing.assert_close(t_target, t_hat)
+
+
+def test_covariance_on_tokens_uses_all_rows():
+    s, t = randn(3, 5, 8), randn(3, 5, 12)
+    s_mapped, t_target = build_adapter("covariance", 8, 12)(s, t)
+    flat_mapped, flat_target = build_adapter("covariance", 8, 12)(s.reshape(15, 8), t.reshape(15, 12))
+    torch.testing.assert_close(s_mapped, flat_mapped.reshape(3, 5, 12))
+    torch.testing.assert_close(t_target, flat_target.reshape(3, 5, 12))
+
+
+@pytest.mark.parametrize("name", ["covariance", "gram", "projection"])
+def test_gradients_reach_the_student(name):
+    s = randn(4, 8).requires_grad_()
+    t = randn(4, 12)
+    mse(*build_adapter(name, 8, 12)(s, t)).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("s_shape", "t_shape"), [((6, 8), (6, 12)), ((6, 5, 8), (6, 3, 12))])
+def test_gram_p1_with_mse_equals_torchdistill_spkd(s_shape, t_shape):
+    s, t = randn(*s_shape), randn(*t_shape)
+    ours = mse(*build_adapter("gram", s_shape[-1], t_shape[-1], p=1)(s, t))
+    spkd = SPKDLoss("s", "t", reduction="batchmean")
+    theirs = spkd({"s": {"output": s}}, {"t": {"output": t}})
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_gram_default_is_the_papers_l2_sp_loss():
+    # Tung & Mori's SP loss as RepDistiller writes it: L2 row-normalised Gram matrices.
+    s, t = randn(5, 3, 8), randn(5, 12)
+    g_s, g_t = build_adapter("gram", 8, 12)(s, t)
+    f_s, f_t = s.reshape(5, -1), t
+    expected_s = (f_s @ f_s.T) / (f_s @ f_s.T).norm(dim=1, keepdim=True)
+    expected_t = (f_t @ f_t.T) / (f_t @ f_t.T).norm(dim=1, keepdim=True)
+    torch.testing.assert_close(g_s, expected_s)
+    torch.testing.assert_close(g_t, expected_t)
+    torch.testing.assert_close(mse(g_s, g_t), ((expected_t - expected_s) ** 2).sum() / 5**2)

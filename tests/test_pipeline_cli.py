@@ -1,0 +1,241 @@
+"""End-to-end tests of `kdkit run/validate/info/taps/plugins`, called in-process."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_recipe_dict
+
+from kdkit.checkpoint import file_sha256, load_file
+from kdkit.cli import UsageError, _run_dir, main
+from kdkit.recipe import load_recipe
+from kdkit.runlog import console
+
+STAGES = ["teacher", "student_kd", "student_alone", "test"]
+OVERRIDES = ["--set", "pipeline.student_alone.train.epochs=1", "--set", "train.lr=1e-3"]
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wide enough that rich never wraps a table cell the tests look for."""
+    monkeypatch.setattr(console, "_width", 250)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One complete `kdkit run` of the tiny digits recipe, shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_recipe_dict(), sort_keys=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setattr(console, "_width", 250)
+        assert main(["run", "tiny.yaml", "--out", "run", *OVERRIDES]) == 0
+    yield root
+
+
+def test_run_writes_the_run_directory(finished_run: Path) -> None:
+    run = finished_run / "run"
+    for stage in STAGES[:3]:
+        assert {"model.pt", "last.pt", "done.json"} <= {p.name for p in (run / stage).iterdir()}, stage
+    assert (run / "test" / "done.json").exists()
+
+    # recipe.yaml is the resolved recipe, overrides included.
+    resolved = load_recipe(run / "recipe.yaml")
+    assert resolved == load_recipe(finished_run / "tiny.yaml", OVERRIDES[1::2])
+    assert resolved.train.lr == 1e-3
+
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(line) for line in lines]
+    assert all({"stage", "epoch", "step", "time"} <= r.keys() for r in logged)
+    assert {r["stage"] for r in logged} == set(STAGES[:3])
+    kd_epochs = [r for r in logged if r["stage"] == "student_kd" and "val/accuracy" in r]
+    assert [r["epoch"] for r in kd_epochs] == [1, 2]
+    assert {"train/kd", "train/feat", "train/feat.0", "train/feat.1", "train/ce"} <= kd_epochs[0].keys()
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary) == STAGES
+    for stage in STAGES[:3]:
+        assert {"best", "last", "best_epoch", "params_M", "MiB"} <= summary[stage].keys()
+        assert 0.0 <= summary[stage]["best"]["val/accuracy"] <= 1.0
+        assert summary[stage]["best"]["val/accuracy"] >= summary[stage]["last"]["val/accuracy"]
+    assert (summary["teacher"]["epochs"], summary["student_alone"]["epochs"]) == (2, 1)
+    assert summary["teacher"]["params_M"] > summary["student_kd"]["params_M"]
+    assert summary["test"]["split"] == "test"
+    results = summary["test"]["results"]
+    assert list(results) == STAGES[:3]
+    assert all(0.0 <= r["test/accuracy"] <= 1.0 and "val/accuracy" in r for r in results.values())
+
+
+def test_checkpoints_are_weights_only_and_reference_the_teacher(finished_run: Path) -> None:
+    run = finished_run / "run"
+    kd = torch.load(run / "student_kd" / "model.pt", map_location="cpu", weights_only=True)
+    assert kd["kind"] == "model" and kd["stage"] == "student_kd"
+    assert kd["spec"]["options"]["embed_dim"] == 32 and kd["spec"]["weights"] is None
+    assert not any(k.startswith(("teacher.", "adapters.")) for k in kd["model"])
+    assert kd["teacher"]["model"] == "teacher"
+    assert kd["teacher"]["path"] == str(run / "teacher" / "model.pt")
+    assert kd["teacher"]["sha256"] == file_sha256(run / "teacher" / "model.pt")
+    last = load_file(run / "student_kd" / "last.pt")
+    assert last["epoch"] == 2 and not any(k.startswith("teacher.") for k in last["trainable"])
+
+
+def test_resume_of_a_finished_run_skips_every_stage(
+    finished_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(finished_run)
+    run = finished_run / "run"
+    before = {p: p.read_bytes() for p in run.glob("*/*.pt")}
+    metrics = (run / "metrics.jsonl").read_text()
+    summary = (run / "summary.json").read_text()
+    assert main(["run", "tiny.yaml", "--out", "run", "--resume", *OVERRIDES]) == 0
+    err = capsys.readouterr().err
+    for stage in STAGES:
+        assert f"[{stage}] complete, skipped (resume)" in err
+    assert {p: p.read_bytes() for p in run.glob("*/*.pt")} == before
+    assert (run / "metrics.jsonl").read_text() == metrics
+    assert json.loads((run / "summary.json").read_text()) == json.loads(summary)
+
+
+def test_existing_out_without_resume_is_refused(
+    finished_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(finished_run)
+    assert main(["run", "tiny.yaml", "--out", "run"]) == 2
+    err = capsys.readouterr().err
+    assert "--out: run already holds a run; pass --resume" in err and "Traceback" not in err
+
+
+def test_resume_without_a_run_is_refused(
+    tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tiny_recipe.parent)
+    assert main(["run", str(tiny_recipe), "--out", "empty", "--resume"]) == 2
+    assert "holds no run to resume" in capsys.readouterr().err
+    assert main(["run", str(tiny_recipe), "--resume"]) == 2
+    assert "no earlier run of 'digits-kd' under runs/" in capsys.readouterr().err
+
+
+def test_default_run_directories_are_never_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert _run_dir("exp", None, resume=False) == Path("runs/exp")
+    for name in ("exp", "exp-2"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "recipe.yaml").write_text("{}")
+    assert _run_dir("exp", None, resume=False) == Path("runs/exp-3")
+    assert _run_dir("exp", None, resume=True) in {Path("runs/exp"), Path("runs/exp-2")}
+    with pytest.raises(UsageError):
+        _run_dir("exp", Path("runs/exp"), resume=False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["distill.alpha=2"], "pipeline[1] (student_kd).distill.alpha: expected a value in [0, 1], got 2.0"),
+        (["train.lrr=1"], "train.lrr: unknown key. Did you mean 'lr'?"),
+        (["pipeline.nope.train.epochs=1"], "no list item named 'nope'"),
+        (["models.student.name=vit_tiny_patch16_22"], "unknown model 'vit_tiny_patch16_22'"),
+        (
+            ["distill.adapter=identity"],
+            "identity adapter needs equal widths; got student_dim=32, teacher_dim=48",
+        ),
+        (["data.dataset=digitz"], "data.dataset: unknown dataset 'digitz'. Did you mean 'digits'?"),
+    ],
+)
+def test_bad_recipe_exits_2_with_the_key_path(
+    tiny_recipe: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    overrides: list[str],
+    expected: str,
+) -> None:
+    monkeypatch.chdir(tiny_recipe.parent)
+    args = [a for o in overrides for a in ("--set", o)]
+    assert main(["run", str(tiny_recipe), "--out", "bad", *args]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not (tiny_recipe.parent / "bad" / "recipe.yaml").exists()  # nothing ran
+    assert main(["validate", str(tiny_recipe), *args]) == 2
+
+
+def test_malformed_recipe_file_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text("name: x\ndata: {dataset: digits\n")
+    assert main(["validate", "bad.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "malformed YAML at line" in err and "bad.yaml" in err and "Traceback" not in err
+
+
+def test_validate_prints_the_tap_table(
+    tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tiny_recipe.parent)
+    assert main(["validate", str(tiny_recipe)]) == 0
+    err = capsys.readouterr().err
+    assert "valid" in err and "(4 stages)" in err
+    assert "stage 'student_kd': feature pairs" in err
+    assert "blocks.1 [cls]" in err and "(2, 32)" in err and "(2, 48)" in err and "covariance" in err
+    assert not (tiny_recipe.parent / "unused").exists()
+
+
+def test_info_json_reports_cost(tiny_recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(tiny_recipe), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert set(rows) == {"teacher", "student"}
+    teacher, student = rows["teacher"], rows["student"]
+    assert teacher["params_M"] > student["params_M"] > 0
+    assert teacher["GFLOPs"] > student["GFLOPs"] > 0
+    assert teacher["MiB"] == pytest.approx(teacher["params_M"] * 1e6 * 4 / 2**20)
+
+
+def test_info_table(tiny_recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(tiny_recipe), "--set", "models.student.options.depth=1"]) == 0
+    err = capsys.readouterr().err
+    assert "params (M)" in err and "MiB (fp32)" in err and "GFLOPs / image" in err and "teacher" in err
+
+
+def test_plugins_lists_fas(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plugins"]) == 0
+    err = capsys.readouterr().err
+    assert "fas" in err and "kdkit_fas" in err
+    assert "digits" in err and "covariance" in err and "classification" in err
+
+
+def test_taps_lists_block_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["taps", "vit_tiny_patch16_224", "--img-size", "32", "--option", "depth=2"]
+    assert main([*args, "--option", "embed_dim=64", "--option", "num_heads=2"]) == 0
+    err = capsys.readouterr().err
+    assert "blocks.0" in err and "blocks.1" in err and "blocks.2" not in err
+    assert "(1, 5, 64)" in err  # 4 patches + the class token, width 64
+    assert main(["taps", "vit_tiny_patch16_22"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+def test_a_teacher_name_never_resolves_to_a_later_stage(tiny_recipe: Path) -> None:
+    """`teacher: teacher` before the stage named 'teacher' means the model spec, not that stage."""
+    from kdkit.data import example_batch
+    from kdkit.pipeline import RecipeRun
+
+    recipe = load_recipe(
+        tiny_recipe,
+        ["pipeline=[{name: kd, do: distill}, {name: teacher, do: train, model: teacher}]"],
+    )
+    run = RecipeRun(recipe, tiny_recipe.parent / "run")
+    distiller = run.build_distiller(recipe.pipeline[0], example_batch(recipe.data))  # not check_only
+    assert distiller.teacher.embed_dim == 48 and len(distiller.teacher.blocks) == 2
+    distiller.close()
+
+
+def test_a_missing_plugin_is_a_recipe_error(
+    tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tiny_recipe.parent)
+    assert main(["validate", str(tiny_recipe), "--set", "plugins=[fas, nope]"]) == 2
+    err = capsys.readouterr().err
+    assert "plugins: 'nope' is not installed (installed: [" in err and "'fas'" in err
