@@ -91,9 +91,17 @@ class CovarianceAdapter(Adapter):
     ŝ, t̂ = rows of s, t L2-normalised (rows = samples, or samples x tokens for (B, N, D));
     C = ŝᵀ t̂ (Ds x Dt); returns (ŝ C, t̂). C has rank at most the number of rows, so it depends on the
     batch: under DDP each rank sees only its own batch.
+
+    `detach_covariance=True` (the default) stops the gradient through C; it flows only through the
+    left ŝ. `False` is the formula exactly as the KDFAS/HaTFAS code trains it: with the gradient
+    through C, `‖t̂ - ŝŝᵀt̂‖²` is also lowered by making the student's rows mutually orthogonal
+    (ŝŝᵀ → I), reachable whenever rows <= Ds, which pulls same-class samples apart;
+    docs/adapters.md shows the effect measured on the FAS demo.
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int, eps: float = 1e-12, detach_covariance: bool = False) -> None:
+    def __init__(
+        self, student_dim: int, teacher_dim: int, eps: float = 1e-12, detach_covariance: bool = True
+    ) -> None:
         super().__init__(student_dim, teacher_dim)
         self.eps = eps
         self.detach_covariance = detach_covariance

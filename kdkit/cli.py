@@ -7,6 +7,7 @@ Exit status: 0 success, 1 a run failed (diverged, data/model problem found while
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -24,6 +25,15 @@ from kdkit.recipe import ModelSpec, RecipeError, load_recipe, parse_override, re
 from kdkit.registry import COMMANDS, RegistryError
 from kdkit.runlog import console
 from kdkit.trainer import TrainingDiverged
+
+# Core commands that live in their own module; each module has `add_parser(subparsers)`.
+COMMAND_MODULES: tuple[str, ...] = (
+    "kdkit.deploy.export",
+    "kdkit.deploy.predict",
+    "kdkit.deploy.evaluate",
+    "kdkit.ablate",
+    "kdkit.bench",
+)
 
 
 class UsageError(ValueError):
@@ -87,25 +97,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list installed plugins and what they registered")
     p.set_defaults(func=cmd_plugins)
 
-    for name in COMMANDS:
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
+    for name in COMMANDS:  # plugin commands
         COMMANDS.get(name)(sub)
     return parser
 
 
 # ------------------------------------------------------------------------------------ commands
 def cmd_run(args: argparse.Namespace) -> int:
-    """`kdkit run`: validate everything, then run the stages."""
+    """`kdkit run`: validate everything, then run the stages.
+
+    Under `torchrun --nproc_per_node=N -m kdkit run ...` every process runs this with DDP
+    (see docs/scaling.md); rank 0 picks the run directory and alone writes and prints."""
+    from kdkit import distributed
     from kdkit.pipeline import RecipeRun
 
     recipe = load_recipe(args.recipe, args.overrides)
-    out = _run_dir(recipe.name, args.out, args.resume)
-    if args.resume:
-        _check_same_recipe(recipe.to_dict(), out / "recipe.yaml")
-    run = RecipeRun(recipe, out)
-    run.check()
-    console.print(f"run directory: {out}")
-    run.run(resume=args.resume)
-    console.print(f"done: {out / 'summary.json'}")
+    with distributed.session():
+        try:
+            out = _run_dir(recipe.name, args.out, args.resume) if distributed.is_main() else None
+        except UsageError as exc:
+            out = exc
+        out = distributed.broadcast_object(out)
+        if isinstance(out, UsageError):
+            raise out
+        if args.resume:
+            _check_same_recipe(recipe.to_dict(), out / "recipe.yaml")
+        run = RecipeRun(recipe, out)
+        with distributed.main_first():  # rank 0 first: checking may generate the data set
+            run.check()
+        console.print(f"run directory: {out}")
+        run.run(resume=args.resume)
+        console.print(f"done: {out / 'summary.json'}")
     return 0
 
 

@@ -8,14 +8,19 @@ digits, no download); plugins add their own.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import dataclasses
+import hashlib
+import random
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+from kdkit import distributed
 from kdkit.recipe import DataSpec
 from kdkit.registry import DATASETS
 
@@ -34,31 +39,136 @@ def build_dataset(spec: DataSpec, split: str) -> Dataset:
     return dataset
 
 
+class EpochSampler(Sampler[tuple[int, int]]):
+    """The training order: a permutation fixed by (seed, epoch), shared out between DDP ranks.
+
+    Yields `(sample index, augmentation slot)` pairs. The permutation of epoch e depends only on
+    (seed, e), so a resumed run, an ablation variant with the same seed and every rank of a
+    distributed run see the same order; rank r takes every `world`-th position (the list is padded
+    with its first items to a multiple of `world`), so with a per-rank batch of B / world each
+    global batch of B samples is exactly the one a single process would draw. The slot is
+    e mod `aug_cycle` (or e itself), which picks the sample's augmentation (see `SeededAugmentation`).
+    """
+
+    def __init__(
+        self, size: int, seed: int, aug_cycle: int | None = None, rank: int = 0, world: int = 1
+    ) -> None:
+        self.size, self.seed, self.aug_cycle, self.rank, self.world = size, seed, aug_cycle, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order (and augmentation slot) the next iteration yields."""
+        self.epoch = epoch
+
+    @property
+    def slot(self) -> int:
+        """The augmentation slot of the current epoch."""
+        return self.epoch % self.aug_cycle if self.aug_cycle else self.epoch
+
+    def __len__(self) -> int:
+        return -(-self.size // self.world)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        order += order[: len(self) * self.world - self.size]
+        slot = self.slot
+        return iter([(index, slot) for index in order[self.rank :: self.world]])
+
+
+def augmentation_seed(seed: int, slot: int, index: int) -> int:
+    """The seed of one sample's augmentation: a hash of (run seed, slot, sample index)."""
+    digest = hashlib.blake2b(f"{seed}:{slot}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run a block with torch, NumPy and Python `random` seeded by `seed`, then restore all three."""
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed is 100x slower
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+
+
+class SeededAugmentation(Dataset):
+    """A training set whose random augmentation is a function of (sample index, augmentation slot).
+
+    `dataset[(index, slot)]` returns the item of `dataset[index]` plus its cache key
+    `tensor([index, slot])`; the item's transform runs with every RNG seeded by
+    `augmentation_seed(seed, slot, index)`, so the same key always gives the same image (in the
+    main process or any worker). That is what makes a cached teacher output valid for it.
+    Transforms must draw their randomness from torch, NumPy or `random` (torchvision and timm do).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, identity: dict[str, Any] | None = None) -> None:
+        self.dataset, self.seed = dataset, seed
+        self.identity = identity or {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, ...]:
+        index, slot = key
+        with seeded_rng(augmentation_seed(self.seed, slot, index)):
+            item = self.dataset[index]
+        return (*item, torch.tensor([index, slot]))
+
+    def describe(self) -> dict[str, Any]:
+        """What the augmented images depend on (for cache keys): data settings, seed, transform, files."""
+        fingerprint = getattr(self.dataset, "fingerprint", None)
+        return {
+            **self.identity,
+            "seed": self.seed,
+            "size": len(self),
+            "type": type(self.dataset).__name__,
+            "transform": repr(getattr(self.dataset, "transform", None)),
+            "fingerprint": fingerprint() if callable(fingerprint) else None,
+        }
+
+
+# DataSpec fields that do not change what an augmented training image looks like.
+_NOT_IN_IMAGES = ("batch_size", "eval_batch_size", "num_workers", "aug_cycle")
+
+
 def build_loaders(
     spec: DataSpec, seed: int, eval_splits: tuple[str, ...] = ("val",)
 ) -> tuple[DataLoader, dict[str, DataLoader], Callable[[int], None]]:
     """Train loader, evaluation loaders and a `set_epoch(epoch)` that fixes the shuffle order.
 
-    The order of epoch e depends only on (seed, e), so a resumed run and an ablation variant with
-    the same seed see exactly the same batches.
+    Training batches are `(images, labels, keys)`, keys `(B, 2)` = (sample index, augmentation
+    slot). The order and augmentation of epoch e depend only on (seed, e), so a resumed run and an
+    ablation variant with the same seed see exactly the same batches. Under torch.distributed,
+    `spec.batch_size` is the global batch: each of the `world` ranks loads batch_size / world.
     """
-    generator = torch.Generator()
+    rank, world = distributed.rank(), distributed.world_size()
+    if spec.batch_size % world:
+        raise DataError(
+            f"data.batch_size: {spec.batch_size} is the global batch and must divide evenly "
+            f"between the {world} processes"
+        )
+    identity = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _NOT_IN_IMAGES}
+    dataset = SeededAugmentation(build_dataset(spec, "train"), seed, identity)
+    sampler = EpochSampler(len(dataset), seed, spec.aug_cycle, rank, world)
     train = DataLoader(
-        build_dataset(spec, "train"),
-        batch_size=spec.batch_size,
-        shuffle=True,
+        dataset,
+        batch_size=spec.batch_size // world,
+        sampler=sampler,
         drop_last=False,
         num_workers=spec.num_workers,
-        generator=generator,
+        # Only seeds the workers' base RNG: given, so loading never draws from the global RNG.
+        generator=torch.Generator().manual_seed(seed),
         persistent_workers=spec.num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
     evals = {split: eval_loader(build_dataset(spec, split), spec) for split in eval_splits}
-
-    def set_epoch(epoch: int) -> None:
-        generator.manual_seed(seed * 1_000_003 + epoch)
-
-    return train, evals, set_epoch
+    return train, evals, sampler.set_epoch
 
 
 def eval_loader(dataset: Dataset, spec: DataSpec) -> DataLoader:

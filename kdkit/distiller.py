@@ -8,13 +8,17 @@
 The total loss is ``(1 - alpha) * CE + alpha * tau² * KL + beta * mean_i feature_i`` (as in the
 HaTFAS code: the feature term is the mean over stage pairs, so beta does not scale with their number).
 The teacher runs in eval mode under `torch.inference_mode()`, so it never builds an autograd
-graph; only the student and the adapters are trainable (`trainable_state_dict`).
+graph; only the student and the adapters are trainable (`trainable_state_dict`). With
+`teacher_dtype` bfloat16/float16 its weights are converted in place (no fp32 copy is kept) and it
+runs outside autocast. With a `cache` (`kdkit.cache.TeacherCache`) and the batch's sample `keys`,
+stored teacher outputs replace the teacher's forward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +26,11 @@ from torch import nn
 from kdkit.adapters import build_adapter
 from kdkit.losses import build_feature_criterion, cross_entropy, kd_loss
 from kdkit.taps import Tap, TapRecorder, find_preset, stage_taps
+
+if TYPE_CHECKING:
+    from kdkit.cache import TeacherCache
+
+TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -90,8 +99,10 @@ class SupervisedTask(nn.Module):
         self.model = model
         self.label_smoothing = label_smoothing
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return `{'loss', 'ce', 'logits'}`."""
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Return `{'loss', 'ce', 'logits'}` (`keys` is accepted for the trainer and unused)."""
         logits = self.model(images)
         ce = cross_entropy(logits, labels, self.label_smoothing)
         return {"loss": ce, "ce": ce, "logits": logits}
@@ -125,13 +136,19 @@ class Distiller(nn.Module):
         beta: float = 1.0,
         label_smoothing: float = 0.0,
         example_input: torch.Tensor | None = None,
+        teacher_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0 or tau <= 0 or beta < 0:
             raise ValueError(
                 f"expected 0 <= alpha <= 1, tau > 0, beta >= 0; got alpha={alpha}, tau={tau}, beta={beta}"
             )
-        self.teacher = teacher.eval().requires_grad_(False)
+        if teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype: expected one of {list(TEACHER_DTYPES)}, got {teacher_dtype!r}")
+        self.teacher_dtype = TEACHER_DTYPES[teacher_dtype]
+        # In place: the fp32 weights are released, not kept beside the half-precision ones.
+        self.teacher = teacher.eval().requires_grad_(False).to(self.teacher_dtype)
+        self.cache: TeacherCache | None = None
         self.student = student
         self.alpha, self.tau, self.beta = alpha, tau, beta
         self.label_smoothing = label_smoothing
@@ -160,10 +177,11 @@ class Distiller(nn.Module):
         try:
             s_logits = self.student(example)
             s_feats = self.student_taps.pop()
-            t_logits = self.teacher(example)
-            t_feats = self.teacher_taps.pop()
+            t_out = self._run_teacher(example)
         finally:
             self.student.train(was_training)
+        t_logits = t_out["logits"]
+        t_feats = {str(i): t_out[f"feat.{i}"] for i in range(len(self.pairs))}
         if s_logits.shape[-1] != t_logits.shape[-1]:
             raise ValueError(
                 f"teacher and student disagree on the number of classes: teacher outputs "
@@ -194,13 +212,39 @@ class Distiller(nn.Module):
         self.teacher.eval()
         return self
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return the named loss terms and the student logits."""
-        with torch.inference_mode():
-            t_logits = self.teacher(images)
-            t_feats = self.teacher_taps.pop()
+    def _run_teacher(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's logits and tapped features (`feat.i` for pair i), as inference tensors."""
+        # A half-precision teacher runs as it is; autocast would cast its weights again every step.
+        precision = (
+            torch.autocast(images.device.type, enabled=False)
+            if self.teacher_dtype != torch.float32
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), precision:
+            logits = self.teacher(images.to(self.teacher_dtype))
+            feats = self.teacher_taps.pop()
+        return {"logits": logits, **{f"feat.{i}": feats[str(i)] for i in range(len(self.pairs))}}
+
+    def teacher_outputs(
+        self, images: torch.Tensor, keys: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Teacher logits and features of a batch: stored ones when the cache holds every sample of
+        `keys`, else computed now (and stored). The tensors are ordinary ones (no autograd graph)."""
+        if self.cache is not None and keys is not None:
+            cached = self.cache.get(keys, images.device)
+            if cached is not None:
+                return cached
+        outputs = self._run_teacher(images)
+        if self.cache is not None and keys is not None:
+            self.cache.put(keys, outputs)
         # Inference tensors cannot be saved for backward; the clones are small (logits, selected tokens).
-        t_logits = t_logits.clone()
+        return {name: value.clone() for name, value in outputs.items()}
+
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Return the named loss terms and the student logits (`keys`: see `teacher_outputs`)."""
+        teacher = self.teacher_outputs(images, keys)
         s_logits = self.student(images)
         s_feats = self.student_taps.pop()
 
@@ -208,12 +252,12 @@ class Distiller(nn.Module):
         out = {"ce": ce}
         loss = (1.0 - self.alpha) * ce
         if self.alpha > 0:
-            out["kd"] = kd_loss(s_logits, t_logits, self.tau)
+            out["kd"] = kd_loss(s_logits, teacher["logits"].to(s_logits.dtype), self.tau)
             loss = loss + self.alpha * out["kd"]
         if self.pairs:
             terms = []
             for i, adapter in enumerate(self.adapters):
-                s_mapped, t_target = adapter(s_feats[str(i)].float(), t_feats[str(i)].clone().float())
+                s_mapped, t_target = adapter(s_feats[str(i)].float(), teacher[f"feat.{i}"].float())
                 terms.append(self.criterion(s_mapped, t_target))
                 out[f"feat.{i}"] = terms[-1]
             out["feat"] = torch.stack(terms).mean()
@@ -243,6 +287,9 @@ class Distiller(nn.Module):
         return sum(p.numel() for p in self.adapters.parameters() if p.requires_grad)
 
     def close(self) -> None:
-        """Remove all hooks (call when done with the distiller)."""
+        """Remove all hooks and close the cache (call when done with the distiller)."""
         self.teacher_taps.remove()
         self.student_taps.remove()
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None

@@ -8,12 +8,22 @@ Run directory layout::
     RUN/<stage>/last.pt      resume state of a train/distill stage
     RUN/<stage>/model.pt     the trained network at its best validation epoch
     RUN/<stage>/done.json    written last: the stage is complete and is skipped on --resume
+
+With a shared stage cache (`RecipeRun(..., stage_cache=DIR)`, used by `kdkit ablate`), a `train`
+stage is keyed by a hash of exactly what it depends on (`train_stage_key`): a run whose key is
+already in ``DIR/<key>/`` reuses that model instead of training it again. Distill stages are never
+cached: they are what an ablation varies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +33,8 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
+from kdkit import __version__, distributed
+from kdkit.cache import open_teacher_cache
 from kdkit.checkpoint import atomic_write_text, file_sha256, load_file, seed_everything
 from kdkit.data import build_dataset, build_loaders, eval_loader, example_batch
 from kdkit.distiller import Distiller, SupervisedTask, stage_pairs
@@ -36,11 +48,12 @@ from kdkit.trainer import StageResult, Trainer, autocast, predict, resolve_devic
 
 
 class RecipeRun:
-    """One execution of a recipe in a run directory."""
+    """One execution of a recipe in a run directory, optionally sharing trained stages via `stage_cache`."""
 
-    def __init__(self, recipe: Recipe, out_dir: Path) -> None:
+    def __init__(self, recipe: Recipe, out_dir: Path, stage_cache: Path | None = None) -> None:
         self.recipe = recipe
         self.out_dir = Path(out_dir)
+        self.stage_cache = Path(stage_cache) if stage_cache is not None else None
         self.trained: dict[str, tuple[ModelSpec, Path]] = {}  # stage -> (model spec, model.pt)
 
     # ------------------------------------------------------------------ checks before any work
@@ -67,6 +80,8 @@ class RecipeRun:
             raise RecipeError(problems)
         self.make_evaluator()
         example = example_batch(r.data)
+        for key in r.models:
+            check_input(self.build(key, f"models.{key}"), example, f"models.{key}")
         tables = []
         for stage in r.pipeline:
             if stage.do != "evaluate":
@@ -78,8 +93,6 @@ class RecipeRun:
                 distiller = self.build_distiller(stage, example, check_only=True)
                 tables.append(self.tap_table(stage, distiller))
                 distiller.close()
-            elif stage.do == "train":
-                self.build(stage.model, f"pipeline.{stage.name}.model")
         return tables
 
     def make_evaluator(self) -> Any:
@@ -131,6 +144,7 @@ class RecipeRun:
                 beta=d.beta,
                 label_smoothing=train.label_smoothing,
                 example_input=example,
+                teacher_dtype=d.teacher_dtype,
             )
         except (ValueError, KeyError) as exc:
             raise RecipeError([f"{where}: {exc}"]) from None
@@ -160,7 +174,9 @@ class RecipeRun:
         """Run every stage (skipping complete ones when resuming); return the summary."""
         r = self.recipe
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(yaml.safe_dump(r.to_dict(), sort_keys=False), self.out_dir / "recipe.yaml")
+        main = distributed.is_main()  # under torchrun, rank 0 alone writes the run directory
+        if main:
+            atomic_write_text(yaml.safe_dump(r.to_dict(), sort_keys=False), self.out_dir / "recipe.yaml")
         log = MetricsLog(self.out_dir)
         summary = self._read_summary() if resume else {}
         try:
@@ -175,8 +191,9 @@ class RecipeRun:
                 seed_everything(r.seed)
                 result = self._run_stage(stage, stage_dir, log, resume)
                 summary[stage.name] = result
-                atomic_write_text(json.dumps(summary, indent=2), self.out_dir / "summary.json")
-                atomic_write_text(json.dumps({"stage": stage.name}), done)
+                if main:
+                    atomic_write_text(json.dumps(summary, indent=2), self.out_dir / "summary.json")
+                    atomic_write_text(json.dumps({"stage": stage.name}), done)
         finally:
             log.close()
         return summary
@@ -187,15 +204,52 @@ class RecipeRun:
 
     def _remember(self, stage: StageSpec, stage_dir: Path) -> None:
         if stage.do == "train":
-            self.trained[stage.name] = (self.recipe.models[stage.model], stage_dir / "model.pt")
+            # The cached copy outlives this directory (an ablation renames it): later stages and the
+            # teacher reference in student checkpoints point there.
+            cached = self._cache_entry(stage) / "model.pt" if self.stage_cache is not None else None
+            path = cached if cached is not None and cached.exists() else stage_dir / "model.pt"
+            self.trained[stage.name] = (self.recipe.models[stage.model], path)
         elif stage.do == "distill":
             key = self.recipe.stage_distill(stage).student
             self.trained[stage.name] = (self.recipe.models[key], stage_dir / "model.pt")
 
     def _run_stage(self, stage: StageSpec, stage_dir: Path, log: MetricsLog, resume: bool) -> dict[str, Any]:
-        r = self.recipe
         if stage.do == "evaluate":
-            return self._evaluate_stage(stage, stage_dir)
+            return self._evaluate_stage(stage, stage_dir) if distributed.is_main() else {}
+        if stage.do == "train" and self.stage_cache is not None:
+            return self._cached_train_stage(stage, stage_dir, log, resume)
+        return self._fit_stage(stage, stage_dir, log, resume)
+
+    def _cache_entry(self, stage: StageSpec) -> Path:
+        assert self.stage_cache is not None
+        return self.stage_cache / train_stage_key(self.recipe, stage)
+
+    def _cached_train_stage(
+        self, stage: StageSpec, stage_dir: Path, log: MetricsLog, resume: bool
+    ) -> dict[str, Any]:
+        """Reuse the cached result of an identical train stage, or train and publish it.
+
+        The lock makes concurrent runs that need the same stage wait for one training."""
+        entry = self._cache_entry(stage)
+        with _locked(entry.with_name(f"{entry.name}.lock")):
+            if (entry / "done.json").exists():
+                cached = json.loads((entry / "done.json").read_text())
+                _link_or_copy(entry / "model.pt", stage_dir / "model.pt")
+                console.print(
+                    f"[{stage.name}] reused from cache {entry.name} (trained by {cached['trained_by']})",
+                    markup=False,
+                )
+                result, reused, trained_by = cached["result"], True, cached["trained_by"]
+            else:
+                result = self._fit_stage(stage, stage_dir, log, resume)
+                reused, trained_by = False, self.out_dir.name
+                _publish(stage_dir / "model.pt", entry, {"result": result, "trained_by": trained_by})
+                console.print(f"[{stage.name}] trained and cached as {entry.name}", markup=False)
+        self._remember(stage, stage_dir)
+        return {**result, "cache": {"key": entry.name, "reused": reused, "trained_by": trained_by}}
+
+    def _fit_stage(self, stage: StageSpec, stage_dir: Path, log: MetricsLog, resume: bool) -> dict[str, Any]:
+        r = self.recipe
         train = r.stage_train(stage)
         train_loader, eval_loaders, set_epoch = build_loaders(r.data, r.seed)
         meta: dict[str, Any] = {"stage": stage.name, "recipe": r.to_dict(), "data": _data_meta(r)}
@@ -207,6 +261,7 @@ class RecipeRun:
         else:
             task = self.build_distiller(stage, example_batch(r.data))
             d = r.stage_distill(stage)
+            task.cache = open_teacher_cache(task, d, train_loader.dataset, train.amp)
             meta["spec"] = _spec_for_checkpoint(r.models[d.student])
             meta["teacher"] = self._teacher_reference(d.teacher)
             extra = task.extra_parameters()
@@ -223,6 +278,9 @@ class RecipeRun:
             model_meta=meta,
             set_epoch=set_epoch,
         )
+        # Same seed, same augmentation and dropout draws in every ablation variant, however much
+        # randomness building the task consumed (a projection adapter's init, for instance).
+        seed_everything(r.seed)
         result: StageResult = trainer.fit(resume=resume)
         if isinstance(task, Distiller):
             task.close()
@@ -246,6 +304,8 @@ class RecipeRun:
         return {"model": teacher, "path": str(Path(path).resolve()), "sha256": file_sha256(path)}
 
     def _evaluate_stage(self, stage: StageSpec, stage_dir: Path) -> dict[str, Any]:
+        from kdkit.deploy.calibration import write_calibration
+
         r = self.recipe
         evaluator = self.make_evaluator()
         device = resolve_device(r.train.device)
@@ -264,8 +324,37 @@ class RecipeRun:
             run_dir = stage_dir / run
             run_dir.mkdir(parents=True, exist_ok=True)
             results[run] = {**evaluator(predictions, run_dir), **model_size(model)}
+            write_calibration(run_dir, results[run], stage.split)  # thresholds, for `kdkit export`
         console.print(results_table(results, stage.split, getattr(evaluator, "summary_keys", None)))
         return {"do": "evaluate", "split": stage.split, "results": results}
+
+
+def check_input(model: nn.Module, example: torch.Tensor, where: str) -> None:
+    """Fail with a recipe error when `model` cannot take the data's images (size, patch, channels)."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    size = tuple(example.shape[-2:])
+    if patch is not None and any(s % p for s, p in zip(size, patch, strict=True)):
+        raise RecipeError(
+            [
+                f"{where}: data.image_size {size[0]} is not divisible by the patch size "
+                f"{patch[0]}; choose an image size that is a multiple of it"
+            ]
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:  # any failure here is a model/data mismatch the user must fix
+        raise RecipeError(
+            [
+                f"{where}: cannot run on the data's {tuple(example.shape[1:])} images "
+                f"({type(exc).__name__}: {exc}); check the model options (img_size, in_chans) "
+                "against data.image_size and the data's channels"
+            ]
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def results_table(results: dict[str, dict[str, float]], split: str, keys: list[str] | None = None) -> Table:
@@ -284,6 +373,63 @@ def results_table(results: dict[str, dict[str, float]], split: str, keys: list[s
             f"{metrics['MiB']:.2f}",
         )
     return table
+
+
+def train_stage_key(recipe: Recipe, stage: StageSpec) -> str:
+    """Hash of exactly what a `train` stage's model depends on.
+
+    Data, the model's spec (and its initial weights file), the merged training settings, the seed,
+    the evaluator (it picks the saved epoch) and the kdkit version; not the distill section, other
+    models or the stage's name.
+    """
+    spec = recipe.models[stage.model]
+    parts = {
+        "do": stage.do,
+        "data": dataclasses.asdict(recipe.data),
+        "model": dataclasses.asdict(spec),
+        "weights_sha256": file_sha256(spec.weights) if spec.weights else None,
+        "train": dataclasses.asdict(recipe.stage_train(stage)),
+        "seed": recipe.seed,
+        "evaluator": [recipe.evaluator, recipe.evaluator_options],
+        "kdkit": __version__,
+    }
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return f"{stage.model}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (POSIX `flock`), released when the block or process ends."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link `src` to `dst` (a copy across file systems) through a temporary name: atomic."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _publish(model: Path, entry: Path, record: dict[str, Any]) -> None:
+    """Put `model` and `done.json` into the cache folder `entry`, all at once (a folder rename)."""
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _link_or_copy(model, tmp / "model.pt")
+    atomic_write_text(json.dumps(record, indent=2), tmp / "done.json")
+    os.replace(tmp, entry)
 
 
 def _spec_for_checkpoint(spec: ModelSpec) -> dict[str, Any]:

@@ -60,6 +60,9 @@ class DataSpec:
     batch_size: int = 64
     eval_batch_size: int | None = None  # default: 2 × batch_size
     num_workers: int = 0  # DataLoader worker processes
+    # epoch e replays the augmentation of epoch e mod aug_cycle (so cached teacher outputs are reused);
+    # null = a fresh augmentation every epoch
+    aug_cycle: int | None = None
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # input normalisation
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     options: dict[str, Any] = field(default_factory=dict)  # dataset-specific options
@@ -82,6 +85,10 @@ class DistillSpec:
     alpha: float = 0.7  # weight of the logit KD term; CE gets 1 - alpha
     tau: float = 3.0  # KD temperature
     beta: float = 1.0  # weight of the feature term (mean over stage pairs)
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the teacher's weights and compute
+    cache: bool = True  # store teacher outputs per (sample, augmentation) and reuse them
+    cache_dir: str | None = None  # default: $KDKIT_CACHE_DIR or ~/.cache/kdkit/teacher-outputs
+    cache_max_gb: float = 20.0  # size bound of cache_dir; beyond it the teacher runs live
 
 
 @dataclass
@@ -387,6 +394,8 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
         problems.append("data: image_size and batch_size must be positive")
     if len(data.mean) != len(data.std) or any(s <= 0 for s in data.std):
         problems.append("data.std: expected as many positive values as data.mean")
+    if data.aug_cycle is not None and data.aug_cycle < 1:
+        problems.append(f"data.aug_cycle: expected at least 1 (or null), got {data.aug_cycle}")
     _check_train(recipe.train, "train", problems)
     trained: dict[str, str] = {}  # stage name -> model key it produced
     for i, stage in enumerate(recipe.pipeline):
@@ -446,6 +455,8 @@ def _check_distill(
         problems.append(f"{where}.tau: expected a positive temperature, got {d.tau}")
     if d.beta < 0:
         problems.append(f"{where}.beta: expected a value >= 0, got {d.beta}")
+    if d.cache_max_gb <= 0:
+        problems.append(f"{where}.cache_max_gb: expected a positive size in GB, got {d.cache_max_gb}")
     if d.student not in recipe.models:
         problems.append(f"{where}.student: expected one of {sorted(recipe.models)}, got {d.student!r}")
     if d.teacher not in recipe.models and d.teacher not in earlier:

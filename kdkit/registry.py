@@ -1,7 +1,8 @@
 """A tiny name → object registry, and the registries kdkit and its plugins fill.
 
 Everything a recipe can name by string (models, adapters, datasets, evaluators, tap presets,
-CLI subcommands) lives in one of these. Plugins add entries; the core never names a plugin.
+CLI subcommands, `kdkit predict` input preparers) lives in one of these. Plugins add entries;
+the core never names a plugin.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class Registries:
     evaluators: Registry[Callable[..., Any]] = field(default_factory=lambda: EVALUATORS)
     tap_presets: Registry[Any] = field(default_factory=lambda: TAP_PRESETS)
     commands: Registry[Callable[..., Any]] = field(default_factory=lambda: COMMANDS)
+    input_preparers: Registry[Callable[..., Any]] = field(default_factory=lambda: INPUT_PREPARERS)
 
 
 MODELS: Registry[Callable[..., Any]] = Registry("model")
@@ -104,3 +106,7 @@ DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
 EVALUATORS: Registry[Callable[..., Any]] = Registry("evaluator")
 TAP_PRESETS: Registry[Any] = Registry("tap preset")
 COMMANDS: Registry[Callable[..., Any]] = Registry("command")
+# `kdkit predict`: factory(**options) -> prepare(rgb: uint8 HxWx3 array) -> uint8 array, or None when
+# the frame holds nothing to score (e.g. no face). A data set factory names the preparer its frames
+# were made with in an `input_preparer` attribute; without one, the whole image is used.
+INPUT_PREPARERS: Registry[Callable[..., Any]] = Registry("input preparer")

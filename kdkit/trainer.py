@@ -1,14 +1,20 @@
 """The training loop. Read it top to bottom: `Trainer.fit` is the whole story.
 
-A *task* is any `nn.Module` whose `forward(images, labels)` returns a dict with a `loss` (and
-other named terms, all logged) and the `logits`, and which has `trainable_state_dict()` /
-`load_trainable_state_dict()` and a `model` attribute (the network being trained): `Distiller`
-and `SupervisedTask` are the two in kdkit.
+A *task* is any `nn.Module` whose `forward(images, labels, keys=None)` returns a dict with a
+`loss` (and other named terms, all logged) and the `logits`, and which has `trainable_state_dict()`
+/ `load_trainable_state_dict()` and a `model` attribute (the network being trained): `Distiller`
+and `SupervisedTask` are the two in kdkit. `keys` are the batch's (sample index, augmentation slot)
+pairs from `kdkit.data.build_loaders` (the teacher cache's key); loaders of plain
+`(images, labels)` batches work too.
+
+Under torchrun (see `kdkit.distributed`) every rank runs this same loop on its share of each
+global batch through DDP; rank 0 alone evaluates, logs and writes checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -24,6 +30,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kdkit import distributed
 from kdkit.checkpoint import atomic_save, load_file, rng_state, set_rng_state
 from kdkit.evaluation import Evaluator, Predictions
 from kdkit.recipe import TrainSpec
@@ -105,6 +112,7 @@ class StageResult:
     epochs: int = 0
     seconds: float = 0.0
     train_seconds_per_epoch: float = 0.0
+    data_wait_seconds_per_epoch: float = 0.0  # of the training time, spent waiting for the loader
 
 
 class Trainer:
@@ -129,8 +137,11 @@ class Trainer:
         self.out_dir, self.log = Path(out_dir), log
         self.model_meta = model_meta or {}
         self.set_epoch = set_epoch or (lambda epoch: None)
-        self.device = resolve_device(spec.device)
+        self.device = resolve_device(distributed.device_for_rank(spec.device))
         self.task.to(self.device)
+        self.step_module = distributed.wrap(task, self.device)  # DDP when launched by torchrun
+        # Tasks written for `forward(images, labels)` keep working: keys are passed only if accepted.
+        self.takes_keys = "keys" in inspect.signature(task.forward).parameters
         self.steps_per_epoch = len(train_loader)
         if spec.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, spec.max_steps_per_epoch)
@@ -149,12 +160,14 @@ class Trainer:
                 step_on_epochs=False,
                 updates_per_epoch=self.steps_per_epoch,
             )
+        self.trainable = [p for p in task.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler("cuda", enabled=spec.amp == "fp16")
         self.epoch = 0  # completed epochs
         self.global_step = 0
         self.best: dict[str, Any] = {"value": None, "epoch": 0, "metrics": {}}
         self.last_metrics: dict[str, float] = {}
         self.train_seconds = 0.0
+        self.data_seconds = 0.0
 
     # ---------------------------------------------------------------- the loop
     def fit(self, resume: bool = False) -> StageResult:
@@ -165,10 +178,12 @@ class Trainer:
                 f"[{self.stage}] resumed from {self.out_dir / 'last.pt'} after epoch {self.epoch}",
                 markup=False,
             )
+        distributed.decorrelate_rng()  # ranks share the seed; dropout must differ between them
         start = time.perf_counter()
+        main = distributed.is_main()
         for epoch in range(self.epoch, self.spec.epochs):
             epoch_start = time.perf_counter()
-            train_terms = self._train_one_epoch(epoch)
+            train_terms = self.train_one_epoch(epoch)
             self.train_seconds += time.perf_counter() - epoch_start
             self.epoch = epoch + 1
             record = {
@@ -177,6 +192,8 @@ class Trainer:
                 "step": self.global_step,
                 **{f"train/{k}": v for k, v in train_terms.items()},
             }
+            if not main:  # the others wait for rank 0 in their next step's gradient all-reduce
+                continue
             if self.epoch % self.spec.eval_every == 0 or self.epoch == self.spec.epochs:
                 metrics = self.evaluate()
                 record.update(metrics)
@@ -188,8 +205,9 @@ class Trainer:
                 + " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float) and "/" in k),
                 markup=False,
             )
-        if not (self.out_dir / "model.pt").exists():  # resumed after the last epoch, or no eval
+        if main and not (self.out_dir / "model.pt").exists():  # resumed after the last epoch, or no eval
             self._save_model(self.last_metrics)
+        distributed.barrier()  # later stages on every rank read the files rank 0 wrote
         return StageResult(
             best=self.best["metrics"],
             last=self.last_metrics,
@@ -197,56 +215,80 @@ class Trainer:
             epochs=self.epoch,
             seconds=time.perf_counter() - start,
             train_seconds_per_epoch=self.train_seconds / max(self.epoch, 1),
+            data_wait_seconds_per_epoch=self.data_seconds / max(self.epoch, 1),
         )
 
-    def _train_one_epoch(self, epoch: int) -> dict[str, float]:
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training loader (at most `steps_per_epoch` batches); the epoch's mean terms."""
         self.task.train()
         self.set_epoch(epoch)
-        sums: dict[str, torch.Tensor] = {}
+        names: list[str] = []
+        sums = torch.zeros(0)  # per term: sum over samples, kept on the device (no per-step sync)
         seen = 0
         tick = time.perf_counter()
+        batches = iter(self.train_loader)
         with _progress(
             self.steps_per_epoch, f"[{self.stage}] epoch {epoch + 1}/{self.spec.epochs}"
         ) as advance:
-            for step, (images, labels) in enumerate(self.train_loader):
-                if step >= self.steps_per_epoch:
-                    break
-                images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
-                if self.scheduler is not None:
-                    self.scheduler.step_update(self.global_step)
-                with autocast(self.device, self.spec.amp):
-                    out = self.task(images, labels)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(out["loss"]).backward()
-                if self.spec.clip_grad:
-                    self.scaler.unscale_(self.optimizer)
-                    nn.utils.clip_grad_norm_(self.task.parameters(), self.spec.clip_grad)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.global_step += 1
-                # Sum terms on the device; synchronise only every log_every steps (no per-step .item()).
-                for key, value in out.items():
-                    if key != "logits":
-                        sums[key] = sums.get(key, 0) + value.detach().float() * len(labels)
-                seen += len(labels)
+            for step in range(self.steps_per_epoch):
+                wait = time.perf_counter()
+                batch = next(batches)
+                self.data_seconds += time.perf_counter() - wait
+                out = self.train_step(*batch)
+                if not names:
+                    names = [key for key in out if key != "logits"]
+                    sums = torch.zeros(len(names), device=self.device)
+                n = len(batch[1])
+                sums += torch.stack([out[key].detach() for key in names]).float() * n
+                seen += n
                 if self.global_step % self.spec.log_every == 0 or step + 1 == self.steps_per_epoch:
-                    means = self._check_finite({k: (v / seen).item() for k, v in sums.items()})
-                    rate = seen / max(time.perf_counter() - tick, 1e-9)
+                    means = self._gathered_means(names, sums, seen)
+                    rate = seen * distributed.world_size() / max(time.perf_counter() - tick, 1e-9)
                     info = " ".join(f"{k}={v:.3f}" for k, v in means.items()) + f" {rate:.0f} img/s"
                     advance(0, info=info)
-                    self.log.write(
-                        {
-                            "stage": self.stage,
-                            "epoch": epoch + 1,
-                            "step": self.global_step,
-                            "lr": self.optimizer.param_groups[0]["lr"],
-                            "img_per_s": rate,
-                            **{f"train/{k}": v for k, v in means.items()},
-                        }
-                    )
+                    if distributed.is_main():
+                        self.log.write(
+                            {
+                                "stage": self.stage,
+                                "epoch": epoch + 1,
+                                "step": self.global_step,
+                                "lr": self.optimizer.param_groups[0]["lr"],
+                                "img_per_s": rate,
+                                **{f"train/{k}": v for k, v in means.items()},
+                            }
+                        )
                 advance()
-        return self._check_finite({k: (v / max(seen, 1)).item() for k, v in sums.items()})
+        return self._gathered_means(names, sums, seen)
+
+    def train_step(
+        self, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One optimisation step on one batch; returns the task's outputs (loss terms and logits)."""
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.scheduler is not None:
+            self.scheduler.step_update(self.global_step)
+        with autocast(self.device, self.spec.amp):
+            out = (
+                self.step_module(images, labels, keys)
+                if self.takes_keys
+                else self.step_module(images, labels)
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out["loss"]).backward()
+        if self.spec.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.trainable, self.spec.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.global_step += 1
+        return out
+
+    def _gathered_means(self, names: list[str], sums: torch.Tensor, seen: int) -> dict[str, float]:
+        """Sample-weighted means of the terms over every rank (the one synchronisation point)."""
+        totals = distributed.all_sum(torch.cat([sums, sums.new_tensor([seen])])).tolist()
+        count = max(totals.pop(), 1)
+        return self._check_finite({k: v / count for k, v in zip(names, totals, strict=True)})
 
     def _check_finite(self, terms: dict[str, float]) -> dict[str, float]:
         bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
@@ -313,6 +355,7 @@ class Trainer:
                 "best": self.best,
                 "last_metrics": self.last_metrics,
                 "train_seconds": self.train_seconds,
+                "data_seconds": self.data_seconds,
                 **self.model_meta,
             },
             self.out_dir / "last.pt",
@@ -329,3 +372,4 @@ class Trainer:
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best, self.last_metrics = state["best"], state["last_metrics"]
         self.train_seconds = state["train_seconds"]
+        self.data_seconds = state.get("data_seconds", 0.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchdistill.losses.mid_level import SPKDLoss
 
 from kdkit.adapters import build_adapter
@@ -139,3 +140,23 @@ def test_gram_default_is_the_papers_l2_sp_loss():
     torch.testing.assert_close(g_s, expected_s)
     torch.testing.assert_close(g_t, expected_t)
     torch.testing.assert_close(mse(g_s, g_t), ((expected_t - expected_s) ** 2).sum() / 5**2)
+
+
+def test_covariance_detach_changes_only_the_gradient() -> None:
+    g = torch.Generator().manual_seed(0)
+    s0, t = torch.randn(6, 8, generator=g), torch.randn(6, 12, generator=g)
+    grads, values = {}, {}
+    for detach in (True, False):
+        s = s0.clone().requires_grad_(True)
+        mapped, target = build_adapter("covariance", 8, 12, detach_covariance=detach)(s, t)
+        loss = F.mse_loss(mapped, target)
+        loss.backward()
+        grads[detach], values[detach] = s.grad, loss.item()
+    assert values[True] == pytest.approx(values[False])
+    assert not torch.allclose(grads[True], grads[False])
+    # Detached: the gradient of ‖ŝC − t̂‖² with C held constant.
+    s = s0.clone().requires_grad_(True)
+    s_hat, t_hat = F.normalize(s, dim=1), F.normalize(t, dim=1)
+    constant = (F.normalize(s0, dim=1).T @ t_hat).detach()
+    F.mse_loss(s_hat @ constant, t_hat).backward()
+    torch.testing.assert_close(grads[True], s.grad)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_vit
 
-from kdkit.distiller import Distiller, SupervisedTask, stage_pairs
+from kdkit.distiller import Distiller, SupervisedTask, stage_pairs, uniform_stages
 
 LABELS = torch.tensor([0, 3, 7, 9])
 
@@ -160,3 +160,15 @@ def test_paper_widths_vit_large_to_vit_base() -> None:
     assert math.isfinite(out["loss"].item()) and out["feat"].item() > 0
     assert student.blocks[0].attn.qkv.weight.grad is not None
     distiller.close()
+
+
+def test_uniform_stage_maps_spread_pairs_over_both_depths() -> None:
+    assert uniform_stages(12, 24, 4) == [[3, 6], [6, 12], [9, 18], [12, 24]]
+    assert uniform_stages(12, 12, 3) == [[4, 4], [8, 8], [12, 12]]
+    with pytest.raises(ValueError, match="uniform:5"):
+        uniform_stages(4, 8, 5)
+    pairs = stage_pairs(tiny_vit(embed_dim=48, depth=4), tiny_vit(embed_dim=32, depth=2), "uniform:2")
+    assert [(p.student.path, p.teacher.path) for p in pairs] == [
+        ("blocks.0", "blocks.1"),
+        ("blocks.1", "blocks.3"),
+    ]

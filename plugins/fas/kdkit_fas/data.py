@@ -9,6 +9,7 @@ attack), attack_type and split.
 from __future__ import annotations
 
 import csv
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -80,6 +81,15 @@ class FrameDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of every frame's path, label, size and modification time: the data part of the
+        teacher-output cache's key (a changed or re-prepared frame gives a new key)."""
+        digest = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels, strict=True):
+            stat = path.stat()
+            digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path = self.paths[index]

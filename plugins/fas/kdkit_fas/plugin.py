@@ -1,4 +1,5 @@
-"""Entry point: `register(registries)` adds the FAS datasets, evaluator and `kdkit fas` commands.
+"""Entry point: `register(registries)` adds the FAS datasets, evaluator, `kdkit fas` commands and
+the `face_crop` input preparer of `kdkit predict`.
 
 Found by kdkit through the `kdkit.plugins` entry-point group (see plugins/fas/pyproject.toml).
 """
@@ -6,13 +7,17 @@ Found by kdkit through the `kdkit.plugins` entry-point group (see plugins/fas/py
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import cv2
+import numpy as np
 
 from kdkit.data import DataError
 from kdkit.recipe import DataSpec
 from kdkit.registry import Registries
-from kdkit_fas import metrics_cli, prepare_cli, synth_cli
+from kdkit_fas import faces, metrics_cli, prepare_cli, synth_cli
 from kdkit_fas.data import FrameDataset, frames_from_folder, frames_from_manifest
 from kdkit_fas.evaluator import FasEvaluator
 from kdkit_fas.synth import generate
@@ -76,6 +81,33 @@ def fas_manifest(split: str, spec: DataSpec) -> FrameDataset:
     return _frames(frames_from_manifest(root, split), root, split, spec)
 
 
+# What `kdkit predict` reads from a data set factory: the label names (1 = bona fide) and how a
+# raw image becomes a frame like the data set's own. fas_folder frames are used as they are.
+CLASS_NAMES = ("attack", "live")
+fas_folder.class_names = CLASS_NAMES  # type: ignore[attr-defined]
+fas_manifest.class_names = CLASS_NAMES  # type: ignore[attr-defined]
+fas_manifest.input_preparer = "face_crop"  # type: ignore[attr-defined]
+
+
+def face_crop(
+    detector: str = "auto", scale: float = 1.2, size: int = 224
+) -> Callable[[np.ndarray], np.ndarray | None]:
+    """The face crop of `kdkit fas prepare` (same detector, scale and size defaults) for `kdkit predict`:
+    RGB frame → RGB face crop, or None when no face is found. `detector='full'` keeps the whole frame."""
+    find = faces.make_detector(detector)
+    if find is None:
+        raise ValueError(
+            f"this OpenCV ({cv2.__version__}) ships no Haar face cascade: pass detector=<YuNet .onnx path>, "
+            "or detector=full for images already cropped to the face"
+        )
+
+    def prepare(rgb: np.ndarray) -> np.ndarray | None:
+        box = find(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))  # OpenCV's detectors take BGR
+        return None if box is None else faces.crop_face(rgb, box, scale, size)
+
+    return prepare
+
+
 def add_fas_command(subparsers: argparse._SubParsersAction) -> None:
     """`kdkit fas {synth,prepare,metrics}`."""
     fas = subparsers.add_parser("fas", help="face anti-spoofing tools (synthetic data, preparation, metrics)")
@@ -92,3 +124,4 @@ def register(registries: Registries) -> None:
     registries.datasets.add("fas_manifest", fas_manifest)
     registries.evaluators.add("fas", FasEvaluator)
     registries.commands.add("fas", add_fas_command)
+    registries.input_preparers.add("face_crop", face_crop)

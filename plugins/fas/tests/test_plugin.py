@@ -154,3 +154,13 @@ def test_fas_command_group_is_wired_into_kdkit(tmp_path: Path, capsys: pytest.Ca
     assert exit_info.value.code == 0
     usage = capsys.readouterr().out
     assert all(name in usage for name in ("synth", "prepare", "metrics"))
+
+
+def test_the_pinned_opencv_ships_a_working_face_detector() -> None:
+    import cv2
+    from kdkit_fas.faces import HaarDetector, make_detector
+
+    detector = make_detector("auto")
+    assert isinstance(detector, HaarDetector), f"OpenCV {cv2.__version__} ships no Haar cascade"
+    blank = np.full((120, 160, 3), 128, np.uint8)
+    assert detector(blank) is None  # no face in a flat grey frame: reported, not invented

@@ -1,0 +1,357 @@
+"""`kdkit ablate`: one recipe, a grid of variants, every variant run with every seed, compared fairly.
+
+Output folder::
+
+    OUT/runs/<variant>__seed<S>/   one complete `RecipeRun` per (variant, seed), plus run.json
+    OUT/partial/<...>/             a run in progress (renamed into runs/ when complete)
+    OUT/cache/<model>-<hash>/      train stages shared by runs (see `kdkit.pipeline.train_stage_key`)
+    OUT/ablation.{csv,json,md,png} the results (`kdkit.ablation_report`)
+
+Every run is its own fresh process, so runs cannot leak state into each other and each run's
+peak memory is its own. Re-running the same command skips complete runs and continues
+interrupted ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdkit.ablation_report import cache_use, memory_measure, run_row, write_report
+from kdkit.checkpoint import atomic_write_text
+from kdkit.cli import UsageError, _add_recipe_args, _diff_keys
+from kdkit.pipeline import RecipeRun
+from kdkit.plugins import load_plugins
+from kdkit.recipe import Recipe, RecipeError, apply_overrides, parse_override, parse_recipe, read_yaml
+from kdkit.runlog import console
+
+_OPENERS, _CLOSERS = "[{(", "]})"
+
+
+# ------------------------------------------------------------------------------------ the grid
+@dataclass(frozen=True)
+class Variant:
+    """One point of the grid: its `--set` overrides, a label for tables and a file-safe slug."""
+
+    values: tuple[tuple[str, str], ...]  # (recipe key, value as written)
+    label: str
+    slug: str
+
+    @property
+    def overrides(self) -> list[str]:
+        """The variant as `KEY=VALUE` override strings."""
+        return [f"{key}={value}" for key, value in self.values]
+
+
+def split_values(text: str) -> list[str]:
+    """Split on commas outside brackets, braces and quotes.
+
+    ``'[[1,2]],[[1,2],[2,4]]'`` → ``['[[1,2]]', '[[1,2],[2,4]]']``; raises ValueError when the
+    brackets or quotes do not balance or a value is empty.
+    """
+    values, current, depth, quote = [], [], 0, ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in _OPENERS:
+            depth += 1
+        elif char in _CLOSERS:
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced {char!r}")
+        elif char == "," and depth == 0:
+            values.append("".join(current).strip())
+            current = []
+            continue
+        current.append(char)
+    if depth or quote:
+        raise ValueError("unbalanced brackets or quotes")
+    values.append("".join(current).strip())
+    if any(not v for v in values):
+        raise ValueError("empty value (two commas in a row, or a comma at an end)")
+    return values
+
+
+def parse_vary(text: str) -> tuple[str, list[str]]:
+    """`'KEY=V1,V2'` → `('KEY', ['V1', 'V2'])`; a `UsageError` names the option and what was expected."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not raw.strip():
+        raise UsageError(
+            f"--vary {text!r}: expected KEY=V1,V2,... e.g. distill.adapter=covariance,projection"
+        )
+    if key == "seed":
+        raise UsageError(f"--vary {text!r}: use --seeds 0,1,2 to run every variant with several seeds")
+    try:
+        values = split_values(raw)
+        for value in values:
+            parse_override(f"{key}={value}")  # checks the key's form
+    except (ValueError, RecipeError) as exc:
+        raise UsageError(f"--vary {key}: {exc} in {raw!r}") from None
+    if len(set(values)) != len(values):
+        raise UsageError(f"--vary {key}: a value is listed twice in {raw!r}")
+    return key, values
+
+
+def expand_grid(varies: list[str]) -> list[Variant]:
+    """The cartesian product of every `--vary` (first option outermost), in the order given."""
+    axes = [parse_vary(text) for text in varies]
+    keys = [key for key, _ in axes]
+    for key in {k for k in keys if keys.count(k) > 1}:
+        raise UsageError(f"--vary {key}: given more than once; list all its values in one --vary")
+    names = _short_names(keys)
+    variants = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        values = tuple(zip(keys, combo, strict=True))
+        label = ", ".join(f"{names[k]}={v}" for k, v in values)
+        slug = "_".join(f"{_safe(names[k])}-{_safe(v)}" for k, v in values)
+        variants.append(Variant(values, label, slug))
+    return _unique_slugs(variants)
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    """The last part of each key (`adapter`), or the whole key when that part is ambiguous."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: short if last.count(short) == 1 else k for k, short in zip(keys, last, strict=True)}
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "x"
+
+
+def _unique_slugs(variants: list[Variant], limit: int = 80) -> list[Variant]:
+    """Distinct values can sanitise to the same slug ([[1,2]] vs [1,2]): add a short hash there."""
+    slugs = [v.slug for v in variants]
+    out = []
+    for v in variants:
+        if slugs.count(v.slug) > 1 or len(v.slug) > limit:
+            digest = hashlib.sha1(v.label.encode()).hexdigest()[:6]
+            v = Variant(v.values, v.label, f"{v.slug[:limit]}-{digest}")
+        out.append(v)
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`'0,1,2'` → `[0, 1, 2]` (distinct non-negative integers)."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise UsageError(f"--seeds {text!r}: expected distinct non-negative integers")
+    return seeds
+
+
+# ------------------------------------------------------------------------------------ runs
+@dataclass(frozen=True)
+class RunJob:
+    """One (variant, seed): what a worker process needs to run it and publish its directory."""
+
+    variant: Variant
+    seed: int
+    recipe: Recipe
+    out: Path  # the ablation folder
+    threads: int = 1
+
+    @property
+    def name(self) -> str:
+        """The run's directory name."""
+        return f"{self.variant.slug}__seed{self.seed}"
+
+    @property
+    def final(self) -> Path:
+        """Where the complete run lives."""
+        return self.out / "runs" / self.name
+
+    @property
+    def partial(self) -> Path:
+        """Where the run is written until it is complete."""
+        return self.out / "partial" / self.name
+
+
+def resolve(base: dict[str, Any], variant: Variant, seed: int, source: str) -> Recipe:
+    """The recipe of one run: the base recipe with the variant's overrides and `seed`."""
+    data = apply_overrides(base, [*variant.overrides, f"seed={seed}"])
+    return parse_recipe(data, f"{source} with {variant.label}, seed {seed}")
+
+
+def peak_memory() -> dict[str, Any]:
+    """This process's peak memory: resident set size, plus the CUDA allocator's peak when CUDA was used."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak: dict[str, Any] = {"peak_rss_MiB": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_cuda_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def execute(job: RunJob) -> str:
+    """Run one job in this (fresh worker) process, then move its directory into runs/ in one rename."""
+    load_plugins()
+    torch.set_num_threads(job.threads)
+    console.rule(f"run {job.name}")
+    start = time.perf_counter()
+    RecipeRun(job.recipe, job.partial, stage_cache=job.out / "cache").run(resume=True)
+    record = {
+        "run": job.name,
+        "variant": job.variant.label,
+        "values": dict(job.variant.values),
+        "seed": job.seed,
+        "wall_seconds": time.perf_counter() - start,
+        **peak_memory(),
+    }
+    atomic_write_text(json.dumps(record, indent=2), job.partial / "run.json")
+    job.final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(job.partial, job.final)
+    return job.name
+
+
+def _pending(jobs: list[RunJob]) -> list[RunJob]:
+    """Jobs still to run. Complete runs are skipped (refused when they ran another recipe);
+    interrupted ones continue, or start again when they ran another recipe."""
+    pending = []
+    for job in jobs:
+        if job.final.exists():
+            changed = _differences(job, job.final)
+            if changed:
+                raise UsageError(
+                    f"{job.final} holds a run of a different recipe (it differs at "
+                    f"{', '.join(changed[:8])}); choose another --out, or delete that run to redo it"
+                )
+            console.print(f"{job.name}: complete, skipped", markup=False)
+            continue
+        if job.partial.exists():
+            if _differences(job, job.partial):
+                console.print(
+                    f"{job.name}: discarding an interrupted run of a different recipe", markup=False
+                )
+                shutil.rmtree(job.partial)
+            else:
+                console.print(f"{job.name}: continuing the interrupted run", markup=False)
+        pending.append(job)
+    return pending
+
+
+def _differences(job: RunJob, run_dir: Path) -> list[str]:
+    """Recipe keys at which the run in `run_dir` differs from the job's (none before it wrote its recipe)."""
+    saved = run_dir / "recipe.yaml"
+    return sorted(_diff_keys(read_yaml(saved), job.recipe.to_dict())) if saved.exists() else []
+
+
+def run_jobs(jobs: list[RunJob], processes: int) -> None:
+    """Run `jobs` in `processes` worker processes, one fresh process per run."""
+    context = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
+    with context.Pool(processes, maxtasksperchild=1) as pool:
+        for done, name in enumerate(pool.imap_unordered(execute, jobs), 1):
+            console.print(f"[ablate] {name} complete ({done}/{len(jobs)})", markup=False)
+
+
+def target_stage(recipe: Recipe, name: str | None) -> str:
+    """The stage whose model is compared: `name`, else the last distill stage, else the last train stage."""
+    fitted = [s.name for s in recipe.pipeline if s.do != "evaluate"]
+    if name is not None:
+        if name not in fitted:
+            raise UsageError(
+                f"--stage {name!r}: expected a train or distill stage of the recipe, one of {fitted}"
+            )
+        return name
+    distill = [s.name for s in recipe.pipeline if s.do == "distill"]
+    return (distill or fitted)[-1]
+
+
+# ------------------------------------------------------------------------------------ command
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `kdkit ablate`."""
+    p = subparsers.add_parser(
+        "ablate",
+        help="compare variants of a recipe (adapters, stages, loss weights) over several seeds",
+        description="Run the cartesian product of every --vary with every seed, everything else identical, "
+        "and write ablation.csv/.json/.md/.png. Re-running the same command continues it.",
+    )
+    _add_recipe_args(p)
+    p.add_argument(
+        "--vary",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2,...",
+        help="a recipe key and its values (YAML; commas inside [...] or {...} do not split), "
+        "e.g. distill.adapter=covariance,projection,none (repeatable: the grid is the product)",
+    )
+    p.add_argument("--seeds", default="0,1,2", help="seeds every variant runs with (default 0,1,2)")
+    p.add_argument("--out", type=Path, help="ablation folder (default runs/ablation-<recipe name>)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs at the same time, each its own process (default 1)"
+    )
+    p.add_argument("--stage", help="the stage whose model is compared (default: the last distill stage)")
+    p.set_defaults(func=cmd_ablate)
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    """`kdkit ablate`: check every variant, run what is not done yet, then write the report."""
+    if args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: expected at least 1")
+    start = time.perf_counter()
+    base = apply_overrides(read_yaml(args.recipe), args.overrides)
+    variants = expand_grid(args.vary)
+    seeds = parse_seeds(args.seeds)
+    threads = max(1, torch.get_num_threads() // args.jobs)
+    recipes = {(v, s): resolve(base, v, s, str(args.recipe)) for v in variants for s in seeds}
+    out = args.out or Path("runs") / f"ablation-{recipes[variants[0], seeds[0]].name}"
+    stage = target_stage(recipes[variants[0], seeds[0]], args.stage)
+    for variant in variants:  # everything `kdkit run` checks, once per variant; prepares the data
+        try:
+            RecipeRun(recipes[variant, seeds[0]], Path("unused")).check()
+        except RecipeError as exc:
+            raise RecipeError(exc.problems, f"{args.recipe} with {variant.label}") from None
+    console.print(f"{len(variants)} variants × {len(seeds)} seeds, checked; ablation folder: {out}")
+    # Seed-major order: an interrupted ablation has compared every variant on the first seeds.
+    jobs = [RunJob(v, s, recipes[v, s], out, threads) for s in seeds for v in variants]
+    pending = _pending(jobs)
+    if pending:
+        run_jobs(pending, min(args.jobs, len(pending)))
+    _report(args, jobs, stage, time.perf_counter() - start)
+    return 0
+
+
+def _report(args: argparse.Namespace, jobs: list[RunJob], stage: str, seconds: float) -> None:
+    """Read every run of the grid and write the report files."""
+    rows = [
+        {"run": j.name, "variant": j.variant.label, **dict(j.variant.values), "seed": j.seed}
+        | run_row(j.final, stage)
+        for j in jobs
+    ]
+    finals = [j.final for j in jobs]
+    info = {
+        "recipe": str(args.recipe),
+        "set": args.overrides,
+        "vary": args.vary,
+        "seeds": parse_seeds(args.seeds),
+        "stage": stage,
+        "jobs": args.jobs,
+        "wall_seconds": seconds,  # this invocation; a continued ablation's runs ran in earlier ones too
+        "run_seconds": sum(row["wall_s"] for row in rows),
+        "memory_measure": memory_measure(finals[0]),
+        "stage_cache": cache_use(finals),
+    }
+    for name, use in info["stage_cache"].items():
+        console.print(
+            f"stage cache: {name!r} trained {use['trained']}×, reused {use['reused']}× over {len(jobs)} runs",
+            markup=False,
+        )
+    out = jobs[0].out
+    write_report(out, rows, RecipeRun(jobs[0].recipe, out).make_evaluator(), info)

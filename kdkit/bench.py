@@ -1,0 +1,521 @@
+"""`kdkit bench RECIPE`: what distillation costs next to training the student alone.
+
+In one process it times, on the same synthetic batches of the recipe's shape (random weights, so
+no data root or weight files are needed):
+
+    (a) student     the student trained alone (cross-entropy), through kdkit's Trainer
+    (b) distill     the recipe's distill stage with the live teacher, through kdkit's Trainer
+    (c) cached      the same with every teacher output read from the teacher-output cache
+    (d) reference   benchmarks/reference_loop.py: (b)'s computation by hand, no kdkit code
+
+and prints images/s, step time and peak memory of each, and the step-time ratios (b)/(d)
+(kdkit's overhead), (c)/(a) and (b)/(a) (what distillation costs). Warm-up steps are excluded;
+every mode is timed `repeats` times, interleaved (so drift on a shared machine hits all modes
+alike), and the median is reported. When the recipe's data is available, one more measurement
+runs (b) on the real training loader and reports the time spent waiting for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import gc
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from kdkit.cache import TeacherCache
+from kdkit.data import DataError, build_loaders
+from kdkit.distiller import Distiller, SupervisedTask
+from kdkit.recipe import Recipe, RecipeError, StageSpec, TrainSpec, load_recipe
+from kdkit.runlog import console
+from kdkit.trainer import Trainer, autocast, resolve_device
+
+MODES = {
+    "student": "(a) student alone",
+    "distill": "(b) distill, live teacher",
+    "cached": "(c) distill, teacher cache",
+    "reference": "(d) hand-written loop of (b)",
+}
+REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_loop.py"
+POOL = 4  # distinct synthetic batches, cycled
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`kdkit bench RECIPE [--steps N] [--batch B] [--json]`."""
+    p = subparsers.add_parser(
+        "bench",
+        help="time student-alone vs distillation (live teacher, cached teacher, hand-written loop)",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    p.add_argument("recipe", type=Path, help="recipe YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--stage", help="the distill stage to measure (default: the first)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (default 10)")
+    p.add_argument("--batch", type=int, help="batch size (default: the recipe's data.batch_size)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first (default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="measurements per mode; the median counts")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--no-data", action="store_true", help="skip the loader-wait measurement")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark and print it."""
+    if min(args.steps, args.repeats) < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1):
+        raise RecipeError(["--steps, --repeats and --batch must be positive, --warmup >= 0"], "kdkit bench")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.recipe, args.overrides)
+    report = run_bench(
+        recipe,
+        stage=args.stage,
+        steps=args.steps,
+        batch=args.batch,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        loader=not args.no_data,
+    )
+    report["recipe"] = str(args.recipe)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ measuring
+def run_bench(
+    recipe: Recipe,
+    stage: str | None = None,
+    steps: int = 10,
+    batch: int | None = None,
+    warmup: int = 3,
+    repeats: int = 5,
+    loader: bool = True,
+) -> dict[str, Any]:
+    """Measure the four modes; return the report (see the module docstring) as a dict."""
+    from kdkit.pipeline import RecipeRun
+
+    stage_spec = _distill_stage(recipe, stage)
+    train = recipe.stage_train(stage_spec)
+    # Random weights: the cost does not depend on them, and the bench needs no weight files.
+    models = {k: dataclasses.replace(s, weights=None, pretrained=False) for k, s in recipe.models.items()}
+    recipe = dataclasses.replace(recipe, models=models)
+    run = RecipeRun(recipe, Path("unused"))
+    d = recipe.stage_distill(stage_spec)
+    device = resolve_device(train.device)
+    size = batch or recipe.data.batch_size
+    pool = _synthetic_batches(recipe, run, stage_spec, size, device)
+    example = pool[0][0][:2].cpu()
+
+    def distiller() -> Distiller:
+        return run.build_distiller(stage_spec, example, check_only=True)
+
+    with tempfile.TemporaryDirectory(prefix="kdkit-bench-") as tmp:
+        cache = TeacherCache(Path(tmp), {"bench": True}, len(pool) * size, max_bytes=1 << 62)
+        builders: dict[str, Callable[[], Callable[[int], None]]] = {
+            "student": lambda: _trainer_steps(
+                SupervisedTask(run.build(d.student, "bench.student"), train.label_smoothing),
+                train,
+                pool,
+                steps,
+            ),
+            "distill": lambda: _trainer_steps(distiller(), train, pool, steps),
+            "cached": lambda: _trainer_steps(
+                _filled(distiller(), cache, pool, train), train, pool, steps, keys=True
+            ),
+            "reference": lambda: _reference_steps(distiller(), d, train, pool, steps, example.to(device)),
+        }
+        runners, memory, unavailable = {}, {}, {}
+        for mode, build in builders.items():  # one after the other: peak memory of each alone
+            try:
+                probe = _PeakMemory(device)  # baseline before the mode's models exist
+                runners[mode] = build()
+                probe.start()
+                runners[mode](max(warmup, 1))
+                memory[mode] = probe.peak()
+            except (ValueError, FileNotFoundError) as exc:
+                unavailable[mode] = str(exc)
+        seconds: dict[str, list[float]] = {mode: [] for mode in runners}
+        cache.hits = cache.misses = 0  # count the timed steps only
+        order = list(runners)
+        for r in range(repeats):
+            for mode in order[r % len(order) :] + order[: r % len(order)]:
+                start = time.perf_counter()
+                runners[mode](steps)
+                _synchronize(device)
+                seconds[mode].append(time.perf_counter() - start)
+        cache_hits = cache.hits / max(cache.hits + cache.misses, 1)
+        loader_report = _loader_wait(recipe, run, stage_spec, train, size, steps) if loader else None
+
+    modes = {}
+    for mode, label in MODES.items():
+        if mode not in runners:
+            modes[mode] = {"label": label, "unavailable": unavailable.get(mode, "not run")}
+            continue
+        times = sorted(t / steps for t in seconds[mode])
+        median = statistics.median(times)
+        modes[mode] = {
+            "label": label,
+            "img_per_s": size / median,
+            "step_ms": 1000 * median,
+            "step_ms_min": 1000 * times[0],
+            "step_ms_max": 1000 * times[-1],
+            "peak_mem_mib": memory.get(mode),
+        }
+    if "img_per_s" in modes["cached"]:
+        modes["cached"]["cache_hit_rate"] = cache_hits
+
+    def ratio(a: str, b: str) -> float | None:
+        if "step_ms" in modes[a] and "step_ms" in modes[b]:
+            return modes[a]["step_ms"] / modes[b]["step_ms"]
+        return None
+
+    return {
+        "stage": stage_spec.name,
+        "batch": size,
+        "input": list(pool[0][0].shape[1:]),
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
+        "amp": train.amp,
+        "teacher_dtype": d.teacher_dtype,
+        "machine": machine(device),
+        "modes": modes,
+        "ratios": {
+            "b/d": ratio("distill", "reference"),
+            "c/a": ratio("cached", "student"),
+            "b/a": ratio("distill", "student"),
+        },
+        "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "rss_increase",
+        "loader": loader_report,
+    }
+
+
+def _distill_stage(recipe: Recipe, name: str | None) -> StageSpec:
+    stages = [s for s in recipe.pipeline if s.do == "distill" and (name is None or s.name == name)]
+    if not stages:
+        which = f"a distill stage named {name!r}" if name else "a distill stage"
+        raise RecipeError([f"pipeline: kdkit bench needs {which}"])
+    return stages[0]
+
+
+def _synthetic_batches(
+    recipe: Recipe, run: Any, stage: StageSpec, size: int, device: torch.device
+) -> list[tuple[torch.Tensor, ...]]:
+    """`POOL` batches of random images and labels of the recipe's shape, with distinct sample keys."""
+    channels, side = len(recipe.data.mean), recipe.data.image_size
+    student = run.build(recipe.stage_distill(stage).student, "bench.student")
+    with torch.no_grad():
+        classes = student.eval()(torch.zeros(1, channels, side, side)).shape[-1]
+    generator = torch.Generator().manual_seed(0)
+    pool = []
+    for b in range(POOL):
+        images = torch.randn(size, channels, side, side, generator=generator).to(device)
+        labels = torch.randint(0, classes, (size,), generator=generator).to(device)
+        keys = torch.stack([torch.arange(b * size, (b + 1) * size), torch.zeros(size, dtype=torch.long)], 1)
+        pool.append((images, labels, keys))
+    return pool
+
+
+class _NoLog:
+    """A metrics log that keeps nothing (the bench measures steps, not file writes)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Drop the record."""
+
+
+def _trainer_steps(
+    task: torch.nn.Module,
+    train: TrainSpec,
+    pool: list[tuple[torch.Tensor, ...]],
+    steps: int,
+    keys: bool = False,
+) -> Callable[[int], None]:
+    """A function that runs n steps of kdkit's own training loop (`Trainer.train_one_epoch`)."""
+    batches = [batch if keys else batch[:2] for batch in pool]
+    loader = [batches[i % len(batches)] for i in range(steps)]  # its length sizes the LR schedule
+    trainer = Trainer(task, train, loader, {}, None, Path("unused"), _NoLog(), "bench")  # type: ignore[arg-type]
+    epoch = iter(range(1 << 30))
+
+    def run(n: int) -> None:
+        trainer.train_loader = [batches[i % len(batches)] for i in range(n)]
+        trainer.steps_per_epoch = n
+        trainer.train_one_epoch(next(epoch))
+
+    return run
+
+
+def _filled(
+    distiller: Distiller, cache: TeacherCache, pool: list[tuple[torch.Tensor, ...]], train: TrainSpec
+) -> Distiller:
+    """`distiller` with `cache` holding its teacher's outputs (as training computes them) for `pool`."""
+    distiller.cache = cache
+    with torch.no_grad(), autocast(resolve_device(train.device), train.amp):
+        for images, _, keys in pool:
+            distiller.teacher_outputs(images, keys)
+    return distiller
+
+
+def load_reference() -> Any:
+    """The `benchmarks/reference_loop.py` module (it ships with the source tree only)."""
+    if not REFERENCE.is_file():
+        raise FileNotFoundError(f"{REFERENCE} is missing (it ships with kdkit's source tree)")
+    spec = importlib.util.spec_from_file_location("kdkit_reference_loop", REFERENCE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_for(
+    distiller: Distiller, d: Any, train: TrainSpec, steps_per_epoch: int, example: torch.Tensor
+) -> Any:
+    """A `ReferenceLoop` doing what `distiller` and a Trainer with `train` do (the distiller's hooks
+    are removed first: the loop hooks its models itself)."""
+    if train.optimizer != "adamw" or any(
+        p.teacher.io != "output" or p.student.io != "output" for p in distiller.pairs
+    ):
+        raise ValueError("the reference loop implements AdamW and block-output taps only")
+    if any(p.teacher.select != p.student.select for p in distiller.pairs):
+        raise ValueError("the reference loop needs one selector per stage pair")
+    distiller.close()
+    schedule = None
+    if train.scheduler == "cosine":
+        total = train.epochs * steps_per_epoch
+        schedule = (train.warmup_epochs * steps_per_epoch, total, train.warmup_lr, train.min_lr)
+    elif train.scheduler != "none":
+        raise ValueError(f"the reference loop implements the cosine schedule only, not {train.scheduler!r}")
+    device = resolve_device(train.device)
+    return load_reference().ReferenceLoop(
+        distiller.teacher.to(device),
+        distiller.student.to(device),
+        taps=[(p.student.path, p.teacher.path, p.student.select) for p in distiller.pairs],
+        adapter=distiller.adapter_name if distiller.pairs else "identity",
+        adapter_options=_adapter_options(distiller),
+        criterion=d.criterion,
+        alpha=distiller.alpha,
+        tau=distiller.tau,
+        beta=distiller.beta,
+        label_smoothing=distiller.label_smoothing,
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        clip_grad=train.clip_grad,
+        amp=train.amp,
+        teacher_dtype=distiller.teacher_dtype,
+        schedule=schedule,
+        example=example,
+    )
+
+
+def _adapter_options(distiller: Distiller) -> dict[str, Any]:
+    """The options the distiller's adapters were built with (kdkit's defaults included)."""
+    if not distiller.adapters:
+        return {}
+    adapter = distiller.adapters[0]
+    names = ("eps", "detach_covariance", "p")
+    options = {name: getattr(adapter, name) for name in names if hasattr(adapter, name)}
+    if hasattr(adapter, "proj"):
+        options["bias"] = adapter.proj.bias is not None
+    return options
+
+
+def _reference_steps(
+    distiller: Distiller,
+    d: Any,
+    train: TrainSpec,
+    pool: list[tuple[torch.Tensor, ...]],
+    steps: int,
+    example: torch.Tensor,
+) -> Callable[[int], None]:
+    loop = reference_for(distiller, d, train, steps, example)
+    loop.student.train()
+
+    def run(n: int) -> None:
+        for i in range(n):
+            images, labels, _ = pool[i % len(pool)]
+            loop.step(images, labels)
+
+    return run
+
+
+def _loader_wait(
+    recipe: Recipe, run: Any, stage: StageSpec, train: TrainSpec, size: int, steps: int
+) -> dict[str, Any]:
+    """(b) on the recipe's real training loader: how long each step waits for its batch."""
+    data = dataclasses.replace(recipe.data, batch_size=size)
+    try:
+        loader, _, set_epoch = build_loaders(data, recipe.seed, eval_splits=())
+        example = next(iter(loader))[0][:2]
+    except (DataError, OSError, ValueError) as exc:
+        return {"skipped": f"the recipe's data is not available ({exc})"}
+    task = run.build_distiller(stage, example, check_only=True)
+    trainer = Trainer(task, train, loader, {}, None, Path("unused"), _NoLog(), "bench", set_epoch=set_epoch)  # type: ignore[arg-type]
+    trainer.steps_per_epoch = min(steps, len(loader))
+    trainer.train_one_epoch(0)  # starts the workers (persistent ones stay)
+    trainer.data_seconds = 0.0
+    start = time.perf_counter()
+    trainer.train_one_epoch(1)
+    elapsed = time.perf_counter() - start
+    task.close()
+    return {
+        "num_workers": data.num_workers,
+        "steps": trainer.steps_per_epoch,
+        "wait_ms_per_step": 1000 * trainer.data_seconds / trainer.steps_per_epoch,
+        "step_ms": 1000 * elapsed / trainer.steps_per_epoch,
+        "wait_share": trainer.data_seconds / elapsed,
+    }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _PeakMemory:
+    """Peak memory (MiB) above a baseline taken at creation: CUDA's allocator peak, or the resident
+    set size of the process on the CPU.
+
+    Freed memory is first handed back to the system (`malloc_trim`) and the kernel's peak-RSS
+    counter is reset at `start()`, so each mode is measured alone: its models, optimizer state and
+    activations (and, for the cache, the file pages it reads).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._settle()
+        cuda = device.type == "cuda"
+        self.base = torch.cuda.memory_allocated(device) / 1024 if cuda else _status_kib("VmRSS")
+        self.resettable = False
+
+    def _settle(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        else:
+            _malloc_trim()
+
+    def start(self) -> None:
+        """Begin the measured window."""
+        self._settle()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.resettable = True
+        else:
+            self.resettable = _reset_peak_rss()
+
+    def peak(self) -> float | None:
+        """MiB above the baseline at the window's peak (None where the CPU counter cannot be reset)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak: float | None = torch.cuda.max_memory_allocated(self.device) / 1024
+        else:
+            peak = _status_kib("VmHWM")
+        if not self.resettable or peak is None or self.base is None:
+            return None
+        return (peak - self.base) / 1024
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS (VmHWM) counter of this process (Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ------------------------------------------------------------------------------------ printing
+def print_report(report: dict[str, Any]) -> None:
+    """The machine line, the table of modes and the ratios."""
+    m = report["machine"]
+    console.print(
+        f"{m['cpu']} · {m['cpus_usable']}/{m['cpus']} CPUs · {m['torch_threads']} torch threads · "
+        f"torch {m['torch']} · {m['device']}{' · ' + m['gpu'] if 'gpu' in m else ''} · "
+        f"load {m['load_average_1m']:.2f}",
+        markup=False,
+    )
+    title = (
+        f"{report.get('recipe', '')} stage {report['stage']}: batch {report['batch']} × "
+        f"{tuple(report['input'])}, amp {report['amp']}, teacher {report['teacher_dtype']}, "
+        f"median of {report['repeats']} × {report['steps']} steps"
+    )
+    table = Table(title=title)
+    for col in ("mode", "img/s", "ms/step", "min–max ms", "peak MiB"):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    for row in report["modes"].values():
+        if "unavailable" in row:
+            table.add_row(row["label"], "-", "-", row["unavailable"], "-")
+            continue
+        mem = row["peak_mem_mib"]
+        table.add_row(
+            row["label"],
+            f"{row['img_per_s']:.1f}",
+            f"{row['step_ms']:.1f}",
+            f"{row['step_ms_min']:.1f}–{row['step_ms_max']:.1f}",
+            "-" if mem is None else f"{mem:.0f}",
+        )
+    console.print(table)
+    ratios = "  ".join(f"{k} = {v:.3f}" for k, v in report["ratios"].items() if v is not None)
+    console.print(f"step-time ratios: {ratios}", markup=False)
+    loader = report["loader"]
+    if loader and "skipped" not in loader:
+        console.print(
+            f"loader ({loader['num_workers']} workers): waits {loader['wait_ms_per_step']:.1f} ms of a "
+            f"{loader['step_ms']:.1f} ms step ({100 * loader['wait_share']:.1f} %)",
+            markup=False,
+        )
+    elif loader:
+        console.print(f"loader: {loader['skipped']}", markup=False)

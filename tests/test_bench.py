@@ -1,0 +1,108 @@
+"""Tests for `kdkit bench` and its yardstick, benchmarks/reference_loop.py (no timing asserts)."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_vit
+
+from kdkit.bench import REFERENCE, reference_for
+from kdkit.cli import main
+from kdkit.distiller import Distiller, stage_pairs
+from kdkit.recipe import DistillSpec, TrainSpec
+from kdkit.trainer import Trainer
+
+
+class _NoLog:
+    def write(self, record: dict) -> None:
+        pass
+
+
+def _batches(n: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(8, 1, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(n)
+    ]
+
+
+def _distiller(teacher: torch.nn.Module, student: torch.nn.Module, adapter: str, options: dict) -> Distiller:
+    pairs = stage_pairs(teacher, student, [[1, 1], [2, 2]])
+    return Distiller(
+        teacher,
+        student,
+        pairs,
+        adapter=adapter,
+        adapter_options=options,
+        alpha=0.6,
+        tau=2.0,
+        beta=0.5,
+        label_smoothing=0.1,
+        example_input=torch.zeros(2, 1, 16, 16),
+    )
+
+
+@pytest.mark.parametrize(
+    ("adapter", "options"),
+    [("covariance", {}), ("covariance", {"detach_covariance": False}), ("projection", {})],
+)
+def test_the_reference_loop_computes_what_a_kdkit_distill_step_computes(adapter: str, options: dict) -> None:
+    """Same weights in, same batches: the hand-written loop and kdkit's Trainer end with the same
+    student, so (b)/(d) compares equal work."""
+    teacher, student = tiny_vit(embed_dim=48, seed=1), tiny_vit(embed_dim=32, seed=2)
+    kd = _distiller(teacher, student, adapter, options)
+    ref_distiller = _distiller(copy.deepcopy(teacher), copy.deepcopy(student), adapter, options)
+    ref_distiller.adapters.load_state_dict(kd.adapters.state_dict())
+    train = TrainSpec(epochs=2, lr=1e-3, warmup_epochs=1, clip_grad=1.0, device="cpu")
+    batches = _batches()
+    trainer = Trainer(kd, train, batches, {}, None, Path("unused"), _NoLog(), "bench")  # type: ignore[arg-type]
+    loop = reference_for(ref_distiller, DistillSpec(adapter=adapter), train, len(batches), batches[0][0][:2])
+    for i, projection in enumerate(loop.projections):
+        projection.load_state_dict(kd.adapters[i].proj.state_dict())
+    for epoch in range(2):
+        trainer.train_one_epoch(epoch)
+        for images, labels in batches:
+            loop.step(images, labels)
+    assert trainer.optimizer.param_groups[0]["lr"] == loop.optimizer.param_groups[0]["lr"]
+    mine, theirs = kd.student.state_dict(), loop.student.state_dict()
+    assert not torch.equal(mine["head.weight"], tiny_vit(embed_dim=32, seed=2).state_dict()["head.weight"])
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_the_reference_loop_uses_no_kdkit_code() -> None:
+    tree = ast.parse(REFERENCE.read_text())
+    modules = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    modules += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert modules and not [m for m in modules if m.split(".")[0] in ("kdkit", "kdkit_fas", "timm")]
+    assert REFERENCE.parent == REPO / "benchmarks"
+
+
+def test_bench_json_reports_every_mode_the_ratios_the_machine_and_the_loader(
+    tiny_recipe: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", str(tiny_recipe), "--steps", "2", "--repeats", "2", "--warmup", "1", "--batch", "8"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["modes"]) == {"student", "distill", "cached", "reference"}
+    for row in report["modes"].values():
+        assert row["img_per_s"] > 0 and row["step_ms_min"] <= row["step_ms"] <= row["step_ms_max"]
+    assert report["modes"]["cached"]["cache_hit_rate"] == 1.0  # the timed cached steps never ran the teacher
+    assert report["ratios"]["b/d"] == pytest.approx(
+        report["modes"]["distill"]["step_ms"] / report["modes"]["reference"]["step_ms"]
+    )
+    assert set(report["ratios"]) == {"b/d", "c/a", "b/a"}
+    assert report["batch"] == 8 and report["input"] == [1, 16, 16]
+    assert report["machine"]["torch_threads"] >= 1 and report["machine"]["torch"] == torch.__version__
+    loader = report["loader"]
+    assert 0 <= loader["wait_share"] <= 1 and loader["steps"] == 2
+
+
+def test_bench_needs_a_distill_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = REPO / "recipes" / "digits-kd.yaml"
+    assert main(["bench", str(recipe), "--stage", "nope", "--json"]) == 2
+    assert "needs a distill stage named 'nope'" in capsys.readouterr().err

@@ -1,0 +1,195 @@
+"""Tests for the teacher-output cache (kdkit.cache) and the seeded augmentation it relies on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import tiny_vit
+from torch.utils.data import Dataset
+
+from kdkit.cache import TeacherCache, open_teacher_cache
+from kdkit.checkpoint import seed_everything
+from kdkit.data import EpochSampler, SeededAugmentation, build_loaders
+from kdkit.distiller import Distiller, stage_pairs
+from kdkit.evaluators import ClassificationEvaluator
+from kdkit.recipe import DataSpec, DistillSpec, TrainSpec
+from kdkit.registry import DATASETS
+from kdkit.trainer import Trainer
+
+
+class NoisyDigits(Dataset):
+    """64 fixed 16×16 images whose training transform is random (flip and noise from torch's RNG)."""
+
+    def __init__(self, n: int = 64, shift: float = 0.0) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(n, 1, 16, 16, generator=g) + shift
+        self.labels = torch.randint(0, 10, (n,), generator=g)
+        self.transform = f"flip + noise(0.3), shift {shift}"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image + 0.3 * torch.randn_like(image), int(self.labels[index])
+
+
+if "cache_test_noisy" not in DATASETS:
+    DATASETS.add("cache_test_noisy", lambda split, spec: NoisyDigits(shift=spec.options.get("shift", 0.0)))
+
+DATA = DataSpec(dataset="cache_test_noisy", image_size=16, batch_size=16, mean=[0.5], std=[0.5], aug_cycle=1)
+TRAIN = TrainSpec(epochs=3, lr=1e-3, warmup_epochs=0, clip_grad=1.0, log_every=2, device="cpu")
+
+
+def distiller(
+    teacher_seed: int = 1, stages: Any = ((1, 1), (2, 2)), teacher_dtype: str = "float32"
+) -> Distiller:
+    teacher = tiny_vit(embed_dim=48, seed=teacher_seed)
+    student = tiny_vit(embed_dim=32, seed=2)
+    pairs = stage_pairs(teacher, student, [list(s) for s in stages])
+    return Distiller(
+        teacher,
+        student,
+        pairs,
+        adapter="covariance",
+        example_input=torch.zeros(2, 1, 16, 16),
+        teacher_dtype=teacher_dtype,
+    )
+
+
+def train(out: Path, cache_dir: Path | None, data: DataSpec = DATA, **spec: Any) -> tuple[Distiller, int]:
+    """Distil for TRAIN.epochs epochs; return the distiller and how many batches the teacher ran on."""
+    seed_everything(0)
+    task = distiller(teacher_dtype=spec.pop("teacher_dtype", "float32"))
+    loader, evals, set_epoch = build_loaders(data, seed=0, eval_splits=())
+    if cache_dir is not None:
+        d = DistillSpec(cache_dir=str(cache_dir), **spec)
+        task.cache = open_teacher_cache(task, d, loader.dataset, TRAIN.amp)
+    calls = []
+    task.teacher.register_forward_hook(lambda *_: calls.append(1))
+    trainer = Trainer(
+        task, TRAIN, loader, evals, ClassificationEvaluator(), out, _NoLog(), "s", set_epoch=set_epoch
+    )
+    seed_everything(0)
+    for epoch in range(TRAIN.epochs):
+        trainer.train_one_epoch(epoch)
+    task.close()
+    return task, len(calls)
+
+
+class _NoLog:
+    def write(self, record: dict) -> None:
+        pass
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_results_with_and_without_the_cache_are_identical(tmp_path: Path) -> None:
+    live, live_calls = train(tmp_path / "live", None)
+    cached, cached_calls = train(tmp_path / "cached", tmp_path / "cache")
+    assert same(live.trainable_state_dict(), cached.trainable_state_dict())
+    # aug_cycle=1: epochs 2 and 3 replay epoch 1's augmentation, so only epoch 1 runs the teacher.
+    assert (live_calls, cached_calls) == (12, 4)
+    # A re-run reads everything, epoch 1 included, and still ends with the same weights.
+    rerun, rerun_calls = train(tmp_path / "rerun", tmp_path / "cache")
+    assert rerun_calls == 0 and same(live.trainable_state_dict(), rerun.trainable_state_dict())
+
+
+def test_a_half_precision_teacher_is_cached_exactly(tmp_path: Path) -> None:
+    live, _ = train(tmp_path / "live", None, teacher_dtype="bfloat16")
+    cached, calls = train(tmp_path / "cached", tmp_path / "cache", teacher_dtype="bfloat16")
+    assert calls == 4 and same(live.trainable_state_dict(), cached.trainable_state_dict())
+    (layout,) = (tmp_path / "cache").glob("*/layout.json")
+    assert '"bfloat16"' in layout.read_text()
+    (values,) = (tmp_path / "cache").glob("*/slot-00000.bin")
+    assert values.stat().st_size == 64 * (10 + 48 + 48) * 2  # 16-bit storage: logits + two class tokens
+
+
+def test_the_size_bound_falls_back_to_the_live_teacher_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live, _ = train(tmp_path / "live", None)
+    bounded, calls = train(tmp_path / "bounded", tmp_path / "cache", cache_max_gb=1e-6)
+    assert calls == 12 and same(live.trainable_state_dict(), bounded.trainable_state_dict())
+    err = capsys.readouterr().err
+    assert "distill.cache_max_gb" in err and "teacher runs live" in err
+    assert not list((tmp_path / "cache").glob("*/slot-*"))
+
+
+def test_switched_off_the_cache_writes_nothing(tmp_path: Path) -> None:
+    task = distiller()
+    loader, _, _ = build_loaders(DATA, seed=0, eval_splits=())
+    assert open_teacher_cache(task, DistillSpec(cache=False, cache_dir=str(tmp_path)), loader.dataset) is None
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_key_changes_with_teacher_weights_taps_precision_and_data(tmp_path: Path) -> None:
+    """A stale entry is never read: anything the stored outputs depend on gives a new folder."""
+    spec = DistillSpec(cache_dir=str(tmp_path))
+
+    def folder(task: Distiller, data: DataSpec = DATA, seed: int = 0, amp: str = "none") -> Path:
+        loader, _, _ = build_loaders(data, seed=seed, eval_splits=())
+        cache = open_teacher_cache(task, spec, loader.dataset, amp)
+        assert cache is not None
+        return cache.folder
+
+    base = folder(distiller())
+    assert folder(distiller()) == base  # same everything: same entry
+    # Batch size, worker count and the student's taps change no teacher output: the same entry.
+    assert folder(distiller(), DataSpec(**{**DATA.__dict__, "batch_size": 8, "num_workers": 1})) == base
+    assert folder(distiller(stages=((1, 1), (1, 2)))) == base
+    changed = [
+        folder(distiller(teacher_seed=3)),
+        folder(distiller(stages=((1, 1), (2, 1)))),
+        folder(distiller(teacher_dtype="bfloat16")),
+        folder(distiller(), amp="bf16"),
+        folder(distiller(), seed=1),
+        folder(distiller(), DataSpec(**{**DATA.__dict__, "options": {"shift": 1.0}})),
+        folder(distiller(), DataSpec(**{**DATA.__dict__, "mean": [0.4]})),
+    ]
+    assert len({base, *changed}) == len(changed) + 1
+
+
+def test_get_returns_only_complete_batches_and_exact_values(tmp_path: Path) -> None:
+    cache = TeacherCache(tmp_path, {"k": 1}, num_samples=10, max_bytes=1 << 30)
+    keys = torch.tensor([[3, 0], [7, 0]])
+    outputs = {"logits": torch.randn(2, 5), "feat.0": torch.randn(2, 4, 3, dtype=torch.float64).float()}
+    assert cache.get(keys) is None
+    cache.put(keys, outputs)
+    got = cache.get(keys)
+    assert got is not None and all(torch.equal(got[k], outputs[k]) for k in outputs)
+    assert cache.get(torch.tensor([[3, 0], [4, 0]])) is None  # sample 4 is not stored
+    assert cache.get(torch.tensor([[3, 1]])) is None  # another augmentation of sample 3
+    reopened = TeacherCache(tmp_path, {"k": 1}, num_samples=10, max_bytes=1 << 30)
+    again = reopened.get(keys.flip(0))
+    assert again is not None and torch.equal(again["logits"], outputs["logits"].flip(0))
+    assert (cache.hits, cache.misses) == (2, 5)
+
+
+def test_seeded_augmentation_replays_an_image_from_its_key() -> None:
+    data = SeededAugmentation(NoisyDigits(), seed=0)
+    state = torch.get_rng_state()
+    first, label, key = data[(5, 2)]
+    assert torch.equal(torch.get_rng_state(), state)  # the global random stream is left alone
+    assert torch.equal(data[(5, 2)][0], first) and key.tolist() == [5, 2] and label == NoisyDigits().labels[5]
+    assert not torch.equal(data[(5, 3)][0], first)  # another slot, another augmentation
+    assert not torch.equal(SeededAugmentation(NoisyDigits(), seed=1)[(5, 2)][0], first)
+
+
+def test_the_epoch_sampler_shares_each_global_batch_between_ranks() -> None:
+    single = list(EpochSampler(10, seed=0, aug_cycle=2))
+    ranks = [list(EpochSampler(10, seed=0, aug_cycle=2, rank=r, world=2)) for r in range(2)]
+    for b in range(3):  # global batch 4 = two per-rank batches of 2
+        assert sorted(single[4 * b : 4 * b + 4]) == sorted(
+            ranks[0][2 * b : 2 * b + 2] + ranks[1][2 * b : 2 * b + 2]
+        )
+    sampler = EpochSampler(10, seed=0, aug_cycle=2)
+    sampler.set_epoch(3)
+    assert {slot for _, slot in sampler} == {1} and [i for i, _ in sampler] != [i for i, _ in single]
