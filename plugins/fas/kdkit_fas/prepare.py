@@ -14,6 +14,7 @@ import csv
 import functools
 import io
 import json
+import multiprocessing
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -259,7 +260,9 @@ def _run(
                 bar.advance(task)
         return
     # Submit before the progress thread starts, so worker processes are not forked from it.
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+    # spawn, not fork: forking a process whose torch/OpenCV threads hold locks can deadlock the workers.
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=spawn, initializer=_init_worker) as pool:
         futures = [pool.submit(_process, record, out, settings) for record in todo]
         try:
             with bar:
