@@ -5,11 +5,13 @@ Output folder::
     OUT/runs/<variant>__seed<S>/   one complete `RecipeRun` per (variant, seed), plus run.json
     OUT/partial/<...>/             a run in progress (renamed into runs/ when complete)
     OUT/cache/<model>-<hash>/      train stages shared by runs (see `kdkit.pipeline.train_stage_key`)
+    OUT/prepare/<run>/             where those train stages were trained, before the runs
     OUT/ablation.{csv,json,md,png} the results (`kdkit.ablation_report`)
 
-Every run is its own fresh process, so runs cannot leak state into each other and each run's
-peak memory is its own. Re-running the same command skips complete runs and continues
-interrupted ones.
+The train stages (the teacher) are trained first, once per distinct cache key, each set in its own
+process; then every run, in a fresh process of its own, reuses them and does the same work as
+every other run, so runs cannot leak state into each other and their time and peak memory
+compare. Re-running the same command skips complete runs and continues interrupted ones.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,7 @@ import torch
 from kdkit.ablation_report import cache_use, memory_measure, run_row, write_report
 from kdkit.checkpoint import atomic_write_text
 from kdkit.cli import UsageError, _add_recipe_args, _diff_keys
-from kdkit.pipeline import RecipeRun
+from kdkit.pipeline import RecipeRun, train_stage_key
 from kdkit.plugins import load_plugins
 from kdkit.recipe import Recipe, RecipeError, apply_overrides, parse_override, parse_recipe, read_yaml
 from kdkit.runlog import console
@@ -184,6 +187,11 @@ class RunJob:
         """Where the run is written until it is complete."""
         return self.out / "partial" / self.name
 
+    @property
+    def preparing(self) -> Path:
+        """Where the run's train stages are trained, when they are not in the cache yet."""
+        return self.out / "prepare" / self.name
+
 
 def resolve(base: dict[str, Any], variant: Variant, seed: int, source: str) -> Recipe:
     """The recipe of one run: the base recipe with the variant's overrides and `seed`."""
@@ -253,12 +261,37 @@ def _differences(job: RunJob, run_dir: Path) -> list[str]:
     return sorted(_diff_keys(read_yaml(saved), job.recipe.to_dict())) if saved.exists() else []
 
 
-def run_jobs(jobs: list[RunJob], processes: int) -> None:
-    """Run `jobs` in `processes` worker processes, one fresh process per run."""
+def prepare(job: RunJob) -> str:
+    """Train (or finish training) the train stages of `job.recipe` into the stage cache, in this process."""
+    load_plugins()
+    torch.set_num_threads(job.threads)
+    console.rule(f"train stages for {job.name}")
+    RecipeRun(job.recipe, job.preparing, stage_cache=job.out / "cache").run(resume=True)
+    return job.name
+
+
+def preparation(jobs: list[RunJob]) -> list[RunJob]:
+    """One job per distinct set of train stages missing from the cache: the runs' recipes cut to
+    their train stages."""
+    todo: dict[tuple[str, ...], RunJob] = {}
+    for job in jobs:
+        train = [s for s in job.recipe.pipeline if s.do == "train"]
+        keys = [train_stage_key(job.recipe, s) for s in train]
+        missing = tuple(k for k in keys if not (job.out / "cache" / k / "done.json").exists())
+        if missing and missing not in todo:
+            first = replace(job, recipe=replace(job.recipe, pipeline=train))
+            if first.preparing.exists() and _differences(first, first.preparing):
+                shutil.rmtree(first.preparing)  # an interrupted training of another recipe
+            todo[missing] = first
+    return list(todo.values())
+
+
+def run_jobs(function: Callable[[RunJob], str], jobs: list[RunJob], processes: int, what: str) -> None:
+    """`function(job)` for every job in `processes` worker processes, a fresh process per job."""
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
-    with context.Pool(processes, maxtasksperchild=1) as pool:
-        for done, name in enumerate(pool.imap_unordered(execute, jobs), 1):
-            console.print(f"[ablate] {name} complete ({done}/{len(jobs)})", markup=False)
+    with context.Pool(min(processes, len(jobs)), maxtasksperchild=1) as pool:
+        for done, name in enumerate(pool.imap_unordered(function, jobs), 1):
+            console.print(f"[ablate] {what} {name} complete ({done}/{len(jobs)})", markup=False)
 
 
 def target_stage(recipe: Recipe, name: str | None) -> str:
@@ -322,8 +355,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     # Seed-major order: an interrupted ablation has compared every variant on the first seeds.
     jobs = [RunJob(v, s, recipes[v, s], out, threads) for s in seeds for v in variants]
     pending = _pending(jobs)
+    first = preparation(pending)
+    if first:
+        console.print(f"train stages first: {len(first)} job(s), then the runs", markup=False)
+        run_jobs(prepare, first, args.jobs, "train stages for")
     if pending:
-        run_jobs(pending, min(args.jobs, len(pending)))
+        run_jobs(execute, pending, args.jobs, "run")
     _report(args, jobs, stage, time.perf_counter() - start)
     return 0
 

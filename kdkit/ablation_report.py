@@ -62,14 +62,14 @@ def memory_measure(run_dir: Path) -> str:
 
 
 def cache_use(run_dirs: list[Path]) -> dict[str, dict[str, int]]:
-    """Per cached train stage: how many runs trained it and how many reused a cached one."""
-    counts: dict[str, dict[str, int]] = {}
+    """Per cached train stage: how many distinct models the runs used (each trained once) and how many
+    times one was reused."""
+    keys: dict[str, list[str]] = {}
     for run_dir in run_dirs:
         for name, stage in _read(run_dir / "summary.json").items():
             if "cache" in stage:
-                entry = counts.setdefault(name, {"trained": 0, "reused": 0})
-                entry["reused" if stage["cache"]["reused"] else "trained"] += 1
-    return counts
+                keys.setdefault(name, []).append(stage["cache"]["key"])
+    return {name: {"trained": len(set(k)), "reused": len(k) - len(set(k))} for name, k in keys.items()}
 
 
 # ------------------------------------------------------------------------------------ numbers

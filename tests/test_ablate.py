@@ -256,12 +256,16 @@ def test_every_run_is_complete_and_the_teacher_is_trained_once_per_seed(ablation
         assert (ablation / "runs" / run / "run.json").exists()
     report = json.loads((ablation / "ablation.json").read_text())
     assert report["stage_cache"] == {"teacher": {"trained": 2, "reused": 2}}
+    # The teacher of each seed was trained once, alone, before the runs; every run reused it.
+    assert sorted(p.name for p in (ablation / "prepare").iterdir()) == sorted(RUNS[::2])
     for seed in (0, 1):
         runs = [ablation / "runs" / f"adapter-{a}__seed{seed}" for a in ("covariance", "projection")]
         caches = [_summary(r)["teacher"]["cache"] for r in runs]
-        assert caches[0]["key"] == caches[1]["key"] and sorted(c["reused"] for c in caches) == [False, True]
+        assert caches[0] == caches[1] == {**caches[0], "reused": True, "trained_by": RUNS[2 * seed]}
         entry = ablation / "cache" / caches[0]["key"] / "model.pt"
         assert all(os.path.samefile(r / "teacher" / "model.pt", entry) for r in runs)
+        prepared = _summary(ablation / "prepare" / RUNS[2 * seed])
+        assert list(prepared) == ["teacher"] and not prepared["teacher"]["cache"]["reused"]
     assert len([p for p in (ablation / "cache").iterdir() if p.is_dir()]) == 2
 
 
@@ -341,8 +345,11 @@ def test_rerun_continues_an_interrupted_ablation(
     assert len((out / "runs" / RUNS[2] / "metrics.jsonl").read_text().splitlines()) == lines_before
     assert sorted(p.name for p in (out / "cache").iterdir()) == caches_before
     assert _summary(out / "runs" / RUNS[3])["teacher"]["cache"]["reused"]
-    use = json.loads((out / "ablation.json").read_text())["stage_cache"]["teacher"]
-    assert use["trained"] + use["reused"] == 4 and use["trained"] <= 2
+    assert json.loads((out / "ablation.json").read_text())["stage_cache"]["teacher"] == {
+        "trained": 2,
+        "reused": 2,
+    }
+    assert "train stages first" not in err  # both teachers were in the cache
     assert len(list(csv.DictReader((out / "ablation.csv").open()))) == 8
 
     # The same folder with a changed recipe is refused, naming what differs.

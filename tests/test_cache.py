@@ -193,3 +193,30 @@ def test_the_epoch_sampler_shares_each_global_batch_between_ranks() -> None:
     sampler = EpochSampler(10, seed=0, aug_cycle=2)
     sampler.set_epoch(3)
     assert {slot for _, slot in sampler} == {1} and [i for i, _ in sampler] != [i for i, _ in single]
+
+
+def test_a_half_precision_teacher_is_converted_in_place_and_never_builds_a_graph() -> None:
+    teacher = tiny_vit(embed_dim=48, seed=1)
+    before = list(teacher.parameters())
+    student = tiny_vit(embed_dim=32, seed=2)
+    pairs = stage_pairs(teacher, student, [[1, 1]])
+    task = Distiller(
+        teacher, student, pairs, example_input=torch.zeros(2, 1, 16, 16), teacher_dtype="bfloat16"
+    )
+    after = list(task.teacher.parameters())
+    # The same Parameter objects now hold 2-byte storage: no fp32 copy is kept beside them.
+    assert all(
+        a is b and a.dtype == torch.bfloat16 and not a.requires_grad
+        for a, b in zip(after, before, strict=True)
+    )
+    no_schedule = TrainSpec(scheduler="none", device="cpu")
+    trainer = Trainer(task, no_schedule, [], {}, ClassificationEvaluator(), Path("unused"), _NoLog(), "s")
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized and not optimized & {id(p) for p in after}  # no optimizer state for the teacher
+    images = torch.randn(4, 1, 16, 16)
+    with torch.autocast("cpu", dtype=torch.float16):  # the half teacher runs outside autocast
+        raw = task._run_teacher(images)
+    assert all(v.is_inference() and v.dtype == torch.bfloat16 for v in raw.values())
+    out = task(images, torch.tensor([0, 1, 2, 3]))
+    out["loss"].backward()
+    assert all(p.grad is None for p in after) and student.head.weight.grad is not None

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_vit
+import yaml
+from conftest import tiny_recipe_dict, tiny_vit
 
 from kdkit import distributed
 from kdkit.checkpoint import load_file, seed_everything
+from kdkit.cli import main
 from kdkit.data import build_loaders
 from kdkit.distiller import Distiller, stage_pairs
 from kdkit.evaluators import ClassificationEvaluator
@@ -71,3 +76,31 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path:
         for key in (k for k in want if k.startswith(("train/", "val/"))):
             assert abs(got[key] - want[key]) <= 1e-5 * max(1.0, abs(want[key])), key
     assert {p.name for p in (tmp_path / "ddp").iterdir()} >= {"last.pt", "model.pt", "rank0.pt", "rank1.pt"}
+
+
+def test_torchrun_kdkit_run_writes_one_run_directory_like_a_single_process(tmp_path: Path) -> None:
+    """`torchrun -m kdkit run`: rank 0 picks the directory and alone writes it; same model as one process."""
+    data = tiny_recipe_dict()
+    data["train"].update(epochs=1, max_steps_per_epoch=2)
+    data["distill"].update(adapter="projection", teacher="teacher", cache_dir=str(tmp_path / "cache"))
+    data["pipeline"] = [
+        {"name": "student_kd", "do": "distill"},
+        {"name": "test", "do": "evaluate", "runs": ["student_kd"], "split": "val"},
+    ]
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2"]
+    subprocess.run(
+        [*command, "-m", "kdkit", "run", str(recipe), "--out", str(tmp_path / "ddp")], env=env, check=True
+    )
+    assert main(["run", str(recipe), "--out", str(tmp_path / "single")]) == 0
+    runs = {name: tmp_path / name for name in ("ddp", "single")}
+    lines = {name: (run / "metrics.jsonl").read_text().splitlines() for name, run in runs.items()}
+    assert len(lines["ddp"]) == len(lines["single"])  # rank 1 logged nothing
+    summary = json.loads((runs["ddp"] / "summary.json").read_text())
+    assert set(summary) == {"student_kd", "test"} and summary["test"]["results"]["student_kd"]
+    models = {name: load_file(run / "student_kd" / "model.pt")["model"] for name, run in runs.items()}
+    for key in models["single"]:
+        # Float rounding only (the teacher cache, filled by the two processes, served the single run).
+        torch.testing.assert_close(models["ddp"][key], models["single"][key], rtol=0, atol=1e-5, msg=key)
