@@ -9,9 +9,11 @@ Output folder::
     OUT/ablation.{csv,json,md,png} the results (`kdkit.ablation_report`)
 
 The train stages (the teacher) are trained first, once per distinct cache key, each set in its own
-process; then every run, in a fresh process of its own, reuses them and does the same work as
-every other run, so runs cannot leak state into each other and their time and peak memory
-compare. Re-running the same command skips complete runs and continues interrupted ones.
+process. Seeds vary the compared runs; the teacher is trained with the recipe's seed and shared by
+every seed (`--teacher-per-seed` trains it again for each seed). Then every run, in a fresh process
+of its own, reuses them and does the same work as every other run, so runs cannot leak state into
+each other and their time and peak memory compare. Re-running the same command skips complete runs
+and continues interrupted ones.
 """
 
 from __future__ import annotations
@@ -193,10 +195,31 @@ class RunJob:
         return self.out / "prepare" / self.name
 
 
-def resolve(base: dict[str, Any], variant: Variant, seed: int, source: str) -> Recipe:
-    """The recipe of one run: the base recipe with the variant's overrides and `seed`."""
+def resolve(
+    base: dict[str, Any],
+    variant: Variant,
+    seed: int,
+    source: str,
+    *,
+    stage: str | None = None,
+    teacher_seed: int | None = None,
+) -> Recipe:
+    """The recipe of one run: the base recipe with the variant's overrides and `seed`.
+
+    With `teacher_seed`, every train stage other than the compared `stage` (the teacher) that does
+    not pin a seed of its own is pinned to it, so one teacher serves every seed of the grid."""
+    label = f"{source} with {variant.label}, seed {seed}"
     data = apply_overrides(base, [*variant.overrides, f"seed={seed}"])
-    return parse_recipe(data, f"{source} with {variant.label}, seed {seed}")
+    recipe = parse_recipe(data, label)
+    if teacher_seed is None:
+        return recipe
+    compared = target_stage(recipe, stage)
+    pins = [
+        f"pipeline.{s.name}.train.seed={teacher_seed}"
+        for s in recipe.pipeline
+        if s.do == "train" and s.name != compared and s.train.get("seed") is None
+    ]
+    return parse_recipe(apply_overrides(data, pins), label) if pins else recipe
 
 
 def peak_memory() -> dict[str, Any]:
@@ -331,6 +354,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--jobs", type=int, default=1, help="runs at the same time, each its own process (default 1)"
     )
     p.add_argument("--stage", help="the stage whose model is compared (default: the last distill stage)")
+    p.add_argument(
+        "--teacher-per-seed",
+        action="store_true",
+        help="train the teacher (every train stage but the compared one) again for every seed; by "
+        "default it is trained once, with the recipe's seed, and every seed of every variant uses it",
+    )
     p.set_defaults(func=cmd_ablate)
 
 
@@ -343,8 +372,14 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     variants = expand_grid(args.vary)
     seeds = parse_seeds(args.seeds)
     threads = max(1, torch.get_num_threads() // args.jobs)
-    recipes = {(v, s): resolve(base, v, s, str(args.recipe)) for v in variants for s in seeds}
-    out = args.out or Path("runs") / f"ablation-{recipes[variants[0], seeds[0]].name}"
+    reference = parse_recipe(base, str(args.recipe))
+    teacher_seed = None if args.teacher_per_seed else reference.seed
+    recipes = {
+        (v, s): resolve(base, v, s, str(args.recipe), stage=args.stage, teacher_seed=teacher_seed)
+        for v in variants
+        for s in seeds
+    }
+    out = args.out or Path("runs") / f"ablation-{reference.name}"
     stage = target_stage(recipes[variants[0], seeds[0]], args.stage)
     for variant in variants:  # everything `kdkit run` checks, once per variant; prepares the data
         try:
@@ -379,6 +414,7 @@ def _report(args: argparse.Namespace, jobs: list[RunJob], stage: str, seconds: f
         "vary": args.vary,
         "seeds": parse_seeds(args.seeds),
         "stage": stage,
+        "teacher_per_seed": args.teacher_per_seed,
         "jobs": args.jobs,
         "wall_seconds": seconds,  # this invocation; a continued ablation's runs ran in earlier ones too
         "run_seconds": sum(row["wall_s"] for row in rows),

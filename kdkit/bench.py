@@ -37,6 +37,7 @@ import torch
 from rich.table import Table
 
 from kdkit.cache import TeacherCache
+from kdkit.cli import _add_recipe_args
 from kdkit.data import DataError, build_loaders
 from kdkit.distiller import Distiller, SupervisedTask
 from kdkit.recipe import Recipe, RecipeError, StageSpec, TrainSpec, load_recipe
@@ -60,8 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="time student-alone vs distillation (live teacher, cached teacher, hand-written loop)",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    p.add_argument("recipe", type=Path, help="recipe YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_recipe_args(p)
     p.add_argument("--stage", help="the distill stage to measure (default: the first)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (default 10)")
     p.add_argument("--batch", type=int, help="batch size (default: the recipe's data.batch_size)")
@@ -152,9 +152,12 @@ def run_bench(
                 unavailable[mode] = str(exc)
         seconds: dict[str, list[float]] = {mode: [] for mode in runners}
         cache.hits = cache.misses = 0  # count the timed steps only
-        order = list(runners)
+        # Each round runs every mode once, the compared pairs (b, d) and (c, a) side by side; the order
+        # rotates and reverses from round to round, so no mode always follows the same one.
+        order = [m for m in ("student", "cached", "distill", "reference") if m in runners]
         for r in range(repeats):
-            for mode in order[r % len(order) :] + order[: r % len(order)]:
+            rotated = order[r % len(order) :] + order[: r % len(order)]
+            for mode in rotated if r % 2 == 0 else rotated[::-1]:
                 start = time.perf_counter()
                 runners[mode](steps)
                 _synchronize(device)
@@ -181,9 +184,11 @@ def run_bench(
         modes["cached"]["cache_hit_rate"] = cache_hits
 
     def ratio(a: str, b: str) -> float | None:
-        if "step_ms" in modes[a] and "step_ms" in modes[b]:
-            return modes[a]["step_ms"] / modes[b]["step_ms"]
-        return None
+        """Median over the repeats of a/b measured in the same round (moments apart): robust to load
+        that drifts during the run."""
+        if a not in seconds or b not in seconds:
+            return None
+        return statistics.median(x / y for x, y in zip(seconds[a], seconds[b], strict=True))
 
     return {
         "stage": stage_spec.name,

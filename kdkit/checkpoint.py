@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,33 @@ import torch
 
 class CheckpointError(ValueError):
     """A file that is not a usable checkpoint."""
+
+
+class OutputDirError(ValueError):
+    """An output directory that cannot hold what a command will write."""
+
+
+def check_output_dir(path: str | Path, need_bytes: int = 0, option: str = "--out") -> None:
+    """Fail early, naming `path`, when it cannot be created or written, or its file system has less
+    than `need_bytes` free. Creates nothing: the nearest existing ancestor is what gets tested."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputDirError(f"{option} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputDirError(
+            f"{option} {path}: {existing} is not writable (permission denied or a read-only file "
+            "system); choose another output directory"
+        )
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        raise OutputDirError(
+            f"{option} {path}: only {free / 2**20:.1f} MiB free on its file system, the run's "
+            f"checkpoints need at least {need_bytes / 2**20:.1f} MiB; free some space or choose "
+            "another output directory"
+        )
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

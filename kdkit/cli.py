@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdkit import __version__
-from kdkit.checkpoint import CheckpointError
+from kdkit.checkpoint import CheckpointError, OutputDirError, check_output_dir
 from kdkit.data import DataError, example_batch
 from kdkit.info import model_cost
 from kdkit.models import ModelError, build_model
@@ -24,7 +24,7 @@ from kdkit.plugins import load_plugins
 from kdkit.recipe import ModelSpec, RecipeError, load_recipe, parse_override, read_yaml
 from kdkit.registry import COMMANDS, RegistryError
 from kdkit.runlog import console
-from kdkit.trainer import TrainingDiverged
+from kdkit.trainer import TrainingDiverged, TrainingInterrupted
 
 # Core commands that live in their own module; each module has `add_parser(subparsers)`.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -124,9 +124,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise out
         if args.resume:
             _check_same_recipe(recipe.to_dict(), out / "recipe.yaml")
+        if distributed.is_main():
+            check_output_dir(out)  # before checking, which may take a while (generating data)
         run = RecipeRun(recipe, out)
         with distributed.main_first():  # rank 0 first: checking may generate the data set
             run.check()
+        if distributed.is_main():
+            check_output_dir(out, run.bytes_to_write())
         console.print(f"run directory: {out}")
         run.run(resume=args.resume)
         console.print(f"done: {out / 'summary.json'}")
@@ -281,12 +285,27 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RecipeError, UsageError, ModelError, DataError, CheckpointError, RegistryError) as exc:
+    except (
+        RecipeError,
+        UsageError,
+        ModelError,
+        DataError,
+        CheckpointError,
+        OutputDirError,
+        RegistryError,
+    ) as exc:
         _error(exc)
         return 2
     except TrainingDiverged as exc:
         _error(exc)
         return 1
+    except OSError as exc:  # disk full, permission denied, ... while writing: name the file, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        _error(OSError(f"{where}{exc.strerror or exc}; files written before are kept (atomic writes)"))
+        return 1
+    except TrainingInterrupted as exc:
+        console.print(f"[yellow]interrupted:[/yellow] {escape(str(exc))}", soft_wrap=True)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         return 130

@@ -54,11 +54,12 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self, size: int, seed: int, aug_cycle: int | None = None, rank: int = 0, world: int = 1
     ) -> None:
         self.size, self.seed, self.aug_cycle, self.rank, self.world = size, seed, aug_cycle, rank, world
-        self.epoch = 0
+        self.epoch = self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order (and augmentation slot) the next iteration yields."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Choose the epoch whose order (and augmentation slot) the next iteration yields, leaving
+        out this rank's first `skip` samples (already trained by a run resumed mid-epoch)."""
+        self.epoch, self.skip = epoch, skip
 
     @property
     def slot(self) -> int:
@@ -73,7 +74,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         order = torch.randperm(self.size, generator=generator).tolist()
         order += order[: len(self) * self.world - self.size]
         slot = self.slot
-        return iter([(index, slot) for index in order[self.rank :: self.world]])
+        return iter([(index, slot) for index in order[self.rank :: self.world][self.skip :]])
 
 
 def augmentation_seed(seed: int, slot: int, index: int) -> int:
@@ -139,8 +140,8 @@ _NOT_IN_IMAGES = ("batch_size", "eval_batch_size", "num_workers", "aug_cycle")
 
 def build_loaders(
     spec: DataSpec, seed: int, eval_splits: tuple[str, ...] = ("val",)
-) -> tuple[DataLoader, dict[str, DataLoader], Callable[[int], None]]:
-    """Train loader, evaluation loaders and a `set_epoch(epoch)` that fixes the shuffle order.
+) -> tuple[DataLoader, dict[str, DataLoader], Callable[[int, int], None]]:
+    """Train loader, evaluation loaders and a `set_epoch(epoch, skip=0)` that fixes the shuffle order.
 
     Training batches are `(images, labels, keys)`, keys `(B, 2)` = (sample index, augmentation
     slot). The order and augmentation of epoch e depend only on (seed, e), so a resumed run and an

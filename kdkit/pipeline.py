@@ -55,6 +55,7 @@ class RecipeRun:
         self.out_dir = Path(out_dir)
         self.stage_cache = Path(stage_cache) if stage_cache is not None else None
         self.trained: dict[str, tuple[ModelSpec, Path]] = {}  # stage -> (model spec, model.pt)
+        self.param_bytes: dict[str, int] = {}  # model key -> size of its weights (known after `check`)
 
     # ------------------------------------------------------------------ checks before any work
     def check(self) -> list[Table]:
@@ -81,7 +82,9 @@ class RecipeRun:
         self.make_evaluator()
         example = example_batch(r.data)
         for key in r.models:
-            check_input(self.build(key, f"models.{key}"), example, f"models.{key}")
+            model = self.build(key, f"models.{key}")
+            check_input(model, example, f"models.{key}")
+            self.param_bytes[key] = sum(p.numel() * p.element_size() for p in model.parameters())
         tables = []
         for stage in r.pipeline:
             if stage.do != "evaluate":
@@ -94,6 +97,18 @@ class RecipeRun:
                 tables.append(self.tap_table(stage, distiller))
                 distiller.close()
         return tables
+
+    def bytes_to_write(self) -> int:
+        """A lower bound of the disk space the run's checkpoints take (after `check`): per trained
+        model, `model.pt` plus `last.pt` (weights and two optimizer moments), one of them written
+        beside its old copy before the rename."""
+        r = self.recipe
+        fitted = [
+            s.model if s.do == "train" else r.stage_distill(s).student
+            for s in r.pipeline
+            if s.do != "evaluate"
+        ]
+        return sum(self.param_bytes.get(key or "", 0) * (1 + 3 + 3) for key in fitted)
 
     def make_evaluator(self) -> Any:
         """The recipe's evaluator instance."""
@@ -188,7 +203,7 @@ class RecipeRun:
                     self._remember(stage, stage_dir)
                     continue
                 console.rule(f"stage {stage.name}: {stage.do}")
-                seed_everything(r.seed)
+                seed_everything(r.stage_seed(stage))  # model initialisation draws from it
                 result = self._run_stage(stage, stage_dir, log, resume)
                 summary[stage.name] = result
                 if main:
@@ -251,7 +266,8 @@ class RecipeRun:
     def _fit_stage(self, stage: StageSpec, stage_dir: Path, log: MetricsLog, resume: bool) -> dict[str, Any]:
         r = self.recipe
         train = r.stage_train(stage)
-        train_loader, eval_loaders, set_epoch = build_loaders(r.data, r.seed)
+        seed = r.stage_seed(stage)
+        train_loader, eval_loaders, set_epoch = build_loaders(r.data, seed)
         meta: dict[str, Any] = {"stage": stage.name, "recipe": r.to_dict(), "data": _data_meta(r)}
         if stage.do == "train":
             model = self.build(stage.model, f"pipeline.{stage.name}.model")
@@ -274,13 +290,13 @@ class RecipeRun:
             stage_dir,
             log,
             stage.name,
-            r.seed,
+            seed,
             model_meta=meta,
             set_epoch=set_epoch,
         )
         # Same seed, same augmentation and dropout draws in every ablation variant, however much
         # randomness building the task consumed (a projection adapter's init, for instance).
-        seed_everything(r.seed)
+        seed_everything(seed)
         result: StageResult = trainer.fit(resume=resume)
         if isinstance(task, Distiller):
             task.close()
@@ -378,9 +394,9 @@ def results_table(results: dict[str, dict[str, float]], split: str, keys: list[s
 def train_stage_key(recipe: Recipe, stage: StageSpec) -> str:
     """Hash of exactly what a `train` stage's model depends on.
 
-    Data, the model's spec (and its initial weights file), the merged training settings, the seed,
-    the evaluator (it picks the saved epoch) and the kdkit version; not the distill section, other
-    models or the stage's name.
+    Data, the model's spec (and its initial weights file), the merged training settings (with the
+    stage's seed), the evaluator (it picks the saved epoch) and the kdkit version; not the distill
+    section, other models or the stage's name.
     """
     spec = recipe.models[stage.model]
     parts = {
@@ -389,7 +405,6 @@ def train_stage_key(recipe: Recipe, stage: StageSpec) -> str:
         "model": dataclasses.asdict(spec),
         "weights_sha256": file_sha256(spec.weights) if spec.weights else None,
         "train": dataclasses.asdict(recipe.stage_train(stage)),
-        "seed": recipe.seed,
         "evaluator": [recipe.evaluator, recipe.evaluator_options],
         "kdkit": __version__,
     }

@@ -111,6 +111,7 @@ class TrainSpec:
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     log_every: int = 20  # steps between progress/log updates
     max_steps_per_epoch: int | None = None  # cap steps per epoch (quick runs, smoke tests)
+    seed: int | None = None  # this stage's seed; null = the recipe's `seed` (a stage may pin its own)
 
 
 @dataclass
@@ -143,8 +144,13 @@ class Recipe:
 
     def stage_train(self, stage: StageSpec) -> TrainSpec:
         """The stage's training settings: the top-level `train` with the stage's overrides."""
-        merged = {**dataclasses.asdict(self.train), **stage.train}
+        merged = {**dataclasses.asdict(self.train), **stage.train, "seed": self.stage_seed(stage)}
         return _convert(TrainSpec, merged, f"pipeline.{stage.name}.train", [])
+
+    def stage_seed(self, stage: StageSpec) -> int:
+        """The stage's seed: its `train.seed` when it pins one, else the recipe's `seed`."""
+        seed = stage.train.get("seed", self.train.seed)
+        return self.seed if seed is None else int(seed)
 
     def stage_distill(self, stage: StageSpec) -> DistillSpec:
         """The stage's distillation settings: the top-level `distill` with the stage's overrides."""
@@ -444,6 +450,8 @@ def _check_train(train: TrainSpec, where: str, problems: list[str]) -> None:
         problems.append(f"{where}.lr: expected a positive number, got {train.lr}")
     if train.eval_every < 1 or train.log_every < 1:
         problems.append(f"{where}: eval_every and log_every must be at least 1")
+    if train.seed is not None and train.seed < 0:
+        problems.append(f"{where}.seed: expected a non-negative integer (or null), got {train.seed}")
 
 
 def _check_distill(

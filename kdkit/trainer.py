@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,41 @@ from kdkit.runlog import MetricsLog, console
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped training after the state was saved; `--resume` continues exactly."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[dict[str, int]]:
+    """While training: the first SIGINT/SIGTERM only asks the loop to save and stop (`stop["signal"]`);
+    a second SIGINT interrupts at once. Not in torchrun workers or outside the main thread, where
+    stopping must stay collective and the default handling (resume from the last epoch) applies."""
+    stop: dict[str, int] = {}
+    if threading.current_thread() is not threading.main_thread() or distributed.world_size() > 1:
+        yield stop
+        return
+
+    def request(signum: int, _frame: Any) -> None:
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        console.print(
+            f"[yellow]{signal.Signals(signum).name}: saving after this step, then stopping "
+            "(Ctrl-C again to stop at once, keeping the last epoch's checkpoint)[/yellow]"
+        )
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,13 +168,13 @@ class Trainer:
         stage: str,
         seed: int = 0,
         model_meta: dict[str, Any] | None = None,
-        set_epoch: Callable[[int], None] | None = None,
+        set_epoch: Callable[[int, int], None] | None = None,
     ) -> None:
         self.task, self.spec, self.stage, self.seed = task, spec, stage, seed
         self.train_loader, self.eval_loaders, self.evaluator = train_loader, eval_loaders, evaluator
         self.out_dir, self.log = Path(out_dir), log
         self.model_meta = model_meta or {}
-        self.set_epoch = set_epoch or (lambda epoch: None)
+        self.set_epoch = set_epoch
         self.device = resolve_device(distributed.device_for_rank(spec.device))
         self.task.to(self.device)
         self.step_module = distributed.wrap(task, self.device)  # DDP when launched by torchrun
@@ -168,43 +206,26 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.train_seconds = 0.0
         self.data_seconds = 0.0
+        self.epoch_progress: dict[str, Any] | None = None  # where an interrupted epoch stopped
+        self.stop: dict[str, int] = {}  # set by SIGINT/SIGTERM while `fit` runs
 
     # ---------------------------------------------------------------- the loop
     def fit(self, resume: bool = False) -> StageResult:
         """Train for `spec.epochs` epochs (continuing from `last.pt` when `resume`)."""
         if resume and (self.out_dir / "last.pt").exists():
             self._load_state(self.out_dir / "last.pt")
+            where = f"after epoch {self.epoch}"
+            if self.epoch_progress:
+                where = f"at step {self.epoch_progress['step']} of epoch {self.epoch + 1}"
             console.print(  # markup=False: "[stage]" is text, not a rich style tag
-                f"[{self.stage}] resumed from {self.out_dir / 'last.pt'} after epoch {self.epoch}",
-                markup=False,
+                f"[{self.stage}] resumed from {self.out_dir / 'last.pt'} {where}", markup=False
             )
         distributed.decorrelate_rng()  # ranks share the seed; dropout must differ between them
         start = time.perf_counter()
         main = distributed.is_main()
-        for epoch in range(self.epoch, self.spec.epochs):
-            epoch_start = time.perf_counter()
-            train_terms = self.train_one_epoch(epoch)
-            self.train_seconds += time.perf_counter() - epoch_start
-            self.epoch = epoch + 1
-            record = {
-                "stage": self.stage,
-                "epoch": self.epoch,
-                "step": self.global_step,
-                **{f"train/{k}": v for k, v in train_terms.items()},
-            }
-            if not main:  # the others wait for rank 0 in their next step's gradient all-reduce
-                continue
-            if self.epoch % self.spec.eval_every == 0 or self.epoch == self.spec.epochs:
-                metrics = self.evaluate()
-                record.update(metrics)
-                self._update_best(metrics)
-            self.log.write(record)
-            self._save_state()
-            console.print(
-                f"[{self.stage}] epoch {self.epoch}/{self.spec.epochs} "
-                + " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float) and "/" in k),
-                markup=False,
-            )
+        with _stop_requests() as self.stop:
+            for epoch in range(self.epoch, self.spec.epochs):
+                self._fit_epoch(epoch, main)
         if main and not (self.out_dir / "model.pt").exists():  # resumed after the last epoch, or no eval
             self._save_model(self.last_metrics)
         distributed.barrier()  # later stages on every rank read the files rank 0 wrote
@@ -218,19 +239,50 @@ class Trainer:
             data_wait_seconds_per_epoch=self.data_seconds / max(self.epoch, 1),
         )
 
+    def _fit_epoch(self, epoch: int, main: bool) -> None:
+        """Train one epoch, then (rank 0) evaluate when due, log and save `last.pt`."""
+        epoch_start = time.perf_counter()
+        train_terms = self.train_one_epoch(epoch)
+        self.train_seconds += time.perf_counter() - epoch_start
+        self.epoch = epoch + 1
+        record = {
+            "stage": self.stage,
+            "epoch": self.epoch,
+            "step": self.global_step,
+            **{f"train/{k}": v for k, v in train_terms.items()},
+        }
+        if not main:  # the others wait for rank 0 in their next step's gradient all-reduce
+            return
+        if self.epoch % self.spec.eval_every == 0 or self.epoch == self.spec.epochs:
+            metrics = self.evaluate()
+            record.update(metrics)
+            self._update_best(metrics)
+        self.log.write(record)
+        self._save_state()
+        console.print(
+            f"[{self.stage}] epoch {self.epoch}/{self.spec.epochs} "
+            + " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float) and "/" in k),
+            markup=False,
+        )
+        if self.stop and self.epoch < self.spec.epochs:
+            self._interrupted(f"after epoch {self.epoch}")
+
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training loader (at most `steps_per_epoch` batches); the epoch's mean terms."""
         self.task.train()
-        self.set_epoch(epoch)
-        names: list[str] = []
-        sums = torch.zeros(0)  # per term: sum over samples, kept on the device (no per-step sync)
-        seen = 0
+        progress, self.epoch_progress = self.epoch_progress, None
+        first = progress["step"] if progress else 0  # steps of this epoch trained before an interruption
+        names: list[str] = progress["names"] if progress else []
+        # Per term: sum over samples, kept on the device (no per-step sync).
+        sums = progress["sums"].to(self.device) if progress else torch.zeros(0)
+        seen = progress["seen"] if progress else 0
         tick = time.perf_counter()
-        batches = iter(self.train_loader)
+        batches = self._batches(epoch, first)
         with _progress(
             self.steps_per_epoch, f"[{self.stage}] epoch {epoch + 1}/{self.spec.epochs}"
         ) as advance:
-            for step in range(self.steps_per_epoch):
+            advance(first)
+            for step in range(first, self.steps_per_epoch):
                 wait = time.perf_counter()
                 batch = next(batches)
                 self.data_seconds += time.perf_counter() - wait
@@ -258,7 +310,26 @@ class Trainer:
                             }
                         )
                 advance()
+                if self.stop and step + 1 < self.steps_per_epoch:
+                    self._save_state({"step": step + 1, "names": names, "sums": sums.cpu(), "seen": seen})
+                    self._interrupted(f"at step {step + 1}/{self.steps_per_epoch} of epoch {epoch + 1}")
         return self._gathered_means(names, sums, seen)
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[Any]:
+        """The epoch's batches from number `skip` on (a run resumed mid-epoch trained the others)."""
+        if self.set_epoch is None:  # a plain iterable: load the trained batches and drop them
+            return itertools.islice(iter(self.train_loader), skip, None)
+        # kdkit's sampler leaves them out, so nothing is loaded for them.
+        self.set_epoch(epoch, skip * (self.train_loader.batch_size or 1))
+        return iter(self.train_loader)
+
+    def _interrupted(self, where: str) -> None:
+        """Stop after SIGINT/SIGTERM: `last.pt` was just saved."""
+        raise TrainingInterrupted(
+            f"[{self.stage}] stopped {where}; saved {self.out_dir / 'last.pt'}. "
+            "Continue with the same command plus --resume (and --out pointing at this run).",
+            self.stop["signal"],
+        )
 
     def train_step(
         self, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor | None = None
@@ -338,8 +409,9 @@ class Trainer:
             self.out_dir / "model.pt",
         )
 
-    def _save_state(self) -> None:
-        """`last.pt`: everything needed to continue exactly where training stopped."""
+    def _save_state(self, epoch_progress: dict[str, Any] | None = None) -> None:
+        """`last.pt`: everything needed to continue exactly where training stopped (at the end of
+        epoch `self.epoch`, or `epoch_progress["step"]` steps into the next one)."""
         atomic_save(
             {
                 "kdkit": 1,
@@ -356,6 +428,7 @@ class Trainer:
                 "last_metrics": self.last_metrics,
                 "train_seconds": self.train_seconds,
                 "data_seconds": self.data_seconds,
+                "epoch_progress": epoch_progress,
                 **self.model_meta,
             },
             self.out_dir / "last.pt",
@@ -373,3 +446,4 @@ class Trainer:
         self.best, self.last_metrics = state["best"], state["last_metrics"]
         self.train_seconds = state["train_seconds"]
         self.data_seconds = state.get("data_seconds", 0.0)
+        self.epoch_progress = state.get("epoch_progress")

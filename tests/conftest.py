@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,18 @@ from kdkit.recipe import DataSpec
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def teacher_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Teacher-output caches written by the tests (and their subprocesses) go to a temporary
+    folder, never the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("teacher-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KDKIT_CACHE_DIR", str(path))
+        yield path
+
+
 DIGITS_RECIPE = REPO / "recipes" / "digits-kd.yaml"
 
 

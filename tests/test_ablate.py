@@ -24,7 +24,7 @@ from kdkit.checkpoint import load_file
 from kdkit.cli import main
 from kdkit.data import digits
 from kdkit.pipeline import RecipeRun, train_stage_key
-from kdkit.recipe import apply_overrides, parse_recipe
+from kdkit.recipe import Recipe, apply_overrides, parse_recipe, read_yaml
 from kdkit.registry import DATASETS
 from kdkit.runlog import console
 
@@ -91,6 +91,31 @@ def test_variant_recipe_parses_values_as_yaml_and_sets_the_seed() -> None:
     variant = expand_grid(["distill.stages=[[1,1]],[[1,1],[2,2]]"])[1]
     recipe = resolve(small_recipe(), variant, 3, "tiny.yaml")
     assert recipe.seed == 3 and recipe.distill.stages == [[1, 1], [2, 2]]
+
+
+def test_teacher_seed_pins_the_teacher_only_so_seeds_share_it() -> None:
+    base = small_recipe()
+    base["pipeline"].insert(1, {"name": "alone", "do": "train", "model": "student", "train": {"seed": 7}})
+    variant = expand_grid(["distill.adapter=covariance"])[0]
+
+    def seeds(recipe: Recipe) -> dict[str, int]:
+        return {s.name: recipe.stage_seed(s) for s in recipe.pipeline}
+
+    def teacher_key(recipe: Recipe) -> str:
+        return train_stage_key(recipe, recipe.pipeline[0])
+
+    shared = [resolve(base, variant, s, "tiny.yaml", teacher_seed=0) for s in (1, 2)]
+    # The teacher keeps the recipe's seed, a stage that pins its own keeps it, the student follows.
+    assert [seeds(r) for r in shared] == [
+        {"teacher": 0, "alone": 7, "student_kd": s, "test": s} for s in (1, 2)
+    ]
+    assert teacher_key(shared[0]) == teacher_key(shared[1])
+    per_seed = [resolve(base, variant, s, "tiny.yaml") for s in (1, 2)]
+    assert [seeds(r)["teacher"] for r in per_seed] == [1, 2]
+    assert teacher_key(per_seed[0]) != teacher_key(per_seed[1])
+    # When the teacher itself is the compared stage, it is never pinned.
+    compared = resolve(base, variant, 1, "tiny.yaml", stage="teacher", teacher_seed=0)
+    assert seeds(compared)["teacher"] == 1
 
 
 @pytest.mark.parametrize(
@@ -248,25 +273,26 @@ def _summary(run: Path) -> dict[str, Any]:
     return json.loads((run / "summary.json").read_text())
 
 
-def test_every_run_is_complete_and_the_teacher_is_trained_once_per_seed(ablation: Path) -> None:
+def test_every_run_is_complete_and_one_teacher_serves_every_variant_and_seed(ablation: Path) -> None:
     assert sorted(p.name for p in (ablation / "runs").iterdir()) == sorted(RUNS)
     assert not any((ablation / "partial").iterdir())
     for run in RUNS:
         assert {"teacher", "student_kd", "test"} <= _summary(ablation / "runs" / run).keys()
         assert (ablation / "runs" / run / "run.json").exists()
     report = json.loads((ablation / "ablation.json").read_text())
-    assert report["stage_cache"] == {"teacher": {"trained": 2, "reused": 2}}
-    # The teacher of each seed was trained once, alone, before the runs; every run reused it.
-    assert sorted(p.name for p in (ablation / "prepare").iterdir()) == sorted(RUNS[::2])
-    for seed in (0, 1):
-        runs = [ablation / "runs" / f"adapter-{a}__seed{seed}" for a in ("covariance", "projection")]
-        caches = [_summary(r)["teacher"]["cache"] for r in runs]
-        assert caches[0] == caches[1] == {**caches[0], "reused": True, "trained_by": RUNS[2 * seed]}
-        entry = ablation / "cache" / caches[0]["key"] / "model.pt"
-        assert all(os.path.samefile(r / "teacher" / "model.pt", entry) for r in runs)
-        prepared = _summary(ablation / "prepare" / RUNS[2 * seed])
-        assert list(prepared) == ["teacher"] and not prepared["teacher"]["cache"]["reused"]
-    assert len([p for p in (ablation / "cache").iterdir() if p.is_dir()]) == 2
+    assert report["stage_cache"] == {"teacher": {"trained": 1, "reused": 3}}
+    # The teacher was trained once, alone, before the runs, with the recipe's seed; every run reused it.
+    assert [p.name for p in (ablation / "prepare").iterdir()] == [RUNS[0]]
+    caches = [_summary(ablation / "runs" / run)["teacher"]["cache"] for run in RUNS]
+    assert all(c == {**caches[0], "reused": True, "trained_by": RUNS[0]} for c in caches)
+    entry = ablation / "cache" / caches[0]["key"] / "model.pt"
+    assert all(os.path.samefile(ablation / "runs" / r / "teacher" / "model.pt", entry) for r in RUNS)
+    prepared = _summary(ablation / "prepare" / RUNS[0])
+    assert list(prepared) == ["teacher"] and not prepared["teacher"]["cache"]["reused"]
+    assert len([p for p in (ablation / "cache").iterdir() if p.is_dir()]) == 1
+    # The students still ran with their own seeds.
+    seeds = {run: read_yaml(ablation / "runs" / run / "recipe.yaml")["seed"] for run in RUNS}
+    assert seeds == {run: int(run[-1]) for run in RUNS}
 
 
 def test_csv_and_json_hold_every_run_and_mean_std_per_variant(ablation: Path) -> None:
@@ -346,10 +372,10 @@ def test_rerun_continues_an_interrupted_ablation(
     assert sorted(p.name for p in (out / "cache").iterdir()) == caches_before
     assert _summary(out / "runs" / RUNS[3])["teacher"]["cache"]["reused"]
     assert json.loads((out / "ablation.json").read_text())["stage_cache"]["teacher"] == {
-        "trained": 2,
-        "reused": 2,
+        "trained": 1,
+        "reused": 3,
     }
-    assert "train stages first" not in err  # both teachers were in the cache
+    assert "train stages first" not in err  # the teacher was in the cache
     assert len(list(csv.DictReader((out / "ablation.csv").open()))) == 8
 
     # The same folder with a changed recipe is refused, naming what differs.

@@ -90,7 +90,13 @@ def test_torchrun_kdkit_run_writes_one_run_directory_like_a_single_process(tmp_p
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(data, sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+    ]  # torchrun
     subprocess.run(
         [*command, "-m", "kdkit", "run", str(recipe), "--out", str(tmp_path / "ddp")], env=env, check=True
     )

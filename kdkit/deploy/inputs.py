@@ -9,7 +9,7 @@ transform of kdkit's image data sets.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ def read_frames(path: Path, k: int) -> list[np.ndarray]:
     if not path.exists():
         raise InputError("no such file or folder")
     if path.suffix.lower() in VIDEO_EXTS:
-        return _video_frames(path, k)
+        return [frame for _, frame in iter_video_frames(path, k)]
     try:
         with Image.open(path) as image:
             return [np.array(image.convert("RGB"))]
@@ -67,7 +67,7 @@ def read_frames(path: Path, k: int) -> list[np.ndarray]:
         raise InputError(f"not a readable image ({exc})") from None
 
 
-def _video_frames(path: Path, k: int) -> list[np.ndarray]:
+def _open_video(path: Path) -> Any:
     try:
         import cv2
     except ImportError:
@@ -75,23 +75,36 @@ def _video_frames(path: Path, k: int) -> list[np.ndarray]:
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise InputError("not a readable video")
-    capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)  # frames as stored, as `kdkit fas prepare` reads them
+    capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)  # frames as stored (annotations refer to those)
+    return capture
+
+
+def iter_video_frames(path: Path, k: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield `(index, RGB uint8 frame)` for `k` evenly spaced frames of a video, decoding it once
+    (plus a counting pass when the container reports no frame count). Used by `kdkit predict` and
+    by data preparation, so both see the same frames; raises `InputError` when nothing decodes."""
+    import cv2
+
+    capture = _open_video(path)
     count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    if count <= 0:  # containers without a frame count: count by decoding
+    if count <= 0:  # containers without a frame count: count by decoding, then start again
         while capture.grab():
             count += 1
-        capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
-    wanted, frames, index = set(sample_indices(count, k)), [], 0
-    while wanted and index <= max(wanted) and capture.grab():
-        if index in wanted:
-            ok, frame = capture.retrieve()
-            if ok:
-                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-        index += 1
-    capture.release()
-    if not frames:
+        capture.release()
+        capture = _open_video(path)
+    wanted, index, found = set(sample_indices(count, k)), 0, 0
+    try:
+        while wanted and index <= max(wanted) and capture.grab():
+            if index in wanted:
+                ok, frame = capture.retrieve()
+                if ok:
+                    found += 1
+                    yield index, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            index += 1
+    finally:
+        capture.release()
+    if not found:
         raise InputError("no decodable frames in the video")
-    return frames
 
 
 def make_preparer(name: str | None, options: dict[str, Any]) -> Preparer | None:

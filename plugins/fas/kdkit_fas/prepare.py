@@ -27,6 +27,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from kdkit.deploy.inputs import InputError, iter_video_frames, sample_indices
 from kdkit_fas import faces
 from kdkit_fas.layouts import IMAGE_EXTS, VideoRecord, image_files, index_dataset
 
@@ -81,53 +82,14 @@ class _Outcome:
     error: str | None = None
 
 
-def sample_indices(count: int, k: int) -> list[int]:
-    """`k` frame indices spread evenly over `count` frames (the centre of k equal segments)."""
-    if count <= k:
-        return list(range(count))
-    return [(2 * i + 1) * count // (2 * k) for i in range(k)]
-
-
-def _frame_count(path: Path) -> int:
-    capture = _open(path)
-    count = 0
-    while capture.grab():
-        count += 1
-    capture.release()
-    return count
-
-
-def _open(path: Path) -> cv2.VideoCapture:
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise OSError("cannot open video")
-    # Keep the stored orientation: annotation files refer to the frames as stored.
-    capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)
-    return capture
-
-
 def read_video_frames(path: Path, k: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield `(index, BGR frame)` for `k` evenly spaced frames, decoding the video once.
-
-    When the container reports no frame count, the frames are counted in a first pass.
-    """
-    probe = _open(path)
-    count = int(probe.get(cv2.CAP_PROP_FRAME_COUNT))
-    probe.release()
-    wanted = set(sample_indices(count if count > 0 else _frame_count(path), k))
-    capture, index, found = _open(path), 0, 0
+    """Yield `(index, BGR frame)` for `k` evenly spaced frames: kdkit's video reader (the frames
+    `kdkit predict` scores), in OpenCV's channel order; unreadable videos raise OSError."""
     try:
-        while wanted and index <= max(wanted) and capture.grab():
-            if index in wanted:
-                ok, frame = capture.retrieve()
-                if ok:
-                    found += 1
-                    yield index, frame
-            index += 1
-    finally:
-        capture.release()
-    if not found:
-        raise OSError("no decodable frames")
+        for index, rgb in iter_video_frames(path, k):
+            yield index, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    except InputError as exc:
+        raise OSError(str(exc)) from None
 
 
 @functools.cache
