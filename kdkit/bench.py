@@ -40,6 +40,7 @@ from kdkit.cache import TeacherCache
 from kdkit.cli import _add_recipe_args
 from kdkit.data import DataError, build_loaders
 from kdkit.distiller import Distiller, SupervisedTask
+from kdkit.info import forward_gflops
 from kdkit.recipe import Recipe, RecipeError, StageSpec, TrainSpec, load_recipe
 from kdkit.runlog import console
 from kdkit.trainer import Trainer, autocast, resolve_device
@@ -52,6 +53,15 @@ MODES = {
 }
 REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_loop.py"
 POOL = 4  # distinct synthetic batches, cycled
+# Dense bf16/fp16 tensor-core peak TFLOP/s from NVIDIA's data sheets, by device-name fragment
+# (most specific first): the denominator of model FLOPs utilisation under amp. Others: --peak-tflops.
+PEAK_TFLOPS_16BIT = (
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("A100", 312.0),
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -69,6 +79,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=5, help="measurements per mode; the median counts")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-data", action="store_true", help="skip the loader-wait measurement")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's peak TFLOP/s for the run's precision, for model FLOPs utilisation "
+        "(default: known for H100/H200/A100 under bf16/fp16 amp; otherwise none is reported)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_bench)
 
@@ -77,6 +93,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark and print it."""
     if min(args.steps, args.repeats) < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1):
         raise RecipeError(["--steps, --repeats and --batch must be positive, --warmup >= 0"], "kdkit bench")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise RecipeError([f"--peak-tflops {args.peak_tflops}: expected a positive number"], "kdkit bench")
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe, args.overrides)
@@ -88,6 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
         loader=not args.no_data,
+        peak_tflops=args.peak_tflops,
     )
     report["recipe"] = str(args.recipe)
     if args.json:
@@ -106,6 +125,7 @@ def run_bench(
     warmup: int = 3,
     repeats: int = 5,
     loader: bool = True,
+    peak_tflops: float | None = None,
 ) -> dict[str, Any]:
     """Measure the four modes; return the report (see the module docstring) as a dict."""
     from kdkit.pipeline import RecipeRun
@@ -124,6 +144,17 @@ def run_bench(
 
     def distiller() -> Distiller:
         return run.build_distiller(stage_spec, example, check_only=True)
+
+    gflops = _forward_gflops(distiller(), example)
+    # Model FLOPs per image of a training step: the student's forward and backward (about 3
+    # forwards), plus the teacher's forward where it runs. Adapters and losses are negligible.
+    step_gflops = {
+        "student": 3 * gflops["student"],
+        "distill": 3 * gflops["student"] + gflops["teacher"],
+        "cached": 3 * gflops["student"],
+        "reference": 3 * gflops["student"] + gflops["teacher"],
+    }
+    peak = peak_tflops or _known_peak(device, train.amp)
 
     with tempfile.TemporaryDirectory(prefix="kdkit-bench-") as tmp:
         cache = TeacherCache(Path(tmp), {"bench": True}, len(pool) * size, max_bytes=1 << 62)
@@ -179,7 +210,10 @@ def run_bench(
             "step_ms_min": 1000 * times[0],
             "step_ms_max": 1000 * times[-1],
             "peak_mem_mib": memory.get(mode),
+            "tflops_per_s": step_gflops[mode] * size / median / 1000,
         }
+        if peak:
+            modes[mode]["mfu"] = modes[mode]["tflops_per_s"] / peak
     if "img_per_s" in modes["cached"]:
         modes["cached"]["cache_hit_rate"] = cache_hits
 
@@ -207,8 +241,29 @@ def run_bench(
             "b/a": ratio("distill", "student"),
         },
         "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "rss_increase",
+        "forward_gflops_per_image": gflops,
+        "peak_tflops": peak,
         "loader": loader_report,
     }
+
+
+def _forward_gflops(distiller: Distiller, example: torch.Tensor) -> dict[str, float]:
+    """Forward GFLOPs per image of the distiller's student and teacher (PyTorch's FLOP counter)."""
+    dtype = next(distiller.teacher.parameters()).dtype  # a half-precision teacher takes half inputs
+    flops = {
+        "student": forward_gflops(distiller.student, example),
+        "teacher": forward_gflops(distiller.teacher, example.to(dtype)),
+    }
+    distiller.close()
+    return flops
+
+
+def _known_peak(device: torch.device, amp: str) -> float | None:
+    """The device's dense 16-bit peak TFLOP/s when it is in `PEAK_TFLOPS_16BIT` and amp is 16-bit."""
+    if device.type != "cuda" or amp not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for fragment, peak in PEAK_TFLOPS_16BIT if fragment in name), None)
 
 
 def _distill_stage(recipe: Recipe, name: str | None) -> StageSpec:
@@ -498,11 +553,11 @@ def print_report(report: dict[str, Any]) -> None:
         f"median of {report['repeats']} × {report['steps']} steps"
     )
     table = Table(title=title)
-    for col in ("mode", "img/s", "ms/step", "min–max ms", "peak MiB"):
+    for col in ("mode", "img/s", "ms/step", "min–max ms", "peak MiB", "TFLOP/s", "MFU"):
         table.add_column(col, justify="left" if col == "mode" else "right")
     for row in report["modes"].values():
         if "unavailable" in row:
-            table.add_row(row["label"], "-", "-", row["unavailable"], "-")
+            table.add_row(row["label"], "-", "-", row["unavailable"], "-", "-", "-")
             continue
         mem = row["peak_mem_mib"]
         table.add_row(
@@ -511,6 +566,8 @@ def print_report(report: dict[str, Any]) -> None:
             f"{row['step_ms']:.1f}",
             f"{row['step_ms_min']:.1f}–{row['step_ms_max']:.1f}",
             "-" if mem is None else f"{mem:.0f}",
+            f"{row['tflops_per_s']:.3g}",
+            f"{100 * row['mfu']:.1f} %" if "mfu" in row else "-",
         )
     console.print(table)
     ratios = "  ".join(f"{k} = {v:.3f}" for k, v in report["ratios"].items() if v is not None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -95,7 +96,8 @@ def load_file(path: str | Path) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except Exception as exc:  # unpickling errors, truncated zip archives, refused globals
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch's message carries ANSI styles
+        first = text.splitlines()[0] if text else type(exc).__name__
         raise CheckpointError(
             f"{path}: not a loadable checkpoint ({first}). kdkit loads checkpoints with "
             "torch.load(weights_only=True) and refuses files that need arbitrary pickled objects."

@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as exc:  # disk full, permission denied, ... while writing: name the file, no traceback
         where = f"{exc.filename}: " if exc.filename else ""
-        _error(OSError(f"{where}{exc.strerror or exc}; files written before are kept (atomic writes)"))
+        _error(OSError(f"{where}{exc.strerror or exc}"))
         return 1
     except TrainingInterrupted as exc:
         console.print(f"[yellow]interrupted:[/yellow] {escape(str(exc))}", soft_wrap=True)

@@ -80,6 +80,10 @@ class RecipeRun:
         if problems:
             raise RecipeError(problems)
         self.make_evaluator()
+        # Every split the run reads, now: an empty or one-class split must not wait for epoch 1's end.
+        splits = ["train", "val", *(s.split for s in r.pipeline if s.do == "evaluate")]
+        for split in dict.fromkeys(splits):
+            build_dataset(r.data, split)
         example = example_batch(r.data)
         for key in r.models:
             model = self.build(key, f"models.{key}")
@@ -320,29 +324,43 @@ class RecipeRun:
         return {"model": teacher, "path": str(Path(path).resolve()), "sha256": file_sha256(path)}
 
     def _evaluate_stage(self, stage: StageSpec, stage_dir: Path) -> dict[str, Any]:
-        from kdkit.deploy.calibration import write_calibration
-
         r = self.recipe
         evaluator = self.make_evaluator()
-        device = resolve_device(r.train.device)
-        splits = ["val", stage.split] if stage.split != "val" else ["val"]
-        loaders = {s: eval_loader(build_dataset(r.data, s), r.data) for s in splits}
         results: dict[str, Any] = {}
         for run in stage.runs:
             spec, path = self.trained[run]
             model = build_model(dataclasses.replace(spec, weights=None, pretrained=False))
             load_state_dict_checked(model, load_file(path)["model"], str(path))
-            model.to(device)
-            predictions = {
-                s: predict(model, loader, device, r.train.amp, f"[{stage.name}] {run} {s}")
-                for s, loader in loaders.items()
-            }
-            run_dir = stage_dir / run
-            run_dir.mkdir(parents=True, exist_ok=True)
-            results[run] = {**evaluator(predictions, run_dir), **model_size(model)}
-            write_calibration(run_dir, results[run], stage.split)  # thresholds, for `kdkit export`
+            label = f"[{stage.name}] {run}"
+            results[run] = evaluate_model(model, r, stage.split, stage_dir / run, evaluator, label)
         console.print(results_table(results, stage.split, getattr(evaluator, "summary_keys", None)))
         return {"do": "evaluate", "split": stage.split, "results": results}
+
+
+def evaluate_model(
+    model: nn.Module, recipe: Recipe, split: str, out_dir: Path, evaluator: Any, label: str
+) -> dict[str, Any]:
+    """Predict on the dev split ('val') and `split`, let the evaluator turn that into metrics and
+    write its files to `out_dir`, record the calibration (thresholds, for `kdkit export`); return
+    the metrics with the model's size. The evaluate stage and `kdkit eval` both use it."""
+    from kdkit.deploy.calibration import write_calibration
+
+    device = resolve_device(recipe.train.device)
+    model.to(device)
+    predictions = {
+        s: predict(
+            model,
+            eval_loader(build_dataset(recipe.data, s), recipe.data),
+            device,
+            recipe.train.amp,
+            f"{label} {s}",
+        )
+        for s in dict.fromkeys(["val", split])
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {**evaluator(predictions, out_dir), **model_size(model)}
+    write_calibration(out_dir, results, split)
+    return results
 
 
 def check_input(model: nn.Module, example: torch.Tensor, where: str) -> None:

@@ -86,7 +86,7 @@ def test_bench_json_reports_every_mode_the_ratios_the_machine_and_the_loader(
     tiny_recipe: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["bench", str(tiny_recipe), "--steps", "2", "--repeats", "2", "--warmup", "1", "--batch", "8"]
-    assert main([*argv, "--json"]) == 0
+    assert main([*argv, "--peak-tflops", "0.5", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["modes"]) == {"student", "distill", "cached", "reference"}
     for row in report["modes"].values():
@@ -101,6 +101,15 @@ def test_bench_json_reports_every_mode_the_ratios_the_machine_and_the_loader(
     assert report["machine"]["torch_threads"] >= 1 and report["machine"]["torch"] == torch.__version__
     loader = report["loader"]
     assert 0 <= loader["wait_share"] <= 1 and loader["steps"] == 2
+    # Model FLOPs: the student's forward + backward (3 forwards), plus the teacher's forward where it runs.
+    flops = report["forward_gflops_per_image"]
+    assert flops["teacher"] > flops["student"] > 0  # the tiny teacher is the wider one
+    for mode, teacher_runs in (("student", False), ("distill", True), ("cached", False), ("reference", True)):
+        row = report["modes"][mode]
+        per_image = 3 * flops["student"] + (flops["teacher"] if teacher_runs else 0.0)
+        assert row["tflops_per_s"] == pytest.approx(per_image * row["img_per_s"] / 1000)
+        assert row["mfu"] == pytest.approx(row["tflops_per_s"] / 0.5)
+    assert report["peak_tflops"] == 0.5
 
 
 def test_bench_needs_a_distill_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

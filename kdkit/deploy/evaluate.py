@@ -17,14 +17,11 @@ from typing import Any
 
 from kdkit.checkpoint import atomic_write_text
 from kdkit.cli import UsageError
-from kdkit.data import build_dataset, eval_loader
-from kdkit.deploy.calibration import write_calibration
 from kdkit.deploy.modelfile import load_checkpoint
-from kdkit.info import model_size
-from kdkit.pipeline import RecipeRun, results_table
+from kdkit.pipeline import RecipeRun, evaluate_model, results_table
 from kdkit.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
 from kdkit.runlog import console
-from kdkit.trainer import autocast, predict, resolve_device
+from kdkit.trainer import autocast, resolve_device
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -69,21 +66,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         autocast(device, recipe.train.amp)  # fp16 without CUDA is refused here, not mid-way
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    splits = ["val", args.split] if args.split != "val" else ["val"]
-    network.to(device)
-    predictions = {
-        s: predict(
-            network, eval_loader(build_dataset(recipe.data, s), recipe.data), device, recipe.train.amp, s
-        )
-        for s in splits
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    results = {**evaluator(predictions, out), **model_size(network)}
+    results = evaluate_model(network, recipe, args.split, out, evaluator, name)
     atomic_write_text(
         json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, "metrics": results}, indent=2),
         out / "metrics.json",
     )
-    write_calibration(out, results, args.split)
     console.print(results_table({name: results}, args.split, getattr(evaluator, "summary_keys", None)))
     console.print(f"written: {out}", markup=False)
     return 0

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Prepare the data set; 0 on success (failed videos are listed), 2 on bad input."""
+    """Prepare the data set: 0 when every video was prepared, 1 when some could not be read (each
+    is named; the others are prepared), 2 on bad input."""
     try:
         report = prepare(
             args.dataset,
@@ -49,4 +50,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"kdkit fas prepare: error: {exc}", file=sys.stderr)
         return 2
     print(report.summary())
+    if report.failed:
+        print(
+            f"kdkit fas prepare: {len(report.failed)} video(s) could not be read (named above); the "
+            "others are prepared. Fix or remove them and run the same command again: prepared "
+            "videos are skipped.",
+            file=sys.stderr,
+        )
+        return 1
     return 0

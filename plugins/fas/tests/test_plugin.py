@@ -7,11 +7,13 @@ import contextlib
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fixtures import make_folder
 from kdkit_fas import metrics_cli
 from kdkit_fas.evaluator import FasEvaluator
 from kdkit_fas.metrics import ScoreSet, eer_threshold, hter
@@ -139,6 +141,27 @@ def test_missing_data_root_is_a_clear_error(tmp_path: Path, capsys: pytest.Captu
     assert status == 2
     err = capsys.readouterr().err
     assert "data.root" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("broken", "message"),
+    [
+        ("test/fake", "the 'test' split of {root} holds only bona fide (label 1) frames"),
+        ("val", "the 'dev' split of {root} has no frames"),
+    ],
+)
+def test_a_one_class_or_empty_split_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], broken: str, message: str
+) -> None:
+    root = make_folder(tmp_path / "data")
+    shutil.rmtree(root / broken)
+    meta = root / "meta.csv"
+    meta.write_text("".join(line for line in meta.read_text().splitlines(True) if f"{broken}/" not in line))
+    args = [a.replace(str(tmp_path / "synth"), str(root)) for a in _tiny_demo_args(tmp_path)]
+    assert main(["run", str(DEMO), "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message.format(root=root) in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # found by the checks, before training started
 
 
 def test_fas_command_group_is_wired_into_kdkit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

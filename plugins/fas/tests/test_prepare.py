@@ -27,6 +27,8 @@ from kdkit_fas import prepare as prepare_module
 from kdkit_fas.layouts import index_dataset
 from kdkit_fas.prepare import PrepareError, prepare, sample_indices
 
+from kdkit.cli import main
+
 
 def manifest(out: Path) -> list[dict]:
     with (out / "manifest.csv").open(newline="") as handle:
@@ -138,6 +140,20 @@ def test_prepare_reports_a_corrupt_video_by_name(tmp_path: Path) -> None:
     videos = {row["video"] for row in manifest(tmp_path / "out")}
     assert bad not in videos and len(videos) == 71
     assert Counter(row["split"] for row in manifest(tmp_path / "out"))["dev"] == 23 * 2
+
+
+def test_prepare_command_exits_1_naming_a_corrupt_video_and_prepares_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = make_replay(tmp_path / "raw")
+    bad = "client003_session01_webcam_authenticate_adverse_1"
+    corrupt(root / "devel" / "real" / f"{bad}.mov")
+    argv = ["fas", "prepare", "replay", "--root", str(root), "--out", str(tmp_path / "out")]
+    options = ["--frames-per-video", "1", "--size", "16", "--workers", "1", "--no-progress"]
+    assert main([*argv, *options]) == 1
+    out, err = capsys.readouterr()
+    assert f"failed: {bad}: not a readable video" in out and "1 video(s) could not be read" in err
+    assert len({row["video"] for row in manifest(tmp_path / "out")}) == 71
 
 
 def test_prepare_needs_a_detector_for_videos_without_face_files(
