@@ -80,9 +80,9 @@ class RecipeRun:
         if problems:
             raise RecipeError(problems)
         self.make_evaluator()
-        # Every split the run reads, now: an empty or one-class split must not wait for epoch 1's end.
-        splits = ["train", "val", *(s.split for s in r.pipeline if s.do == "evaluate")]
-        for split in dict.fromkeys(splits):
+        # Every split the run reads, now: an empty or one-class split must not wait for epoch 1's end
+        # (the training split is built by `example_batch`).
+        for split in dict.fromkeys(["val", *(s.split for s in r.pipeline if s.do == "evaluate")]):
             build_dataset(r.data, split)
         example = example_batch(r.data)
         for key in r.models:

@@ -264,7 +264,7 @@ class Trainer:
             + " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float) and "/" in k),
             markup=False,
         )
-        if self.stop and self.epoch < self.spec.epochs:
+        if self.stop:  # also after the last epoch: the next stage must not start
             self._interrupted(f"after epoch {self.epoch}")
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:

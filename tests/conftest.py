@@ -16,12 +16,19 @@ import kdkit.adapters  # noqa: F401  (registers the built-in adapters)
 import kdkit.data  # noqa: F401  (registers the digits data set)
 import kdkit.evaluators  # noqa: F401  (registers the classification evaluator)
 from kdkit.recipe import DataSpec
+from kdkit.runlog import console
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's thread
 # hand-offs make every small matmul ~500x slower.
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wide enough that rich never wraps a file name or table cell the tests look for."""
+    monkeypatch.setattr(console, "_width", 250)
 
 
 @pytest.fixture(autouse=True, scope="session")

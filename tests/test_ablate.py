@@ -44,12 +44,6 @@ def small_recipe() -> dict[str, Any]:
     return data
 
 
-@pytest.fixture(autouse=True)
-def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Wide enough that rich never wraps a line the tests look for."""
-    monkeypatch.setattr(console, "_width", 250)
-
-
 # ------------------------------------------------------------------------------------ the grid
 @pytest.mark.parametrize(
     ("text", "values"),

@@ -137,6 +137,29 @@ def test_sigint_or_sigterm_saves_mid_epoch_and_resume_continues_exactly(
     assert_same_weights(weights(run), reference)
 
 
+def test_a_signal_in_the_last_epoch_still_stops_before_the_next_stage(
+    recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import kdkit.trainer
+
+    step = kdkit.trainer.Trainer.train_step
+
+    def train_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = step(self, *args, **kwargs)
+        if self.stage == "teacher" and self.global_step == 3 * STEPS:  # its very last step
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(kdkit.trainer.Trainer, "train_step", train_step)
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(run)]) == 130
+    assert "[teacher] stopped after epoch 3" in capsys.readouterr().err
+    assert not (run / "student_kd").exists() and not (run / "teacher" / "done.json").exists()
+    monkeypatch.setattr(kdkit.trainer.Trainer, "train_step", step)
+    assert main(["run", str(recipe), "--out", str(run), "--resume"]) == 0
+    assert (run / "test" / "done.json").exists()
+
+
 def test_resumed_epoch_leaves_out_exactly_the_trained_samples() -> None:
     from kdkit.data import EpochSampler
 

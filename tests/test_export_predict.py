@@ -23,13 +23,6 @@ from kdkit.deploy.export import ExportError, verify_export
 from kdkit.deploy.inputs import sample_indices
 from kdkit.deploy.modelfile import checkpoint_metadata, load_checkpoint, open_model
 from kdkit.deploy.predict import Predictor
-from kdkit.runlog import console
-
-
-@pytest.fixture(autouse=True)
-def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Wide enough that rich never wraps a file name the tests look for."""
-    monkeypatch.setattr(console, "_width", 250)
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,6 @@ STAGES = ["teacher", "student_kd", "student_alone", "test"]
 OVERRIDES = ["--set", "pipeline.student_alone.train.epochs=1", "--set", "train.lr=1e-3"]
 
 
-@pytest.fixture(autouse=True)
-def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Wide enough that rich never wraps a table cell the tests look for."""
-    monkeypatch.setattr(console, "_width", 250)
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One complete `kdkit run` of the tiny digits recipe, shared by the tests that only read it."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kdkit.checkpoint import atomic_write_text
-from kdkit.cli import UsageError
+from kdkit.cli import UsageError, _add_set_arg
 from kdkit.deploy.modelfile import load_checkpoint
 from kdkit.pipeline import RecipeRun, evaluate_model, results_table
 from kdkit.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
@@ -33,14 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", type=Path, help="RUN/<stage>/model.pt")
     p.add_argument("--recipe", type=Path, help="recipe YAML (default: the one recorded in the checkpoint)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set data.root=/data (repeatable)",
-    )
+    _add_set_arg(p)
     p.add_argument("--split", default="test", help="split to report (default test)")
     p.add_argument("--out", type=Path, help="output folder (default: RUN/<stage>/eval-<split>)")
     p.set_defaults(func=cmd_eval)

@@ -83,9 +83,9 @@ def iter_video_frames(path: Path, k: int) -> Iterator[tuple[int, np.ndarray]]:
     """Yield `(index, RGB uint8 frame)` for `k` evenly spaced frames of a video, decoding it once
     (plus a counting pass when the container reports no frame count). Used by `kdkit predict` and
     by data preparation, so both see the same frames; raises `InputError` when nothing decodes."""
+    capture = _open_video(path)  # says what to install when OpenCV is missing
     import cv2
 
-    capture = _open_video(path)
     count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
     if count <= 0:  # containers without a frame count: count by decoding, then start again
         while capture.grab():
