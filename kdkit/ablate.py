@@ -8,12 +8,17 @@ Output folder::
     OUT/prepare/<run>/             where those train stages were trained, before the runs
     OUT/ablation.{csv,json,md,png} the results (`kdkit.ablation_report`)
 
-The train stages (the teacher) are trained first, once per distinct cache key, each set in its own
-process. Seeds vary the compared runs; the teacher is trained with the recipe's seed and shared by
-every seed (`--teacher-per-seed` trains it again for each seed). Then every run, in a fresh process
-of its own, reuses them and does the same work as every other run, so runs cannot leak state into
-each other and their time and peak memory compare. Re-running the same command skips complete runs
-and continues interrupted ones.
+Every run also holds the **baseline**: the compared stage's student trained without a teacher,
+with the same data, schedule and seed (`baseline_stage`; added as a `student_alone` train stage
+when the recipe has none, `--no-baseline` to leave it out). Each variant is reported with its
+paired difference to it.
+
+The train stages (the teacher, the baseline) are trained first, once per distinct cache key, each
+set in its own process. Seeds vary the compared runs and the baseline; the teacher is trained with
+the recipe's seed and shared by every seed (`--teacher-per-seed` trains it again for each seed).
+Then every run, in a fresh process of its own, reuses them and does the same work as every other
+run, so runs cannot leak state into each other and their time and peak memory compare. Re-running
+the same command skips complete runs and continues interrupted ones.
 """
 
 from __future__ import annotations
@@ -36,12 +41,20 @@ from typing import Any
 
 import torch
 
-from kdkit.ablation_report import cache_use, memory_measure, run_row, write_report
+from kdkit.ablation_report import BASELINE_LABEL, Group, cache_use, measure, memory_measure, write_report
 from kdkit.checkpoint import atomic_write_text
 from kdkit.cli import UsageError, _add_recipe_args, _diff_keys
 from kdkit.pipeline import RecipeRun, train_stage_key
 from kdkit.plugins import load_plugins
-from kdkit.recipe import Recipe, RecipeError, apply_overrides, parse_override, parse_recipe, read_yaml
+from kdkit.recipe import (
+    Recipe,
+    RecipeError,
+    StageSpec,
+    apply_overrides,
+    parse_override,
+    parse_recipe,
+    read_yaml,
+)
 from kdkit.runlog import console
 
 _OPENERS, _CLOSERS = "[{(", "]})"
@@ -195,6 +208,56 @@ class RunJob:
         return self.out / "prepare" / self.name
 
 
+BASELINE_STAGE = "student_alone"
+
+
+def baseline_stage(recipe: Recipe, compared: str) -> str | None:
+    """The train stage that trains the compared distill stage's student without a teacher, with the
+    same data, schedule and seed; None when there is none or the compared stage is not a distill
+    stage."""
+    stage = next(s for s in recipe.pipeline if s.name == compared)
+    if stage.do != "distill":
+        return None
+    student = recipe.stage_distill(stage).student
+
+    def schedule(s: StageSpec) -> tuple[Any, ...]:
+        return recipe.stage_train(s), recipe.stage_data(s)
+
+    return next(
+        (
+            s.name
+            for s in recipe.pipeline
+            if s.do == "train" and s.model == student and schedule(s) == schedule(stage)
+        ),
+        None,
+    )
+
+
+def _with_baseline(data: dict[str, Any], recipe: Recipe, compared: str) -> dict[str, Any]:
+    """`data` with a baseline stage before the compared stage when it has none, and the baseline
+    among the runs (and as the `baseline`) of the evaluate stages that test the compared stage."""
+    stage = next(s for s in recipe.pipeline if s.name == compared)
+    name = baseline_stage(recipe, compared)
+    pipeline = [dict(item) for item in data["pipeline"]]
+    if name is None:
+        names = {s.name for s in recipe.pipeline}
+        name = next(
+            n for n in (BASELINE_STAGE, *(f"{BASELINE_STAGE}_{i}" for i in range(2, 99))) if n not in names
+        )
+        position = [s.name for s in recipe.pipeline].index(compared)
+        added = {"name": name, "do": "train", "model": recipe.stage_distill(stage).student}
+        added |= {key: getattr(stage, key) for key in ("train", "data") if getattr(stage, key)}
+        pipeline.insert(position, added)
+    for item in pipeline:
+        if item.get("do") == "evaluate" and compared in item.get("runs", []):
+            runs = list(item["runs"])
+            item["runs"] = (
+                runs if name in runs else [*runs[: runs.index(compared)], name, *runs[runs.index(compared) :]]
+            )
+            item["baseline"] = item.get("baseline") or name
+    return {**data, "pipeline": pipeline}
+
+
 def resolve(
     base: dict[str, Any],
     variant: Variant,
@@ -203,21 +266,27 @@ def resolve(
     *,
     stage: str | None = None,
     teacher_seed: int | None = None,
+    baseline: bool = True,
 ) -> Recipe:
     """The recipe of one run: the base recipe with the variant's overrides and `seed`.
 
-    With `teacher_seed`, every train stage other than the compared `stage` (the teacher) that does
-    not pin a seed of its own is pinned to it, so one teacher serves every seed of the grid."""
+    With `baseline`, the compared stage's baseline (`baseline_stage`) is added when missing. With
+    `teacher_seed`, every other train stage that does not pin a seed of its own (the teacher) is
+    pinned to it, so one teacher serves every seed of the grid; the baseline follows `seed`."""
     label = f"{source} with {variant.label}, seed {seed}"
     data = apply_overrides(base, [*variant.overrides, f"seed={seed}"])
     recipe = parse_recipe(data, label)
+    compared = target_stage(recipe, stage)
+    if baseline and recipe.pipeline[[s.name for s in recipe.pipeline].index(compared)].do == "distill":
+        data = _with_baseline(data, recipe, compared)
+        recipe = parse_recipe(data, label)
     if teacher_seed is None:
         return recipe
-    compared = target_stage(recipe, stage)
+    kept = {compared, baseline_stage(recipe, compared)}
     pins = [
         f"pipeline.{s.name}.train.seed={teacher_seed}"
         for s in recipe.pipeline
-        if s.do == "train" and s.name != compared and s.train.get("seed") is None
+        if s.do == "train" and s.name not in kept and s.train.get("seed") is None
     ]
     return parse_recipe(apply_overrides(data, pins), label) if pins else recipe
 
@@ -355,6 +424,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--stage", help="the stage whose model is compared (default: the last distill stage)")
     p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="leave out the baseline (the compared stage's student trained without a teacher, same data, "
+        "schedule and seed), which is otherwise trained once per seed and compared with every variant",
+    )
+    p.add_argument(
         "--teacher-per-seed",
         action="store_true",
         help="train the teacher (every train stage but the compared one) again for every seed; by "
@@ -375,7 +450,15 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     reference = parse_recipe(base, str(args.recipe))
     teacher_seed = None if args.teacher_per_seed else reference.seed
     recipes = {
-        (v, s): resolve(base, v, s, str(args.recipe), stage=args.stage, teacher_seed=teacher_seed)
+        (v, s): resolve(
+            base,
+            v,
+            s,
+            str(args.recipe),
+            stage=args.stage,
+            teacher_seed=teacher_seed,
+            baseline=not args.no_baseline,
+        )
         for v in variants
         for s in seeds
     }
@@ -400,13 +483,48 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _groups(jobs: list[RunJob], stage: str) -> list[Group]:
+    """The baseline groups (one per distinct trained baseline, i.e. per set of stage-cache keys over
+    the seeds) first, then one group per variant, each with its runs in seed order."""
+    by_variant: dict[Variant, list[RunJob]] = {}
+    for job in jobs:
+        by_variant.setdefault(job.variant, []).append(job)
+    groups, baselines = [], {}
+    for variant, members in by_variant.items():
+        members.sort(key=lambda j: j.seed)
+        seeds = [j.seed for j in members]
+        measured = [measure(j.final, stage) for j in members]
+        name = baseline_stage(members[0].recipe, stage)
+        base = [measure(j.final, name, run_costs=False) for j in members] if name else None
+        groups.append(Group(variant.label, seeds, measured, base))
+        if base is not None:
+            identity = tuple(b.cache_key for b in base)
+            baselines.setdefault(identity, (seeds, base, []))[2].append(variant.label)
+    only_one = len(baselines) == 1
+    first = [
+        Group(
+            BASELINE_LABEL if only_one else f"{BASELINE_LABEL} for {', '.join(labels)}",
+            seeds,
+            base,
+            is_baseline=True,
+        )
+        for seeds, base, labels in baselines.values()
+    ]
+    return first + groups
+
+
 def _report(args: argparse.Namespace, jobs: list[RunJob], stage: str, seconds: float) -> None:
     """Read every run of the grid and write the report files."""
-    rows = [
-        {"run": j.name, "variant": j.variant.label, **dict(j.variant.values), "seed": j.seed}
-        | run_row(j.final, stage)
-        for j in jobs
-    ]
+    groups = _groups(jobs, stage)
+    rows = []
+    for group in groups:
+        for seed, m in zip(group.seeds, group.measured, strict=True):
+            job = next(
+                j for j in jobs if j.seed == seed and (group.is_baseline or j.variant.label == group.label)
+            )
+            values = {} if group.is_baseline else dict(job.variant.values)
+            run = f"{job.name}/{baseline_stage(job.recipe, stage)}" if group.is_baseline else job.name
+            rows.append({"run": run, "variant": group.label, **values, "seed": seed} | m.row)
     finals = [j.final for j in jobs]
     info = {
         "recipe": str(args.recipe),
@@ -414,10 +532,11 @@ def _report(args: argparse.Namespace, jobs: list[RunJob], stage: str, seconds: f
         "vary": args.vary,
         "seeds": parse_seeds(args.seeds),
         "stage": stage,
+        "baseline": None if args.no_baseline else baseline_stage(jobs[0].recipe, stage),
         "teacher_per_seed": args.teacher_per_seed,
         "jobs": args.jobs,
         "wall_seconds": seconds,  # this invocation; a continued ablation's runs ran in earlier ones too
-        "run_seconds": sum(row["wall_s"] for row in rows),
+        "run_seconds": sum(row.get("wall_s", 0.0) for row in rows),
         "memory_measure": memory_measure(finals[0]),
         "stage_cache": cache_use(finals),
     }
@@ -427,4 +546,4 @@ def _report(args: argparse.Namespace, jobs: list[RunJob], stage: str, seconds: f
             markup=False,
         )
     out = jobs[0].out
-    write_report(out, rows, RecipeRun(jobs[0].recipe, out).make_evaluator(), info)
+    write_report(out, groups, rows, RecipeRun(jobs[0].recipe, out).make_evaluator(), info)

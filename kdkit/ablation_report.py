@@ -1,8 +1,11 @@
-"""The results of `kdkit ablate`: rows per run, mean ± std per variant, CSV/JSON/Markdown/PNG and a table.
+"""The results of `kdkit ablate`: per run and per variant, with the baseline and intervals.
 
-A row holds the run's identity (run, variant, the varied keys, seed) and numbers: every metric the
-evaluator reported for the compared stage on the evaluate stage's split, plus its cost columns
-(`COST_COLUMNS`).
+A run row holds the run's identity (run, variant, the varied keys, seed) and numbers: every metric
+the evaluator reported for the compared stage on the evaluate stage's split, plus its cost columns
+(`COST_COLUMNS`). The baseline is the student trained without a teacher, in the same run directory
+(same seed, same data and schedule, `kdkit.ablate.baseline_stage`). Per variant: mean ± sample std
+over seeds, a 95 % interval over seeds and test units, and the paired difference to the baseline
+with its interval (`kdkit.stats`).
 """
 
 from __future__ import annotations
@@ -10,22 +13,21 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
-import os
-import re
-import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
-from kdkit.checkpoint import atomic_write_text
+from kdkit.checkpoint import atomic_open, atomic_write_text
+from kdkit.comparison import ARROWS, EXCLUDES_ZERO, difference_cell, direction, load_replicates
 from kdkit.runlog import console
+from kdkit.stats import LEVEL, Replicates, over_seeds, paired_difference
 
 COST_COLUMNS = ("adapter_params", "train_s_per_epoch", "peak_MiB")
-_HIGHER_IS_BETTER = re.compile(r"acc|auc|tpr|precision|recall|f1|top[0-9]")
-_LOWER_IS_BETTER = re.compile(r"err|eer|loss|hter|acer|apcer|bpcer|far|frr|fpr|params|_s_|MiB|seconds")
+BASELINE_LABEL = "baseline: student alone (no teacher)"
 _TITLES = {"adapter_params": "adapter params", "train_s_per_epoch": "train s/epoch", "peak_MiB": "peak MiB"}
 _FORMATS = {"adapter_params": ".0f", "train_s_per_epoch": ".2f", "peak_MiB": ".0f", "wall_s": ".0f"}
 
@@ -35,23 +37,43 @@ def _read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def run_row(run_dir: Path, stage: str) -> dict[str, Any]:
-    """The numbers of one complete run: the evaluate stage's metrics of `stage` plus cost columns.
+@dataclass
+class Measured:
+    """One evaluated model of a run: its row of numbers and its bootstrap replicates (None when the
+    evaluator cannot resample or no evaluate stage tested it)."""
+
+    row: dict[str, Any]
+    replicates: Replicates | None
+    cache_key: str | None = None  # the stage-cache entry of a trained baseline (its identity)
+
+
+def _tested(summary: dict[str, Any], stage: str) -> tuple[str, dict[str, Any]] | None:
+    """The last evaluate stage that tested `stage`: (its name, its result)."""
+    tested = [(n, s) for n, s in summary.items() if s.get("do") == "evaluate" and stage in s["results"]]
+    return tested[-1] if tested else None
+
+
+def measure(run_dir: Path, stage: str, run_costs: bool = True) -> Measured:
+    """The numbers of `stage` in a complete run: the evaluate stage's metrics plus cost columns
+    (with `run_costs`, also the run's peak memory and wall time, which belong to the compared stage).
 
     Without an evaluate stage that tested `stage`, its best validation metrics are used."""
     summary = _read(run_dir / "summary.json")
-    info = _read(run_dir / "run.json")
+    info = _read(run_dir / "run.json") if run_costs else {}
     fit = summary[stage]
-    tested = [s for s in summary.values() if s.get("do") == "evaluate" and stage in s["results"]]
-    metrics = tested[-1]["results"][stage] if tested else fit["best"]
-    return {
-        "split": tested[-1]["split"] if tested else "val",
-        **metrics,
+    tested = _tested(summary, stage)
+    metrics = tested[1]["results"][stage] if tested else fit["best"]
+    split = tested[1]["split"] if tested else "val"
+    row = {
+        "split": split,
+        **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
         "adapter_params": fit["adapter_params"],
         "train_s_per_epoch": fit["train_seconds_per_epoch"],
-        "peak_MiB": info.get("peak_cuda_MiB", info["peak_rss_MiB"]),
-        "wall_s": info["wall_seconds"],
     }
+    if info:
+        row |= {"peak_MiB": info.get("peak_cuda_MiB", info["peak_rss_MiB"]), "wall_s": info["wall_seconds"]}
+    replicates = load_replicates(run_dir / tested[0] / stage, split) if tested else None
+    return Measured(row, replicates, fit.get("cache", {}).get("key"))
 
 
 def memory_measure(run_dir: Path) -> str:
@@ -73,17 +95,6 @@ def cache_use(run_dirs: list[Path]) -> dict[str, dict[str, int]]:
 
 
 # ------------------------------------------------------------------------------------ numbers
-def direction(key: str, evaluator_mode: str) -> str:
-    """'max' or 'min': whether a higher value of column `key` is better (names first, then the
-    evaluator's mode: HTER and EER are lower-better, AUC and accuracy higher-better)."""
-    name = key.rsplit("/", 1)[-1]
-    if _HIGHER_IS_BETTER.search(name):
-        return "max"
-    if _LOWER_IS_BETTER.search(name):
-        return "min"
-    return "max" if evaluator_mode == "max" else "min"
-
-
 def numeric_columns(rows: list[dict[str, Any]]) -> list[str]:
     """Columns holding numbers in every row, in first-seen order (the seed excluded)."""
     keys = list(dict.fromkeys(k for row in rows for k in row))
@@ -95,161 +106,251 @@ def numeric_columns(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per variant (first-seen order): n, and mean and sample std (None for n = 1) per column."""
-    columns = numeric_columns(rows)
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(row["variant"], []).append(row)
-    out = []
-    for variant, members in groups.items():
-        values = {c: [float(m[c]) for m in members] for c in columns}
-        out.append(
-            {
-                "variant": variant,
-                "n": len(members),
-                "seeds": [m["seed"] for m in members],
-                "mean": {c: statistics.fmean(v) for c, v in values.items()},
-                "std": {c: statistics.stdev(v) if len(v) > 1 else None for c, v in values.items()},
-            }
-        )
-    return out
+@dataclass
+class Group:
+    """The runs of one variant (or of the baseline), one per seed, in seed order."""
+
+    label: str
+    seeds: list[int]
+    measured: list[Measured]
+    baseline: list[Measured] | None = None  # each run's baseline (same seed), for variants
+    is_baseline: bool = False
+
+
+def summarise(group: Group, columns: list[str], keys: list[str]) -> dict[str, Any]:
+    """n, mean and sample std (None for n = 1) per column; per headline key the interval over seeds
+    and test units and, with a baseline, the paired difference to it."""
+    rows = [m.row for m in group.measured]
+    mean = {c: float(np.mean([r[c] for r in rows])) for c in columns if all(c in r for r in rows)}
+    std = {c: float(np.std([r[c] for r in rows], ddof=1)) if len(rows) > 1 else None for c in mean}
+    entry: dict[str, Any] = {
+        "variant": group.label,
+        "baseline": group.is_baseline,
+        "n": len(rows),
+        "seeds": group.seeds,
+        "mean": mean,
+        "std": std,
+        "interval": {},
+        "difference": {},
+    }
+    replicates = [m.replicates for m in group.measured]
+    for key in keys:
+        if all(r is not None and key in r.values for r in replicates):
+            spread = over_seeds([r[key] for r in rows], replicates, key)  # type: ignore[arg-type]
+            entry["interval"][key] = [spread["low"], spread["high"]]
+        if group.baseline is None:
+            continue
+        base = group.baseline
+        paired = [*replicates, *(b.replicates for b in base)]
+        if all(r is not None and key in r.values for r in paired):
+            entry["difference"][key] = paired_difference(
+                [r[key] for r in rows],
+                [b.row[key] for b in base],
+                replicates,  # type: ignore[arg-type]
+                [b.replicates for b in base],  # type: ignore[misc]
+                key,
+            )
+    return entry
 
 
 def table_columns(rows: list[dict[str, Any]], evaluator: Any) -> list[str]:
-    """The columns a reader compares: the evaluator's `summary_keys` (or every metric of the tested
-    split), then the cost columns. The first is the main metric."""
+    """The metrics a reader compares: the evaluator's `summary_keys` (or every metric of the tested
+    split). The first is the main metric."""
     split = rows[0]["split"]
     numeric = numeric_columns(rows)
     keys = [k for k in getattr(evaluator, "summary_keys", None) or [] if k in numeric]
-    keys = keys or [k for k in numeric if k.startswith(f"{split}/")] or [numeric[0]]
-    return [*keys, *(c for c in COST_COLUMNS if c in numeric)]
+    return keys or [k for k in numeric if k.startswith(f"{split}/")] or [numeric[0]]
 
 
-def best_values(summary: list[dict[str, Any]], columns: list[str], mode: str) -> dict[str, float]:
-    """The best mean of each column over the variants."""
-    pick = {"max": max, "min": min}
-    return {c: pick[direction(c, mode)](s["mean"][c] for s in summary) for c in columns}
-
-
-def format_cell(mean: float, std: float | None, column: str) -> str:
-    """`0.1250 ± 0.0177`, or just the mean when there is one seed."""
+def format_cell(summary: dict[str, Any], column: str) -> str:
+    """`0.1250 ± 0.0177 [0.0900, 0.1600]`: mean ± std over seeds [interval]; parts that do not exist
+    (one seed, no interval, a missing column) are left out."""
+    if column not in summary["mean"]:
+        return "-"
     spec = _FORMATS.get(column, ".4f")
-    return f"{mean:{spec}}" if std is None else f"{mean:{spec}} ± {std:{spec}}"
+    text = f"{summary['mean'][column]:{spec}}"
+    if summary["std"][column] is not None:
+        text += f" ± {summary['std'][column]:{spec}}"
+    if column in summary["interval"]:
+        low, high = summary["interval"][column]
+        text += f" [{low:{spec}}, {high:{spec}}]"
+    return text
 
 
 # ------------------------------------------------------------------------------------ outputs
-def markdown_table(summary: list[dict[str, Any]], columns: list[str], mode: str) -> str:
-    """A Markdown table (mean ± std per variant), the best value of each column in bold."""
-    best = best_values(summary, columns, mode)
-    arrows = {"max": "↑", "min": "↓"}
+def _header(column: str, mode: str) -> str:
+    return f"{_TITLES.get(column, column)} {ARROWS[direction(column, mode)]}"
+
+
+def markdown_tables(summary: list[dict[str, Any]], keys: list[str], costs: list[str], mode: str) -> str:
+    """Two Markdown tables: every group's metrics (and costs), then each variant's paired
+    difference to the baseline."""
+    columns = [*keys, *costs]
     lines = [
-        "| variant | "
-        + " | ".join(f"{_TITLES.get(c, c)} {arrows[direction(c, mode)]}" for c in columns)
-        + " |",
+        "| variant | " + " | ".join(_header(c, mode) for c in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
     for s in summary:
-        cells = []
-        for c in columns:
-            text = format_cell(s["mean"][c], s["std"][c], c)
-            cells.append(f"**{text}**" if math.isclose(s["mean"][c], best[c], rel_tol=1e-12) else text)
-        variant = s["variant"].replace("|", "\\|")
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        label = s["variant"].replace("|", "\\|")
+        lines.append(f"| {label} | " + " | ".join(format_cell(s, c) for c in columns) + " |")
+    compared = [s for s in summary if s["difference"]]
+    if compared:
+        lines += [
+            "",
+            "| variant − baseline | " + " | ".join(f"Δ {_header(k, mode)}" for k in keys) + " |",
+            "|---|" + "---:|" * len(keys),
+        ]
+        for s in compared:
+            cells = [difference_cell(s["difference"][k]) if k in s["difference"] else "-" for k in keys]
+            lines.append(f"| {s['variant'].replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def csv_text(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> str:
-    """One row per run, then per variant a `mean` and a `std` row (in the seed column)."""
+    """One row per run (baseline runs included), then per group its `mean`, `std`, `ci_low` and
+    `ci_high` rows and, for variants, `diff_mean`, `diff_low`, `diff_high`, `diff_excludes_zero`
+    (in the seed column)."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    numeric = numeric_columns(rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     for s in summary:
-        for stat in ("mean", "std"):
-            values = {c: "" if s[stat][c] is None else s[stat][c] for c in numeric}
-            writer.writerow({"variant": s["variant"], "seed": stat, **values})
+        stats = {
+            "mean": s["mean"],
+            "std": s["std"],
+            "ci_low": {k: v[0] for k, v in s["interval"].items()},
+            "ci_high": {k: v[1] for k, v in s["interval"].items()},
+        }
+        if s["difference"]:
+            for part in ("mean", "low", "high", "excludes_zero"):
+                stats[f"diff_{part}"] = {k: d[part] for k, d in s["difference"].items()}
+        for name, values in stats.items():
+            cells = {c: "" if v is None else v for c, v in values.items() if c in columns}
+            writer.writerow({"variant": s["variant"], "seed": name, **cells})
     return buffer.getvalue()
 
 
-def rich_table(summary: list[dict[str, Any]], columns: list[str], mode: str, title: str) -> Table:
-    """The Markdown table for the terminal (best values in bold)."""
-    best = best_values(summary, columns, mode)
+def rich_table(
+    summary: list[dict[str, Any]], keys: list[str], costs: list[str], mode: str, title: str
+) -> Table:
+    """The terminal table: metrics with intervals, the main metric's difference to the baseline, costs."""
     table = Table(title=escape(title))
     table.add_column("variant")
-    for c in columns:
-        table.add_column(_TITLES.get(c, c), justify="right")
+    main = keys[0]
+    show_diff = any(s["difference"] for s in summary)
+    for c in keys:
+        table.add_column(_header(c, mode), justify="right")
+    if show_diff:
+        table.add_column(f"Δ {main} vs baseline", justify="right")
+    for c in costs:
+        table.add_column(_header(c, mode), justify="right")
     for s in summary:
-        cells = [format_cell(s["mean"][c], s["std"][c], c) for c in columns]
-        bold = [math.isclose(s["mean"][c], best[c], rel_tol=1e-12) for c in columns]
-        table.add_row(
-            escape(s["variant"]), *(f"[bold]{t}[/bold]" if b else t for t, b in zip(cells, bold, strict=True))
-        )
+        cells = [format_cell(s, c).replace(" [", "\n[") for c in keys]
+        if show_diff:
+            diff = s["difference"].get(main)
+            cells.append(difference_cell(diff).replace(" [", "\n[") if diff else "-")
+        cells += [format_cell(s, c).split(" [")[0] for c in costs]
+        table.add_row(escape(s["variant"]), *cells)
     return table
 
 
-def bar_chart(
-    rows: list[dict[str, Any]], summary: list[dict[str, Any]], metric: str, mode: str, path: Path, title: str
-) -> None:
-    """Bars of the main metric's mean per variant with ±std error bars (the best bar highlighted)
-    and every seed's value as a dot."""
-    import matplotlib
+def bar_chart(summary: list[dict[str, Any]], metric: str, mode: str, path: Path, title: str) -> None:
+    """Left: the main metric per group (mean over seeds, 95 % interval as error bars, each seed a
+    dot). Right, with a baseline: each variant's paired difference to it with its interval; green
+    where the interval excludes 0 in the better direction, red in the worse one."""
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    compared = [s for s in summary if metric in s["difference"]]
+    fig = Figure(figsize=(max(6.0, 1.3 * len(summary) + 2.5) * (2 if compared else 1), 4.4))
+    axes = fig.subplots(1, 2 if compared else 1, squeeze=False)[0]
+    _metric_panel(axes[0], summary, metric, mode)
+    if compared:
+        _difference_panel(axes[1], compared, metric, mode)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
 
+
+def _error_bars(centre: list[float], intervals: list[list[float] | None]) -> np.ndarray:
+    low = [c - i[0] if i else 0.0 for c, i in zip(centre, intervals, strict=True)]
+    high = [i[1] - c if i else 0.0 for c, i in zip(centre, intervals, strict=True)]
+    return np.array([low, high])
+
+
+def _metric_panel(ax: Any, summary: list[dict[str, Any]], metric: str, mode: str) -> None:
     means = [s["mean"][metric] for s in summary]
-    stds = [s["std"][metric] or 0.0 for s in summary]
-    best = best_values(summary, [metric], mode)[metric]
-    colours = ["tab:green" if math.isclose(m, best, rel_tol=1e-12) else "tab:blue" for m in means]
-    position = {s["variant"]: i for i, s in enumerate(summary)}
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(summary) + 2.0), 4.0))
-    ax.bar(range(len(summary)), means, yerr=stds, capsize=5, color=colours, alpha=0.85)
-    ax.scatter(
-        [position[r["variant"]] for r in rows], [r[metric] for r in rows], color="black", s=12, zorder=3
-    )
+    colours = ["tab:grey" if s["baseline"] else "tab:blue" for s in summary]
+    bars = _error_bars(means, [s["interval"].get(metric) for s in summary])
+    ax.bar(range(len(summary)), means, yerr=bars, capsize=5, color=colours, alpha=0.85)
+    for i, s in enumerate(summary):
+        ax.scatter([i] * len(s["per_seed"]), s["per_seed"], color="black", s=12, zorder=3)
     ax.set_xticks(range(len(summary)), [s["variant"] for s in summary], rotation=20, ha="right")
     better = "higher" if direction(metric, mode) == "max" else "lower"
     ax.set_ylabel(f"{metric} ({better} is better)")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    ax.set_title(f"mean over seeds, {LEVEL:.0%} interval (seeds and test units); dots: seeds", fontsize=9)
+
+
+def _difference_panel(ax: Any, compared: list[dict[str, Any]], metric: str, mode: str) -> None:
+    diffs = [s["difference"][metric] for s in compared]
+    means = [d["mean"] for d in diffs]
+    better = direction(metric, mode)
+    colours = []
+    for d in diffs:
+        improved = d["high"] < 0 if better == "min" else d["low"] > 0
+        colours.append(
+            "tab:green"
+            if d["excludes_zero"] and improved
+            else "tab:red"
+            if d["excludes_zero"]
+            else "tab:blue"
+        )
+    bars = _error_bars(means, [[d["low"], d["high"]] for d in diffs])
+    ax.bar(range(len(compared)), means, yerr=bars, capsize=5, color=colours, alpha=0.85)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(compared)), [s["variant"] for s in compared], rotation=20, ha="right")
+    ax.set_ylabel(f"Δ {metric} vs baseline")
+    ax.set_title(f"paired difference to the baseline, {LEVEL:.0%} interval", fontsize=9)
 
 
 def write_report(
-    out: Path, rows: list[dict[str, Any]], evaluator: Any, info: dict[str, Any]
+    out: Path, groups: list[Group], rows: list[dict[str, Any]], evaluator: Any, info: dict[str, Any]
 ) -> dict[str, Any]:
-    """Write ablation.csv/.json/.md/.png into `out`, print the table; return what ablation.json holds."""
+    """Write ablation.csv/.json/.md/.png into `out`, print the table; return what ablation.json holds.
+
+    `groups` are the baseline (first, when there is one) and the variants; `rows` every run's row."""
     mode = getattr(evaluator, "mode", "max")
-    summary = aggregate(rows)
-    columns = table_columns(rows, evaluator)
-    main = columns[0]
-    seeds = sorted({r["seed"] for r in rows})
+    variant_rows = [m.row for g in groups if not g.is_baseline for m in g.measured]
+    keys = table_columns(variant_rows, evaluator)
+    numeric = numeric_columns(variant_rows)
+    costs = [c for c in COST_COLUMNS if c in numeric]
+    summary = [
+        summarise(g, numeric, keys) | {"per_seed": [m.row[keys[0]] for m in g.measured]} for g in groups
+    ]
+    main = keys[0]
+    seeds = sorted({s for g in groups for s in g.seeds})
     listed = ", ".join(map(str, seeds))
     note = f"mean ± sample std over seeds {listed}" if len(seeds) > 1 else f"seed {listed}"
     caption = (
-        f"{info['recipe']}, compared stage `{info['stage']}` on {rows[0]['split']}; {note}; "
-        "**bold** = best per column (↓ lower / ↑ higher is better). "
-        f"Peak MiB: {info['memory_measure']}."
+        f"{info['recipe']}, compared stage `{info['stage']}` on {variant_rows[0]['split']}; {note}; "
+        f"[{LEVEL:.0%} interval: bootstrap over seeds and test units]. The second table is each "
+        f"variant minus the baseline, paired by seed and test unit; {EXCLUDES_ZERO} = the interval "
+        f"excludes 0 (↓ lower / ↑ higher is better). Peak MiB: {info['memory_measure']}."
     )
     report = {
         **info,
         "main_metric": main,
         "direction": direction(main, mode),
-        "columns": columns,
+        "columns": [*keys, *costs],
+        "confidence": LEVEL,
         "variants": summary,
         "runs": rows,
     }
     atomic_write_text(json.dumps(report, indent=2), out / "ablation.json")
     atomic_write_text(csv_text(rows, summary), out / "ablation.csv")
-    markdown = markdown_table(summary, columns, mode)
-    atomic_write_text(f"{caption}\n\n{markdown}", out / "ablation.md")
-    bar_chart(rows, summary, main, mode, out / "ablation.png", f"{info['stage']}: {main}\n{note}")
-    console.print(rich_table(summary, columns, mode, f"ablation ({note})"))
+    atomic_write_text(f"{caption}\n\n{markdown_tables(summary, keys, costs, mode)}", out / "ablation.md")
+    bar_chart(summary, main, mode, out / "ablation.png", f"{info['stage']}: {main} ({note})")
+    console.print(rich_table(summary, keys, costs, mode, f"ablation ({note}; [{LEVEL:.0%} interval])"))
     console.print(f"wrote {out}/ablation.csv, .json, .md, .png", markup=False)
     return report

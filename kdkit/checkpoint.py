@@ -7,14 +7,16 @@ refused instead of executed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -51,14 +53,16 @@ def check_output_dir(path: str | Path, need_bytes: int = 0, option: str = "--out
         )
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """`torch.save` to a temporary file beside `path`, then rename: never a half-written file."""
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file beside `path` for writing ('wb' or 'w'); when the block ends without an
+    error it is flushed to disk and renamed to `path`, else removed: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -67,18 +71,16 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """`torch.save` to `path` atomically (see `atomic_open`)."""
+    with atomic_open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
 def atomic_write_text(text: str, path: str | Path) -> None:
-    """Write text to `path` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write text to `path` atomically (see `atomic_open`)."""
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
 
 
 def load_file(path: str | Path) -> Any:

@@ -2,6 +2,16 @@
 
 The trainer runs the model over each evaluation split (no shuffling) and hands the evaluator one
 `Predictions` per split. An evaluator only computes metrics; plugins register their own.
+
+Besides the `Evaluator` protocol, an evaluator may have (kdkit uses them when present):
+
+- `summary_keys`: the headline metrics, in the order tables show them;
+- `bootstrap(predictions, split, draws, seed) -> kdkit.stats.Replicates`: the metrics of `split`
+  on bootstrap resamples of its independent units, for intervals and paired comparisons;
+- `paper_keys`: numbers computed the way published code computes them (e.g. a threshold chosen
+  on the test set), shown only in a separate, labelled section and never used for selection;
+- `optimistic_monitor`: the test metric published code selects its epoch by (same direction as
+  `monitor`); with `train.track_test` the trainer records which epoch that would be.
 """
 
 from __future__ import annotations

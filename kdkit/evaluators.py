@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch.nn.functional as F
 
 from kdkit.evaluation import Predictions
 from kdkit.registry import EVALUATORS
+from kdkit.stats import DRAWS, SEED, Replicates, fingerprint, unit_counts
 
 
 @EVALUATORS.register("classification")
@@ -16,6 +18,8 @@ class ClassificationEvaluator:
 
     monitor = "val/accuracy"
     mode = "max"
+    summary_keys = ["test/accuracy"]
+    optimistic_monitor = "test/accuracy"
 
     def __init__(self, **options: object) -> None:
         if options:
@@ -30,3 +34,17 @@ class ClassificationEvaluator:
             metrics[f"{split}/accuracy"] = (pred.logits.argmax(1) == pred.labels).float().mean().item()
             metrics[f"{split}/loss"] = F.cross_entropy(pred.logits, pred.labels).item()
         return metrics
+
+    def bootstrap(
+        self, predictions: dict[str, Predictions], split: str, draws: int = DRAWS, seed: int = SEED
+    ) -> Replicates:
+        """Accuracy on `split` under bootstrap resamples of its samples (each sample is a unit)."""
+        pred = predictions[split]
+        correct = (pred.logits.argmax(1) == pred.labels).numpy().astype(np.float64)
+        units = [str(i) for i in range(correct.size)]
+        counts, inverse = unit_counts(units, draws, seed)
+        weights = counts[:, inverse]
+        accuracy = (weights @ correct) / weights.sum(1)
+        return Replicates(
+            {f"{split}/accuracy": accuracy}, "sample", correct.size, fingerprint(units, draws, seed)
+        )

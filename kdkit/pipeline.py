@@ -36,14 +36,24 @@ from torch import nn
 from kdkit import __version__, distributed
 from kdkit.cache import open_teacher_cache
 from kdkit.checkpoint import atomic_write_text, file_sha256, load_file, seed_everything
+from kdkit.comparison import (
+    differences,
+    differences_table,
+    load_replicates,
+    paper_section,
+    paper_table,
+    replicates_path,
+    results_table,
+)
 from kdkit.data import build_dataset, build_loaders, eval_loader, example_batch
 from kdkit.distiller import Distiller, SupervisedTask, stage_pairs
 from kdkit.info import model_size
 from kdkit.models import build_model, load_state_dict_checked
 from kdkit.plugins import load_plugins
-from kdkit.recipe import ModelSpec, Recipe, RecipeError, StageSpec
+from kdkit.recipe import DataSpec, ModelSpec, Recipe, RecipeError, StageSpec
 from kdkit.registry import DATASETS, EVALUATORS, RegistryError
 from kdkit.runlog import MetricsLog, console
+from kdkit.stats import LEVEL
 from kdkit.trainer import StageResult, Trainer, autocast, predict, resolve_device
 
 
@@ -81,9 +91,16 @@ class RecipeRun:
             raise RecipeError(problems)
         self.make_evaluator()
         # Every split the run reads, now: an empty or one-class split must not wait for epoch 1's end
-        # (the training split is built by `example_batch`).
-        for split in dict.fromkeys(["val", *(s.split for s in r.pipeline if s.do == "evaluate")]):
+        # (training splits are built by `example_batch`).
+        tracked = (
+            ["test"] if any(r.stage_train(s).track_test for s in r.pipeline if s.do != "evaluate") else []
+        )
+        for split in dict.fromkeys(["val", *tracked, *(s.split for s in r.pipeline if s.do == "evaluate")]):
             build_dataset(r.data, split)
+        for stage in r.pipeline:
+            if stage.data and stage.do != "evaluate":
+                build_dataset(r.stage_data(stage), "val")
+                example_batch(r.stage_data(stage))
         example = example_batch(r.data)
         for key in r.models:
             model = self.build(key, f"models.{key}")
@@ -97,7 +114,7 @@ class RecipeRun:
                 except ValueError as exc:
                     raise RecipeError([f"pipeline.{stage.name}: {exc}"]) from None
             if stage.do == "distill":
-                distiller = self.build_distiller(stage, example, check_only=True)
+                distiller = self.build_distiller(stage, check_only=True)
                 tables.append(self.tap_table(stage, distiller))
                 distiller.close()
         return tables
@@ -128,11 +145,18 @@ class RecipeRun:
         except ValueError as exc:
             raise RecipeError([f"{where}: {exc}"]) from None
 
-    def build_distiller(self, stage: StageSpec, example: torch.Tensor, check_only: bool = False) -> Distiller:
-        """Teacher (trained in an earlier stage, or from its spec), student, taps and adapters."""
+    def build_distiller(
+        self, stage: StageSpec, example: torch.Tensor | None = None, check_only: bool = False
+    ) -> Distiller:
+        """Student, teacher (trained in an earlier stage, or from its spec), taps and adapters sized
+        by a dry run on `example` (default: two of the stage's training images).
+
+        The student is built first, so that with the same seed it starts from the same weights as a
+        `train` stage of the same model (the baseline trained without a teacher)."""
         d = self.recipe.stage_distill(stage)
         train = self.recipe.stage_train(stage)
         where = f"pipeline.{stage.name}.distill"
+        student = self.build(d.student, f"{where}.student")
         earlier = self.recipe.pipeline[: self.recipe.pipeline.index(stage)]  # never a later stage
         teacher_stage = next((s for s in earlier if s.name == d.teacher and s.do != "evaluate"), None)
         if teacher_stage is not None:
@@ -148,7 +172,6 @@ class RecipeRun:
                 )
         else:
             teacher = self.build(d.teacher, f"{where}.teacher")
-        student = self.build(d.student, f"{where}.student")
         try:
             pairs = stage_pairs(teacher, student, d.stages, d.point, d.select) if d.adapter != "none" else []
             return Distiller(
@@ -162,7 +185,7 @@ class RecipeRun:
                 tau=d.tau,
                 beta=d.beta,
                 label_smoothing=train.label_smoothing,
-                example_input=example,
+                example_input=example_batch(self.recipe.stage_data(stage)) if example is None else example,
                 teacher_dtype=d.teacher_dtype,
             )
         except (ValueError, KeyError) as exc:
@@ -207,8 +230,7 @@ class RecipeRun:
                     self._remember(stage, stage_dir)
                     continue
                 console.rule(f"stage {stage.name}: {stage.do}")
-                seed_everything(r.stage_seed(stage))  # model initialisation draws from it
-                result = self._run_stage(stage, stage_dir, log, resume)
+                result = self._run_stage(stage, stage_dir, log, resume, summary)
                 summary[stage.name] = result
                 if main:
                     atomic_write_text(json.dumps(summary, indent=2), self.out_dir / "summary.json")
@@ -232,9 +254,11 @@ class RecipeRun:
             key = self.recipe.stage_distill(stage).student
             self.trained[stage.name] = (self.recipe.models[key], stage_dir / "model.pt")
 
-    def _run_stage(self, stage: StageSpec, stage_dir: Path, log: MetricsLog, resume: bool) -> dict[str, Any]:
+    def _run_stage(
+        self, stage: StageSpec, stage_dir: Path, log: MetricsLog, resume: bool, summary: dict[str, Any]
+    ) -> dict[str, Any]:
         if stage.do == "evaluate":
-            return self._evaluate_stage(stage, stage_dir) if distributed.is_main() else {}
+            return self._evaluate_stage(stage, stage_dir, summary) if distributed.is_main() else {}
         if stage.do == "train" and self.stage_cache is not None:
             return self._cached_train_stage(stage, stage_dir, log, resume)
         return self._fit_stage(stage, stage_dir, log, resume)
@@ -271,15 +295,19 @@ class RecipeRun:
         r = self.recipe
         train = r.stage_train(stage)
         seed = r.stage_seed(stage)
-        train_loader, eval_loaders, set_epoch = build_loaders(r.data, seed)
-        meta: dict[str, Any] = {"stage": stage.name, "recipe": r.to_dict(), "data": _data_meta(r)}
+        data = r.stage_data(stage)
+        train_loader, eval_loaders, set_epoch = build_loaders(data, seed)
+        if train.track_test:  # reported only (StageResult.best_on_test); the test split of the run's data
+            eval_loaders["test"] = eval_loader(build_dataset(r.data, "test"), r.data)
+        meta: dict[str, Any] = {"stage": stage.name, "recipe": r.to_dict(), "data": _data_meta(data)}
+        seed_everything(seed)  # models are built right after seeding: same seed, same initial weights
         if stage.do == "train":
             model = self.build(stage.model, f"pipeline.{stage.name}.model")
             task: nn.Module = SupervisedTask(model, train.label_smoothing)
             meta["spec"] = _spec_for_checkpoint(r.models[stage.model])
             extra = 0
         else:
-            task = self.build_distiller(stage, example_batch(r.data))
+            task = self.build_distiller(stage)
             d = r.stage_distill(stage)
             task.cache = open_teacher_cache(task, d, train_loader.dataset, train.amp)
             meta["spec"] = _spec_for_checkpoint(r.models[d.student])
@@ -323,9 +351,11 @@ class RecipeRun:
         # Absolute: the reference must still point at the teacher when read from another directory.
         return {"model": teacher, "path": str(Path(path).resolve()), "sha256": file_sha256(path)}
 
-    def _evaluate_stage(self, stage: StageSpec, stage_dir: Path) -> dict[str, Any]:
+    def _evaluate_stage(self, stage: StageSpec, stage_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+        """Evaluate every run on the stage's split; with a `baseline`, compare each run with it."""
         r = self.recipe
         evaluator = self.make_evaluator()
+        mode = getattr(evaluator, "mode", "max")
         results: dict[str, Any] = {}
         for run in stage.runs:
             spec, path = self.trained[run]
@@ -333,16 +363,29 @@ class RecipeRun:
             load_state_dict_checked(model, load_file(path)["model"], str(path))
             label = f"[{stage.name}] {run}"
             results[run] = evaluate_model(model, r, stage.split, stage_dir / run, evaluator, label)
-        console.print(results_table(results, stage.split, getattr(evaluator, "summary_keys", None)))
-        return {"do": "evaluate", "split": stage.split, "results": results}
+        keys = getattr(evaluator, "summary_keys", None)
+        console.print(results_table(results, stage.split, keys, mode))
+        out: dict[str, Any] = {"do": "evaluate", "split": stage.split, "results": results}
+        if stage.baseline is not None:
+            replicates = {run: load_replicates(stage_dir / run, stage.split) for run in stage.runs}
+            keys = keys or [k for k in results[stage.baseline] if k.startswith(f"{stage.split}/")]
+            out["baseline"] = stage.baseline
+            out["differences"] = differences(results, replicates, stage.baseline, keys)
+            console.print(differences_table(out["differences"], stage.baseline, mode))
+        paper = paper_section(results, summary, getattr(evaluator, "paper_keys", []))
+        if paper:
+            out["paper"] = paper
+            console.print(paper_table(paper))
+        return out
 
 
 def evaluate_model(
     model: nn.Module, recipe: Recipe, split: str, out_dir: Path, evaluator: Any, label: str
 ) -> dict[str, Any]:
     """Predict on the dev split ('val') and `split`, let the evaluator turn that into metrics and
-    write its files to `out_dir`, record the calibration (thresholds, for `kdkit export`); return
-    the metrics with the model's size. The evaluate stage and `kdkit eval` both use it."""
+    write its files to `out_dir`, record the calibration (thresholds, for `kdkit export`) and, when
+    the evaluator can resample, the bootstrap replicates and intervals; return the metrics with the
+    model's size. The evaluate stage and `kdkit eval` both use it."""
     from kdkit.deploy.calibration import write_calibration
 
     device = resolve_device(recipe.train.device)
@@ -359,6 +402,17 @@ def evaluate_model(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {**evaluator(predictions, out_dir), **model_size(model)}
+    bootstrap = getattr(evaluator, "bootstrap", None)
+    if bootstrap is not None:
+        replicates = bootstrap(predictions, split)
+        replicates.save(replicates_path(out_dir, split))
+        results["intervals"] = {key: list(replicates.interval(key)) for key in replicates.values}
+        results["resampling"] = {
+            "unit": replicates.unit,
+            "n_units": replicates.n_units,
+            "draws": len(next(iter(replicates.values.values()))),
+            "confidence": LEVEL,
+        }
     write_calibration(out_dir, results, split)
     return results
 
@@ -391,24 +445,6 @@ def check_input(model: nn.Module, example: torch.Tensor, where: str) -> None:
         model.train(was_training)
 
 
-def results_table(results: dict[str, dict[str, float]], split: str, keys: list[str] | None = None) -> Table:
-    """A comparison table: one row per run, the split's metrics plus size columns."""
-    first = next(iter(results.values()), {})
-    keys = keys or [k for k in first if k.startswith(f"{split}/")]
-    table = Table(title=f"results on {split}")
-    table.add_column("run")
-    for key in [*keys, "params_M", "MiB"]:
-        table.add_column(key, justify="right")
-    for run, metrics in results.items():
-        table.add_row(
-            run,
-            *(f"{metrics[k]:.4f}" if k in metrics else "-" for k in keys),
-            f"{metrics['params_M']:.3f}",
-            f"{metrics['MiB']:.2f}",
-        )
-    return table
-
-
 def train_stage_key(recipe: Recipe, stage: StageSpec) -> str:
     """Hash of exactly what a `train` stage's model depends on.
 
@@ -417,12 +453,15 @@ def train_stage_key(recipe: Recipe, stage: StageSpec) -> str:
     section, other models or the stage's name.
     """
     spec = recipe.models[stage.model]
+    train = recipe.stage_train(stage)
     parts = {
         "do": stage.do,
-        "data": dataclasses.asdict(recipe.data),
+        "data": dataclasses.asdict(recipe.stage_data(stage)),
+        # a tracked test split is the run's own (reported only; see Trainer.best_on_test)
+        "test_data": dataclasses.asdict(recipe.data) if train.track_test else None,
         "model": dataclasses.asdict(spec),
         "weights_sha256": file_sha256(spec.weights) if spec.weights else None,
-        "train": dataclasses.asdict(recipe.stage_train(stage)),
+        "train": dataclasses.asdict(train),
         "evaluator": [recipe.evaluator, recipe.evaluator_options],
         "kdkit": __version__,
     }
@@ -470,6 +509,5 @@ def _spec_for_checkpoint(spec: ModelSpec) -> dict[str, Any]:
     return dataclasses.asdict(dataclasses.replace(spec, weights=None, pretrained=False))
 
 
-def _data_meta(recipe: Recipe) -> dict[str, Any]:
-    d = recipe.data
+def _data_meta(d: DataSpec) -> dict[str, Any]:
     return {"dataset": d.dataset, "image_size": d.image_size, "mean": d.mean, "std": d.std}

@@ -112,6 +112,9 @@ class TrainSpec:
     log_every: int = 20  # steps between progress/log updates
     max_steps_per_epoch: int | None = None  # cap steps per epoch (quick runs, smoke tests)
     seed: int | None = None  # this stage's seed; null = the recipe's `seed` (a stage may pin its own)
+    # also evaluate the test split every epoch, only to report the epoch a test-set selection would
+    # pick (the "optimistic" numbers of published code); never used to select anything
+    track_test: bool = False
 
 
 @dataclass
@@ -123,8 +126,14 @@ class StageSpec:
     model: str | None = None  # train: the key of `models` to train
     runs: list[str] = field(default_factory=list)  # evaluate: stage names whose models to test
     split: str = "test"  # evaluate: the split to report
+    # evaluate: the run every other run is compared with (paired differences with intervals),
+    # normally the student trained without a teacher
+    baseline: str | None = None
     train: dict[str, Any] = field(default_factory=dict)  # overrides of the top-level `train`
     distill: dict[str, Any] = field(default_factory=dict)  # overrides of the top-level `distill`
+    # train/distill: overrides of the top-level `data` for this stage's training (e.g. a teacher
+    # trained on a larger pool); every stage is evaluated on the top-level data's dev/test splits
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -151,6 +160,12 @@ class Recipe:
         """The stage's seed: its `train.seed` when it pins one, else the recipe's `seed`."""
         seed = stage.train.get("seed", self.train.seed)
         return self.seed if seed is None else int(seed)
+
+    def stage_data(self, stage: StageSpec) -> DataSpec:
+        """The data a stage trains on: the top-level `data` with the stage's overrides."""
+        return _convert(
+            DataSpec, {**dataclasses.asdict(self.data), **stage.data}, f"pipeline.{stage.name}.data", []
+        )
 
     def stage_distill(self, stage: StageSpec) -> DistillSpec:
         """The stage's distillation settings: the top-level `distill` with the stage's overrides."""
@@ -395,13 +410,7 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
         problems.append("pipeline: expected at least one stage")
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"pipeline: stage name {dup!r} is used more than once")
-    data = recipe.data
-    if data.image_size <= 0 or data.batch_size <= 0:
-        problems.append("data: image_size and batch_size must be positive")
-    if len(data.mean) != len(data.std) or any(s <= 0 for s in data.std):
-        problems.append("data.std: expected as many positive values as data.mean")
-    if data.aug_cycle is not None and data.aug_cycle < 1:
-        problems.append(f"data.aug_cycle: expected at least 1 (or null), got {data.aug_cycle}")
+    _check_data(recipe.data, "data", problems)
     _check_train(recipe.train, "train", problems)
     trained: dict[str, str] = {}  # stage name -> model key it produced
     for i, stage in enumerate(recipe.pipeline):
@@ -416,12 +425,21 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
             f"{where}.distill",
             stage_problems,
         )
+        stage_data = _convert(
+            DataSpec, {**dataclasses.asdict(recipe.data), **stage.data}, f"{where}.data", stage_problems
+        )
+        if stage.data and stage.do == "evaluate":
+            stage_problems.append(f"{where}.data: an evaluate stage reads the top-level data; remove it")
+        if stage.baseline is not None and stage.do != "evaluate":
+            stage_problems.append(f"{where}.baseline: only an evaluate stage compares with a baseline")
         problems.extend(stage_problems)
         if stage_problems:
             if stage.do != "evaluate":  # later stages may still name it: no follow-on errors
                 trained[stage.name] = stage.model or ""
             continue
         _check_train(train, f"{where}.train", problems)
+        if stage.data:
+            _check_data(stage_data, f"{where}.data", problems)
         if stage.do == "train":
             if stage.model not in recipe.models:
                 problems.append(
@@ -441,6 +459,19 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
                         f"{where}.runs: {run!r} is not an earlier train/distill stage"
                         f"{did_you_mean(run, list(trained))}"
                     )
+            if stage.baseline is not None and stage.baseline not in stage.runs:
+                problems.append(
+                    f"{where}.baseline: expected one of the stage's runs {stage.runs}, got {stage.baseline!r}"
+                )
+
+
+def _check_data(data: DataSpec, where: str, problems: list[str]) -> None:
+    if data.image_size <= 0 or data.batch_size <= 0:
+        problems.append(f"{where}: image_size and batch_size must be positive")
+    if len(data.mean) != len(data.std) or any(s <= 0 for s in data.std):
+        problems.append(f"{where}.std: expected as many positive values as {where}.mean")
+    if data.aug_cycle is not None and data.aug_cycle < 1:
+        problems.append(f"{where}.aug_cycle: expected at least 1 (or null), got {data.aug_cycle}")
 
 
 def _check_train(train: TrainSpec, where: str, problems: list[str]) -> None:

@@ -147,6 +147,9 @@ class StageResult:
     best: dict[str, float] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)
     best_epoch: int = 0
+    # with `train.track_test`: the epoch the evaluator's `optimistic_monitor` (a test metric) picks,
+    # as published code selects epochs, and that epoch's test metrics; only ever reported
+    best_on_test: dict[str, Any] = field(default_factory=dict)
     epochs: int = 0
     seconds: float = 0.0
     train_seconds_per_epoch: float = 0.0
@@ -203,6 +206,7 @@ class Trainer:
         self.epoch = 0  # completed epochs
         self.global_step = 0
         self.best: dict[str, Any] = {"value": None, "epoch": 0, "metrics": {}}
+        self.best_on_test: dict[str, Any] = {}  # see StageResult.best_on_test
         self.last_metrics: dict[str, float] = {}
         self.train_seconds = 0.0
         self.data_seconds = 0.0
@@ -233,6 +237,7 @@ class Trainer:
             best=self.best["metrics"],
             last=self.last_metrics,
             best_epoch=self.best["epoch"],
+            best_on_test=self.best_on_test,
             epochs=self.epoch,
             seconds=time.perf_counter() - start,
             train_seconds_per_epoch=self.train_seconds / max(self.epoch, 1),
@@ -257,15 +262,23 @@ class Trainer:
             metrics = self.evaluate()
             record.update(metrics)
             self._update_best(metrics)
+            self._update_best_on_test(metrics)
         self.log.write(record)
         self._save_state()
         console.print(
-            f"[{self.stage}] epoch {self.epoch}/{self.spec.epochs} "
-            + " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float) and "/" in k),
-            markup=False,
+            f"[{self.stage}] epoch {self.epoch}/{self.spec.epochs} {self._epoch_line(record)}", markup=False
         )
         if self.stop:  # also after the last epoch: the next stage must not start
             self._interrupted(f"after epoch {self.epoch}")
+
+    def _epoch_line(self, record: dict[str, Any]) -> str:
+        """The loss terms, the monitored metric and the evaluator's headline metrics of an epoch
+        (every metric is in metrics.jsonl)."""
+        shown = [k for k in record if k.startswith("train/")]
+        shown += [self.evaluator.monitor, *getattr(self.evaluator, "summary_keys", [])]
+        return " ".join(
+            f"{k}={record[k]:.4g}" for k in dict.fromkeys(shown) if isinstance(record.get(k), float)
+        )
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training loader (at most `steps_per_epoch` batches); the epoch's mean terms."""
@@ -394,6 +407,16 @@ class Trainer:
             self.best = {"value": value, "epoch": self.epoch, "metrics": metrics}
             self._save_model(metrics)
 
+    def _update_best_on_test(self, metrics: dict[str, float]) -> None:
+        """Record (never act on) the epoch a selection on the test split would keep."""
+        key = getattr(self.evaluator, "optimistic_monitor", None)
+        if key is None or key not in metrics:
+            return
+        value, best = metrics[key], self.best_on_test.get("value")
+        if best is None or (value > best if self.evaluator.mode == "max" else value < best):
+            tested = {k: v for k, v in metrics.items() if k.startswith(key.split("/", 1)[0] + "/")}
+            self.best_on_test = {"monitor": key, "value": value, "epoch": self.epoch, "metrics": tested}
+
     # ---------------------------------------------------------------- checkpoints
     def _save_model(self, metrics: dict[str, float]) -> None:
         """`model.pt`: the trained network only (no optimizer, adapters or teacher)."""
@@ -425,6 +448,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "rng": rng_state(),
                 "best": self.best,
+                "best_on_test": self.best_on_test,
                 "last_metrics": self.last_metrics,
                 "train_seconds": self.train_seconds,
                 "data_seconds": self.data_seconds,
@@ -444,6 +468,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best, self.last_metrics = state["best"], state["last_metrics"]
+        self.best_on_test = state.get("best_on_test", {})
         self.train_seconds = state["train_seconds"]
         self.data_seconds = state.get("data_seconds", 0.0)
         self.epoch_progress = state.get("epoch_progress")

@@ -12,21 +12,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import tiny_recipe_dict
 from torch.utils.data import Dataset
 
-from kdkit.ablate import expand_grid, resolve, split_values
-from kdkit.ablation_report import aggregate, csv_text, direction, markdown_table
+from kdkit.ablate import baseline_stage, expand_grid, resolve, split_values
+from kdkit.ablation_report import Group, Measured, csv_text, format_cell, markdown_tables, summarise
 from kdkit.checkpoint import load_file
 from kdkit.cli import main
+from kdkit.comparison import direction, load_replicates
 from kdkit.data import digits
 from kdkit.pipeline import RecipeRun, train_stage_key
 from kdkit.recipe import Recipe, apply_overrides, parse_recipe, read_yaml
 from kdkit.registry import DATASETS
 from kdkit.runlog import console
+from kdkit.stats import Replicates, paired_difference
 
 GRID = ["--vary", "distill.adapter=covariance,projection", "--seeds", "0,1"]
 RUNS = [f"adapter-{a}__seed{s}" for s in (0, 1) for a in ("covariance", "projection")]
@@ -99,17 +102,45 @@ def test_teacher_seed_pins_the_teacher_only_so_seeds_share_it() -> None:
         return train_stage_key(recipe, recipe.pipeline[0])
 
     shared = [resolve(base, variant, s, "tiny.yaml", teacher_seed=0) for s in (1, 2)]
-    # The teacher keeps the recipe's seed, a stage that pins its own keeps it, the student follows.
+    # The teacher keeps the recipe's seed, a stage that pins its own keeps it, the student and its
+    # baseline (added: 'alone' has another seed, so it is not one) follow.
     assert [seeds(r) for r in shared] == [
-        {"teacher": 0, "alone": 7, "student_kd": s, "test": s} for s in (1, 2)
+        {"teacher": 0, "alone": 7, "student_alone": s, "student_kd": s, "test": s} for s in (1, 2)
     ]
     assert teacher_key(shared[0]) == teacher_key(shared[1])
-    per_seed = [resolve(base, variant, s, "tiny.yaml") for s in (1, 2)]
+    per_seed = [resolve(base, variant, s, "tiny.yaml", baseline=False) for s in (1, 2)]
     assert [seeds(r)["teacher"] for r in per_seed] == [1, 2]
     assert teacher_key(per_seed[0]) != teacher_key(per_seed[1])
     # When the teacher itself is the compared stage, it is never pinned.
     compared = resolve(base, variant, 1, "tiny.yaml", stage="teacher", teacher_seed=0)
     assert seeds(compared)["teacher"] == 1
+
+
+def test_the_baseline_is_added_unless_the_recipe_has_one() -> None:
+    variant = expand_grid(["distill.adapter=covariance"])[0]
+    added = resolve(small_recipe(), variant, 3, "tiny.yaml")
+    stages = {s.name: s for s in added.pipeline}
+    assert [s.name for s in added.pipeline] == ["teacher", "student_alone", "student_kd", "test"]
+    assert (stages["student_alone"].do, stages["student_alone"].model) == ("train", "student")
+    assert added.stage_seed(stages["student_alone"]) == added.stage_seed(stages["student_kd"]) == 3
+    assert (stages["test"].runs, stages["test"].baseline) == (
+        ["teacher", "student_alone", "student_kd"],
+        "student_alone",
+    )
+    assert baseline_stage(added, "student_kd") == "student_alone"
+    # A stage of the same student with the same schedule is the baseline; another schedule is not.
+    base = small_recipe()
+    base["pipeline"].insert(1, {"name": "alone", "do": "train", "model": "student"})
+    assert [s.name for s in resolve(base, variant, 0, "t").pipeline] == [
+        "teacher",
+        "alone",
+        "student_kd",
+        "test",
+    ]
+    base["pipeline"][1]["train"] = {"lr": 0.01}
+    assert baseline_stage(resolve(base, variant, 0, "t"), "student_kd") == "student_alone"
+    without = resolve(small_recipe(), variant, 0, "t", baseline=False)
+    assert baseline_stage(without, "student_kd") is None and without.pipeline[-1].baseline is None
 
 
 @pytest.mark.parametrize(
@@ -274,16 +305,21 @@ def test_every_run_is_complete_and_one_teacher_serves_every_variant_and_seed(abl
         assert {"teacher", "student_kd", "test"} <= _summary(ablation / "runs" / run).keys()
         assert (ablation / "runs" / run / "run.json").exists()
     report = json.loads((ablation / "ablation.json").read_text())
-    assert report["stage_cache"] == {"teacher": {"trained": 1, "reused": 3}}
-    # The teacher was trained once, alone, before the runs, with the recipe's seed; every run reused it.
-    assert [p.name for p in (ablation / "prepare").iterdir()] == [RUNS[0]]
+    # One teacher for every run; one baseline (student alone) per seed, shared by the variants.
+    assert report["stage_cache"] == {
+        "teacher": {"trained": 1, "reused": 3},
+        "student_alone": {"trained": 2, "reused": 2},
+    }
+    # The train stages were trained before the runs, once per seed (the teacher with the recipe's
+    # seed, once); every run reused them.
+    assert sorted(p.name for p in (ablation / "prepare").iterdir()) == sorted(RUNS[::2])
     caches = [_summary(ablation / "runs" / run)["teacher"]["cache"] for run in RUNS]
-    assert all(c == {**caches[0], "reused": True, "trained_by": RUNS[0]} for c in caches)
+    assert all(c["key"] == caches[0]["key"] and c["reused"] for c in caches)
     entry = ablation / "cache" / caches[0]["key"] / "model.pt"
     assert all(os.path.samefile(ablation / "runs" / r / "teacher" / "model.pt", entry) for r in RUNS)
-    prepared = _summary(ablation / "prepare" / RUNS[0])
-    assert list(prepared) == ["teacher"] and not prepared["teacher"]["cache"]["reused"]
-    assert len([p for p in (ablation / "cache").iterdir() if p.is_dir()]) == 1
+    baselines = [_summary(ablation / "runs" / run)["student_alone"]["cache"]["key"] for run in RUNS]
+    assert baselines[0] == baselines[1] != baselines[2] == baselines[3]  # per seed, shared by variants
+    assert len([p for p in (ablation / "cache").iterdir() if p.is_dir()]) == 3
     # The students still ran with their own seeds.
     seeds = {run: read_yaml(ablation / "runs" / run / "recipe.yaml")["seed"] for run in RUNS}
     assert seeds == {run: int(run[-1]) for run in RUNS}
@@ -291,49 +327,98 @@ def test_every_run_is_complete_and_one_teacher_serves_every_variant_and_seed(abl
 
 def test_csv_and_json_hold_every_run_and_mean_std_per_variant(ablation: Path) -> None:
     rows = list(csv.DictReader((ablation / "ablation.csv").open()))
-    assert [r["run"] for r in rows[:4]] == RUNS
-    assert [(r["variant"], r["seed"]) for r in rows[4:]] == [
-        (f"adapter={a}", stat) for a in ("covariance", "projection") for stat in ("mean", "std")
-    ]
-    for row in rows[:4]:
-        tested = _summary(ablation / "runs" / row["run"])["test"]["results"]["student_kd"]
+    baseline = [f"{RUNS[0]}/student_alone", f"{RUNS[2]}/student_alone"]
+    assert [r["run"] for r in rows[:6]] == baseline + RUNS[::2] + RUNS[1::2]
+    for row in rows[:6]:
+        run, _, stage = row["run"].partition("/")
+        tested = _summary(ablation / "runs" / run)["test"]["results"][stage or "student_kd"]
         assert float(row["test/accuracy"]) == pytest.approx(tested["test/accuracy"])
-        assert float(row["peak_MiB"]) > 0 and float(row["train_s_per_epoch"]) > 0
+        assert float(row["train_s_per_epoch"]) > 0
         assert (int(row["adapter_params"]) > 0) == ("projection" in row["run"])
-    accuracy = [float(r["test/accuracy"]) for r in rows[:4] if r["distill.adapter"] == "projection"]
-    projection_mean, projection_std = rows[6], rows[7]
-    assert float(projection_mean["test/accuracy"]) == pytest.approx(statistics.fmean(accuracy))
-    assert float(projection_std["test/accuracy"]) == pytest.approx(statistics.stdev(accuracy))
+        assert (row["peak_MiB"] == "") == bool(stage)  # the run's memory belongs to the compared stage
+    stats = [(r["variant"], r["seed"]) for r in rows[6:]]
+    assert stats[:4] == [
+        ("baseline: student alone (no teacher)", s) for s in ("mean", "std", "ci_low", "ci_high")
+    ]
+    per_variant = [
+        "mean",
+        "std",
+        "ci_low",
+        "ci_high",
+        "diff_mean",
+        "diff_low",
+        "diff_high",
+        "diff_excludes_zero",
+    ]
+    assert stats[4:] == [(f"adapter={a}", s) for a in ("covariance", "projection") for s in per_variant]
+    accuracy = [float(r["test/accuracy"]) for r in rows[:6] if r["distill.adapter"] == "projection"]
+    projection = {r["seed"]: r for r in rows[6:] if r["variant"] == "adapter=projection"}
+    assert float(projection["mean"]["test/accuracy"]) == pytest.approx(statistics.fmean(accuracy))
+    assert float(projection["std"]["test/accuracy"]) == pytest.approx(statistics.stdev(accuracy))
+    assert projection["diff_excludes_zero"]["test/accuracy"] in ("True", "False")
 
     report = json.loads((ablation / "ablation.json").read_text())
-    assert (report["main_metric"], report["direction"], report["stage"]) == (
+    assert (report["main_metric"], report["direction"], report["stage"], report["baseline"]) == (
         "test/accuracy",
         "max",
         "student_kd",
+        "student_alone",
     )
-    assert report["columns"] == [
-        "test/accuracy",
-        "test/loss",
-        "adapter_params",
-        "train_s_per_epoch",
-        "peak_MiB",
-    ]
-    assert [v["n"] for v in report["variants"]] == [2, 2] and len(report["runs"]) == 4
+    assert report["columns"] == ["test/accuracy", "adapter_params", "train_s_per_epoch", "peak_MiB"]
+    assert [v["n"] for v in report["variants"]] == [2, 2, 2] and len(report["runs"]) == 6
+    assert [v["baseline"] for v in report["variants"]] == [True, False, False]
     assert "ru_maxrss" in report["memory_measure"]
 
 
-def test_markdown_bolds_the_best_mean_and_the_png_is_written(ablation: Path) -> None:
+def test_the_paired_difference_is_each_runs_student_minus_its_own_baseline(ablation: Path) -> None:
+    """Recomputed from the runs' own bootstrap files: same resamples, same seeds."""
     report = json.loads((ablation / "ablation.json").read_text())
-    means = {v["variant"]: v["mean"]["test/accuracy"] for v in report["variants"]}
-    best = max(means, key=means.__getitem__)
+    projection = next(v for v in report["variants"] if v["variant"] == "adapter=projection")
+    key = "test/accuracy"
+
+    def measured(run: str, stage: str) -> tuple[float, Replicates]:
+        results = _summary(ablation / "runs" / run)["test"]["results"][stage]
+        replicates = load_replicates(ablation / "runs" / run / "test" / stage, "test")
+        assert replicates is not None and replicates.unit == "sample"
+        return results[key], replicates
+
+    runs = [measured(r, "student_kd") for r in RUNS[1::2]]
+    bases = [measured(r, "student_alone") for r in RUNS[1::2]]
+    want = paired_difference(
+        [p for p, _ in runs], [p for p, _ in bases], [r for _, r in runs], [r for _, r in bases], key
+    )
+    got = projection["difference"][key]
+    assert got["per_seed"] == pytest.approx(want.pop("per_seed"))
+    assert {k: got[k] for k in want} == pytest.approx(want)
+    assert projection["difference"][key]["mean"] == pytest.approx(
+        statistics.fmean(p - b for (p, _), (b, _) in zip(runs, bases, strict=True))
+    )
+    low, high = projection["interval"][key]
+    assert low <= projection["mean"][key] <= high
+
+
+def test_markdown_has_the_baseline_intervals_and_differences_and_the_png_is_written(ablation: Path) -> None:
     lines = (ablation / "ablation.md").read_text().splitlines()
-    table = [line for line in lines if line.startswith("| adapter=")]
-    assert len(table) == 2
-    for line in table:
-        accuracy_cell = line.split("|")[2].strip()
-        assert " ± " in accuracy_cell
-        assert accuracy_cell.startswith("**") == line.startswith(f"| {best} |")
+    rows = [line for line in lines if line.startswith(("| adapter=", "| baseline"))]
+    assert len(rows) == 5  # baseline + 2 variants, then 2 difference rows
+    assert rows[0].startswith("| baseline: student alone (no teacher) |")
+    for line in rows[:3]:
+        assert re.search(r"\| \d\.\d{4} ± \d\.\d{4} \[\d\.\d{4}, \d\.\d{4}\] \|", line), line
+    for line in rows[3:]:
+        assert re.search(r"\| [+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]( ✓)? \|", line), line
+    assert any(line.startswith("| variant − baseline |") for line in lines)
     assert (ablation / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_baseline_leaves_it_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("tiny.yaml").write_text(yaml.safe_dump(small_recipe(), sort_keys=False))
+    grid = ["--vary", "distill.adapter=covariance", "--seeds", "0"]
+    assert main(["ablate", "tiny.yaml", *grid, "--out", "abl", "--no-baseline"]) == 0
+    report = json.loads(Path("abl/ablation.json").read_text())
+    assert report["baseline"] is None and [v["baseline"] for v in report["variants"]] == [False]
+    assert report["variants"][0]["difference"] == {} and "student_alone" not in report["stage_cache"]
+    assert "variant − baseline" not in Path("abl/ablation.md").read_text()
 
 
 def test_rerun_continues_an_interrupted_ablation(
@@ -369,8 +454,8 @@ def test_rerun_continues_an_interrupted_ablation(
         "trained": 1,
         "reused": 3,
     }
-    assert "train stages first" not in err  # the teacher was in the cache
-    assert len(list(csv.DictReader((out / "ablation.csv").open()))) == 8
+    assert "train stages first" not in err  # the teacher and the baselines were in the cache
+    assert len(list(csv.DictReader((out / "ablation.csv").open()))) == 6 + 4 + 2 * 8
 
     # The same folder with a changed recipe is refused, naming what differs.
     assert main(["ablate", "tiny.yaml", *GRID, "--out", "abl", "--set", "train.lr=0.001"]) == 2
@@ -378,37 +463,53 @@ def test_rerun_continues_an_interrupted_ablation(
 
 
 # ------------------------------------------------------------------------------------ report functions
-def _rows() -> list[dict[str, Any]]:
-    values = {("a", 0): (0.9, 0.30), ("a", 1): (0.7, 0.34), ("b", 0): (0.6, 0.20), ("b", 1): (0.6, 0.22)}
-    return [
-        {
-            "variant": v,
-            "seed": s,
-            "split": "test",
-            "test/accuracy": acc,
-            "test/loss": loss,
-            "adapter_params": 0,
-        }
-        for (v, s), (acc, loss) in values.items()
+def _group(label: str, accuracy: list[float], loss: list[float], **kwargs: Any) -> Group:
+    rows = [
+        {"split": "test", "test/accuracy": a, "test/loss": b, "adapter_params": 0}
+        for a, b in zip(accuracy, loss, strict=True)
     ]
+    return Group(label, list(range(len(rows))), [Measured(r, None) for r in rows], **kwargs)
 
 
-def test_markdown_marks_the_best_per_column_in_its_direction() -> None:
-    summary = aggregate(_rows())
-    assert summary[0]["mean"]["test/accuracy"] == pytest.approx(0.8)
-    assert summary[0]["std"]["test/accuracy"] == pytest.approx(statistics.stdev([0.9, 0.7]))
-    table = markdown_table(summary, ["test/accuracy", "test/loss", "adapter_params"], "max").splitlines()
-    assert table[0] == "| variant | test/accuracy ↑ | test/loss ↓ | adapter params ↓ |"
-    assert table[2] == "| a | **0.8000 ± 0.1414** | 0.3200 ± 0.0283 | **0 ± 0** |"
-    assert table[3] == "| b | 0.6000 ± 0.0000 | **0.2100 ± 0.0141** | **0 ± 0** |"
-    one_seed = markdown_table(aggregate(_rows()[::2]), ["test/accuracy"], "max").splitlines()
-    assert one_seed[2] == "| a | **0.9000** |"  # no ± with a single seed
+def test_summary_cells_show_mean_std_and_interval_and_markdown_has_no_ranking() -> None:
+    group = _group("a", [0.9, 0.7], [0.30, 0.34])
+    summary = summarise(group, ["test/accuracy", "test/loss", "adapter_params"], ["test/accuracy"])
+    assert summary["mean"]["test/accuracy"] == pytest.approx(0.8)
+    assert summary["std"]["test/accuracy"] == pytest.approx(statistics.stdev([0.9, 0.7]))
+    assert summary["interval"] == {} and summary["difference"] == {}  # no replicates, no interval
+    assert format_cell(summary, "test/accuracy") == "0.8000 ± 0.1414"
+    summary["interval"]["test/accuracy"] = [0.61, 0.95]
+    assert format_cell(summary, "test/accuracy") == "0.8000 ± 0.1414 [0.6100, 0.9500]"
+    assert format_cell(summary, "peak_MiB") == "-"
+    one = summarise(_group("b", [0.6], [0.2]), ["test/accuracy"], ["test/accuracy"])
+    assert format_cell(one, "test/accuracy") == "0.6000"  # no ± with a single seed
+    table = markdown_tables([summary, one], ["test/accuracy"], ["adapter_params"], "max").splitlines()
+    assert table[0] == "| variant | test/accuracy ↑ | adapter params ↓ |"
+    assert table[2] == "| a | 0.8000 ± 0.1414 [0.6100, 0.9500] | 0 ± 0 |"
+    assert "**" not in "\n".join(table) and len(table) == 4  # no "best" bolding, no difference table
 
 
-def test_csv_text_has_mean_and_std_rows() -> None:
-    rows = list(csv.DictReader(csv_text(_rows(), aggregate(_rows())).splitlines()))
-    assert [r["seed"] for r in rows] == ["0", "1", "0", "1", "mean", "std", "mean", "std"]
-    assert float(rows[6]["test/loss"]) == pytest.approx(0.21)
+def test_summary_pairs_each_seed_with_its_own_baseline() -> None:
+    draws = np.random.default_rng(0).normal(size=(2, 50))
+
+    def measured(value: float, shift: float) -> Measured:
+        replicates = Replicates({"test/accuracy": value + shift * draws[0]}, "sample", 10, "same")
+        return Measured({"split": "test", "test/accuracy": value}, replicates)
+
+    base = [measured(0.5, 0.01), measured(0.6, 0.01)]
+    group = Group("kd", [0, 1], [measured(0.7, 0.01), measured(0.9, 0.01)], baseline=base)
+    diff = summarise(group, ["test/accuracy"], ["test/accuracy"])["difference"]["test/accuracy"]
+    assert diff["per_seed"] == pytest.approx([0.2, 0.3]) and diff["mean"] == pytest.approx(0.25)
+    assert diff["excludes_zero"] and 0.19 < diff["low"] <= diff["high"] < 0.31
+    rows = list(
+        csv.DictReader(
+            csv_text(
+                [{"variant": "kd", "seed": 0, "test/accuracy": 0.7}],
+                [summarise(group, ["test/accuracy"], ["test/accuracy"])],
+            ).splitlines()
+        )
+    )
+    assert [r["seed"] for r in rows][-1] == "diff_excludes_zero" and rows[-1]["test/accuracy"] == "True"
 
 
 @pytest.mark.parametrize(

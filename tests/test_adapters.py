@@ -160,3 +160,55 @@ def test_covariance_detach_changes_only_the_gradient() -> None:
     constant = (F.normalize(s0, dim=1).T @ t_hat).detach()
     F.mse_loss(s_hat @ constant, t_hat).backward()
     torch.testing.assert_close(grads[True], s.grad)
+
+
+def _hatfas_feature_loss(tokens_s: list[torch.Tensor], tokens_t: list[torch.Tensor]) -> torch.Tensor:
+    """The feature term of the HaTFAS authors' public code (Maricle-zhangjun/HaTFAS@3e96e7b,
+    `losses.py`, `encoder_layer_loss`), written here from reading it: per stage pair, L2-normalise
+    both class tokens, correlation map ŝᵀt̂ (gradient flowing through it), reconstruction ŝ·map,
+    mean of the squared difference to t̂; the term is the sum over pairs divided by their number."""
+    losses = []
+    for cls_s, cls_t in zip(tokens_s, tokens_t, strict=True):
+        cls_s, cls_t = F.normalize(cls_s, dim=-1), F.normalize(cls_t, dim=-1)
+        reconstruction = cls_s @ (cls_s.transpose(0, 1) @ cls_t)
+        losses.append(((cls_t - reconstruction) ** 2).mean())
+    return sum(losses) / len(losses)
+
+
+def test_covariance_without_detach_is_the_hatfas_authors_loss_and_gradient() -> None:
+    g = torch.Generator().manual_seed(3)
+    student = [torch.randn(8, 192, generator=g, dtype=torch.float64) for _ in range(3)]  # ViT-Ti width
+    teacher = [torch.randn(8, 768, generator=g, dtype=torch.float64) for _ in range(3)]  # ViT-B width
+    ours_in = [s.clone().requires_grad_(True) for s in student]
+    theirs_in = [s.clone().requires_grad_(True) for s in student]
+    adapter = build_adapter("covariance", 192, 768, detach_covariance=False)
+    ours = torch.stack(
+        [mse(*adapter(s, t)) for s, t in zip(ours_in, teacher, strict=True)]
+    ).mean()  # Distiller's feat
+    theirs = _hatfas_feature_loss(theirs_in, teacher)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+    for a, b in zip(ours_in, theirs_in, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-14)
+    # kdkit's default (detached) keeps the value and changes only the gradient.
+    detached = build_adapter("covariance", 192, 768)
+    value = torch.stack([mse(*detached(s, t)) for s, t in zip(student, teacher, strict=True)]).mean()
+    torch.testing.assert_close(value, theirs.detach(), rtol=1e-12, atol=0)
+
+
+def test_logit_kd_is_the_hatfas_authors_soft_distillation() -> None:
+    """HaTFAS `DistillationLoss` ('soft'): KL(log_softmax(s/T) ‖ log_softmax(t/T)), batchmean,
+    log_target, times T²; the total is (1-α)·CE + α·KD + β·feature."""
+    from kdkit.losses import kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = (
+        torch.randn(16, 2, generator=g, dtype=torch.float64),
+        torch.randn(16, 2, generator=g, dtype=torch.float64),
+    )
+    tau = 3.0
+    reference = F.kl_div(
+        F.log_softmax(s / tau, 1), F.log_softmax(t / tau, 1), reduction="batchmean", log_target=True
+    )
+    torch.testing.assert_close(kd_loss(s, t, tau), reference * tau * tau, rtol=1e-12, atol=0)

@@ -202,6 +202,8 @@ def test_eval_rewrites_the_pipeline_metrics(
     assert "test/accuracy" in capsys.readouterr().err
     written = json.loads((checkpoint.parent / "eval-test" / "metrics.json").read_text())["metrics"]
     pipeline = json.loads((run / "summary.json").read_text())["test"]["results"]["teacher"]
+    for nested in ("intervals", "resampling"):  # the same resamples: the same intervals
+        assert written.pop(nested) == pipeline.pop(nested)
     assert written == pytest.approx(pipeline, abs=1e-6)
 
     out = tmp_path / "val-eval"

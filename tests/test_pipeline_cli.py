@@ -65,6 +65,107 @@ def test_run_writes_the_run_directory(finished_run: Path) -> None:
     assert all(0.0 <= r["test/accuracy"] <= 1.0 and "val/accuracy" in r for r in results.values())
 
 
+def test_the_evaluate_stage_gives_intervals_and_the_difference_to_the_baseline(finished_run: Path) -> None:
+    test = json.loads((finished_run / "run" / "summary.json").read_text())["test"]
+    results = test["results"]
+    for run, metrics in results.items():
+        low, high = metrics["intervals"]["test/accuracy"]
+        assert low <= metrics["test/accuracy"] <= high and high - low > 0
+        assert metrics["resampling"]["unit"] == "sample" and metrics["resampling"]["n_units"] == 360
+        assert (finished_run / "run" / "test" / run / "bootstrap_test.npz").is_file()
+    assert test["baseline"] == "student_alone" and set(test["differences"]) == {"teacher", "student_kd"}
+    for run, per_key in test["differences"].items():
+        diff = per_key["test/accuracy"]
+        assert diff["mean"] == pytest.approx(
+            results[run]["test/accuracy"] - results["student_alone"]["test/accuracy"]
+        )
+        assert diff["low"] <= diff["mean"] <= diff["high"]
+        assert diff["excludes_zero"] == (diff["low"] > 0 or diff["high"] < 0)
+
+
+def test_a_baseline_and_its_distilled_student_start_from_the_same_weights(
+    tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same seed, same initial student: the difference between them is the teacher's doing."""
+    import kdkit.pipeline
+
+    initial: dict[str, dict[str, torch.Tensor]] = {}
+
+    class RecordingTrainer(kdkit.pipeline.Trainer):  # type: ignore[name-defined]
+        def __init__(self, task: torch.nn.Module, *args: object, **kwargs: object) -> None:
+            initial[str(kwargs.get("stage", args[6]))] = {
+                k: v.clone() for k, v in task.model.state_dict().items()
+            }
+            super().__init__(task, *args, **kwargs)
+
+    monkeypatch.setattr(kdkit.pipeline, "Trainer", RecordingTrainer)
+    monkeypatch.chdir(tiny_recipe.parent)
+    assert main(["run", str(tiny_recipe), "--out", "run", "--set", "train.epochs=1"]) == 0
+    alone, kd = initial["student_alone"], initial["student_kd"]
+    assert alone.keys() == kd.keys() and all(torch.equal(alone[k], kd[k]) for k in alone)
+
+
+def test_track_test_records_the_best_on_test_epoch_without_selecting_it(
+    tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tiny_recipe.parent)
+    args = ["--set", "train.track_test=true", "--set", "train.epochs=3"]
+    assert main(["run", str(tiny_recipe), "--out", "run", *args]) == 0
+    summary = json.loads(Path("run/summary.json").read_text())
+    logged = [json.loads(line) for line in Path("run/metrics.jsonl").read_text().splitlines()]
+    for stage in STAGES[:3]:
+        epochs = [r for r in logged if r["stage"] == stage and "test/accuracy" in r]
+        assert [r["epoch"] for r in epochs] == [1, 2, 3]
+        best = summary[stage]["best_on_test"]
+        top = max(epochs, key=lambda r: r["test/accuracy"])  # first of the ties, as the trainer keeps
+        assert (best["monitor"], best["epoch"], best["value"]) == (
+            "test/accuracy",
+            top["epoch"],
+            top["test/accuracy"],
+        )
+        # model.pt is still the best epoch on val.
+        val_best = max(epochs, key=lambda r: r["val/accuracy"])["epoch"]
+        assert summary[stage]["best_epoch"] == val_best == load_file(Path(f"run/{stage}/model.pt"))["epoch"]
+    paper = summary["test"]["paper"]
+    assert paper["teacher"]["best_on_test"] == {
+        k: summary["teacher"]["best_on_test"][k] for k in ("monitor", "epoch", "value")
+    }
+    assert "for comparison with published numbers only" in capsys.readouterr().err
+
+
+def test_a_stage_trains_on_its_own_data_and_everything_is_tested_on_the_recipes(
+    tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kdkit.data import digits
+    from kdkit.registry import DATASETS
+
+    calls: list[tuple[str, int]] = []
+    if "recorded_digits" not in DATASETS:
+        DATASETS.add(
+            "recorded_digits",
+            lambda split, spec: calls.append((split, spec.options["split_seed"])) or digits(split, spec),
+        )
+    monkeypatch.chdir(tiny_recipe.parent)
+    args = [
+        "--set", "data.dataset=recorded_digits",
+        "--set", "data.options={split_seed: 0}",
+        "--set", "pipeline.teacher.data={options: {split_seed: 1}}",
+        "--set", "train.epochs=1",
+    ]  # fmt: skip
+    assert main(["run", str(tiny_recipe), "--out", "run", *args]) == 0
+    recipe = load_recipe(Path("run/recipe.yaml"))
+    teacher = recipe.pipeline[0]
+    assert recipe.stage_data(teacher).options == {"split_seed": 1} and recipe.data.options == {
+        "split_seed": 0
+    }
+    assert ("train", 1) in calls and ("val", 1) in calls  # the teacher's own training and selection data
+    assert ("test", 1) not in calls  # ... but every model is tested on the recipe's data
+    from kdkit.pipeline import train_stage_key
+
+    other = load_recipe(Path("run/recipe.yaml"), ["pipeline.teacher.data={}"])
+    assert train_stage_key(recipe, teacher) != train_stage_key(other, other.pipeline[0])
+
+
 def test_checkpoints_are_weights_only_and_reference_the_teacher(finished_run: Path) -> None:
     run = finished_run / "run"
     kd = torch.load(run / "student_kd" / "model.pt", map_location="cpu", weights_only=True)
@@ -138,6 +239,17 @@ def test_default_run_directories_are_never_reused(tmp_path: Path, monkeypatch: p
             "identity adapter needs equal widths; got student_dim=32, teacher_dim=48",
         ),
         (["data.dataset=digitz"], "data.dataset: unknown dataset 'digitz'. Did you mean 'digits'?"),
+        (["pipeline.test.baseline=student"], "pipeline[3] (test).baseline: expected one of the stage's runs"),
+        (
+            ["pipeline.teacher.baseline=student_kd"],
+            "baseline: only an evaluate stage compares with a baseline",
+        ),
+        (
+            ["pipeline.test.data={batch_size: 8}"],
+            "pipeline[3] (test).data: an evaluate stage reads the top-level",
+        ),
+        (["pipeline.teacher.data={batch_size: 0}"], "pipeline[0] (teacher).data: image_size and batch_size"),
+        (["pipeline.teacher.data={batchsize: 8}"], "pipeline[0] (teacher).data.batchsize: unknown key"),
     ],
 )
 def test_bad_recipe_exits_2_with_the_key_path(

@@ -17,8 +17,9 @@ from typing import Any
 
 from kdkit.checkpoint import atomic_write_text
 from kdkit.cli import UsageError, _add_set_arg
+from kdkit.comparison import results_table
 from kdkit.deploy.modelfile import load_checkpoint
-from kdkit.pipeline import RecipeRun, evaluate_model, results_table
+from kdkit.pipeline import RecipeRun, evaluate_model
 from kdkit.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
 from kdkit.runlog import console
 from kdkit.trainer import autocast, resolve_device
@@ -64,7 +65,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, "metrics": results}, indent=2),
         out / "metrics.json",
     )
-    console.print(results_table({name: results}, args.split, getattr(evaluator, "summary_keys", None)))
+    keys = getattr(evaluator, "summary_keys", None)
+    console.print(results_table({name: results}, args.split, keys, getattr(evaluator, "mode", "max")))
     console.print(f"written: {out}", markup=False)
     return 0
 

@@ -3,7 +3,13 @@
 It turns class-1 probabilities into P(live) scores, fixes the threshold at the dev ('val') set's
 EER point and reports the test metrics there — never a threshold or a checkpoint chosen on test.
 Video-level results (mean frame score per video) are the headline numbers when the data set
-knows its videos; frame-level ones are reported beside them with a `frame_` prefix.
+knows its videos; frame-level ones are reported beside them with a `frame_` prefix. APCER is the
+worst PAI species (`<split>/apcer`), with every species and instrument beside it
+(`<split>/apcer_species.<name>`, `<split>/apcer_instrument.<name>`).
+
+`<split>/optimistic_hter` is the HTER at the split's own EER threshold, as most published FAS code
+reports it: kdkit logs it (and the trainer records the epoch it would pick, `optimistic_monitor`)
+only for comparison with published numbers; nothing is ever selected by it.
 """
 
 from __future__ import annotations
@@ -18,24 +24,38 @@ import torch
 
 from kdkit.checkpoint import atomic_write_text
 from kdkit.evaluation import Predictions
-from kdkit_fas.metrics import ScoreSet, eer_threshold, evaluate_scores, plot_roc_det
+from kdkit.stats import DRAWS, SEED, Replicates
+from kdkit_fas.metrics import ScoreSet, bootstrap, eer_threshold, evaluate_scores, plot_roc_det
 
-HEADLINE = ("hter", "acer", "apcer", "bpcer", "eer", "auc", "bpcer_at_apcer_1pct", "threshold")
+HEADLINE = (
+    "hter",
+    "acer",
+    "apcer",
+    "bpcer",
+    "eer",
+    "auc",
+    "bpcer_at_apcer_1pct",
+    "tpr_at_fpr_1pct",
+    "tpr_at_fpr_0.1pct",
+    "threshold",
+    "optimistic_hter",
+)
 
 
 def score_set(pred: Predictions) -> ScoreSet:
-    """P(live) scores with labels, attack types and video ids from the dataset's `meta`."""
+    """P(live) scores with labels, attack types, video and subject ids from the dataset's `meta`."""
     if pred.logits.ndim != 2 or pred.logits.shape[1] != 2:
         raise ValueError(
             f"the FAS evaluator needs 2-class logits (attack, live), got shape {tuple(pred.logits.shape)}"
         )
     scores = torch.softmax(pred.logits.float(), dim=1)[:, 1].numpy()
     meta = getattr(pred.dataset, "meta", None)
-    attack_types = videos = None
+    attack_types = videos = subjects = None
     if meta is not None and len(meta) == len(scores):
         attack_types = [str(m.get("attack_type", "attack")) for m in meta]
         videos = [str(m["video"]) for m in meta] if all("video" in m for m in meta) else None
-    return ScoreSet(scores, pred.labels.numpy(), attack_types, videos)
+        subjects = [str(m["subject"]) for m in meta] if all(m.get("subject") for m in meta) else None
+    return ScoreSet(scores, pred.labels.numpy(), attack_types, videos, subjects)
 
 
 class FasEvaluator:
@@ -43,6 +63,10 @@ class FasEvaluator:
 
     mode = "min"
     summary_keys = ["test/hter", "test/acer", "test/eer", "test/auc"]
+    # Numbers to set beside published ones, never used to choose anything: HTER at the test set's
+    # own EER threshold (optimistic, = test EER) and ROC points with bona fide as the positive class.
+    paper_keys = ["test/optimistic_hter", "test/tpr_at_fpr_1pct", "test/tpr_at_fpr_0.1pct"]
+    optimistic_monitor = "test/optimistic_hter"  # the epoch published code would keep; only reported
 
     def __init__(self, level: str = "video") -> None:
         if level not in ("video", "frame"):
@@ -68,9 +92,22 @@ class FasEvaluator:
             main = result.get(self.level, result["frame"])
             metrics.update({f"{split}/{k}": float(main[k]) for k in HEADLINE})
             metrics.update({f"{split}/frame_{k}": float(result["frame"][k]) for k in HEADLINE})
+            for by in ("species", "instrument"):
+                per = main[f"apcer_per_{by}"]
+                metrics.update({f"{split}/apcer_{by}.{name}": float(v) for name, v in per.items()})
             if out_dir is not None:
                 self._write(out_dir, split, test, dev, result, main["threshold"])
         return metrics
+
+    def bootstrap(
+        self, predictions: dict[str, Predictions], split: str, draws: int = DRAWS, seed: int = SEED
+    ) -> Replicates:
+        """Replicates of HTER, ACER, APCER, BPCER, EER, AUC and TPR@FPR on `split` (the headline
+        level), the threshold fixed at the dev EER; resampling subjects where known, else videos."""
+        test, dev = self._level(score_set(predictions[split])), self._level(score_set(predictions["val"]))
+        replicates = bootstrap(test, eer_threshold(dev.scores, dev.labels)[1], draws, seed)
+        replicates.values = {f"{split}/{k}": v for k, v in replicates.values.items()}
+        return replicates
 
     def _level(self, scores: ScoreSet) -> ScoreSet:
         return scores.per_video() if self.level == "video" and scores.videos is not None else scores
@@ -98,13 +135,20 @@ class FasEvaluator:
 
 
 def write_scores_csv(scores: ScoreSet, path: Path) -> None:
-    """`score,label,attack_type,video` rows — the input format of `kdkit fas metrics`."""
+    """`score,label,attack_type,video[,subject]` rows — the input format of `kdkit fas metrics`
+    (the subject column when subjects are known: the unit its intervals resample)."""
     n = len(scores.scores)
     types = scores.attack_types if scores.attack_types is not None else ["attack"] * n
-    videos = scores.videos if scores.videos is not None else [""] * n
+    columns = {
+        "score": [f"{s:.8f}" for s in scores.scores],
+        "label": [int(y) for y in scores.labels],
+        "attack_type": [a if y == 0 else "live" for a, y in zip(types, scores.labels, strict=True)],
+        "video": scores.videos if scores.videos is not None else [""] * n,
+    }
+    if scores.subjects is not None:
+        columns["subject"] = scores.subjects
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["score", "label", "attack_type", "video"])
-    for s, y, a, v in zip(scores.scores, scores.labels, types, videos, strict=True):
-        writer.writerow([f"{s:.8f}", int(y), a if y == 0 else "live", v])
+    writer.writerow(columns)
+    writer.writerows(zip(*columns.values(), strict=True))
     atomic_write_text(buffer.getvalue(), path)

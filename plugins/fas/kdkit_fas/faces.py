@@ -1,7 +1,7 @@
 """Face locations: readers for the data sets' own annotation files, detectors, and cropping.
 
 A box is `(x, y, w, h)` in pixels (top-left corner, width, height) of the frame as stored on
-disk; `None` means no face was found in that frame. Formats (research/fas_datasets.md):
+disk; `None` means no face was found in that frame. Formats (docs/fas.md, "Data sets"):
 
 - 'oulu_eyes'  OULU-NPU `<video>.txt`: `frame,x1,y1,x2,y2` eye centres, all-zero row = none;
 - 'xywh'       Replay-Attack / CASIA (Bob) `.face`: `frame x y w h`, all-zero row = none;
@@ -76,6 +76,15 @@ def read_xywh(path: Path) -> dict[int, Box | None]:
 def read_msu(path: Path) -> dict[int, Box | None]:
     """MSU-MFSD `.face` (`frame, x1, y1, x2, y2, eyes...`) → {frame: box}; zero rows map to None."""
     return {int(r[0]): _box(r[1], r[2], r[3] - r[1], r[4] - r[2]) for r in _rows(path, 5)}
+
+
+def turn_box_180(box: Box | None, shape: tuple[int, ...]) -> Box | None:
+    """The box a frame of `shape` (height, width, ...) turned by 180 degrees has where `box` had
+    its content: (W - x - w, H - y - h, w, h)."""
+    if box is None:
+        return None
+    x, y, w, h = box
+    return shape[1] - x - w, shape[0] - y - h, w, h
 
 
 def read_celeba_bb(path: Path, width: int, height: int) -> Box | None:

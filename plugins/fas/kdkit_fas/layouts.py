@@ -2,8 +2,8 @@
 
 Each indexer walks a raw download (videos, protocol files, face-location files) and returns one
 `VideoRecord` per video (or per image / frame folder for image sets). Nothing is decoded here.
-The layouts, names and protocol-file formats follow /work/shared/research/fas_datasets.md and
-docs/fas.md ("Data sets"), which also state the choices made where a data set is ambiguous.
+The layouts, names and protocol-file formats follow docs/fas.md ("Data sets"), which also states
+the choices made where a data set is ambiguous, and the sources each rule was read from.
 
 Conventions shared by every indexer:
 - `label` 1 = bona fide (live), 0 = attack (CelebA-Spoof's inverted index 43 is converted).
@@ -49,7 +49,8 @@ class VideoRecord:
     `face` is the data set's own face-location file for it (None: use a face detector) and
     `face_format` names how to read it: 'oulu_eyes', 'xywh', 'msu', 'celeba_bb', 'detect' (no
     file; run a detector) or 'full' (the image already is a face crop). `upside_down` marks MSU
-    videos that are stored upside down and are flipped vertically before cropping.
+    videos that are stored upside down: they are turned by 180 degrees before cropping, and their
+    face boxes (which refer to the frames as stored) with them.
     """
 
     path: Path
@@ -359,7 +360,8 @@ def index_replay(root: Path, protocol: object = None, fold: object = None) -> li
 # --- MSU-MFSD -----------------------------------------------------------------------------------
 
 MSU_ATTACKS = {"printed_photo": "print", "ipad_video": "replay/ipad", "iphone_video": "replay/iphone"}
-# Stored upside down (bob.db.msu_mfsd_mod rotated_videos/rotated_videos.txt); Bob flips them vertically.
+# Stored upside down (bob.db.msu_mfsd_mod rotated_videos/rotated_videos.txt); turned by 180 degrees on
+# load, as that reader does since commit 271a28f "Correctly rotate the video files".
 MSU_UPSIDE_DOWN = frozenset(f"real_client00{i}_android_SD_scene01" for i in (3, 5, 6, 7, 8, 9))
 _MSU_NAME = re.compile(
     r"^(real|attack)_client(\d{3})_(android|laptop)_SD_(?:(printed_photo|ipad_video|iphone_video)_)?scene01$"

@@ -1,20 +1,25 @@
 """Face anti-spoofing metrics (ISO/IEC 30107-3 APCER/BPCER/ACER, EER, HTER, AUC, BPCER@APCER).
 
-Conventions (see DESIGN.md, "FAS conventions", and research/fas_datasets.md §8):
+Conventions (docs/fas.md, "Metrics"):
 
 - label 1 = bona fide (live), 0 = attack; a score is P(live) or any "live-likeness", higher = more live.
 - A sample is accepted as bona fide iff ``score >= threshold`` (ties are accepted).
-- APCER is computed per attack type (PAI species) and reported as the worst type; when no types are
-  given, all attacks are pooled (that is FAR, not ISO APCER) and results say ``apcer_pooled: True``.
+- An attack type is ``species/instrument`` (``print/1``) or a bare ``species`` (``print``). APCER is
+  computed per PAI species, each species pooling its instruments, and the worst species is reported
+  (ISO/IEC 30107-3 as Idiap applies it to OULU-NPU: print = files 2, 3; replay = files 4, 5); the
+  per-instrument values are reported beside it. When no types are given all attacks are pooled
+  (that is FAR, not ISO APCER) and results say ``apcer_pooled: True``.
 - FAR = pooled APCER, FRR = BPCER; HTER = (FAR + FRR) / 2 at a threshold fixed beforehand (the dev EER
   threshold); EER candidates are the unique scores, so unbounded scores work.
+- TPR@FPR: bona fide is the positive class, FPR is the share of all attacks accepted (FLIP's
+  convention; SSAN and CelebA-Spoof use the opposite one, see docs/fas.md).
+- Uncertainty: `resampled_metrics` recomputes HTER, ACER, APCER, BPCER, EER and AUC on bootstrap
+  resamples given as integer weights (see `kdkit.stats`), at the same fixed threshold.
 """
 
 from __future__ import annotations
 
 import numbers
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +28,19 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from kdkit.checkpoint import atomic_open
+from kdkit.stats import DRAWS, SEED, Replicates, fingerprint, unit_counts
+
 TIE_CONVENTION = "score >= threshold is accepted as bona fide"
 BPCER_AT_APCER_CONVENTION = (
-    "smallest BPCER over thresholds whose worst-type APCER <= 1%; with attack types pooled this is "
+    "smallest BPCER over thresholds whose worst-species APCER <= 1%; with attack types pooled this is "
     "1 - TPR at FPR <= 1% with bona fide as the positive class"
 )
+TPR_AT_FPR_CONVENTION = (
+    "bona fide is the positive class: TPR = 1 - BPCER, FPR = share of all attacks accepted (pooled APCER); "
+    "the largest TPR over thresholds with FPR <= the target (FLIP's tpr[fpr <= 0.01][-1])"
+)
+FPR_TARGETS = {"1pct": 0.01, "0.1pct": 0.001}
 _POOLED = "all attacks"
 
 
@@ -76,28 +89,42 @@ def _validate_tags(tags: Any, labels: np.ndarray, name: str, rows: np.ndarray) -
 class ScoreSet:
     """Scores of one evaluation set; validated and converted to numpy arrays on construction.
 
-    ``attack_types`` (PAI species per row; ignored on bona fide rows) and ``videos`` (video id per
-    row, for video-level scoring) are optional.
+    ``attack_types`` (``species/instrument`` per row; ignored on bona fide rows), ``videos`` (video
+    id per row, for video-level scoring) and ``subjects`` (subject id per row, the independent unit
+    of the bootstrap) are optional.
     """
 
     scores: Any
     labels: Any
     attack_types: Any = None
     videos: Any = None
+    subjects: Any = None
 
     def __post_init__(self) -> None:
         self.scores, self.labels = _validate(self.scores, self.labels)
         y = self.labels
+        every = np.ones(y.size, bool)
         if self.attack_types is not None:
             self.attack_types = _validate_tags(self.attack_types, y, "attack types", y == 0)
         if self.videos is not None:
-            self.videos = _validate_tags(self.videos, y, "video ids", np.ones(y.size, bool))
+            self.videos = _validate_tags(self.videos, y, "video ids", every)
+        if self.subjects is not None:
+            self.subjects = _validate_tags(self.subjects, y, "subject ids", every)
 
     def per_video(self) -> ScoreSet:
         """Video-level scores (mean frame score per video); see :func:`video_level`."""
         if self.videos is None:
             raise ValueError("no video ids given, so video-level scores cannot be formed")
-        return video_level(self.scores, self.labels, self.videos, self.attack_types)
+        return video_level(self.scores, self.labels, self.videos, self.attack_types, self.subjects)
+
+    def units(self) -> tuple[list[str], str]:
+        """The independent unit of each row for the bootstrap and its kind: the subject where known,
+        else the video, else the row itself."""
+        if self.subjects is not None:
+            return [str(v) for v in self.subjects], "subject"
+        if self.videos is not None:
+            return [str(v) for v in self.videos], "video"
+        return [str(i) for i in range(self.scores.size)], "sample"
 
 
 def _accepted(sorted_scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -105,12 +132,22 @@ def _accepted(sorted_scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return sorted_scores.size - np.searchsorted(sorted_scores, thresholds, side="left")
 
 
-def _attack_groups(s: np.ndarray, y: np.ndarray, attack_types: Any) -> dict[str, np.ndarray]:
-    """Sorted attack scores per attack type, or one pooled group when types are unknown."""
+def species_of(attack_type: str) -> str:
+    """The PAI species of an attack type: the part before '/' (``print/2`` -> ``print``)."""
+    return str(attack_type).split("/", 1)[0]
+
+
+def _attack_groups(
+    s: np.ndarray, y: np.ndarray, attack_types: Any, by: str = "species"
+) -> dict[str, np.ndarray]:
+    """Sorted attack scores per species (or per instrument, the whole type), or one pooled group
+    when types are unknown."""
     attacks = s[y == 0]
     if attack_types is None:
         return {_POOLED: np.sort(attacks)}
     types = _validate_tags(attack_types, y, "attack types", y == 0)[y == 0]
+    if by == "species":
+        types = np.array([species_of(t) for t in types], dtype=object)
     return {t: np.sort(attacks[types == t]) for t in sorted(set(types))}
 
 
@@ -124,28 +161,34 @@ def _threshold(threshold: float) -> float:
 def apcer_bpcer(scores: Any, labels: Any, threshold: float, attack_types: Any = None) -> dict[str, Any]:
     """ISO/IEC 30107-3 error rates at ``threshold`` (accept as bona fide iff score >= threshold).
 
-    Returns ``apcer`` (worst APCER over the attack types present), ``apcer_per_type`` (empty when
-    types are unknown), ``apcer_pooled`` (True when no types were given: ``apcer`` is then the APCER
-    of all attacks pooled, i.e. FAR), ``bpcer``, ``acer`` = (apcer + bpcer) / 2 and the sample counts.
+    Returns ``apcer`` (the worst APCER over the PAI species present, each species pooling its
+    instruments), ``apcer_per_species`` and ``apcer_per_instrument`` (empty when types are
+    unknown), ``apcer_pooled`` (True when no types were given: ``apcer`` is then the APCER of all
+    attacks pooled, i.e. FAR), ``bpcer``, ``acer`` = (apcer + bpcer) / 2 and the sample counts.
     The attack type of bona fide rows is ignored.
     """
     s, y = _validate(scores, labels)
     t = np.array([_threshold(threshold)])
-    groups = _attack_groups(s, y, attack_types)
-    per_type = {k: float(_accepted(v, t)[0] / v.size) for k, v in groups.items()}
+    pooled = attack_types is None
+    rates, counts = {}, {}
+    for by in ("species", "instrument"):
+        groups = _attack_groups(s, y, attack_types, by)
+        rates[by] = {k: float(_accepted(v, t)[0] / v.size) for k, v in groups.items()}
+        counts[by] = {k: int(v.size) for k, v in groups.items()}
     live = s[y == 1]
     bpcer = float(np.count_nonzero(live < t[0]) / live.size)
-    apcer = max(per_type.values())
-    pooled = attack_types is None
+    apcer = max(rates["species"].values())
     return {
         "apcer": apcer,
-        "apcer_per_type": {} if pooled else per_type,
+        "apcer_per_species": {} if pooled else rates["species"],
+        "apcer_per_instrument": {} if pooled else rates["instrument"],
         "apcer_pooled": pooled,
         "bpcer": bpcer,
         "acer": (apcer + bpcer) / 2,
         "n_bona_fide": int(live.size),
         "n_attack": int(s.size - live.size),
-        "n_attack_per_type": {} if pooled else {k: int(v.size) for k, v in groups.items()},
+        "n_attack_per_species": {} if pooled else counts["species"],
+        "n_attack_per_instrument": {} if pooled else counts["instrument"],
     }
 
 
@@ -189,12 +232,12 @@ def auc(scores: Any, labels: Any) -> float:
 
 
 def bpcer_at_apcer(scores: Any, labels: Any, apcer_target: float = 0.01, attack_types: Any = None) -> float:
-    """Smallest BPCER over all thresholds at which the worst-type APCER is <= ``apcer_target``.
+    """Smallest BPCER over all thresholds at which the worst-species APCER is <= ``apcer_target``.
 
     With ``attack_types=None`` all attacks are pooled, and the value equals 1 - TPR at FPR <=
     ``apcer_target`` with bona fide as the positive class (FLIP's ``tpr[fpr <= 0.01][-1]``
     convention); it is not the SSAN/CelebA-Spoof "TPR@FPR", which is 1 - APCER at a fixed BPCER.
-    With types, every type's APCER must meet the target. Candidates are the unique scores and
+    With types, every species' APCER must meet the target. Candidates are the unique scores and
     +inf (reject everything, APCER 0), so a feasible threshold always exists.
     """
     s, y = _validate(scores, labels)
@@ -210,10 +253,26 @@ def bpcer_at_apcer(scores: Any, labels: Any, apcer_target: float = 0.01, attack_
     return float(np.searchsorted(live, t, side="left") / live.size)
 
 
-def video_level(scores: Any, labels: Any, videos: Any, attack_types: Any = None) -> ScoreSet:
+def tpr_at_fpr(scores: Any, labels: Any, fpr_target: float) -> float:
+    """Largest TPR (bona fide accepted) over thresholds whose FPR (share of all attacks accepted) is
+    <= ``fpr_target``; see ``TPR_AT_FPR_CONVENTION``."""
+    return 1.0 - bpcer_at_apcer(scores, labels, fpr_target)
+
+
+def _video_tag(tags: np.ndarray, inverse: np.ndarray, k: int, ids: list[str], what: str) -> str:
+    found = set(tags[inverse == k])
+    if len(found) > 1:
+        raise ValueError(f"frames of video {ids[k]!r} disagree on the {what}: {sorted(found)}")
+    return found.pop()
+
+
+def video_level(
+    scores: Any, labels: Any, videos: Any, attack_types: Any = None, subjects: Any = None
+) -> ScoreSet:
     """Average the frame scores of each video; returns one row per video (ids sorted).
 
-    Raises if the frames of one video disagree on the label, or (for attack videos) on the attack type.
+    Raises if the frames of one video disagree on the label, on the subject, or (for attack videos)
+    on the attack type.
     """
     s, y = _validate(scores, labels)
     v = _validate_tags(videos, y, "video ids", np.ones(y.size, bool))
@@ -226,16 +285,16 @@ def video_level(scores: Any, labels: Any, videos: Any, attack_types: Any = None)
     if mixed.size:
         raise ValueError(f"frames of video {ids[mixed[0]]!r} disagree on the label")
     video_labels = video_labels.astype(np.int64)
-    video_types = None
+    video_types = video_subjects = None
     if attack_types is not None:
         types = _validate_tags(attack_types, y, "attack types", y == 0)
         video_types = [""] * len(ids)
         for k in np.flatnonzero(video_labels == 0):
-            found = set(types[inverse == k])
-            if len(found) > 1:
-                raise ValueError(f"frames of video {ids[k]!r} disagree on the attack type: {sorted(found)}")
-            video_types[k] = found.pop()
-    return ScoreSet(mean_scores, video_labels, video_types, ids)
+            video_types[k] = _video_tag(types, inverse, k, ids, "attack type")
+    if subjects is not None:
+        tags = _validate_tags(subjects, y, "subject ids", np.ones(y.size, bool))
+        video_subjects = [_video_tag(tags, inverse, k, ids, "subject") for k in range(len(ids))]
+    return ScoreSet(mean_scores, video_labels, video_types, ids, video_subjects)
 
 
 def _level_metrics(test: ScoreSet, threshold: float) -> dict[str, Any]:
@@ -253,6 +312,10 @@ def _level_metrics(test: ScoreSet, threshold: float) -> dict[str, Any]:
         "eer_threshold": eer_thr,
         "auc": auc(s, y),
         "bpcer_at_apcer_1pct": bpcer_at_apcer(s, y, 0.01, test.attack_types),
+        **{f"tpr_at_fpr_{name}": tpr_at_fpr(s, y, target) for name, target in FPR_TARGETS.items()},
+        # Threshold chosen on this very set, as most published FAS code does: only for comparison
+        # with published numbers, never for selection (it equals the EER by construction).
+        "optimistic_hter": hter(s, y, eer_thr),
     }
 
 
@@ -273,6 +336,7 @@ def evaluate_scores(test: ScoreSet, dev: ScoreSet | None = None) -> dict[str, An
         "threshold_criterion": "eer",
         "tie_convention": TIE_CONVENTION,
         "bpcer_at_apcer_convention": BPCER_AT_APCER_CONVENTION,
+        "tpr_at_fpr_convention": TPR_AT_FPR_CONVENTION,
     }
     for name, (t, d) in levels.items():
         ref = t if d is None else d
@@ -283,21 +347,82 @@ def evaluate_scores(test: ScoreSet, dev: ScoreSet | None = None) -> dict[str, An
     return result
 
 
-def oulu_species(attack_type_or_file_code: int | str) -> str:
-    """OULU-NPU attack species as in Idiap's evaluation: file codes 2, 3 -> "print", 4, 5 -> "replay".
+_CHUNK = 4_000_000  # weights held at once while resampling (draws x rows), about 32 MB
 
-    Also accepts Bob's PAI names ("print/1", "video_replay/2") and the species names themselves.
-    File code 1 is bona fide and has no species.
+
+def resampled_metrics(
+    test: ScoreSet, threshold: float, counts: np.ndarray, inverse: np.ndarray
+) -> dict[str, np.ndarray]:
+    """HTER, ACER, APCER (worst species), BPCER at the fixed ``threshold``, EER, AUC and TPR@FPR of
+    every bootstrap resample; one ``(draws,)`` array each, NaN where a resample lacks a class.
+
+    A resample is given as unit counts: ``counts[b, u]`` is how often unit u was drawn in resample
+    b and ``inverse[i]`` the unit of row i (``kdkit.stats.unit_counts``); row i then weighs
+    ``counts[b, inverse[i]]``. With every weight 1 the values equal the point metrics exactly.
     """
-    value = str(attack_type_or_file_code).strip().lower()
-    if value in ("2", "3") or value.startswith("print"):
-        return "print"
-    if value in ("4", "5") or value == "replay" or value.startswith("video_replay"):
-        return "replay"
-    raise ValueError(
-        f"not an OULU-NPU attack: {attack_type_or_file_code!r} (expected file code 2-5, 'print/N' or "
-        "'video_replay/N'; code 1 is bona fide)"
-    )
+    counts = np.asarray(counts)
+    step = max(1, _CHUNK // max(1, test.scores.size))
+    parts = [
+        _weighted_metrics(test, _threshold(threshold), counts[i : i + step][:, inverse].astype(np.float64))
+        for i in range(0, counts.shape[0], step)
+    ]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def bootstrap(test: ScoreSet, threshold: float, draws: int = DRAWS, seed: int = SEED) -> Replicates:
+    """`resampled_metrics` of `test` under `draws` cluster-bootstrap resamples of its units
+    (subjects, else videos, else rows; see `ScoreSet.units`), the threshold held fixed."""
+    units, kind = test.units()
+    counts, inverse = unit_counts(units, draws, seed)
+    values = resampled_metrics(test, threshold, counts, inverse)
+    return Replicates(values, kind, int(counts.shape[1]), fingerprint(units, draws, seed))
+
+
+def _weighted_metrics(test: ScoreSet, threshold: float, w: np.ndarray) -> dict[str, np.ndarray]:
+    """`resampled_metrics` for one chunk of per-row weights ``w`` (draws x rows)."""
+    s, live = test.scores, test.labels == 1
+    accepted = s >= threshold
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bpcer = (w @ (live & ~accepted)) / (w @ live)
+        far = (w @ (~live & accepted)) / (w @ ~live)
+        apcer = far
+        if test.attack_types is not None:
+            species = np.array([species_of(t) for t in test.attack_types], dtype=object)
+            per_species = []
+            for name in sorted(set(species[~live])):
+                rows = ~live & (species == name)
+                per_species.append((w @ (rows & accepted)) / (w @ rows))
+            apcer = np.fmax.reduce(np.stack(per_species), axis=0)  # worst species present (NaN-aware)
+        curve = _weighted_curve(s, live, w)
+    return {"hter": (far + bpcer) / 2, "acer": (apcer + bpcer) / 2, "apcer": apcer, "bpcer": bpcer, **curve}
+
+
+def _weighted_curve(s: np.ndarray, live: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    """EER (as `eer_threshold`: candidates the unique scores, ties to the smaller threshold), AUC
+    (ties count one half) and TPR@FPR (as `tpr_at_fpr`) under per-row weights ``w`` (draws x rows)."""
+    order = np.argsort(s, kind="stable")
+    sorted_scores = s[order]
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ordered = w[:, order]
+    live_w = np.add.reduceat(ordered * live[order], starts, axis=1)  # (draws, unique scores)
+    attack_w = np.add.reduceat(ordered * ~live[order], starts, axis=1)
+    n_live, n_attack = live_w.sum(1, keepdims=True), attack_w.sum(1, keepdims=True)
+    attacks_below = np.cumsum(attack_w, 1) - attack_w
+    false_rejects = np.cumsum(live_w, 1) - live_w  # live scores below each candidate threshold
+    false_accepts = n_attack - attacks_below  # attacks at or above it
+    area = (live_w * (attacks_below + attack_w / 2)).sum(1) / (n_live * n_attack)[:, 0]
+    # Integer weights: the scaled gap is exact, so ties are real ties (as in `eer_threshold`).
+    best = np.argmin(np.abs(false_accepts * n_live - false_rejects * n_attack), axis=1)
+    rows = np.arange(w.shape[0])
+    eer = (false_accepts[rows, best] / n_attack[:, 0] + false_rejects[rows, best] / n_live[:, 0]) / 2
+    curve = {"eer": eer, "auc": area}
+    for name, target in FPR_TARGETS.items():
+        # The smallest threshold whose FPR meets the target has the largest TPR; none: reject all.
+        feasible = false_accepts / n_attack <= target
+        first = np.argmax(feasible, axis=1)
+        tpr = 1 - false_rejects[rows, first] / n_live[:, 0]
+        curve[f"tpr_at_fpr_{name}"] = np.where(feasible.any(axis=1), tpr, 0.0)
+    return curve
 
 
 def _aggregate(values: list[Any], where: str) -> Any:
@@ -339,7 +464,7 @@ def plot_roc_det(
 ) -> Path:
     """Write one PNG with the ROC curve and the DET curve (APCER vs BPCER, probit axes); returns ``path``.
 
-    Test curves are solid (per attack type too, on the DET, when types are known), dev curves dashed.
+    Test curves are solid (per PAI species too, on the DET, when types are known), dev curves dashed.
     The operating point at ``threshold`` (default: dev EER threshold, else test EER threshold) is
     marked on the test curves. The file is written atomically.
     """
@@ -363,8 +488,9 @@ def plot_roc_det(
         roc_ax.plot(fpr, tpr, style, label=f"{name} (AUC {auc(ss.scores, ss.labels):.4f})")
         det_ax.plot(probit(fpr), probit(1 - tpr), style, label=f"{name}, all attacks")
     if test.attack_types is not None:
+        species_per_row = np.array([species_of(t) for t in test.attack_types], dtype=object)
         for species in _attack_groups(test.scores, test.labels, test.attack_types):
-            keep = (test.labels == 1) | ((test.labels == 0) & (test.attack_types == species))
+            keep = (test.labels == 1) | ((test.labels == 0) & (species_per_row == species))
             fpr, tpr, _ = roc_curve(test.labels[keep], test.scores[keep], drop_intermediate=False)
             det_ax.plot(probit(fpr), probit(1 - tpr), ":", linewidth=1, label=f"test, {species}")
     far, frr = far_frr(test.scores, test.labels, threshold)
@@ -385,14 +511,6 @@ def plot_roc_det(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=100)
+    return Path(path)

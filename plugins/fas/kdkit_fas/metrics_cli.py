@@ -1,4 +1,5 @@
-"""``kdkit fas metrics``: FAS metrics from score CSV files (``score,label[,attack_type][,video]``)."""
+"""``kdkit fas metrics``: FAS metrics from score CSV files
+(``score,label[,attack_type][,video][,subject]``), with 95 % bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -13,28 +14,42 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from kdkit.stats import DRAWS, LEVEL
+
 from .metrics import (
     BPCER_AT_APCER_CONVENTION,
     TIE_CONVENTION,
+    TPR_AT_FPR_CONVENTION,
     ScoreSet,
+    bootstrap,
     evaluate_scores,
     plot_roc_det,
 )
 
 _REQUIRED = ("score", "label")
-_OPTIONAL = ("attack_type", "video")
+_OPTIONAL = ("attack_type", "video", "subject")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``kdkit fas metrics`` to ``parser``."""
     parser.add_argument(
-        "--scores", type=Path, required=True, help="test CSV with header: score,label[,attack_type][,video]"
+        "--scores",
+        type=Path,
+        required=True,
+        help="test CSV with header: score,label[,attack_type][,video][,subject]",
     )
     parser.add_argument(
         "--dev", type=Path, help="dev CSV (same columns); its EER threshold is applied to the test set"
     )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     parser.add_argument("--plot", type=Path, metavar="FILE.png", help="write ROC and DET curves to this PNG")
+    parser.add_argument(
+        "--draws",
+        type=int,
+        default=DRAWS,
+        help=f"bootstrap resamples for the {LEVEL:.0%} intervals (subjects, else videos, are resampled; "
+        f"default {DRAWS}; 0 = no intervals)",
+    )
 
 
 def _parse_row(row: dict[str, Any], path: Path, line: int) -> tuple[float, int]:
@@ -77,7 +92,7 @@ def load_score_csv(path: Path) -> ScoreSet:
                 for c in _OPTIONAL:
                     if c in columns:
                         value = (row.get(c) or "").strip()
-                        if not value and (c == "video" or label == 0):
+                        if not value and (c != "attack_type" or label == 0):
                             raise ValueError(f"{path}, line {reader.line_num}, column '{c}': empty value")
                         columns[c].append(value)
     except OSError as e:
@@ -85,7 +100,13 @@ def load_score_csv(path: Path) -> ScoreSet:
     except (csv.Error, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable CSV file: {e}") from None
     try:
-        return ScoreSet(columns["score"], columns["label"], columns.get("attack_type"), columns.get("video"))
+        return ScoreSet(
+            columns["score"],
+            columns["label"],
+            columns.get("attack_type"),
+            columns.get("video"),
+            columns.get("subject"),
+        )
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 
@@ -95,8 +116,10 @@ def _pct(x: float) -> str:
 
 
 def _table(result: dict[str, Any]) -> Table:
-    """Rich table with one column per level (frame, video) and one row per metric."""
+    """Rich table with one column per level (frame, video) and one row per metric; the bootstrap
+    intervals of the headline level follow its values."""
     levels = [lvl for lvl in ("frame", "video") if lvl in result]
+    intervals = result.get("intervals", {})
     table = Table(title=f"FAS metrics (threshold from the {result['threshold_source']} set's EER)")
     table.add_column("metric")
     for lvl in levels:
@@ -107,26 +130,51 @@ def _table(result: dict[str, Any]) -> Table:
         for lvl in levels:
             value = result[lvl].get(key)
             value = value.get(sub) if sub is not None and value is not None else value
-            cells.append("-" if value is None else fmt(value))
+            text = "-" if value is None else fmt(value)
+            if lvl == intervals.get("level") and key in intervals.get("metrics", {}):
+                low, high = intervals["metrics"][key]
+                text += f" [{fmt(low)}, {fmt(high)}]"
+            cells.append(text)
         table.add_row(name, *cells)
 
     first = result[levels[0]]
     if first["apcer_pooled"]:
         row("APCER (all attacks pooled, no types)", _pct, "apcer")
     else:
-        row("APCER (worst type)", _pct, "apcer")
-        for species in first["apcer_per_type"]:
-            row(f"  APCER {species}", _pct, "apcer_per_type", species)
+        row("APCER (worst species)", _pct, "apcer")
+        for species in first["apcer_per_species"]:
+            row(f"  APCER species {species}", _pct, "apcer_per_species", species)
+        for instrument in first["apcer_per_instrument"]:
+            if instrument not in first["apcer_per_species"]:
+                row(f"  APCER instrument {instrument}", _pct, "apcer_per_instrument", instrument)
     row("BPCER", _pct, "bpcer")
     row("ACER", _pct, "acer")
     row("HTER", _pct, "hter")
     row("EER (test)", _pct, "eer")
     row("AUC", lambda v: f"{v:.4f}", "auc")
     row("BPCER@APCER=1%", _pct, "bpcer_at_apcer_1pct")
+    row("TPR@FPR=1% (live positive)", _pct, "tpr_at_fpr_1pct")
+    row("TPR@FPR=0.1% (live positive)", _pct, "tpr_at_fpr_0.1pct")
     row("threshold", lambda v: f"{v:.6g}", "threshold")
     if "dev_eer" in first:
         row("EER (dev)", _pct, "dev_eer")
+    row("optimistic: HTER at the test EER threshold", _pct, "optimistic_hter")
     return table
+
+
+def _intervals(test: ScoreSet, result: dict[str, Any], draws: int) -> dict[str, Any]:
+    """Bootstrap intervals of the headline level (video when ids are given), at its threshold."""
+    level = "video" if test.videos is not None else "frame"
+    scores = test.per_video() if level == "video" else test
+    replicates = bootstrap(scores, result[level]["threshold"], draws)
+    return {
+        "level": level,
+        "confidence": LEVEL,
+        "draws": draws,
+        "unit": replicates.unit,
+        "n_units": replicates.n_units,
+        "metrics": {key: list(replicates.interval(key)) for key in replicates.values},
+    }
 
 
 def _plot(test: ScoreSet, dev: ScoreSet | None, path: Path, name: str) -> None:
@@ -143,7 +191,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         test = load_score_csv(args.scores)
         dev = None if args.dev is None else load_score_csv(args.dev)
+        if args.draws < 0:
+            raise ValueError(f"--draws: expected 0 or more, got {args.draws}")
         result = evaluate_scores(test, dev)
+        if args.draws:
+            result["intervals"] = _intervals(test, result, args.draws)
         if args.plot is not None:
             _plot(test, dev, args.plot, args.scores.name)
     except (ValueError, OSError) as e:
@@ -160,5 +212,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         console = Console()
         console.print(_table(result))
-        console.print(f"Ties: {TIE_CONVENTION}.\nBPCER@APCER=1%: {BPCER_AT_APCER_CONVENTION}.")
+        if "intervals" in result:
+            i = result["intervals"]
+            console.print(
+                f"[...]: {i['confidence']:.0%} bootstrap intervals ({i['draws']} resamples of the "
+                f"{i['n_units']} test {i['unit']}s, threshold fixed)."
+            )
+        console.print(
+            f"Ties: {TIE_CONVENTION}.\nBPCER@APCER=1%: {BPCER_AT_APCER_CONVENTION}.\n"
+            f"TPR@FPR: {TPR_AT_FPR_CONVENTION}.\nOptimistic: the threshold is chosen on the test set "
+            "itself, as much published code does; only for comparison with published numbers.",
+            markup=False,
+        )
     return 0

@@ -110,6 +110,8 @@ def _box_source(record: VideoRecord, detector_spec: str) -> Callable[[int, np.nd
         return lambda index, frame: faces.full_frame(frame)
     if record.face is not None and record.face_format in faces.FRAME_READERS:
         track = faces.read_face_track(record.face, record.face_format)
+        if record.upside_down:  # the file's boxes refer to the frames as stored; these are turned
+            return lambda index, frame: faces.turn_box_180(track.get(index), frame.shape)
         return lambda index, frame: track.get(index)  # frames missing from the file have no face
     if record.face is not None and record.face_format == "celeba_bb":
         return lambda index, frame: faces.read_celeba_bb(record.face, frame.shape[1], frame.shape[0])
@@ -143,7 +145,7 @@ def _process(record: VideoRecord, out: Path, settings: _Settings) -> _Outcome:
         box_of = _box_source(record, settings.detector)
         for k, (index, frame) in enumerate(_sampled_frames(record, settings.frames_per_video)):
             if record.upside_down:
-                frame = cv2.flip(frame, 0)  # as Bob's MSU loader does; boxes refer to the flipped frame
+                frame = cv2.rotate(frame, cv2.ROTATE_180)  # as bob.db.msu_mfsd_mod since 271a28f
             box = box_of(index, frame)
             if box is None:
                 outcome.no_face += 1

@@ -1,9 +1,10 @@
 """Synthetic face anti-spoofing data set: procedurally drawn live faces, simulated print and replay attacks.
 
 Layout (the plain folder layout): ``OUT/<split>/<live|spoof>/<video>/<frame>.png`` with subject-disjoint
-splits train/dev/test, ``OUT/meta.csv`` (path, split, video, subject, label, attack_type; label 1 = live)
-and ``OUT/synth.json`` (parameters and counts). Each subject has 2 live, 1 print and 1 replay video, so
-half of the frames are live.
+splits train/dev/test (60/20/20 % of the subjects, or the dev and test counts asked for),
+``OUT/meta.csv`` (path, split, video, subject, label, attack_type; label 1 = live) and
+``OUT/synth.json`` (parameters and counts). Each subject has 2 live, 1 print and 1 replay video, so
+half of the frames are live. Subjects are drawn from the seed: sets with different seeds share none.
 
 Every image, live or attack, is renormalised to the per-channel mean/std of a clean live-style
 rendering drawn from the same scene distribution, so global colour statistics carry no class
@@ -592,17 +593,24 @@ def _video(seed: int, subject: int, index: int, kind: str, frames: int, size: in
 # --------------------------------------------------------------------------------------- data set
 
 
-def _subject_splits(n_subjects: int, seed: int) -> dict[int, str]:
-    """Subject -> split, about 60/20/20 % of subjects, disjoint by construction."""
+def _split_sizes(n_subjects: int, dev: int | None, test: int | None) -> tuple[int, int]:
+    """(dev, test) subject counts: as given, else about 20 % each (at least 1)."""
+    default = max(1, round(0.2 * n_subjects))
+    return default if dev is None else dev, default if test is None else test
+
+
+def _subject_splits(n_subjects: int, seed: int, n_dev: int, n_test: int) -> dict[int, str]:
+    """Subject -> split, disjoint by construction."""
     order = np.random.default_rng([seed, 0]).permutation(n_subjects)
-    n_dev = n_test = max(1, round(0.2 * n_subjects))
     names = ["test"] * n_test + ["dev"] * n_dev + ["train"] * (n_subjects - n_dev - n_test)
     return {int(s): names[i] for i, s in enumerate(order)}
 
 
-def _jobs(n_subjects: int, seed: int) -> Iterator[tuple[int, int, str, str]]:
+def _jobs(params: dict) -> Iterator[tuple[int, int, str, str]]:
     """(subject, video index, attack type, split) of every video."""
-    splits = _subject_splits(n_subjects, seed)
+    n_subjects, seed = params["n_subjects"], params["seed"]
+    n_dev, n_test = _split_sizes(n_subjects, params.get("dev_subjects"), params.get("test_subjects"))
+    splits = _subject_splits(n_subjects, seed, n_dev, n_test)
     for subject in range(n_subjects):
         index = 0
         for kind, count in VIDEOS_PER_SUBJECT.items():
@@ -649,7 +657,7 @@ def _init_worker() -> None:
 
 def _counts(rows: list[dict[str, str]]) -> dict:
     """Frames, videos and subjects per split (and per attack type)."""
-    frames = {s: dict.fromkeys(VIDEOS_PER_SUBJECT, 0) for s in SPLITS}
+    frames = {s: dict.fromkeys(VIDEOS_PER_SUBJECT, 0) for s in SPLITS}  # splits without subjects stay 0
     videos = {s: {k: set() for k in VIDEOS_PER_SUBJECT} for s in SPLITS}
     subjects = {s: set() for s in SPLITS}
     for r in rows:
@@ -706,7 +714,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _render_all(root: Path, params: dict, workers: int, progress: bool) -> list[dict[str, str]]:
     """Write every video under ``root`` (in parallel when workers > 1); meta rows sorted by path."""
-    jobs = list(_jobs(params["n_subjects"], params["seed"]))
+    jobs = list(_jobs(params))
     columns = (
         TextColumn("synth"),
         BarColumn(),
@@ -741,13 +749,19 @@ def generate(
     seed: int = 0,
     workers: int = 1,
     progress: bool = True,
+    dev_subjects: int | None = None,
+    test_subjects: int | None = None,
 ) -> SynthSummary:
     """Write the synthetic FAS data set to ``out`` (see the module docstring) and summarise it.
 
+    ``dev_subjects`` / ``test_subjects`` set the size of those splits (default about 20 % of
+    ``n_subjects`` each; 0 leaves a split empty, e.g. for a pool that only trains a teacher); the
+    remaining subjects are the training split.
     The set is generated in a temporary sibling folder and renamed into place, so ``out`` is either
     absent/empty or complete. If ``out`` already holds a complete set with the same parameters nothing
     is written (``reused`` is True); if it holds anything else, FileExistsError is raised.
-    Output depends only on (n_subjects, frames, size, seed), never on ``workers``.
+    Output depends only on the parameters (n_subjects, frames, size, seed, split sizes), never on
+    ``workers``.
     """
     for name, value, low in (
         ("n_subjects", n_subjects, 3),
@@ -758,9 +772,21 @@ def generate(
     ):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"synth: {name} must be an integer >= {low}, got {value!r}")
+    for name, value in (("dev_subjects", dev_subjects), ("test_subjects", test_subjects)):
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise ValueError(f"synth: {name} must be an integer >= 0 (or unset), got {value!r}")
+    n_dev, n_test = _split_sizes(n_subjects, dev_subjects, test_subjects)
+    if n_subjects - n_dev - n_test < 1:
+        raise ValueError(
+            f"synth: {n_dev} dev + {n_test} test subjects leave none of the {n_subjects} for training"
+        )
     started = time.perf_counter()
     out = Path(out)
     params = {"n_subjects": n_subjects, "frames": frames, "size": size, "seed": seed}
+    # Only when asked for, so sets written before these options existed keep their parameters.
+    params |= {
+        k: v for k, v in (("dev_subjects", dev_subjects), ("test_subjects", test_subjects)) if v is not None
+    }
     info = {"format": FORMAT, "version": VERSION, "params": params, "videos_per_subject": VIDEOS_PER_SUBJECT}
     found = _existing(out, info, started)
     if found is not None:

@@ -15,6 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``kdkit fas synth`` to ``parser``."""
     parser.add_argument("--out", type=Path, required=True, help="new or empty folder for the data set")
     parser.add_argument("--n-subjects", type=int, default=30, help="subjects, split 60/20/20 %% (default 30)")
+    parser.add_argument("--dev-subjects", type=int, help="subjects in dev (default 20 %%; 0: no dev split)")
+    parser.add_argument(
+        "--test-subjects", type=int, help="subjects in test (default 20 %%; 0: no test split)"
+    )
     parser.add_argument("--frames", type=int, default=4, help="frames per video (default 4)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -46,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             workers=args.workers,
             progress=True,
+            dev_subjects=args.dev_subjects,
+            test_subjects=args.test_subjects,
         )
     except (ValueError, FileExistsError, NotADirectoryError) as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)

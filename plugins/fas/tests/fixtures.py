@@ -2,7 +2,7 @@
 
 Videos are 8 frames of 64x48 with a drawn face-like blob: MJPG in .avi, 'jpeg' in .mov and
 'mp4v' in .mp4 (the fourccs this OpenCV build writes into those containers and reads back).
-Robustness cases from research/fas_datasets.md §9 are built in and named in each docstring.
+Robustness cases from docs/fas.md ("Data sets") are built in and named in each docstring.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ OULU_USERS = {"Train": ("01", "02"), "Dev": ("21", "22"), "Test": ("36", "37")}
 
 
 def _oulu_protocol_stems(group: str, protocol: int, fold: int | None) -> list[str]:
-    """The stems a protocol file lists, by the rules of research §1.3, restricted to the fixture."""
+    """The stems a protocol file lists (docs/fas.md, OULU-NPU protocols), restricted to the fixture."""
     phones = [p for p in OULU_PHONES if fold is None or (p == fold) == (group == "Test")]
     sessions = (3,) if protocol in (1, 4) and group == "Test" else (1, 2) if protocol in (1, 4) else (1, 2, 3)
     files = (1, 2, 3, 4, 5) if protocol in (1, 3) else (1, 3, 5) if group == "Test" else (1, 2, 4)
@@ -193,13 +193,17 @@ def make_msu(root: Path) -> Path:
     return root
 
 
-def write_half_video(path: Path, bright_top: bool) -> Path:
-    """A video whose top half is white and bottom half black (or the reverse)."""
+CORNER_BOX = (0, 0, 24, 24)  # x, y, w, h of the face box in the frame as stored
+
+
+def write_corner_video(path: Path) -> Path:
+    """A black video with one white block (rows 0-11, columns 0-15) in the top-left corner of
+    `CORNER_BOX`: where it lands in a crop tells a turn by 180 degrees from a mirror image."""
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*FOURCC[path.suffix]), 25, (WIDTH, HEIGHT))
     frame = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
-    frame[: HEIGHT // 2] = 255
+    frame[:12, :16] = 255
     for _ in range(FRAMES):
-        writer.write(frame if bright_top else frame[::-1].copy())
+        writer.write(frame)
     writer.release()
     return path
 

@@ -10,22 +10,27 @@ import re
 import matplotlib.image
 import numpy as np
 import pytest
-from kdkit_fas import metrics_cli
+from kdkit_fas import layouts, metrics_cli, synth
 from kdkit_fas.metrics import (
     ScoreSet,
     apcer_bpcer,
     auc,
+    bootstrap,
     bpcer_at_apcer,
     eer_threshold,
     evaluate_scores,
     far_frr,
     hter,
     mean_std_over_folds,
-    oulu_species,
     plot_roc_det,
+    resampled_metrics,
+    species_of,
+    tpr_at_fpr,
     video_level,
 )
 from sklearn.metrics import roc_auc_score, roc_curve
+
+from kdkit.stats import unit_counts
 
 
 def _tied_scores(seed: int, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
@@ -86,19 +91,93 @@ def test_auc_matches_sklearn_with_ties(seed):
     assert auc(scores, labels) != pytest.approx(roc_auc_score(1 - labels, scores))  # live is the positive
 
 
-def test_apcer_per_type_is_max_over_types_not_pooled():
-    scores = np.array([0.9, 0.7, 0.6, 0.2, 0.1, 0.1, 0.1, 0.9])
-    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1])
-    types = ["print", "print", "replay", "replay", "replay", "replay", "ignored", "anything"]
-    r = apcer_bpcer(scores, labels, 0.5, types)
-    assert r["apcer_per_type"] == {"print": 1.0, "replay": 0.25}
-    assert r["apcer"] == 1.0 and r["apcer_pooled"] is False
-    assert r["bpcer"] == 0.5 and r["acer"] == 0.75
-    assert r["n_attack_per_type"] == {"print": 2, "replay": 4}
-    pooled = apcer_bpcer(scores, labels, 0.5)
-    assert pooled["apcer"] == pytest.approx(3 / 6) and pooled["apcer_pooled"] is True
-    assert pooled["apcer_per_type"] == {}
-    assert pooled["apcer"] == far_frr(scores, labels, 0.5)[0]
+def test_apcer_is_the_worst_species_not_the_worst_instrument():
+    """The OULU-NPU case of the issue: half of the printer-1 attacks pass, none of the printer-2
+    ones: the print species has APCER 25 % (ISO/IEC 30107-3 as Idiap applies it), not 50 %."""
+    attacks = ["print/1"] * 4 + ["print/2"] * 4 + ["replay/1"] * 4 + ["replay/2"] * 4
+    scores = [0.9, 0.9, 0.1, 0.1] + [0.1] * 4 + [0.1] * 8
+    r = apcer_bpcer(scores + [0.9] * 4, [0] * 16 + [1] * 4, 0.5, attacks + [""] * 4)
+    assert r["apcer_per_instrument"] == {"print/1": 0.5, "print/2": 0.0, "replay/1": 0.0, "replay/2": 0.0}
+    assert r["apcer_per_species"] == {"print": 0.25, "replay": 0.0}
+    assert r["apcer"] == 0.25 and r["acer"] == 0.125 and r["bpcer"] == 0.0
+    assert (
+        r["n_attack_per_species"] == {"print": 8, "replay": 8}
+        and r["n_attack_per_instrument"]["print/1"] == 4
+    )
+    pooled = apcer_bpcer(scores + [0.9] * 4, [0] * 16 + [1] * 4, 0.5)
+    assert pooled["apcer"] == pytest.approx(2 / 16) and pooled["apcer_pooled"] is True
+    assert pooled["apcer_per_species"] == {} == pooled["apcer_per_instrument"]
+    assert pooled["apcer"] == far_frr(scores + [0.9] * 4, [0] * 16 + [1] * 4, 0.5)[0]
+
+
+# Per data set: the attack types its indexer writes, how many of each are accepted at threshold
+# 0.5 (out of 4 each), and the species APCER computed by hand.
+DATASET_CASES = {
+    "oulu": (
+        [layouts.OULU_ATTACKS[f] for f in "2345"],
+        [3, 1, 0, 2],
+        {"print": 4 / 8, "replay": 2 / 8},
+    ),
+    "casia": (
+        sorted({t for t in layouts.CASIA_ATTACKS.values() if t != "live"}),  # print/cut, print/warped, replay
+        [0, 2, 1],
+        {"print": 2 / 8, "replay": 1 / 4},
+    ),
+    "replay": (
+        [
+            "print",
+            "replay/highdef_photo",
+            "replay/highdef_video",
+            "replay/mobile_photo",
+            "replay/mobile_video",
+        ],
+        [2, 1, 0, 0, 3],
+        {"print": 2 / 4, "replay": 4 / 16},
+    ),
+    "msu": (sorted(layouts.MSU_ATTACKS.values()), [1, 4, 0], {"print": 1 / 4, "replay": 4 / 8}),
+    "celeba_spoof": (
+        [layouts.CELEBA_SPOOF_TYPES[k] for k in (1, 2, 4, 10, 7)],
+        [4, 0, 1, 1, 2],
+        {"print": 4 / 8, "mask": 2 / 8, "replay": 2 / 4},
+    ),
+    "synth": (
+        [k for k in synth.VIDEOS_PER_SUBJECT if k != "live"],
+        [1, 3],
+        {"print": 1 / 4, "replay": 3 / 4},
+    ),
+}
+
+
+@pytest.mark.parametrize("dataset", DATASET_CASES)
+def test_species_apcer_of_each_data_sets_attack_types(dataset):
+    types, accepted, species = DATASET_CASES[dataset]
+    attack_types, scores = [], []
+    for kind, n in zip(types, accepted, strict=True):
+        attack_types += [kind] * 4
+        scores += [0.9] * n + [0.1] * (4 - n)
+    r = apcer_bpcer(scores + [0.9, 0.1], [0] * len(scores) + [1, 1], 0.5, attack_types + ["", ""])
+    assert r["apcer_per_species"] == pytest.approx(species)
+    assert r["apcer"] == pytest.approx(max(species.values())) and r["bpcer"] == 0.5
+    assert r["apcer_per_instrument"] == pytest.approx(
+        {k: n / 4 for k, n in zip(types, accepted, strict=True)}
+    )
+
+
+def test_species_of():
+    assert [species_of(t) for t in ("print/1", "replay/highdef_photo", "print", "mask/3d")] == [
+        "print",
+        "replay",
+        "print",
+        "mask",
+    ]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tpr_at_fpr_is_flips_live_positive_roc_point(seed):
+    scores, labels = _tied_scores(seed, n=400)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    for target in (0.001, 0.01, 0.1):
+        assert tpr_at_fpr(scores, labels, target) == pytest.approx(tpr[fpr <= target][-1])
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -109,14 +188,14 @@ def test_bpcer_at_apcer_pooled_matches_roc(seed):
         assert bpcer_at_apcer(scores, labels, target) == pytest.approx(1 - tpr[fpr <= target].max())
 
 
-def test_bpcer_at_apcer_with_types_uses_worst_type():
+def test_bpcer_at_apcer_with_types_uses_worst_species():
     # 100 print attacks at low scores, 1 replay attack at 0.95; live spread over [0.5, 1).
     scores = np.concatenate([np.linspace(0.0, 0.4, 100), [0.95], np.linspace(0.5, 0.99, 50)])
     labels = np.array([0] * 101 + [1] * 50)
-    types = ["print"] * 100 + ["replay"] + [""] * 50
+    types = ["print/1"] * 50 + ["print/2"] * 50 + ["replay/1"] + [""] * 50
     # pooled: 1/101 attacks accepted at 0.95 is <= 1%, so the threshold can sit at the lowest live score
     assert bpcer_at_apcer(scores, labels, 0.01) == 0.0
-    # per type: replay's APCER is 100% unless the threshold is above 0.95
+    # per species: replay's APCER is 100% unless the threshold is above 0.95
     live = scores[labels == 1]
     assert bpcer_at_apcer(scores, labels, 0.01, types) == pytest.approx(np.mean(live <= 0.95))
     # nothing feasible below +inf when a target of 0 meets an attack above every live score
@@ -139,6 +218,7 @@ def test_dev_threshold_is_applied_to_test():
     # the test set's own EER point is 0.55 (FAR = FRR = 1/3), an optimistic 1/3
     assert (test_eer, test_t) == (pytest.approx(1 / 3), 0.55)
     assert frame["eer"] == test_eer and frame["hter"] != pytest.approx(test_eer)
+    assert frame["optimistic_hter"] == test_eer  # the test set's own threshold: HTER = EER
     assert frame["apcer"] == pytest.approx(1 / 3) and frame["bpcer"] == pytest.approx(2 / 3)
     assert "video" not in r
     json.dumps(r)  # JSON-serialisable
@@ -164,6 +244,10 @@ def test_video_level_averages_frames():
     np.testing.assert_allclose(v.scores, [0.3, 0.8, 0.3])
     assert list(v.labels) == [0, 1, 0]
     assert list(v.attack_types) == ["print", "", "replay"]
+    with_subjects = video_level([0.2, 0.4, 0.9], [0, 0, 1], ["a", "a", "b"], subjects=["s1", "s1", "s2"])
+    assert list(with_subjects.subjects) == ["s1", "s2"]
+    with pytest.raises(ValueError, match="'a'.*subject"):
+        video_level([0.2, 0.4, 0.9], [0, 0, 1], ["a", "a", "b"], subjects=["s1", "s2", "s2"])
 
 
 def test_video_level_metrics_in_evaluate_scores():
@@ -213,12 +297,52 @@ def test_bad_threshold_and_missing_attack_type():
         apcer_bpcer([0.1, 0.9], [0, 1], 0.5, [None, "print"])
 
 
-def test_oulu_species():
-    assert [oulu_species(c) for c in (2, 3, "4", 5)] == ["print", "print", "replay", "replay"]
-    assert oulu_species("print/2") == "print" and oulu_species("video_replay/1") == "replay"
-    for bad in (1, "1", 6, "mask"):
-        with pytest.raises(ValueError, match="OULU"):
-            oulu_species(bad)
+def _typed_scores(seed: int, n: int = 300) -> ScoreSet:
+    scores, labels = _tied_scores(seed, n)
+    rng = np.random.default_rng(seed)
+    types = np.where(labels == 0, rng.choice(["print/1", "print/2", "replay/1", "replay/2"], n), "")
+    subjects = rng.integers(0, 30, n).astype(str)
+    return ScoreSet(scores, labels, types, subjects=subjects)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_resampled_metrics_equal_the_point_metrics_on_every_resample(seed):
+    test = _typed_scores(seed)
+    s, y, types = test.scores, test.labels, test.attack_types
+    units, kind = test.units()
+    assert kind == "subject"
+    counts, inverse = unit_counts(units, draws=12, seed=seed)
+    counts[0] = 1  # the first "resample" is the test set itself
+    got = resampled_metrics(test, 0.3, counts, inverse)
+    for b in range(12):
+        rows = np.repeat(np.arange(s.size), counts[b][inverse])  # the resample, written out
+        point = apcer_bpcer(s[rows], y[rows], 0.3, types[rows])
+        want = {
+            "apcer": point["apcer"],
+            "bpcer": point["bpcer"],
+            "acer": point["acer"],
+            "hter": hter(s[rows], y[rows], 0.3),
+            "eer": eer_threshold(s[rows], y[rows])[0],
+            "auc": auc(s[rows], y[rows]),
+            "tpr_at_fpr_1pct": tpr_at_fpr(s[rows], y[rows], 0.01),
+            "tpr_at_fpr_0.1pct": tpr_at_fpr(s[rows], y[rows], 0.001),
+        }
+        assert {k: got[k][b] for k in want} == pytest.approx(want, abs=1e-12), b
+
+
+def test_bootstrap_resamples_subjects_and_is_paired_across_runs():
+    test = _typed_scores(0)
+    one = bootstrap(test, 0.3, draws=300)
+    other = bootstrap(
+        ScoreSet(test.scores * 0.5, test.labels, test.attack_types, subjects=test.subjects), 0.15, 300
+    )
+    assert (one.unit, one.n_units) == ("subject", 30) and one.fingerprint == other.fingerprint
+    low, high = one.interval("hter")
+    assert low < hter(test.scores, test.labels, 0.3) < high
+    # halving every score and the threshold changes nothing: the same resamples give the same values
+    assert np.array_equal(one.values["hter"], other.values["hter"])
+    videos = ScoreSet(test.scores, test.labels, videos=[f"v{i // 3}" for i in range(test.scores.size)])
+    assert videos.units()[1] == "video" and ScoreSet(test.scores, test.labels).units()[1] == "sample"
 
 
 def test_mean_std_over_folds_uses_sample_std():
@@ -295,9 +419,14 @@ def test_cli_json_matches_library(tmp_path, capsys):
     want = evaluate_scores(
         ScoreSet(ts, tl, np.where(tl == 0, types, ""), videos), ScoreSet(ds, dl, videos=dev_videos)
     )
+    intervals = got.pop("intervals")
     assert got == want
-    assert set(got["frame"]["apcer_per_type"]) == {"print", "replay"}
+    assert set(got["frame"]["apcer_per_species"]) == {"print", "replay"}
     assert "notice" not in err
+    # Video level, with no subject column: videos are resampled; the interval holds the value.
+    assert (intervals["level"], intervals["unit"], intervals["draws"]) == ("video", "video", 2000)
+    low, high = intervals["metrics"]["hter"]
+    assert low <= want["video"]["hter"] <= high
 
 
 def test_cli_table_and_notice_without_dev(tmp_path, capsys):
@@ -307,9 +436,34 @@ def test_cli_table_and_notice_without_dev(tmp_path, capsys):
     assert _cli("--scores", str(test_csv), "--plot", str(plot)) == 0
     out, err = capsys.readouterr()
     assert "threshold" in err and "test set" in err and "optimistic" in err
-    for row in ("APCER (all attacks pooled", "BPCER", "ACER", "HTER", "EER (test)", "AUC", "BPCER@APCER=1%"):
+    rows = ("APCER (all attacks pooled", "BPCER", "ACER", "HTER", "EER (test)", "AUC", "BPCER@APCER=1%")
+    for row in (*rows, "TPR@FPR=1% (live positive)", "optimistic: HTER at the test EER threshold"):
         assert row in out
+    assert re.search(r"HTER +│ +\d+\.\d\d% \[\d+\.\d\d%, \d+\.\d\d%\]", out), out
+    assert "95% bootstrap intervals (2000 resamples of the 200 test samples" in out
     assert _png_ok(plot)
+
+
+def test_cli_species_rows_subject_column_and_no_intervals(tmp_path, capsys):
+    ts, tl = _tied_scores(3)
+    types = [("print/1", "print/2", "replay/1")[i % 3] for i in range(tl.size)]
+    subjects = [f"s{i % 20}" for i in range(tl.size)]
+    test_csv = tmp_path / "test.csv"
+    lines = ["score,label,attack_type,subject"]
+    lines += [
+        f"{s},{y},{t if y == 0 else 'live'},{u}" for s, y, t, u in zip(ts, tl, types, subjects, strict=True)
+    ]
+    test_csv.write_text("\n".join(lines) + "\n")
+    assert _cli("--scores", str(test_csv)) == 0
+    out = capsys.readouterr().out
+    assert (
+        "APCER (worst species)" in out and "APCER species print" in out and "APCER instrument print/2" in out
+    )
+    assert "resamples of the 20 test subjects" in out
+    assert _cli("--scores", str(test_csv), "--json", "--draws", "0") == 0
+    assert "intervals" not in json.loads(capsys.readouterr().out)
+    assert _cli("--scores", str(test_csv), "--draws", "-1") == 2
+    assert "--draws" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -103,15 +103,19 @@ def test_evaluator_needs_dev_and_two_classes() -> None:
 
 def _tiny_demo_args(tmp_path: Path) -> list[str]:
     vit = "{img_size: 32, patch_size: 8, num_classes: 2, depth: %d, embed_dim: %d, num_heads: 2}"
+    synth = "{n_subjects: %d, dev_subjects: 1, test_subjects: %d, frames: 2, size: 32, seed: %d, workers: 1}"
     overrides = [
         f"data.root={tmp_path / 'synth'}",
         "data.image_size=32",
         "data.batch_size=16",
-        "data.options.synth={n_subjects: 5, frames: 2, size: 32, seed: 0, workers: 1}",
+        "data.options.synth=" + synth % (6, 3, 0),
+        f"pipeline.teacher.data.root={tmp_path / 'pool'}",
+        "pipeline.teacher.data.options.synth=" + synth % (4, 0, 1),
+        "pipeline.teacher.train.epochs=2",
         "models.teacher.options=" + vit % (2, 32),
         "models.student.options=" + vit % (1, 16),
         "distill.stages=[[1, 2]]",
-        "train.epochs=1",
+        "train.epochs=2",
         "train.max_steps_per_epoch=2",
     ]
     return [arg for text in overrides for arg in ("--set", text)]
@@ -121,19 +125,53 @@ def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = tmp_path / "run"
     assert main(["run", str(DEMO), "--out", str(out), *_tiny_demo_args(tmp_path)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"teacher", "student_kd", "test"}
+    assert list(summary) == ["teacher", "student_alone", "student_kd", "test"]
     results = summary["test"]["results"]
-    for run in ("teacher", "student_kd"):
+    for run in ("teacher", "student_alone", "student_kd"):
         assert 0.0 <= results[run]["test/hter"] <= 1.0
         assert (out / "test" / run / "roc_det_test.png").is_file()
         with open(out / "test" / run / "scores_test.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
         assert {r["attack_type"] for r in rows} == {"live", "print", "replay"}
+        assert {r["subject"] for r in rows} and all(r["subject"] for r in rows)
+        # Intervals over the 3 test subjects hold the value; the replicates are kept for ablations.
+        assert results[run]["resampling"] == {
+            "unit": "subject",
+            "n_units": 3,
+            "draws": 2000,
+            "confidence": 0.95,
+        }
+        for key in ("test/hter", "test/acer", "test/eer", "test/auc"):
+            low, high = results[run]["intervals"][key]
+            assert low <= results[run][key] <= high
+        assert (out / "test" / run / "bootstrap_test.npz").is_file()
+        assert results[run]["test/apcer"] == max(
+            v for k, v in results[run].items() if k.startswith("test/apcer_species.")
+        )
     assert results["teacher"]["params_M"] > results["student_kd"]["params_M"]
+    # Every run's difference to the student trained alone, paired on the same test subjects.
+    assert summary["test"]["baseline"] == "student_alone"
+    differences = summary["test"]["differences"]
+    assert set(differences) == {"teacher", "student_kd"}
+    kd = differences["student_kd"]["test/hter"]
+    assert kd["mean"] == pytest.approx(
+        results["student_kd"]["test/hter"] - results["student_alone"]["test/hter"]
+    )
+    assert kd["low"] <= kd["mean"] <= kd["high"] and isinstance(kd["excludes_zero"], bool)
+    # The paper-comparable section: test-EER-threshold HTER and the epoch a test selection keeps.
+    paper = summary["test"]["paper"]["student_kd"]
+    assert paper["test/optimistic_hter"] == results["student_kd"]["test/eer"]
+    assert paper["best_on_test"]["monitor"] == "test/optimistic_hter"
+    assert paper["best_on_test"] == {
+        k: summary["student_kd"]["best_on_test"][k] for k in ("monitor", "epoch", "value")
+    }
+    # The teacher trained on its own pool (other subjects), and is tested on the student's test set.
+    assert (tmp_path / "pool" / "meta.csv").is_file() and not (tmp_path / "pool" / "test").exists()
     # The student's checkpoint references the teacher instead of containing it.
     student = torch.load(out / "student_kd" / "model.pt", weights_only=True)
     assert student["teacher"]["sha256"] and not any(k.startswith("teacher") for k in student["model"])
-    assert "test/hter" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "difference to student_alone" in err and "for comparison with published numbers only" in err
 
 
 def test_missing_data_root_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -187,3 +225,53 @@ def test_the_pinned_opencv_ships_a_working_face_detector() -> None:
     assert isinstance(detector, HaarDetector), f"OpenCV {cv2.__version__} ships no Haar cascade"
     blank = np.full((120, 160, 3), 128, np.uint8)
     assert detector(blank) is None  # no face in a flat grey frame: reported, not invented
+
+
+def test_species_apcer_on_an_oulu_fixture_prepared_by_kdkit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's case end to end: attack types written by `kdkit fas prepare`; half of the
+    printer-1 attacks pass, no printer-2 one does. The evaluator and `kdkit fas metrics` both report
+    print APCER 25 % (species), with printer 1 at 50 % beside it."""
+    from fixtures import make_oulu
+    from kdkit_fas.data import frames_from_manifest
+    from kdkit_fas.prepare import prepare
+
+    prepare(
+        "oulu",
+        make_oulu(tmp_path / "raw"),
+        tmp_path / "p1",
+        protocol=1,
+        frames_per_video=2,
+        size=16,
+        workers=1,
+        progress=False,
+    )
+    splits = {split: frames_from_manifest(tmp_path / "p1", split) for split in ("dev", "test")}
+    print1 = sorted({r["video"] for r in splits["test"] if r["attack_type"] == "print/1"})
+    assert len(print1) == 4 and {r["attack_type"] for r in splits["test"]} == {
+        "live",
+        "print/1",
+        "print/2",
+        "replay/1",
+        "replay/2",
+    }
+
+    def predictions(rows: list[dict], accepted: set[str]) -> Predictions:
+        live = [r["label"] == 1 or r["video"] in accepted for r in rows]
+        logits = torch.tensor([[0.0, 3.0 if ok else -3.0] for ok in live])
+        return Predictions(logits, torch.tensor([r["label"] for r in rows]), _Meta(rows))
+
+    preds = {"val": predictions(splits["dev"], set()), "test": predictions(splits["test"], set(print1[:2]))}
+    metrics = FasEvaluator()(preds, tmp_path / "eval")
+    assert metrics["test/apcer"] == 0.25 and metrics["test/apcer_species.print"] == 0.25
+    assert metrics["test/apcer_instrument.print/1"] == 0.5 and metrics["test/apcer_instrument.print/2"] == 0.0
+    assert metrics["test/acer"] == 0.125 and metrics["test/bpcer"] == 0.0
+
+    parser = argparse.ArgumentParser()
+    metrics_cli.add_arguments(parser)
+    csvs = [str(tmp_path / "eval" / f"scores_{s}.csv") for s in ("test", "val")]
+    assert metrics_cli.run(parser.parse_args(["--scores", csvs[0], "--dev", csvs[1], "--json"])) == 0
+    video = json.loads(capsys.readouterr().out)["video"]
+    assert video["apcer"] == 0.25 and video["apcer_per_species"] == {"print": 0.25, "replay": 0.0}
+    assert video["apcer_per_instrument"]["print/1"] == 0.5

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 from fixtures import (
+    CORNER_BOX,
     FACE_XYWH,
     corrupt,
     make_casia,
@@ -20,7 +21,7 @@ from fixtures import (
     make_msu,
     make_oulu,
     make_replay,
-    write_half_video,
+    write_corner_video,
 )
 from kdkit_fas import faces, prepare_cli
 from kdkit_fas import prepare as prepare_module
@@ -173,17 +174,31 @@ def test_prepare_needs_a_detector_for_videos_without_face_files(
 
 
 @pytest.mark.filterwarnings("ignore:MSU-MFSD")
-def test_prepare_flips_upside_down_msu_videos_before_cropping(tmp_path: Path) -> None:
+def test_prepare_turns_upside_down_msu_videos_and_maps_their_boxes(tmp_path: Path) -> None:
+    """The 6 upside-down MSU videos are turned by 180 degrees (not mirrored), and their `.face`
+    boxes, which refer to the frames as stored, are turned with them: the crop holds the box's
+    pixels of the stored frame, upright."""
     root = make_msu(tmp_path / "raw")
+    x, y, w, h = CORNER_BOX
     for stem in ("real_client003_android_SD_scene01", "real_client002_android_SD_scene01"):
-        write_half_video(root / "scene01" / "real" / f"{stem}.mp4", bright_top=False)
-        (root / "scene01" / "real" / f"{stem}.face").write_text(
-            "\n".join(f"{i}, 0, 0, 20, 20" for i in range(8))  # a box in the top half
-        )
-    prepare("msu", root, tmp_path / "out", frames_per_video=1, size=8, workers=1, progress=False)
-    flipped = cv2.imread(str(tmp_path / "out/frames/train/real_client003_android_SD_scene01/0.png"))
-    plain = cv2.imread(str(tmp_path / "out/frames/train/real_client002_android_SD_scene01/0.png"))
-    assert flipped.mean() > 200 and plain.mean() < 60
+        write_corner_video(root / "scene01" / "real" / f"{stem}.mp4")
+        rows = [f"{i}, {x}, {y}, {x + w}, {y + h}, 0, 0, 0, 0" for i in range(8)]  # stored coordinates
+        (root / "scene01" / "real" / f"{stem}.face").write_text("\n".join(rows))
+    prepare("msu", root, tmp_path / "out", frames_per_video=1, size=24, scale=1.0, workers=1, progress=False)
+    turned = cv2.imread(str(tmp_path / "out/frames/train/real_client003_android_SD_scene01/0.png"))
+    stored = cv2.imread(str(tmp_path / "out/frames/train/real_client002_android_SD_scene01/0.png"))
+    # As stored, the block is the crop's top-left 12x16; turned, it is the bottom-right 12x16.
+    assert stored[2:10, 2:14].mean() > 200 and stored[14:, :].mean() < 60 and stored[:, 18:].mean() < 60
+    assert turned[14:22, 10:22].mean() > 200, "not turned by 180 degrees"
+    assert turned[:10, :].mean() < 60 and turned[:, :6].mean() < 60, "mirrored, or the box was not turned"
+    assert np.abs(turned.astype(int) - stored[::-1, ::-1]).mean() < 8  # the same pixels, turned
+
+
+def test_turn_box_180_maps_a_box_of_the_stored_frame() -> None:
+    frame = np.zeros((48, 64, 3), np.uint8)
+    assert faces.turn_box_180((0, 0, 24, 24), frame.shape) == (40, 24, 24, 24)
+    assert faces.turn_box_180((10, 5, 20, 30), frame.shape) == (34, 13, 20, 30)
+    assert faces.turn_box_180(None, frame.shape) is None
 
 
 def test_prepare_image_sets(tmp_path: Path) -> None:

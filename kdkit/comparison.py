@@ -1,0 +1,165 @@
+"""Comparing evaluated runs: each run's metrics with their intervals, its paired difference to a
+baseline run (normally the student trained without a teacher), and the tables that show them.
+
+Used by the pipeline's evaluate stage (one seed) and, through `kdkit.stats`, by `kdkit ablate`
+(several seeds). An interval needs the evaluator's bootstrap (`kdkit.evaluation`); without one,
+values and differences are shown without intervals.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from kdkit.stats import LEVEL, Replicates, paired_difference
+
+_HIGHER_IS_BETTER = re.compile(r"acc|auc|tpr|precision|recall|f1|top[0-9]")
+_LOWER_IS_BETTER = re.compile(r"err|eer|loss|hter|acer|apcer|bpcer|far|frr|fpr|params|_s_|MiB|seconds")
+ARROWS = {"max": "↑", "min": "↓"}
+EXCLUDES_ZERO = "✓"  # marks a difference whose interval excludes 0
+
+
+def direction(key: str, evaluator_mode: str) -> str:
+    """'max' or 'min': whether a higher value of column `key` is better (names first, then the
+    evaluator's mode: HTER and EER are lower-better, AUC and accuracy higher-better)."""
+    name = key.rsplit("/", 1)[-1]
+    if _HIGHER_IS_BETTER.search(name):
+        return "max"
+    if _LOWER_IS_BETTER.search(name):
+        return "min"
+    return "max" if evaluator_mode == "max" else "min"
+
+
+def replicates_path(out_dir: Path, split: str) -> Path:
+    """Where an evaluation of `split` in `out_dir` keeps its bootstrap replicates."""
+    return Path(out_dir) / f"bootstrap_{split}.npz"
+
+
+def load_replicates(out_dir: Path, split: str) -> Replicates | None:
+    """The replicates of an evaluation, or None when its evaluator has no bootstrap."""
+    path = replicates_path(out_dir, split)
+    return Replicates.load(path) if path.is_file() else None
+
+
+def differences(
+    results: dict[str, dict[str, Any]],
+    replicates: dict[str, Replicates | None],
+    baseline: str,
+    keys: list[str],
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per run other than `baseline`, per metric key: its difference to the baseline, paired by the
+    shared bootstrap resamples (`kdkit.stats.paired_difference`, one seed)."""
+    out = {}
+    for run, metrics in results.items():
+        if run == baseline:
+            continue
+        out[run] = {}
+        for key in keys:
+            if key not in metrics or key not in results[baseline]:
+                continue
+            point, base = metrics[key], results[baseline][key]
+            paired = replicates.get(run), replicates.get(baseline)
+            if paired[0] is None or paired[1] is None or key not in paired[0].values:
+                out[run][key] = {"mean": point - base, "low": None, "high": None, "excludes_zero": None}
+            else:
+                out[run][key] = paired_difference([point], [base], [paired[0]], [paired[1]], key)
+    return out
+
+
+def value_cell(
+    value: float, interval: list[float] | tuple[float, float] | None = None, fmt: str = ".4f"
+) -> str:
+    """`0.0833 [0.0510, 0.1190]`, or the value alone without an interval."""
+    text = f"{value:{fmt}}"
+    if interval is not None and all(math.isfinite(v) for v in interval):
+        text += f" [{interval[0]:{fmt}}, {interval[1]:{fmt}}]"
+    return text
+
+
+def difference_cell(diff: dict[str, Any]) -> str:
+    """`-0.0417 [-0.0800, -0.0100] ✓` (✓: the interval excludes 0)."""
+    text = f"{diff['mean']:+.4f}"
+    if diff.get("low") is not None:
+        text += f" [{diff['low']:+.4f}, {diff['high']:+.4f}]"
+        text += f" {EXCLUDES_ZERO}" if diff["excludes_zero"] else ""
+    return text
+
+
+def results_table(
+    results: dict[str, dict[str, Any]], split: str, keys: list[str] | None = None, mode: str = "max"
+) -> Table:
+    """One row per run: the headline metrics on `split` with their intervals, plus size columns."""
+    first = next(iter(results.values()), {})
+    keys = keys or [k for k in first if k.startswith(f"{split}/") and isinstance(first[k], (int, float))]
+    table = Table(
+        title=f"results on {split} (strict: threshold and checkpoint chosen on dev; "
+        f"[{LEVEL:.0%} bootstrap interval])"
+    )
+    table.add_column("run")
+    for key in keys:
+        table.add_column(f"{key} {ARROWS[direction(key, mode)]}", justify="right")
+    table.add_column("params_M", justify="right")
+    table.add_column("MiB", justify="right")
+    for run, metrics in results.items():
+        intervals = metrics.get("intervals", {})
+        cells = [value_cell(metrics[k], intervals.get(k)) if k in metrics else "-" for k in keys]
+        table.add_row(escape(run), *cells, f"{metrics['params_M']:.3f}", f"{metrics['MiB']:.2f}")
+    return table
+
+
+def differences_table(diffs: dict[str, dict[str, dict[str, Any]]], baseline: str, mode: str = "max") -> Table:
+    """One row per compared run: its paired difference to `baseline` per metric."""
+    keys = list(dict.fromkeys(k for per_run in diffs.values() for k in per_run))
+    table = Table(
+        title=f"difference to {baseline} (run − {baseline}, paired on the same test items; "
+        f"[{LEVEL:.0%} interval], {EXCLUDES_ZERO} = excludes 0)"
+    )
+    table.add_column("run")
+    for key in keys:
+        table.add_column(f"Δ {key} {ARROWS[direction(key, mode)]}", justify="right")
+    for run, per_key in diffs.items():
+        table.add_row(escape(run), *(difference_cell(per_key[k]) if k in per_key else "-" for k in keys))
+    return table
+
+
+def paper_section(
+    results: dict[str, dict[str, Any]], fitted: dict[str, dict[str, Any]], keys: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Per run: the evaluator's `paper_keys` values and, when the test split was tracked during
+    training, the epoch a test-set selection would have kept (`fitted[run]['best_on_test']`)."""
+    section = {}
+    for run, metrics in results.items():
+        entry: dict[str, Any] = {k: metrics[k] for k in keys if k in metrics}
+        best = fitted.get(run, {}).get("best_on_test") or {}
+        if best:
+            entry["best_on_test"] = {k: best[k] for k in ("monitor", "epoch", "value")}
+        if entry:
+            section[run] = entry
+    return section
+
+
+def paper_table(section: dict[str, dict[str, Any]]) -> Table:
+    """The paper-comparable numbers, under a title that says they are not for selection."""
+    keys = list(dict.fromkeys(k for entry in section.values() for k in entry if k != "best_on_test"))
+    table = Table(
+        title="for comparison with published numbers only (optimistic: threshold or epoch chosen on "
+        "test, as most published code does; never used for selection)"
+    )
+    table.add_column("run")
+    for key in keys:
+        table.add_column(key, justify="right")
+    tracked = any("best_on_test" in entry for entry in section.values())
+    if tracked:
+        table.add_column("best-on-test epoch", justify="right")
+    for run, entry in section.items():
+        cells = [f"{entry[k]:.4f}" if k in entry else "-" for k in keys]
+        if tracked:
+            best = entry.get("best_on_test")
+            cells.append(f"{best['epoch']} ({best['monitor']} {best['value']:.4f})" if best else "-")
+        table.add_row(escape(run), *cells)
+    return table
