@@ -483,48 +483,41 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _groups(jobs: list[RunJob], stage: str) -> list[Group]:
-    """The baseline groups (one per distinct trained baseline, i.e. per set of stage-cache keys over
-    the seeds) first, then one group per variant, each with its runs in seed order."""
+def _groups(jobs: list[RunJob], stage: str, with_baseline: bool) -> list[Group]:
+    """With `with_baseline`, the baseline groups first (one per distinct trained baseline, i.e. per
+    set of stage-cache keys over the seeds); then one group per variant, its runs in seed order."""
     by_variant: dict[Variant, list[RunJob]] = {}
-    for job in jobs:
+    for job in sorted(jobs, key=lambda j: j.seed):
         by_variant.setdefault(job.variant, []).append(job)
     groups, baselines = [], {}
     for variant, members in by_variant.items():
-        members.sort(key=lambda j: j.seed)
         seeds = [j.seed for j in members]
-        measured = [measure(j.final, stage) for j in members]
-        name = baseline_stage(members[0].recipe, stage)
+        name = baseline_stage(members[0].recipe, stage) if with_baseline else None
         base = [measure(j.final, name, run_costs=False) for j in members] if name else None
-        groups.append(Group(variant.label, seeds, measured, base))
+        measured = [measure(j.final, stage) for j in members]
+        runs = [j.name for j in members]
+        groups.append(Group(variant.label, seeds, measured, base, runs=runs, values=dict(variant.values)))
         if base is not None:
             identity = tuple(b.cache_key for b in base)
-            baselines.setdefault(identity, (seeds, base, []))[2].append(variant.label)
-    only_one = len(baselines) == 1
+            baselines.setdefault(identity, (seeds, base, [f"{r}/{name}" for r in runs], []))[3].append(
+                variant.label
+            )
+    labels = (
+        [BASELINE_LABEL]
+        if len(baselines) == 1
+        else [f"{BASELINE_LABEL} for {', '.join(v[3])}" for v in baselines.values()]
+    )
     first = [
-        Group(
-            BASELINE_LABEL if only_one else f"{BASELINE_LABEL} for {', '.join(labels)}",
-            seeds,
-            base,
-            is_baseline=True,
-        )
-        for seeds, base, labels in baselines.values()
+        Group(label, seeds, base, is_baseline=True, runs=runs)
+        for label, (seeds, base, runs, _) in zip(labels, baselines.values(), strict=True)
     ]
     return first + groups
 
 
 def _report(args: argparse.Namespace, jobs: list[RunJob], stage: str, seconds: float) -> None:
     """Read every run of the grid and write the report files."""
-    groups = _groups(jobs, stage)
-    rows = []
-    for group in groups:
-        for seed, m in zip(group.seeds, group.measured, strict=True):
-            job = next(
-                j for j in jobs if j.seed == seed and (group.is_baseline or j.variant.label == group.label)
-            )
-            values = {} if group.is_baseline else dict(job.variant.values)
-            run = f"{job.name}/{baseline_stage(job.recipe, stage)}" if group.is_baseline else job.name
-            rows.append({"run": run, "variant": group.label, **values, "seed": seed} | m.row)
+    groups = _groups(jobs, stage, with_baseline=not args.no_baseline)
+    rows = [row for g in groups for row in g.rows()]
     finals = [j.final for j in jobs]
     info = {
         "recipe": str(args.recipe),
@@ -532,7 +525,7 @@ def _report(args: argparse.Namespace, jobs: list[RunJob], stage: str, seconds: f
         "vary": args.vary,
         "seeds": parse_seeds(args.seeds),
         "stage": stage,
-        "baseline": None if args.no_baseline else baseline_stage(jobs[0].recipe, stage),
+        "baseline": baseline_stage(jobs[0].recipe, stage) if any(g.is_baseline for g in groups) else None,
         "teacher_per_seed": args.teacher_per_seed,
         "jobs": args.jobs,
         "wall_seconds": seconds,  # this invocation; a continued ablation's runs ran in earlier ones too
@@ -546,4 +539,4 @@ def _report(args: argparse.Namespace, jobs: list[RunJob], stage: str, seconds: f
             markup=False,
         )
     out = jobs[0].out
-    write_report(out, groups, rows, RecipeRun(jobs[0].recipe, out).make_evaluator(), info)
+    write_report(out, groups, RecipeRun(jobs[0].recipe, out).make_evaluator(), info)

@@ -115,6 +115,16 @@ class Group:
     measured: list[Measured]
     baseline: list[Measured] | None = None  # each run's baseline (same seed), for variants
     is_baseline: bool = False
+    runs: list[str] | None = None  # the run names of the rows (default: the label and seed)
+    values: dict[str, str] | None = None  # the variant's recipe keys and values
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per run: its identity, then its numbers."""
+        runs = self.runs or [f"{self.label}__seed{seed}" for seed in self.seeds]
+        return [
+            {"run": run, "variant": self.label, **(self.values or {}), "seed": seed} | m.row
+            for run, seed, m in zip(runs, self.seeds, self.measured, strict=True)
+        ]
 
 
 def summarise(group: Group, columns: list[str], keys: list[str]) -> dict[str, Any]:
@@ -153,6 +163,27 @@ def summarise(group: Group, columns: list[str], keys: list[str]) -> dict[str, An
     return entry
 
 
+def pairwise(groups: list[Group], key: str) -> list[dict[str, Any]]:
+    """Every pair of variants (a listed before b): a − b on metric `key`, paired by seed and test
+    unit like the differences to the baseline. Answers "does covariance beat projection?"."""
+    variants = [g for g in groups if not g.is_baseline]
+    pairs = []
+    for i, a in enumerate(variants):
+        for b in variants[i + 1 :]:
+            replicates = [m.replicates for m in (*a.measured, *b.measured)]
+            if a.seeds != b.seeds or not all(r is not None and key in r.values for r in replicates):
+                continue
+            diff = paired_difference(
+                [m.row[key] for m in a.measured],
+                [m.row[key] for m in b.measured],
+                replicates[: len(a.measured)],  # type: ignore[arg-type]
+                replicates[len(a.measured) :],  # type: ignore[arg-type]
+                key,
+            )
+            pairs.append({"a": a.label, "b": b.label, **diff})
+    return pairs
+
+
 def table_columns(rows: list[dict[str, Any]], evaluator: Any) -> list[str]:
     """The metrics a reader compares: the evaluator's `summary_keys` (or every metric of the tested
     split). The first is the main metric."""
@@ -178,13 +209,20 @@ def format_cell(summary: dict[str, Any], column: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ outputs
-def _header(column: str, mode: str) -> str:
-    return f"{_TITLES.get(column, column)} {ARROWS[direction(column, mode)]}"
+def _header(column: str, mode: str, short: bool = False) -> str:
+    name = _TITLES.get(column, column.split("/", 1)[-1] if short else column)
+    return f"{name} {ARROWS[direction(column, mode)]}"
 
 
-def markdown_tables(summary: list[dict[str, Any]], keys: list[str], costs: list[str], mode: str) -> str:
-    """Two Markdown tables: every group's metrics (and costs), then each variant's paired
-    difference to the baseline."""
+def markdown_tables(
+    summary: list[dict[str, Any]],
+    keys: list[str],
+    costs: list[str],
+    mode: str,
+    pairs: list[dict[str, Any]] | None = None,
+) -> str:
+    """Markdown tables: every group's metrics (and costs), each variant's paired difference to the
+    baseline, and (with `pairs`) the main metric's paired difference between every two variants."""
     columns = [*keys, *costs]
     lines = [
         "| variant | " + " | ".join(_header(c, mode) for c in columns) + " |",
@@ -203,6 +241,11 @@ def markdown_tables(summary: list[dict[str, Any]], keys: list[str], costs: list[
         for s in compared:
             cells = [difference_cell(s["difference"][k]) if k in s["difference"] else "-" for k in keys]
             lines.append(f"| {s['variant'].replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
+    if pairs:
+        lines += ["", f"| variant a − variant b | Δ {_header(keys[0], mode)} |", "|---|---:|"]
+        for pair in pairs:
+            names = f"{pair['a']} − {pair['b']}".replace("|", "\\|")
+            lines.append(f"| {names} | {difference_cell(pair)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -240,11 +283,11 @@ def rich_table(
     main = keys[0]
     show_diff = any(s["difference"] for s in summary)
     for c in keys:
-        table.add_column(_header(c, mode), justify="right")
+        table.add_column(_header(c, mode, short=True), justify="right")
     if show_diff:
-        table.add_column(f"Δ {main} vs baseline", justify="right")
+        table.add_column(f"Δ {_header(main, mode, short=True)} vs baseline", justify="right")
     for c in costs:
-        table.add_column(_header(c, mode), justify="right")
+        table.add_column(_header(c, mode, short=True), justify="right")
     for s in summary:
         cells = [format_cell(s, c).replace(" [", "\n[") for c in keys]
         if show_diff:
@@ -262,7 +305,7 @@ def bar_chart(summary: list[dict[str, Any]], metric: str, mode: str, path: Path,
     from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
 
     compared = [s for s in summary if metric in s["difference"]]
-    fig = Figure(figsize=(max(6.0, 1.3 * len(summary) + 2.5) * (2 if compared else 1), 4.4))
+    fig = Figure(figsize=(max(5.0, 0.9 * len(summary) + 2.0) * (2 if compared else 1), 4.4))
     axes = fig.subplots(1, 2 if compared else 1, squeeze=False)[0]
     _metric_panel(axes[0], summary, metric, mode)
     if compared:
@@ -314,13 +357,12 @@ def _difference_panel(ax: Any, compared: list[dict[str, Any]], metric: str, mode
     ax.set_title(f"paired difference to the baseline, {LEVEL:.0%} interval", fontsize=9)
 
 
-def write_report(
-    out: Path, groups: list[Group], rows: list[dict[str, Any]], evaluator: Any, info: dict[str, Any]
-) -> dict[str, Any]:
+def write_report(out: Path, groups: list[Group], evaluator: Any, info: dict[str, Any]) -> dict[str, Any]:
     """Write ablation.csv/.json/.md/.png into `out`, print the table; return what ablation.json holds.
 
-    `groups` are the baseline (first, when there is one) and the variants; `rows` every run's row."""
+    `groups` are the baselines (first, when there are any) and the variants."""
     mode = getattr(evaluator, "mode", "max")
+    rows = [row for g in groups for row in g.rows()]
     variant_rows = [m.row for g in groups if not g.is_baseline for m in g.measured]
     keys = table_columns(variant_rows, evaluator)
     numeric = numeric_columns(variant_rows)
@@ -335,9 +377,11 @@ def write_report(
     caption = (
         f"{info['recipe']}, compared stage `{info['stage']}` on {variant_rows[0]['split']}; {note}; "
         f"[{LEVEL:.0%} interval: bootstrap over seeds and test units]. The second table is each "
-        f"variant minus the baseline, paired by seed and test unit; {EXCLUDES_ZERO} = the interval "
-        f"excludes 0 (↓ lower / ↑ higher is better). Peak MiB: {info['memory_measure']}."
+        f"variant minus the baseline, the third each variant minus each other on {main}, paired by "
+        f"seed and test unit; {EXCLUDES_ZERO} = the interval excludes 0 (↓ lower / ↑ higher is "
+        f"better). Peak MiB: {info['memory_measure']}."
     )
+    pairs = pairwise(groups, main)
     report = {
         **info,
         "main_metric": main,
@@ -345,11 +389,13 @@ def write_report(
         "columns": [*keys, *costs],
         "confidence": LEVEL,
         "variants": summary,
+        "pairwise": {main: pairs},
         "runs": rows,
     }
     atomic_write_text(json.dumps(report, indent=2), out / "ablation.json")
     atomic_write_text(csv_text(rows, summary), out / "ablation.csv")
-    atomic_write_text(f"{caption}\n\n{markdown_tables(summary, keys, costs, mode)}", out / "ablation.md")
+    tables = markdown_tables(summary, keys, costs, mode, pairs)
+    atomic_write_text(f"{caption}\n\n{tables}", out / "ablation.md")
     bar_chart(summary, main, mode, out / "ablation.png", f"{info['stage']}: {main} ({note})")
     console.print(rich_table(summary, keys, costs, mode, f"ablation ({note}; [{LEVEL:.0%} interval])"))
     console.print(f"wrote {out}/ablation.csv, .json, .md, .png", markup=False)

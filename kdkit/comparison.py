@@ -72,22 +72,27 @@ def differences(
 
 
 def value_cell(
-    value: float, interval: list[float] | tuple[float, float] | None = None, fmt: str = ".4f"
+    value: float, interval: list[float] | tuple[float, float] | None = None, fmt: str = ".4f", sep: str = " "
 ) -> str:
-    """`0.0833 [0.0510, 0.1190]`, or the value alone without an interval."""
+    """`0.0833 [0.0510, 0.1190]` (`sep` between value and interval), or the value alone."""
     text = f"{value:{fmt}}"
     if interval is not None and all(math.isfinite(v) for v in interval):
-        text += f" [{interval[0]:{fmt}}, {interval[1]:{fmt}}]"
+        text += f"{sep}[{interval[0]:{fmt}}, {interval[1]:{fmt}}]"
     return text
 
 
-def difference_cell(diff: dict[str, Any]) -> str:
-    """`-0.0417 [-0.0800, -0.0100] ✓` (✓: the interval excludes 0)."""
+def difference_cell(diff: dict[str, Any], sep: str = " ") -> str:
+    """`-0.0417 [-0.0800, -0.0100] ✓` (✓: the interval excludes 0; `sep` before the interval)."""
     text = f"{diff['mean']:+.4f}"
     if diff.get("low") is not None:
-        text += f" [{diff['low']:+.4f}, {diff['high']:+.4f}]"
+        text += f"{sep}[{diff['low']:+.4f}, {diff['high']:+.4f}]"
         text += f" {EXCLUDES_ZERO}" if diff["excludes_zero"] else ""
     return text
+
+
+def _metric_name(key: str) -> str:
+    """A column header: the metric without its split (the table's title names the split)."""
+    return key.split("/", 1)[-1]
 
 
 def results_table(
@@ -96,18 +101,19 @@ def results_table(
     """One row per run: the headline metrics on `split` with their intervals, plus size columns."""
     first = next(iter(results.values()), {})
     keys = keys or [k for k in first if k.startswith(f"{split}/") and isinstance(first[k], (int, float))]
+    unit = first.get("resampling", {}).get("unit")
     table = Table(
-        title=f"results on {split} (strict: threshold and checkpoint chosen on dev; "
-        f"[{LEVEL:.0%} bootstrap interval])"
+        title=f"results on {split} — strict: threshold and checkpoint chosen on dev"
+        + (f"; [{LEVEL:.0%} interval, test {unit}s resampled]" if unit else "")
     )
-    table.add_column("run")
+    table.add_column("run", no_wrap=True)
     for key in keys:
-        table.add_column(f"{key} {ARROWS[direction(key, mode)]}", justify="right")
-    table.add_column("params_M", justify="right")
+        table.add_column(f"{_metric_name(key)} {ARROWS[direction(key, mode)]}", justify="right")
+    table.add_column("params (M)", justify="right")
     table.add_column("MiB", justify="right")
     for run, metrics in results.items():
         intervals = metrics.get("intervals", {})
-        cells = [value_cell(metrics[k], intervals.get(k)) if k in metrics else "-" for k in keys]
+        cells = [value_cell(metrics[k], intervals.get(k), sep="\n") if k in metrics else "-" for k in keys]
         table.add_row(escape(run), *cells, f"{metrics['params_M']:.3f}", f"{metrics['MiB']:.2f}")
     return table
 
@@ -116,14 +122,15 @@ def differences_table(diffs: dict[str, dict[str, dict[str, Any]]], baseline: str
     """One row per compared run: its paired difference to `baseline` per metric."""
     keys = list(dict.fromkeys(k for per_run in diffs.values() for k in per_run))
     table = Table(
-        title=f"difference to {baseline} (run − {baseline}, paired on the same test items; "
-        f"[{LEVEL:.0%} interval], {EXCLUDES_ZERO} = excludes 0)"
+        title=f"difference to {baseline}: run − {baseline} on the same test items "
+        f"[{LEVEL:.0%} paired interval]; {EXCLUDES_ZERO} = the interval excludes 0"
     )
-    table.add_column("run")
+    table.add_column("run", no_wrap=True)
     for key in keys:
-        table.add_column(f"Δ {key} {ARROWS[direction(key, mode)]}", justify="right")
+        table.add_column(f"Δ {_metric_name(key)} {ARROWS[direction(key, mode)]}", justify="right")
     for run, per_key in diffs.items():
-        table.add_row(escape(run), *(difference_cell(per_key[k]) if k in per_key else "-" for k in keys))
+        cells = [difference_cell(per_key[k], sep="\n") if k in per_key else "-" for k in keys]
+        table.add_row(escape(run), *cells)
     return table
 
 
@@ -146,20 +153,21 @@ def paper_section(
 def paper_table(section: dict[str, dict[str, Any]]) -> Table:
     """The paper-comparable numbers, under a title that says they are not for selection."""
     keys = list(dict.fromkeys(k for entry in section.values() for k in entry if k != "best_on_test"))
+    monitors = {e["best_on_test"]["monitor"] for e in section.values() if "best_on_test" in e}
     table = Table(
-        title="for comparison with published numbers only (optimistic: threshold or epoch chosen on "
-        "test, as most published code does; never used for selection)"
+        title="for comparison with published numbers only — optimistic: threshold or epoch chosen on "
+        "test, as most published code does; never used for selection"
+        + (f" (best-on-test epoch by {', '.join(sorted(monitors))})" if monitors else "")
     )
-    table.add_column("run")
+    table.add_column("run", no_wrap=True)
     for key in keys:
-        table.add_column(key, justify="right")
-    tracked = any("best_on_test" in entry for entry in section.values())
-    if tracked:
-        table.add_column("best-on-test epoch", justify="right")
+        table.add_column(_metric_name(key), justify="right", overflow="fold")
+    if monitors:
+        table.add_column("best-on-test epoch (value)", justify="right")
     for run, entry in section.items():
         cells = [f"{entry[k]:.4f}" if k in entry else "-" for k in keys]
-        if tracked:
+        if monitors:
             best = entry.get("best_on_test")
-            cells.append(f"{best['epoch']} ({best['monitor']} {best['value']:.4f})" if best else "-")
+            cells.append(f"{best['epoch']} ({best['value']:.4f})" if best else "-")
         table.add_row(escape(run), *cells)
     return table

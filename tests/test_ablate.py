@@ -395,11 +395,23 @@ def test_the_paired_difference_is_each_runs_student_minus_its_own_baseline(ablat
     )
     low, high = projection["interval"][key]
     assert low <= projection["mean"][key] <= high
+    # Variant against variant, paired the same way: covariance − projection.
+    covariance = [measured(r, "student_kd") for r in RUNS[0::2]]
+    (pair,) = report["pairwise"][key]
+    want = paired_difference(
+        [p for p, _ in covariance],
+        [p for p, _ in runs],
+        [r for _, r in covariance],
+        [r for _, r in runs],
+        key,
+    )
+    assert (pair["a"], pair["b"]) == ("adapter=covariance", "adapter=projection")
+    assert pair["mean"] == pytest.approx(want["mean"]) and pair["low"] == pytest.approx(want["low"])
 
 
 def test_markdown_has_the_baseline_intervals_and_differences_and_the_png_is_written(ablation: Path) -> None:
     lines = (ablation / "ablation.md").read_text().splitlines()
-    rows = [line for line in lines if line.startswith(("| adapter=", "| baseline"))]
+    rows = [line for line in lines if line.startswith(("| adapter=", "| baseline")) and " − " not in line]
     assert len(rows) == 5  # baseline + 2 variants, then 2 difference rows
     assert rows[0].startswith("| baseline: student alone (no teacher) |")
     for line in rows[:3]:
@@ -407,6 +419,9 @@ def test_markdown_has_the_baseline_intervals_and_differences_and_the_png_is_writ
     for line in rows[3:]:
         assert re.search(r"\| [+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]( ✓)? \|", line), line
     assert any(line.startswith("| variant − baseline |") for line in lines)
+    assert any(line.startswith("| variant a − variant b |") for line in lines)
+    pair = next(line for line in lines if line.startswith("| adapter=covariance − adapter=projection |"))
+    assert re.search(r"\| [+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]( ✓)? \|$", pair), pair
     assert (ablation / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

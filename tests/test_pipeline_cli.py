@@ -345,3 +345,17 @@ def test_a_missing_plugin_is_a_recipe_error(
     assert main(["validate", str(tiny_recipe), "--set", "plugins=[fas, nope]"]) == 2
     err = capsys.readouterr().err
     assert "plugins: 'nope' is not installed (installed: [" in err and "'fas'" in err
+
+
+def test_a_distill_stage_without_teacher_terms_trains_exactly_the_baseline(
+    tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alpha = 0 and no feature adapter leave cross-entropy alone: with the same seed, the same
+    initial weights, batches and random draws, the distill stage must end with the baseline's
+    weights. Anything that made variants and baseline differ besides the teacher would show here."""
+    monkeypatch.chdir(tiny_recipe.parent)
+    args = ["--set", "distill.alpha=0.0", "--set", "distill.adapter=none", "--set", "train.epochs=2"]
+    assert main(["run", str(tiny_recipe), "--out", "run", *args]) == 0
+    alone = load_file(Path("run/student_alone/model.pt"))["model"]
+    kd = load_file(Path("run/student_kd/model.pt"))["model"]
+    assert alone.keys() == kd.keys() and all(torch.equal(alone[k], kd[k]) for k in alone)
