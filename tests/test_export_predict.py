@@ -199,7 +199,7 @@ def test_eval_rewrites_the_pipeline_metrics(
 ) -> None:
     run = checkpoint.parent.parent
     assert main(["eval", str(checkpoint)]) == 0  # the recipe recorded in the checkpoint
-    assert "test/accuracy" in capsys.readouterr().err
+    assert "results on test" in (err := capsys.readouterr().err) and "accuracy ↑" in err
     written = json.loads((checkpoint.parent / "eval-test" / "metrics.json").read_text())["metrics"]
     pipeline = json.loads((run / "summary.json").read_text())["test"]["results"]["teacher"]
     for nested in ("intervals", "resampling"):  # the same resamples: the same intervals

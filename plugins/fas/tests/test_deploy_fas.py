@@ -162,7 +162,7 @@ def test_face_crop_preparer_is_what_prepared_data_asks_for(
 def test_eval_reproduces_the_evaluate_stage(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     checkpoint = run / "student_kd" / "model.pt"
     assert main(["eval", str(checkpoint)]) == 0
-    assert "test/hter" in capsys.readouterr().err
+    assert "results on test" in (err := capsys.readouterr().err) and "hter ↓" in err
     out = run / "student_kd" / "eval-test"
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     stage = json.loads((run / "summary.json").read_text())["test"]["results"]["student_kd"]
