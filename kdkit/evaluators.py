@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kdkit.evaluation import Predictions
 from kdkit.registry import EVALUATORS
-from kdkit.stats import DRAWS, SEED, Replicates, fingerprint, unit_counts
+from kdkit.stats import DRAWS, SEED, Replicates, bootstrap
 
 
 @EVALUATORS.register("classification")
@@ -41,10 +41,9 @@ class ClassificationEvaluator:
         """Accuracy on `split` under bootstrap resamples of its samples (each sample is a unit)."""
         pred = predictions[split]
         correct = (pred.logits.argmax(1) == pred.labels).numpy().astype(np.float64)
-        units = [str(i) for i in range(correct.size)]
-        counts, inverse = unit_counts(units, draws, seed)
-        weights = counts[:, inverse]
-        accuracy = (weights @ correct) / weights.sum(1)
-        return Replicates(
-            {f"{split}/accuracy": accuracy}, "sample", correct.size, fingerprint(units, draws, seed)
-        )
+
+        def accuracy(counts: np.ndarray, inverse: np.ndarray) -> dict[str, np.ndarray]:
+            weights = counts[:, inverse]
+            return {f"{split}/accuracy": (weights @ correct) / weights.sum(1)}
+
+        return bootstrap([str(i) for i in range(correct.size)], "sample", accuracy, draws, seed)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,19 @@ class Replicates:
             info = json.loads(str(data["__info__"]))
             values = {k: data[k] for k in data.files if k != "__info__"}
         return cls(values, info["unit"], int(info["n_units"]), info["fingerprint"])
+
+
+def bootstrap(
+    units: Sequence[str],
+    unit: str,
+    statistic: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]],
+    draws: int = DRAWS,
+    seed: int = SEED,
+) -> Replicates:
+    """Replicates of `statistic(counts, inverse)` (metric name → ``(draws,)`` values) under the
+    resamples of `unit_counts(units, draws, seed)`; `unit` names what the units are."""
+    counts, inverse = unit_counts(units, draws, seed)
+    return Replicates(statistic(counts, inverse), unit, int(counts.shape[1]), fingerprint(units, draws, seed))
 
 
 def percentile_interval(replicates: np.ndarray, level: float = LEVEL) -> tuple[float, float]:

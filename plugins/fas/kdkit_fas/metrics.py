@@ -29,7 +29,8 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from kdkit.checkpoint import atomic_open
-from kdkit.stats import DRAWS, SEED, Replicates, fingerprint, unit_counts
+from kdkit.stats import DRAWS, SEED, Replicates
+from kdkit.stats import bootstrap as resample
 
 TIE_CONVENTION = "score >= threshold is accepted as bona fide"
 BPCER_AT_APCER_CONVENTION = (
@@ -373,9 +374,9 @@ def bootstrap(test: ScoreSet, threshold: float, draws: int = DRAWS, seed: int = 
     """`resampled_metrics` of `test` under `draws` cluster-bootstrap resamples of its units
     (subjects, else videos, else rows; see `ScoreSet.units`), the threshold held fixed."""
     units, kind = test.units()
-    counts, inverse = unit_counts(units, draws, seed)
-    values = resampled_metrics(test, threshold, counts, inverse)
-    return Replicates(values, kind, int(counts.shape[1]), fingerprint(units, draws, seed))
+    return resample(
+        units, kind, lambda counts, inverse: resampled_metrics(test, threshold, counts, inverse), draws, seed
+    )
 
 
 def _weighted_metrics(test: ScoreSet, threshold: float, w: np.ndarray) -> dict[str, np.ndarray]:

@@ -188,3 +188,30 @@ def test_cli_writes_then_refuses_a_different_set(tmp_path: Path, capsys: pytest.
     assert len(_meta(tmp_path / "set")) == 12
     assert synth_cli.run(parser.parse_args([*argv, "--seed", "1"])) == 2
     assert "other parameters" in capsys.readouterr().err
+
+
+def test_split_sizes_can_be_chosen_and_a_split_left_empty(tmp_path: Path) -> None:
+    summary = synth.generate(
+        tmp_path / "pool", **{**SMALL, "n_subjects": 5}, dev_subjects=1, test_subjects=0, progress=False
+    )
+    assert summary.subjects == {"train": 4, "dev": 1, "test": 0}
+    assert not (tmp_path / "pool" / "test").exists()
+    info = json.loads((tmp_path / "pool" / "synth.json").read_text())
+    assert info["params"]["dev_subjects"] == 1 and info["params"]["test_subjects"] == 0
+
+
+@pytest.mark.parametrize(
+    ("sizes", "match"),
+    [
+        (
+            {"dev_subjects": 3, "test_subjects": 2},
+            "3 dev \\+ 2 test subjects leave none of the 5 for training",
+        ),
+        ({"dev_subjects": -1}, "dev_subjects must be an integer >= 0"),
+        ({"test_subjects": 1.5}, "test_subjects must be an integer >= 0"),
+    ],
+)
+def test_bad_split_sizes_are_named(tmp_path: Path, sizes: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        synth.generate(tmp_path / "set", **{**SMALL, "n_subjects": 5}, **sizes, progress=False)
+    assert not (tmp_path / "set").exists()
