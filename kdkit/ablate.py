@@ -19,6 +19,10 @@ the recipe's seed and shared by every seed (`--teacher-per-seed` trains it again
 Then every run, in a fresh process of its own, reuses them and does the same work as every other
 run, so runs cannot leak state into each other and their time and peak memory compare. Re-running
 the same command skips complete runs and continues interrupted ones.
+
+One ablation writes OUT at a time (`kdkit.lock.exclusive`). A Ctrl-C, a SIGTERM or a run process
+that dies stops every run process (`kdkit.workers.WorkerPool`) and ends the command with 128 +
+the signal and one line: what is complete, and the command (as typed) that continues.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import argparse
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import resource
@@ -44,6 +47,7 @@ import torch
 from kdkit.ablation_report import BASELINE_LABEL, Group, cache_use, measure, memory_measure, write_report
 from kdkit.checkpoint import atomic_write_text
 from kdkit.cli import UsageError, _add_recipe_args, _diff_keys
+from kdkit.lock import exclusive
 from kdkit.pipeline import RecipeRun, train_stage_key
 from kdkit.plugins import load_plugins
 from kdkit.recipe import (
@@ -56,6 +60,7 @@ from kdkit.recipe import (
     read_yaml,
 )
 from kdkit.runlog import console
+from kdkit.workers import Interrupted, WorkerPool, stop_on_signals
 
 _OPENERS, _CLOSERS = "[{(", "]})"
 
@@ -379,10 +384,12 @@ def preparation(jobs: list[RunJob]) -> list[RunJob]:
 
 
 def run_jobs(function: Callable[[RunJob], str], jobs: list[RunJob], processes: int, what: str) -> None:
-    """`function(job)` for every job in `processes` worker processes, a fresh process per job."""
-    context = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
-    with context.Pool(min(processes, len(jobs)), maxtasksperchild=1) as pool:
-        for done, name in enumerate(pool.imap_unordered(function, jobs), 1):
+    """`function(job)` for every job, each in a fresh worker process, `processes` at a time; an
+    interrupted or killed worker stops them all (`kdkit.workers`)."""
+    with WorkerPool(
+        function, min(processes, len(jobs)), fresh=True, describe=lambda j: f"{what} {j.name}"
+    ) as pool:
+        for done, name in enumerate(pool.run(jobs), 1):
             console.print(f"[ablate] {what} {name} complete ({done}/{len(jobs)})", markup=False)
 
 
@@ -443,6 +450,27 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: expected at least 1")
     start = time.perf_counter()
+    jobs: list[RunJob] = []
+    with stop_on_signals():
+        try:
+            jobs, recipes, stage = _plan(args)
+            with exclusive(jobs[0].out, args.command_line):
+                _run_grid(args, jobs, recipes, stage, start)
+        except Interrupted as exc:
+            runs = jobs[0].out / "runs" if jobs else None
+            saved = (
+                f"{sum(job.final.exists() for job in jobs)} of {len(jobs)} runs complete in {runs}, the "
+                "others continue from their last checkpoint"
+                if jobs
+                else "nothing was run yet"
+            )
+            raise Interrupted(f"{exc}; {saved}; continue with: {args.command_line}", exc.signum) from None
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[RunJob], dict[tuple[Variant, int], Recipe], str]:
+    """The jobs of the grid (seed-major: an interrupted ablation has compared every variant on the
+    first seeds), the recipe of each (variant, seed) and the compared stage."""
     base = apply_overrides(read_yaml(args.recipe), args.overrides)
     variants = expand_grid(args.vary)
     seeds = parse_seeds(args.seeds)
@@ -464,14 +492,27 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     }
     out = args.out or Path("runs") / f"ablation-{reference.name}"
     stage = target_stage(recipes[variants[0], seeds[0]], args.stage)
+    jobs = [RunJob(v, s, recipes[v, s], out, threads) for s in seeds for v in variants]
+    return jobs, recipes, stage
+
+
+def _run_grid(
+    args: argparse.Namespace,
+    jobs: list[RunJob],
+    recipes: dict[tuple[Variant, int], Recipe],
+    stage: str,
+    start: float,
+) -> None:
+    """Check every variant, train the shared train stages, run what is not done yet, write the report."""
+    variants = list(dict.fromkeys(job.variant for job in jobs))
+    seeds = list(dict.fromkeys(job.seed for job in jobs))
     for variant in variants:  # everything `kdkit run` checks, once per variant; prepares the data
         try:
-            RecipeRun(recipes[variant, seeds[0]], Path("unused")).check()
+            RecipeRun(recipes[variant, seeds[0]], Path("unused")).check(generate=True)
         except RecipeError as exc:
             raise RecipeError(exc.problems, f"{args.recipe} with {variant.label}") from None
+    out = jobs[0].out
     console.print(f"{len(variants)} variants × {len(seeds)} seeds, checked; ablation folder: {out}")
-    # Seed-major order: an interrupted ablation has compared every variant on the first seeds.
-    jobs = [RunJob(v, s, recipes[v, s], out, threads) for s in seeds for v in variants]
     pending = _pending(jobs)
     first = preparation(pending)
     if first:
@@ -480,7 +521,6 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if pending:
         run_jobs(execute, pending, args.jobs, "run")
     _report(args, jobs, stage, time.perf_counter() - start)
-    return 0
 
 
 def _groups(jobs: list[RunJob], stage: str, with_baseline: bool) -> list[Group]:

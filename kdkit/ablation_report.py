@@ -23,7 +23,7 @@ from rich.table import Table
 
 from kdkit.checkpoint import atomic_open, atomic_write_text
 from kdkit.comparison import ARROWS, EXCLUDES_ZERO, difference_cell, direction, load_replicates
-from kdkit.runlog import console
+from kdkit.runlog import console, output
 from kdkit.stats import LEVEL, Replicates, over_seeds, paired_difference
 
 COST_COLUMNS = ("adapter_params", "train_s_per_epoch", "peak_MiB")
@@ -397,6 +397,6 @@ def write_report(out: Path, groups: list[Group], evaluator: Any, info: dict[str,
     tables = markdown_tables(summary, keys, costs, mode, pairs)
     atomic_write_text(f"{caption}\n\n{tables}", out / "ablation.md")
     bar_chart(summary, main, mode, out / "ablation.png", f"{info['stage']}: {main} ({note})")
-    console.print(rich_table(summary, keys, costs, mode, f"ablation ({note}; [{LEVEL:.0%} interval])"))
+    output.print(rich_table(summary, keys, costs, mode, f"ablation ({note}; [{LEVEL:.0%} interval])"))
     console.print(f"wrote {out}/ablation.csv, .json, .md, .png", markup=False)
     return report

@@ -21,6 +21,9 @@ class Adapter(nn.Module):
     """Base class: checks shapes, then `map(s, t)` does the adapter's work."""
 
     same_tokens = True  # gram compares samples, so only it accepts different token counts
+    # Samples per batch below which the adapter's loss is identically 0 (it is built from batch
+    # statistics); recipes and loaders respect it, and `forward` refuses smaller batches.
+    min_batch = 1
 
     def __init__(self, student_dim: int, teacher_dim: int) -> None:
         super().__init__()
@@ -47,6 +50,11 @@ class Adapter(nn.Module):
             raise ValueError(f"{name}: features must be (B, D) or (B, N, D); got student {ss}, teacher {ts}")
         if s.shape[0] != t.shape[0]:
             raise ValueError(f"{name}: batch sizes differ: student {ss}, teacher {ts}")
+        if s.shape[0] < self.min_batch:
+            raise ValueError(
+                f"{name}: needs batches of at least {self.min_batch} samples (its loss is 0 for fewer); "
+                f"got {ss[0]}"
+            )
         if self.same_tokens and (s.ndim != t.ndim or s.shape[1:-1] != t.shape[1:-1]):
             raise ValueError(f"{name}: student {ss} and teacher {ts} need the same rank and token count")
         if s.shape[-1] != self.student_dim or t.shape[-1] != self.teacher_dim:
@@ -97,7 +105,11 @@ class CovarianceAdapter(Adapter):
     through C, `‖t̂ - ŝŝᵀt̂‖²` is also lowered by making the student's rows mutually orthogonal
     (ŝŝᵀ → I), reachable whenever rows <= Ds, which pulls same-class samples apart;
     docs/adapters.md shows the effect measured on the FAS demo.
+
+    One sample gives ŝ C = ŝŝᵀt̂ = t̂ exactly (a zero loss), hence `min_batch = 2`.
     """
+
+    min_batch = 2
 
     def __init__(
         self, student_dim: int, teacher_dim: int, eps: float = 1e-12, detach_covariance: bool = True
@@ -128,6 +140,7 @@ class GramAdapter(Adapter):
     """
 
     same_tokens = False
+    min_batch = 2  # one sample gives G = [1] for both: a zero loss
 
     def __init__(self, student_dim: int, teacher_dim: int, p: float = 2.0) -> None:
         super().__init__(student_dim, teacher_dim)
@@ -139,6 +152,11 @@ class GramAdapter(Adapter):
     def _gram(self, x: Tensor) -> Tensor:
         z = x.flatten(1)
         return F.normalize(z @ z.T, p=self.p, dim=1)
+
+
+def adapter_min_batch(name: str) -> int:
+    """The smallest batch the adapter registered as `name` gives a non-zero loss for (1 for 'none')."""
+    return 1 if name == "none" else getattr(ADAPTERS.get(name), "min_batch", 1)
 
 
 def build_adapter(name: str, student_dim: int, teacher_dim: int, **options: object) -> nn.Module:

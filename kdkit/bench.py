@@ -42,7 +42,7 @@ from kdkit.data import DataError, build_loaders
 from kdkit.distiller import Distiller, SupervisedTask
 from kdkit.info import forward_gflops
 from kdkit.recipe import Recipe, RecipeError, StageSpec, TrainSpec, load_recipe
-from kdkit.runlog import console
+from kdkit.runlog import output
 from kdkit.trainer import Trainer, autocast, resolve_device
 
 MODES = {
@@ -541,7 +541,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 def print_report(report: dict[str, Any]) -> None:
     """The machine line, the table of modes and the ratios."""
     m = report["machine"]
-    console.print(
+    output.print(
         f"{m['cpu']} · {m['cpus_usable']}/{m['cpus']} CPUs · {m['torch_threads']} torch threads · "
         f"torch {m['torch']} · {m['device']}{' · ' + m['gpu'] if 'gpu' in m else ''} · "
         f"load {m['load_average_1m']:.2f}",
@@ -569,15 +569,15 @@ def print_report(report: dict[str, Any]) -> None:
             f"{row['tflops_per_s']:.3g}",
             f"{100 * row['mfu']:.1f} %" if "mfu" in row else "-",
         )
-    console.print(table)
+    output.print(table)
     ratios = "  ".join(f"{k} = {v:.3f}" for k, v in report["ratios"].items() if v is not None)
-    console.print(f"step-time ratios: {ratios}", markup=False)
+    output.print(f"step-time ratios: {ratios}", markup=False)
     loader = report["loader"]
     if loader and "skipped" not in loader:
-        console.print(
+        output.print(
             f"loader ({loader['num_workers']} workers): waits {loader['wait_ms_per_step']:.1f} ms of a "
             f"{loader['step_ms']:.1f} ms step ({100 * loader['wait_share']:.1f} %)",
             markup=False,
         )
     elif loader:
-        console.print(f"loader: {loader['skipped']}", markup=False)
+        output.print(f"loader: {loader['skipped']}", markup=False)

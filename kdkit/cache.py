@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from kdkit import __version__, distributed
-from kdkit.checkpoint import atomic_write_text
+from kdkit.checkpoint import as_newly_created, atomic_write_text
 from kdkit.data import SeededAugmentation
 from kdkit.recipe import DistillSpec
 from kdkit.runlog import console
@@ -62,6 +62,11 @@ def default_cache_dir() -> Path:
         return Path(os.environ["KDKIT_CACHE_DIR"]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "kdkit" / "teacher-outputs"
+
+
+def teacher_cache_dir(spec: DistillSpec) -> Path:
+    """Where a distill stage keeps its teacher outputs: `spec.cache_dir`, else `default_cache_dir()`."""
+    return Path(spec.cache_dir).expanduser() if spec.cache_dir else default_cache_dir()
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -290,6 +295,7 @@ def _create_sparse(path: Path, size: int) -> None:
     try:
         os.ftruncate(fd, size)
         os.close(fd)
+        as_newly_created(tmp)  # teammates may share a cache folder
         os.link(tmp, path)
     except FileExistsError:
         pass  # another process created it first: use theirs
@@ -324,8 +330,7 @@ def open_teacher_cache(
         "num_prefix_tokens": distiller.teacher_taps.num_prefix_tokens,
         "data": dataset.describe(),
     }
-    root = Path(spec.cache_dir).expanduser() if spec.cache_dir else default_cache_dir()
-    cache = TeacherCache(root, key, len(dataset), int(spec.cache_max_gb * GB))
+    cache = TeacherCache(teacher_cache_dir(spec), key, len(dataset), int(spec.cache_max_gb * GB))
     if distributed.is_main():
         stored = sorted(cache.folder.glob("slot-*.done"))
         console.print(

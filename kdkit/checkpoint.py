@@ -63,7 +63,10 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     # os.open with 0o666 honours the umask (mkstemp would make every output owner-only, 0o600).
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+        with (
+            naming_the_file(path),
+            os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle,
+        ):
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -71,6 +74,26 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def as_newly_created(path: str | Path) -> None:
+    """Give a file made by `tempfile.mkstemp` (always 0o600) the mode `open` would have given it:
+    0o666 less the umask, so a team's shared results folder stays readable."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+@contextlib.contextmanager
+def naming_the_file(path: str | Path) -> Iterator[None]:
+    """Give an OSError raised inside the block the file name it lacks: a failed `write` or `fsync`
+    ("No space left on device") names no file, so the user would not know which one failed."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -96,12 +119,22 @@ def load_file(path: str | Path) -> Any:
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as handle:
+            head = handle.read(16)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file") from None
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip (a pickle before 1.6)
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file starts with "
+            f"{head!r}); expected a .pt/.pth file written by torch.save, or a .safetensors file"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors, truncated zip archives, refused globals
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch's message carries ANSI styles
-        first = text.splitlines()[0] if text else type(exc).__name__
+        first = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
         raise CheckpointError(
             f"{path}: not a loadable checkpoint ({first}). kdkit loads checkpoints with "
             "torch.load(weights_only=True) and refuses files that need arbitrary pickled objects."

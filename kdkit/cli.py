@@ -1,14 +1,17 @@
 """The `kdkit` command line.
 
 Exit status: 0 success, 1 a run failed (diverged, data/model problem found while running),
-2 bad input (recipe, arguments, files), 130 interrupted.
+2 bad input (recipe, arguments, files), 128 + signal interrupted (130 Ctrl-C, 143 SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -17,14 +20,17 @@ from rich.table import Table
 
 from kdkit import __version__
 from kdkit.checkpoint import CheckpointError, OutputDirError, check_output_dir
-from kdkit.data import DataError, example_batch
+from kdkit.data import DataError, example_input
+from kdkit.errors import RunFailed
 from kdkit.info import model_cost
+from kdkit.lock import exclusive
 from kdkit.models import ModelError, build_model
 from kdkit.plugins import load_plugins
 from kdkit.recipe import ModelSpec, RecipeError, load_recipe, parse_override, read_yaml
 from kdkit.registry import COMMANDS, RegistryError
-from kdkit.runlog import console
+from kdkit.runlog import console, output, progress_settings
 from kdkit.trainer import TrainingDiverged, TrainingInterrupted
+from kdkit.workers import Interrupted, WorkerError, stop_on_signals
 
 # Core commands that live in their own module; each module has `add_parser(subparsers)`.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -126,19 +132,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = distributed.broadcast_object(out)
         if isinstance(out, UsageError):
             raise out
-        if args.resume:
-            _check_same_recipe(recipe.to_dict(), out / "recipe.yaml")
         if distributed.is_main():
             check_output_dir(out)  # before checking, which may take a while (generating data)
-        run = RecipeRun(recipe, out)
-        with distributed.main_first():  # rank 0 first: checking may generate the data set
-            run.check()
-        if distributed.is_main():
-            check_output_dir(out, run.bytes_to_write())
-        console.print(f"run directory: {out}")
-        run.run(resume=args.resume)
+        # One writer per run directory: rank 0 alone writes it, so it alone holds the lock.
+        with exclusive(out, args.command_line) if distributed.is_main() else contextlib.nullcontext():
+            try:
+                if args.resume:
+                    _check_same_recipe(recipe.to_dict(), out / "recipe.yaml")
+                run = RecipeRun(recipe, out)
+                with distributed.main_first():  # rank 0 first: checking may generate the data set
+                    run.check(generate=True)
+                if distributed.is_main():
+                    check_output_dir(out, run.bytes_to_write())
+                console.print(f"run directory: {out}")
+                run.run(resume=args.resume)
+            except (TrainingInterrupted, Interrupted) as exc:
+                raise _continue_run(exc, args, out) from None
         console.print(f"done: {out / 'summary.json'}")
     return 0
+
+
+def _continue_run(exc: TrainingInterrupted | Interrupted, args: argparse.Namespace, out: Path) -> Interrupted:
+    """The interruption of `kdkit run` as one line: what was saved and the exact command that continues."""
+    saved = str(exc).partition(" Continue with")[0].rstrip(".")  # the trainer's own advice is generic
+    if not (out / "recipe.yaml").exists():  # stopped before the run started: nothing to resume
+        return Interrupted(f"{saved}; nothing was written; start again with: {args.command_line}", exc.signum)
+    sets = [word for override in args.overrides for word in ("--set", override)]
+    again = shlex.join(["kdkit", "run", str(args.recipe), *sets, "--out", str(out), "--resume"])
+    return Interrupted(f"{saved}; completed stages are kept in {out}; continue with: {again}", exc.signum)
 
 
 def _check_same_recipe(resolved: dict, saved_path: Path) -> None:
@@ -194,16 +215,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from kdkit.pipeline import RecipeRun
 
     recipe = load_recipe(args.recipe, args.overrides)
-    for table in RecipeRun(recipe, Path("unused")).check():
-        console.print(table)
-    console.print(f"[green]{args.recipe}: valid[/green] ({len(recipe.pipeline)} stages)")
+    # Generates the data set the recipe asks for, as `run` would: validate checks the data run reads.
+    for table in RecipeRun(recipe, Path("unused")).check(generate=True):
+        output.print(table)
+    output.print(f"[green]{args.recipe}: valid[/green] ({len(recipe.pipeline)} stages)")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """`kdkit info`: cost of every model in the recipe at the recipe's image size."""
+    """`kdkit info`: cost of every model in the recipe at the recipe's image size. Reads no data:
+    the example input is zeros of data.image_size and the data's channels."""
     recipe = load_recipe(args.recipe, args.overrides)
-    example = example_batch(recipe.data, n=1)
+    example = example_input(recipe.data)
     rows = {}
     for key, spec in recipe.models.items():
         # Cost does not depend on weights: build without them so info works before weights exist.
@@ -219,7 +242,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         table.add_row(
             key, row["model"], f"{row['params_M']:.3f}", f"{row['MiB']:.2f}", f"{row['GFLOPs']:.4f}"
         )
-    console.print(table)
+    output.print(table)
     return 0
 
 
@@ -229,9 +252,12 @@ def cmd_taps(args: argparse.Namespace) -> int:
 
     from kdkit.taps import list_taps
 
+    for flag, value in (("--img-size", args.img_size), ("--in-chans", args.in_chans)):
+        if value < 1:
+            raise UsageError(f"{flag}: expected a positive integer, got {value}")
     options = {}
     for text in args.option:
-        parts, value = parse_override(text)
+        parts, value = parse_override(text, "--option")
         options[".".join(parts)] = value
     # Build for the example's size and channels (timm ViTs fix img_size when built); models
     # without an img_size option (CNNs) are built without it.
@@ -246,7 +272,7 @@ def cmd_taps(args: argparse.Namespace) -> int:
     table.add_column("output shape", justify="right")
     for path, shape in list_taps(model, example):
         table.add_row(path, str(shape))
-    console.print(table)
+    output.print(table)
     return 0
 
 
@@ -254,7 +280,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     """`kdkit plugins`: installed plugins and their load status."""
     plugins = load_plugins()
     if not plugins:
-        console.print("no plugins installed (entry-point group 'kdkit.plugins')")
+        output.print("no plugins installed (entry-point group 'kdkit.plugins')")
         return 0
     table = Table(title="kdkit plugins")
     for col in ("name", "distribution", "version", "entry point", "status"):
@@ -267,12 +293,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             info.target,
             f"[red]{info.error}[/red]" if info.error else "[green]loaded[/green]",
         )
-    console.print(table)
+    output.print(table)
     from kdkit.registry import Registries
 
     regs = Registries()
     for kind in ("models", "datasets", "evaluators", "adapters", "commands"):
-        console.print(f"{kind}: {', '.join(getattr(regs, kind).names())}")
+        output.print(f"{kind}: {', '.join(getattr(regs, kind).names())}", markup=False, soft_wrap=True)
     return 0
 
 
@@ -283,12 +309,20 @@ def _error(exc: Exception) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status."""
-    for info in load_plugins().values():
-        if info.error:
-            console.print(f"[yellow]warning: plugin {info.name!r} failed to load: {info.error}[/yellow]")
-    args = build_parser().parse_args(argv)
+    # A SIGTERM stops a command as a Ctrl-C does, except in torchrun's ranks (their stop stays collective).
+    single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
     try:
-        return args.func(args)
+        with stop_on_signals() if single else contextlib.nullcontext():
+            for info in load_plugins().values():
+                if info.error:
+                    console.print(
+                        f"[yellow]warning: plugin {info.name!r} failed to load: {info.error}[/yellow]"
+                    )
+            args = build_parser().parse_args(argv)
+            progress_settings()  # a bad $KDKIT_PROGRESS_* is bad input, refused before any work
+            # As typed, for messages that say how to continue and for the lock files naming a writer.
+            args.command_line = shlex.join(["kdkit", *(sys.argv[1:] if argv is None else argv)])
+            return args.func(args)
     except (
         RecipeError,
         UsageError,
@@ -300,14 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         _error(exc)
         return 2
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, WorkerError, RunFailed) as exc:
         _error(exc)
         return 1
     except OSError as exc:  # disk full, permission denied, ... while writing: name the file, no traceback
         where = f"{exc.filename}: " if exc.filename else ""
         _error(OSError(f"{where}{exc.strerror or exc}"))
         return 1
-    except TrainingInterrupted as exc:
+    except (TrainingInterrupted, Interrupted) as exc:  # one line: what was saved, how to continue
         console.print(f"[yellow]interrupted:[/yellow] {escape(str(exc))}", soft_wrap=True)
         return 128 + exc.signum
     except KeyboardInterrupt:

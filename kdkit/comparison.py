@@ -95,12 +95,20 @@ def _metric_name(key: str) -> str:
     return key.split("/", 1)[-1]
 
 
+def split_keys(keys: list[str] | None, split: str) -> list[str]:
+    """An evaluator's headline keys (`summary_keys`, written for 'test') for `split`:
+    'test/hter' -> 'val/hter' when the reported split is 'val'."""
+    return [f"{split}/{key.partition('/')[2] or key}" for key in keys or []]
+
+
 def results_table(
     results: dict[str, dict[str, Any]], split: str, keys: list[str] | None = None, mode: str = "max"
 ) -> Table:
     """One row per run: the headline metrics on `split` with their intervals, plus size columns."""
     first = next(iter(results.values()), {})
-    keys = keys or [k for k in first if k.startswith(f"{split}/") and isinstance(first[k], (int, float))]
+    keys = split_keys(keys, split) or [
+        k for k in first if k.startswith(f"{split}/") and isinstance(first[k], (int, float))
+    ]
     unit = first.get("resampling", {}).get("unit")
     table = Table(
         title=f"results on {split} — strict: threshold and checkpoint chosen on dev"

@@ -4,6 +4,14 @@ A dataset factory is registered in `DATASETS` and called as `factory(split, spec
 'train', 'val' or 'test' and the recipe's `DataSpec`; it returns a map-style dataset of
 `(image_tensor, label)` pairs. kdkit ships `digits` (scikit-learn's bundled 8×8 handwritten
 digits, no download); plugins add their own.
+
+A factory never creates data: a missing root is a `DataError`. A factory that can generate its
+data set when the recipe asks for it (e.g. `fas_folder` with `data.options.synth`) carries a
+`generate(spec) -> bool` attribute, which only `generate_data` calls — and only the commands that
+create data for a run call that (`kdkit run`, `kdkit ablate` and `kdkit validate`, through
+`RecipeRun.check(generate=True)`); `eval`, `info`, `export`, `predict` and `bench` read the
+data as it is, so a mistyped root is reported, never filled with a new data set. Image files are
+decoded by `kdkit.images.read_rgb` and CSV files read by `kdkit.csvfile.read_csv`.
 """
 
 from __future__ import annotations
@@ -29,6 +37,13 @@ SPLITS = ("train", "val", "test")
 
 class DataError(ValueError):
     """A data set that cannot be used as configured (missing root, empty split, ...)."""
+
+
+def generate_data(spec: DataSpec) -> bool:
+    """Generate the recipe's data set if its factory can and the recipe asks for it (see the module
+    docstring); True when something was generated. Only commands that create data for a run call it."""
+    generate = getattr(DATASETS.get(spec.dataset), "generate", None)
+    return bool(generate(spec)) if generate is not None else False
 
 
 def build_dataset(spec: DataSpec, split: str) -> Dataset:
@@ -139,7 +154,7 @@ _NOT_IN_IMAGES = ("batch_size", "eval_batch_size", "num_workers", "aug_cycle")
 
 
 def build_loaders(
-    spec: DataSpec, seed: int, eval_splits: tuple[str, ...] = ("val",)
+    spec: DataSpec, seed: int, eval_splits: tuple[str, ...] = ("val",), min_batch: int = 1
 ) -> tuple[DataLoader, dict[str, DataLoader], Callable[[int, int], None]]:
     """Train loader, evaluation loaders and a `set_epoch(epoch, skip=0)` that fixes the shuffle order.
 
@@ -147,6 +162,7 @@ def build_loaders(
     slot). The order and augmentation of epoch e depend only on (seed, e), so a resumed run and an
     ablation variant with the same seed see exactly the same batches. Under torch.distributed,
     `spec.batch_size` is the global batch: each of the `world` ranks loads batch_size / world.
+    A trailing batch of fewer than `min_batch` samples is dropped (see `Adapter.min_batch`).
     """
     rank, world = distributed.rank(), distributed.world_size()
     if spec.batch_size % world:
@@ -157,11 +173,12 @@ def build_loaders(
     identity = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _NOT_IN_IMAGES}
     dataset = SeededAugmentation(build_dataset(spec, "train"), seed, identity)
     sampler = EpochSampler(len(dataset), seed, spec.aug_cycle, rank, world)
+    per_rank = spec.batch_size // world
     train = DataLoader(
         dataset,
-        batch_size=spec.batch_size // world,
+        batch_size=per_rank,
         sampler=sampler,
-        drop_last=False,
+        drop_last=0 < len(sampler) % per_rank < min_batch,
         num_workers=spec.num_workers,
         # Only seeds the workers' base RNG: given, so loading never draws from the global RNG.
         generator=torch.Generator().manual_seed(seed),
@@ -187,6 +204,11 @@ def example_batch(spec: DataSpec, n: int = 2) -> torch.Tensor:
     """A few training images (for dry runs that size adapters and check shapes)."""
     dataset = build_dataset(spec, "train")
     return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+
+
+def example_input(spec: DataSpec, n: int = 1) -> torch.Tensor:
+    """Zeros shaped like `n` of the data's images, (n, len(mean), S, S), without reading any data."""
+    return torch.zeros(n, len(spec.mean), spec.image_size, spec.image_size)
 
 
 def stratified_split(
@@ -218,13 +240,18 @@ def digits(split: str, spec: DataSpec) -> Dataset:
         raise DataError(
             f"data.options: unknown option(s) {sorted(unknown)} for digits; valid: ['split_seed']"
         )
+    if len(spec.mean) != 1:
+        raise DataError(
+            f"data.mean: digits images have 1 channel, so mean and std take one value each; got "
+            f"mean {spec.mean}"
+        )
     bunch: Any = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     images = F.interpolate(
         images, size=(spec.image_size, spec.image_size), mode="bilinear", align_corners=False
     )
-    mean = torch.tensor(spec.mean[:1]).view(1, 1, 1, 1)
-    std = torch.tensor(spec.std[:1]).view(1, 1, 1, 1)
+    mean = torch.tensor(spec.mean).view(1, 1, 1, 1)
+    std = torch.tensor(spec.std).view(1, 1, 1, 1)
     images = (images - mean) / std
     labels = torch.tensor(bunch.target, dtype=torch.long)
     index = stratified_split(bunch.target, (0.6, 0.2, 0.2), spec.options.get("split_seed", 0))[split]

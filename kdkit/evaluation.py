@@ -10,6 +10,8 @@ Besides the `Evaluator` protocol, an evaluator may have (kdkit uses them when pr
   on bootstrap resamples of its independent units, for intervals and paired comparisons;
 - `paper_keys`: numbers computed the way published code computes them (e.g. a threshold chosen
   on the test set), shown only in a separate, labelled section and never used for selection;
+- `num_classes`: the number of model outputs the metrics are defined for (e.g. 2 for live vs
+  attack); `kdkit validate` refuses models with another number of outputs before any training;
 - `optimistic_monitor`: the test metric published code selects its epoch by (same direction as
   `monitor`); with `train.track_test` the trainer records which epoch that would be.
 """

@@ -2,7 +2,8 @@
 
 A model name is looked up in kdkit's `MODELS` registry first (plugins add entries there), then
 in timm. Weights come from a local `.pth`/`.pt`/`.safetensors` file (timm's key remapping applies
-to timm models) or, with `pretrained: true`, from timm's hub download.
+to timm models) or, with `pretrained: true`, from timm's hub download (offline: from the local
+cache, decided in seconds by `kdkit.hub`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import timm
 import torch
 from torch import nn
 
-from kdkit.checkpoint import load_file
+from kdkit import hub
+from kdkit.checkpoint import CheckpointError, load_file
 from kdkit.recipe import ModelSpec
 from kdkit.registry import MODELS
 
@@ -46,8 +48,10 @@ def build_model(spec: ModelSpec, where: str = "model") -> nn.Module:
     if spec.weights:
         return _timm_with_weights(spec, where)
     if spec.pretrained:
+        local = _offline_weights(spec, where)
+        overlay = {"pretrained_cfg_overlay": {"file": str(local)}} if local else {}
         try:
-            return _call_factory(timm.create_model, spec, where, spec.name, pretrained=True)
+            return _call_factory(timm.create_model, spec, where, spec.name, pretrained=True, **overlay)
         except ModelError:
             raise
         except Exception as exc:  # hub download failures come in many types
@@ -62,6 +66,26 @@ def build_model(spec: ModelSpec, where: str = "model") -> nn.Module:
     return _call_factory(timm.create_model, spec, where, spec.name, pretrained=False)
 
 
+def _offline_weights(spec: ModelSpec, where: str) -> Path | None:
+    """None when timm may download `spec`'s pretrained weights; when the download host cannot be
+    reached (or offline mode is set), their local copy, or a ModelError saying what to do."""
+    try:
+        source = hub.weight_source(spec.name, spec.options.get("cache_dir"))
+    except RuntimeError as exc:  # timm: an unknown pretrained tag
+        raise ModelError(f"{where}.name: {exc}") from None
+    reason = None if source is None else hub.unreachable(source.url)
+    if source is None or reason is None:
+        return None
+    if source.cached is None:
+        raise ModelError(
+            f"{where}.pretrained: cannot download the weights of {spec.name!r} ({reason}), and they are "
+            f"not in the local cache {source.cache} (looked for {' or '.join(source.files)} of "
+            f"{source.url}). Download that file where there is network access, copy it to this machine "
+            f"and set {where}.weights: path/to/file.safetensors (or .pth) and {where}.pretrained: false."
+        )
+    return source.cached
+
+
 def _timm_with_weights(spec: ModelSpec, where: str) -> nn.Module:
     """A timm model initialised from a local file: loaded as is when it fits exactly, else adapted by timm."""
     path = _existing(str(spec.weights), f"{where}.weights")
@@ -69,6 +93,8 @@ def _timm_with_weights(spec: ModelSpec, where: str) -> nn.Module:
     model = _call_factory(timm.create_model, spec, where, spec.name, pretrained=False)
     try:
         state = state_dict_from(load_file(path))
+    except CheckpointError as exc:  # names the file already
+        raise ModelError(f"{where}.weights: {exc}") from None
     except ModelError as exc:
         raise ModelError(f"{source}: {exc}") from None
     problem = _mismatch(model, state)
@@ -97,6 +123,12 @@ def _call_factory(factory: Any, spec: ModelSpec, where: str, *args: Any, **kwarg
         raise ModelError(
             f"{where}.options: {spec.name!r} does not accept these options "
             f"({exc}); options given: {sorted(spec.options)}"
+        ) from None
+    except (AssertionError, ArithmeticError) as exc:  # timm asserts its options' arithmetic
+        raise ModelError(
+            f"{where}.options: {spec.name!r} cannot be built with these values ({type(exc).__name__}: "
+            f"{exc or 'no detail'}); options given: {spec.options}. Check that widths divide by the "
+            "number of heads and that counts (depth, num_heads) are positive"
         ) from None
 
 
@@ -130,6 +162,8 @@ def load_weights(model: nn.Module, path: str | Path, where: str = "weights") -> 
     path = _existing(path, where)
     try:
         state = state_dict_from(load_file(path))
+    except CheckpointError as exc:  # names the file already
+        raise ModelError(f"{where}: {exc}") from None
     except ModelError as exc:
         raise ModelError(f"{where}: {path}: {exc}") from None
     load_state_dict_checked(model, state, f"{where}: {path}")

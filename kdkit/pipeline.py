@@ -17,13 +17,11 @@ cached: they are what an ablation varies.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +32,16 @@ from rich.table import Table
 from torch import nn
 
 from kdkit import __version__, distributed
-from kdkit.cache import open_teacher_cache
-from kdkit.checkpoint import atomic_write_text, file_sha256, load_file, seed_everything
+from kdkit.adapters import adapter_min_batch
+from kdkit.cache import open_teacher_cache, teacher_cache_dir
+from kdkit.checkpoint import (
+    OutputDirError,
+    atomic_write_text,
+    check_output_dir,
+    file_sha256,
+    load_file,
+    seed_everything,
+)
 from kdkit.comparison import (
     differences,
     differences_table,
@@ -44,15 +50,18 @@ from kdkit.comparison import (
     paper_table,
     replicates_path,
     results_table,
+    split_keys,
 )
-from kdkit.data import build_dataset, build_loaders, eval_loader, example_batch
+from kdkit.data import build_dataset, build_loaders, eval_loader, example_batch, generate_data
 from kdkit.distiller import Distiller, SupervisedTask, stage_pairs
 from kdkit.info import model_size
-from kdkit.models import build_model, load_state_dict_checked
+from kdkit.lock import locked
+from kdkit.models import ModelError, build_model, load_state_dict_checked
+from kdkit.optim import check_optimization
 from kdkit.plugins import load_plugins
 from kdkit.recipe import DataSpec, ModelSpec, Recipe, RecipeError, StageSpec
 from kdkit.registry import DATASETS, EVALUATORS, RegistryError
-from kdkit.runlog import MetricsLog, console
+from kdkit.runlog import MetricsLog, console, output
 from kdkit.stats import LEVEL
 from kdkit.trainer import StageResult, Trainer, autocast, predict, resolve_device
 
@@ -68,10 +77,41 @@ class RecipeRun:
         self.param_bytes: dict[str, int] = {}  # model key -> size of its weights (known after `check`)
 
     # ------------------------------------------------------------------ checks before any work
-    def check(self) -> list[Table]:
+    def check(self, generate: bool = False) -> list[Table]:
         """Build every model and dry-run every distill stage; raise RecipeError on any problem.
 
-        Returns the tap/adapter tables of the distill stages (for `kdkit validate`)."""
+        With `generate`, first generate the data sets the recipe asks to be generated
+        (`kdkit.data.generate_data`; commands that create data for a run). Returns the tap/adapter
+        tables of the distill stages (for `kdkit validate`)."""
+        r = self.recipe
+        self._check_names()
+        evaluator = self.make_evaluator()
+        if generate:
+            for spec in [r.data, *(r.stage_data(s) for s in r.pipeline if s.data and s.do != "evaluate")]:
+                generate_data(spec)
+        # Every split the run reads, now: an empty or one-class split must not wait for epoch 1's end
+        # (training splits are built by `example_batch`).
+        tracked = (
+            ["test"] if any(r.stage_train(s).track_test for s in r.pipeline if s.do != "evaluate") else []
+        )
+        for split in dict.fromkeys(["val", *tracked, *(s.split for s in r.pipeline if s.do == "evaluate")]):
+            build_dataset(r.data, split)
+        for stage in r.pipeline:
+            if stage.data and stage.do != "evaluate":
+                build_dataset(r.stage_data(stage), "val")
+                example_batch(r.stage_data(stage))
+        self._check_models(example_batch(r.data), evaluator)
+        self._check_training()
+        tables = []
+        for stage in r.pipeline:
+            if stage.do == "distill":
+                distiller = self.build_distiller(stage, check_only=True)
+                tables.append(self.tap_table(stage, distiller))
+                distiller.close()
+        return tables
+
+    def _check_names(self) -> None:
+        """The plugins the recipe needs are loaded; its data set and evaluator are registered."""
         r = self.recipe
         problems = []
         installed = load_plugins()
@@ -89,35 +129,64 @@ class RecipeRun:
                 problems.append(f"{key}: {exc}")
         if problems:
             raise RecipeError(problems)
-        self.make_evaluator()
-        # Every split the run reads, now: an empty or one-class split must not wait for epoch 1's end
-        # (training splits are built by `example_batch`).
-        tracked = (
-            ["test"] if any(r.stage_train(s).track_test for s in r.pipeline if s.do != "evaluate") else []
-        )
-        for split in dict.fromkeys(["val", *tracked, *(s.split for s in r.pipeline if s.do == "evaluate")]):
-            build_dataset(r.data, split)
-        for stage in r.pipeline:
-            if stage.data and stage.do != "evaluate":
-                build_dataset(r.stage_data(stage), "val")
-                example_batch(r.stage_data(stage))
-        example = example_batch(r.data)
-        for key in r.models:
+
+    def _check_models(self, example: torch.Tensor, evaluator: Any) -> None:
+        """Every model builds and runs on the data's images, with the outputs the evaluator needs."""
+        classes = getattr(evaluator, "num_classes", None)
+        for key in self.recipe.models:
             model = self.build(key, f"models.{key}")
-            check_input(model, example, f"models.{key}")
+            outputs = check_input(model, example, f"models.{key}")
+            if classes is not None and outputs != classes:
+                raise RecipeError(
+                    [
+                        f"models.{key}: outputs {outputs} classes, but evaluator "
+                        f"{self.recipe.evaluator!r} scores {classes}; set models.{key}.options."
+                        f"num_classes: {classes} (or choose the evaluator of your task)"
+                    ]
+                )
             self.param_bytes[key] = sum(p.numel() * p.element_size() for p in model.parameters())
-        tables = []
+
+    def _check_training(self) -> None:
+        """What each train/distill stage builds when it starts: optimizer, scheduler, autocast, the
+        adapter's smallest batch, a writable teacher cache."""
+        r = self.recipe
+        problems: list[str] = []
         for stage in r.pipeline:
-            if stage.do != "evaluate":
+            if stage.do == "evaluate":
+                continue
+            where, train = f"pipeline.{stage.name}", r.stage_train(stage)
+            # a setting inherited from the top-level `train` is reported once, under its own key
+            own = {"optimizer", "scheduler"} & set(stage.train)
+            problems += check_optimization(train, f"{where}.train" if own else "train")
+            try:
+                autocast(resolve_device(train.device), train.amp)
+            except ValueError as exc:  # names train.device / train.amp
+                problems.append(
+                    f"pipeline.{stage.name}.{exc}" if {"device", "amp"} & set(stage.train) else str(exc)
+                )
+            if stage.do != "distill":
+                continue
+            d, batch = r.stage_distill(stage), r.stage_data(stage).batch_size
+            try:
+                need = adapter_min_batch(d.adapter)
+            except RegistryError as exc:
+                problems.append(f"{where}.distill.adapter: {exc}")
+                continue
+            if batch // distributed.world_size() < need:
+                problems.append(
+                    f"{where}.distill.adapter: {d.adapter!r} is computed from batch statistics and needs "
+                    f"at least {need} samples per batch (per process); data.batch_size is {batch}"
+                )
+            if d.cache:
                 try:
-                    autocast(resolve_device(r.stage_train(stage).device), r.stage_train(stage).amp)
-                except ValueError as exc:
-                    raise RecipeError([f"pipeline.{stage.name}: {exc}"]) from None
-            if stage.do == "distill":
-                distiller = self.build_distiller(stage, check_only=True)
-                tables.append(self.tap_table(stage, distiller))
-                distiller.close()
-        return tables
+                    key = (
+                        f"{where}.distill.cache_dir" if "cache_dir" in stage.distill else "distill.cache_dir"
+                    )
+                    check_output_dir(teacher_cache_dir(d), option=key)
+                except OutputDirError as exc:
+                    problems.append(f"{exc} (or set distill.cache: false)")
+        if problems:
+            raise RecipeError(list(dict.fromkeys(problems)))
 
     def bytes_to_write(self) -> int:
         """A lower bound of the disk space the run's checkpoints take (after `check`): per trained
@@ -136,12 +205,17 @@ class RecipeRun:
         try:
             return EVALUATORS.get(self.recipe.evaluator)(**self.recipe.evaluator_options)
         except (TypeError, ValueError) as exc:
-            raise RecipeError([f"evaluator_options: {exc}"]) from None
+            text = str(exc)
+            raise RecipeError(
+                [text if text.startswith("evaluator_options") else f"evaluator_options: {text}"]
+            ) from None
 
     def build(self, key: str, where: str) -> nn.Module:
         """Build the model `models[key]`, re-raising build problems as recipe errors."""
         try:
             return build_model(self.recipe.models[key], where=f"models.{key}")
+        except ModelError as exc:  # already names the model's key
+            raise RecipeError([str(exc)]) from None
         except ValueError as exc:
             raise RecipeError([f"{where}: {exc}"]) from None
 
@@ -274,7 +348,7 @@ class RecipeRun:
 
         The lock makes concurrent runs that need the same stage wait for one training."""
         entry = self._cache_entry(stage)
-        with _locked(entry.with_name(f"{entry.name}.lock")):
+        with locked(entry.with_name(f"{entry.name}.lock")):
             if (entry / "done.json").exists():
                 cached = json.loads((entry / "done.json").read_text())
                 _link_or_copy(entry / "model.pt", stage_dir / "model.pt")
@@ -296,7 +370,9 @@ class RecipeRun:
         train = r.stage_train(stage)
         seed = r.stage_seed(stage)
         data = r.stage_data(stage)
-        train_loader, eval_loaders, set_epoch = build_loaders(data, seed)
+        # a trailing batch too small for a batch-statistics adapter would give a zero feature loss
+        min_batch = adapter_min_batch(r.stage_distill(stage).adapter) if stage.do == "distill" else 1
+        train_loader, eval_loaders, set_epoch = build_loaders(data, seed, min_batch=min_batch)
         if train.track_test:  # reported only (StageResult.best_on_test); the test split of the run's data
             eval_loaders["test"] = eval_loader(build_dataset(r.data, "test"), r.data)
         meta: dict[str, Any] = {"stage": stage.name, "recipe": r.to_dict(), "data": _data_meta(data)}
@@ -364,18 +440,20 @@ class RecipeRun:
             label = f"[{stage.name}] {run}"
             results[run] = evaluate_model(model, r, stage.split, stage_dir / run, evaluator, label)
         keys = getattr(evaluator, "summary_keys", None)
-        console.print(results_table(results, stage.split, keys, mode))
+        output.print(results_table(results, stage.split, keys, mode))
         out: dict[str, Any] = {"do": "evaluate", "split": stage.split, "results": results}
         if stage.baseline is not None:
             replicates = {run: load_replicates(stage_dir / run, stage.split) for run in stage.runs}
-            keys = keys or [k for k in results[stage.baseline] if k.startswith(f"{stage.split}/")]
+            keys = split_keys(keys, stage.split) or [
+                k for k in results[stage.baseline] if k.startswith(f"{stage.split}/")
+            ]
             out["baseline"] = stage.baseline
             out["differences"] = differences(results, replicates, stage.baseline, keys)
-            console.print(differences_table(out["differences"], stage.baseline, mode))
+            output.print(differences_table(out["differences"], stage.baseline, mode))
         paper = paper_section(results, summary, getattr(evaluator, "paper_keys", []))
         if paper:
             out["paper"] = paper
-            console.print(paper_table(paper))
+            output.print(paper_table(paper))
         return out
 
 
@@ -417,8 +495,9 @@ def evaluate_model(
     return results
 
 
-def check_input(model: nn.Module, example: torch.Tensor, where: str) -> None:
-    """Fail with a recipe error when `model` cannot take the data's images (size, patch, channels)."""
+def check_input(model: nn.Module, example: torch.Tensor, where: str) -> int:
+    """Fail with a recipe error when `model` cannot take the data's images (size, patch, channels);
+    return the size of its output's last dimension (the number of classes of a classifier)."""
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     size = tuple(example.shape[-2:])
     if patch is not None and any(s % p for s, p in zip(size, patch, strict=True)):
@@ -432,7 +511,7 @@ def check_input(model: nn.Module, example: torch.Tensor, where: str) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            model(example)
+            output = model(example)
     except Exception as exc:  # any failure here is a model/data mismatch the user must fix
         raise RecipeError(
             [
@@ -443,6 +522,7 @@ def check_input(model: nn.Module, example: torch.Tensor, where: str) -> None:
         ) from None
     finally:
         model.train(was_training)
+    return int(output.shape[-1])
 
 
 def train_stage_key(recipe: Recipe, stage: StageSpec) -> str:
@@ -467,20 +547,6 @@ def train_stage_key(recipe: Recipe, stage: StageSpec) -> str:
     }
     text = json.dumps(parts, sort_keys=True, default=str)
     return f"{stage.model}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on `path` (POSIX `flock`), released when the block or process ends."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,19 +22,40 @@ import yaml
 
 from kdkit.registry import did_you_mean
 
+# A value pasted by mistake, or a file with thousands of bad keys, must not flood the terminal.
+MAX_PROBLEM_CHARS = 2000  # per problem line
+MAX_PROBLEMS = 50  # lines listed; the rest are counted
+
 
 class RecipeError(ValueError):
-    """One or more problems in a recipe; `problems` holds one line per problem."""
+    """One or more problems in a recipe; `problems` holds one line per problem (each length-bounded)."""
 
     def __init__(self, problems: list[str], source: str = "recipe") -> None:
-        self.problems = problems
+        self.problems = [_bounded(p) for p in problems[:MAX_PROBLEMS]]
+        if len(problems) > MAX_PROBLEMS:
+            self.problems.append(f"... and {len(problems) - MAX_PROBLEMS} more problems")
         self.source = source
-        super().__init__(f"{source}: " + "; ".join(problems))
+        super().__init__(f"{source}: " + "; ".join(self.problems))
 
     def __str__(self) -> str:
         lines = "\n".join(f"  - {p}" for p in self.problems)
         return f"invalid {self.source}:\n{lines}"
 
+
+def _bounded(text: str) -> str:
+    if len(text) <= MAX_PROBLEM_CHARS:
+        return text
+    return f"{text[:MAX_PROBLEM_CHARS]}… ({len(text) - MAX_PROBLEM_CHARS} more characters)"
+
+
+def shorten(value: Any) -> str:
+    """`repr(value)` cut to a readable length (long lists and mappings end in '...')."""
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlist = _REPR.maxdict = 8
+_REPR.maxstring = _REPR.maxother = 80
 
 # --------------------------------------------------------------------------------------------
 # The schema. Field comments are the reference; docs/recipes.md is generated from the same facts.
@@ -219,41 +241,41 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
             out = _convert(arg, value, path, trial)
             if not trial:
                 return out
-        problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        problems.append(f"{path}: expected {_type_name(tp)}, got {shorten(value)}")
         return None
     if origin is Literal:
         if value not in typing.get_args(tp):
-            problems.append(f"{path}: expected one of {_type_name(tp)}, got {value!r}")
+            problems.append(f"{path}: expected one of {_type_name(tp)}, got {shorten(value)}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+            problems.append(f"{path}: expected {_type_name(tp)}, got {shorten(value)}")
             return []
         (item_tp,) = typing.get_args(tp)
         return [_convert(item_tp, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            problems.append(f"{path}: expected a mapping, got {value!r}")
+            problems.append(f"{path}: expected a mapping, got {shorten(value)}")
             return {}
         _, val_tp = typing.get_args(tp)
         return {str(k): _convert(val_tp, v, f"{path}.{k}", problems) for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{path}: expected a number, got {value!r}")
+            problems.append(f"{path}: expected a number, got {shorten(value)}")
             return 0.0
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{path}: expected an integer, got {value!r}")
+            problems.append(f"{path}: expected an integer, got {shorten(value)}")
             return 0
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            problems.append(f"{path}: expected true/false, got {value!r}")
+            problems.append(f"{path}: expected true/false, got {shorten(value)}")
         return bool(value)
     if tp is str:
         if not isinstance(value, str):
-            problems.append(f"{path}: expected a string, got {value!r}")
+            problems.append(f"{path}: expected a string, got {shorten(value)}")
             return str(value)
         return value
     raise TypeError(f"unsupported schema type {tp!r} at {path}")  # a bug in the schema, not the recipe
@@ -261,7 +283,7 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
 
 def _convert_dataclass(cls: Any, value: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(value, dict):
-        problems.append(f"{path or 'recipe'}: expected a mapping, got {value!r}")
+        problems.append(f"{path or 'recipe'}: expected a mapping, got {shorten(value)}")
         value = {}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -304,8 +326,37 @@ _SafeLoader.add_implicit_resolver(
 _YAML_ERRORS = (yaml.YAMLError, ValueError, RecursionError)
 
 
+class YamlTooLarge(ValueError):
+    """A YAML document refused for its expanded size."""
+
+
+# More values than any recipe has; anchors and aliases can make a tiny file expand beyond it (a
+# "billion laughs" document), which would exhaust memory wherever the data is copied or printed.
+MAX_YAML_VALUES = 100_000
+
+
 def _safe_load(text: str) -> Any:
-    return yaml.load(text, Loader=_SafeLoader)  # a SafeLoader subclass: no code-running tags
+    data = yaml.load(text, Loader=_SafeLoader)  # a SafeLoader subclass: no code-running tags
+    if _expanded_size(data, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise YamlTooLarge(
+            f"the document expands to more than {MAX_YAML_VALUES} values through its anchors and "
+            "aliases (&name / *name); write the values out or use fewer nested aliases"
+        )
+    return data
+
+
+def _expanded_size(data: Any, limit: int) -> int:
+    """How many values `data` holds with every alias expanded, counting at most to `limit` + 1."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -319,6 +370,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise RecipeError([f"cannot read {path}: {exc}"], str(path)) from None
     try:
         data = _safe_load(text)
+    except YamlTooLarge as exc:
+        raise RecipeError([str(exc)], str(path)) from None
     except _YAML_ERRORS as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -329,12 +382,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split 'a.b.c=value' into (['a', 'b', 'c'], value); the value is parsed as YAML."""
+def parse_override(text: str, flag: str = "--set") -> tuple[list[str], Any]:
+    """Split 'a.b.c=value' into (['a', 'b', 'c'], value); the value is parsed as YAML. `flag` names
+    the option the text came from in the error message."""
     key, sep, raw = text.partition("=")
     parts = key.strip().split(".")
     if not sep or not key.strip() or any(not p for p in parts):
-        raise RecipeError([f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=0.001"])
+        raise RecipeError([f"{flag} {text!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=0.001"])
     try:
         value = _safe_load(raw) if raw.strip() else ""
     except _YAML_ERRORS:
@@ -406,6 +460,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
     """Cross-field checks that the types alone cannot express."""
     names = [s.name for s in recipe.pipeline]
+    for key, name in [("name", recipe.name), *((f"pipeline[{i}].name", n) for i, n in enumerate(names))]:
+        problem = file_name_problem(name)
+        if problem:
+            problems.append(f"{key}: {name!r} {problem}")
     if not recipe.pipeline:
         problems.append("pipeline: expected at least one stage")
     for dup in sorted({n for n in names if names.count(n) > 1}):
@@ -437,7 +495,8 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
             if stage.do != "evaluate":  # later stages may still name it: no follow-on errors
                 trained[stage.name] = stage.model or ""
             continue
-        _check_train(train, f"{where}.train", problems)
+        if stage.train:  # the top-level train is checked once, above
+            _check_train(train, f"{where}.train", problems)
         if stage.data:
             _check_data(stage_data, f"{where}.data", problems)
         if stage.do == "train":
@@ -465,9 +524,34 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
                 )
 
 
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
+
+
+def file_name_problem(name: str) -> str:
+    """Why `name` cannot be used as one file or folder name ('' when it can): recipe and stage names
+    become folders (runs/<name>/<stage>/), so they must stay inside their parent."""
+    if not _FILE_NAME.fullmatch(name) or ".." in name:
+        return (
+            "cannot be a folder name: use letters, digits and _ . + = - (no path separators, no '..', "
+            "not starting with '.' or '-'), e.g. 'kdfas-demo'"
+        )
+    if len(name) > 100:
+        return f"is {len(name)} characters long; use at most 100"
+    return ""
+
+
 def _check_data(data: DataSpec, where: str, problems: list[str]) -> None:
     if data.image_size <= 0 or data.batch_size <= 0:
         problems.append(f"{where}: image_size and batch_size must be positive")
+    if data.eval_batch_size is not None and data.eval_batch_size <= 0:
+        problems.append(
+            f"{where}.eval_batch_size: expected a positive number (or null), got {data.eval_batch_size}"
+        )
+    if data.num_workers < 0:
+        problems.append(
+            f"{where}.num_workers: expected 0 (load in the training process) or more worker processes, "
+            f"got {data.num_workers}"
+        )
     if len(data.mean) != len(data.std) or any(s <= 0 for s in data.std):
         problems.append(f"{where}.std: expected as many positive values as {where}.mean")
     if data.aug_cycle is not None and data.aug_cycle < 1:
@@ -479,6 +563,25 @@ def _check_train(train: TrainSpec, where: str, problems: list[str]) -> None:
         problems.append(f"{where}.epochs: expected at least 1, got {train.epochs}")
     if train.lr <= 0:
         problems.append(f"{where}.lr: expected a positive number, got {train.lr}")
+    for key, low in (
+        ("weight_decay", 0),
+        ("momentum", 0),
+        ("warmup_epochs", 0),
+        ("warmup_lr", 0),
+        ("min_lr", 0),
+    ):
+        if getattr(train, key) < low:
+            problems.append(f"{where}.{key}: expected a value >= {low}, got {getattr(train, key)}")
+    if not 0 <= train.label_smoothing < 1:
+        problems.append(f"{where}.label_smoothing: expected a value in [0, 1), got {train.label_smoothing}")
+    if train.clip_grad is not None and train.clip_grad <= 0:
+        problems.append(
+            f"{where}.clip_grad: expected a positive gradient norm (or null), got {train.clip_grad}"
+        )
+    if train.max_steps_per_epoch is not None and train.max_steps_per_epoch < 1:
+        problems.append(
+            f"{where}.max_steps_per_epoch: expected at least 1 (or null), got {train.max_steps_per_epoch}"
+        )
     if train.eval_every < 1 or train.log_every < 1:
         problems.append(f"{where}: eval_every and log_every must be at least 1")
     if train.seed is not None and train.seed < 0:

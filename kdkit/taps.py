@@ -306,10 +306,20 @@ for _preset in (
     TAP_PRESETS.add(_preset.name, _preset)
 
 
+def _is_empty_container(module: object) -> bool:
+    return isinstance(module, (nn.Sequential, nn.ModuleList)) and len(module) == 0
+
+
 def find_preset(model: nn.Module) -> TapPreset:
     """The registered preset that matches `model`; ValueError if none (or several) do."""
     found = [TAP_PRESETS.get(name) for name in TAP_PRESETS if TAP_PRESETS.get(name).matches(model)]
     name = type(unwrap_model(model)).__name__
+    empty = [n for n in ("blocks", "stages") if _is_empty_container(getattr(unwrap_model(model), n, None))]
+    if not found and empty:
+        raise ValueError(
+            f"{name} has no {empty[0]} (an empty `{empty[0]}`: depth 0?), so it has no features to "
+            "distil; give the model at least one block"
+        )
     if not found:
         raise ValueError(
             f"no tap preset matches {name}; presets: {', '.join(TAP_PRESETS)}. "

@@ -26,18 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.utils.data import DataLoader
 
 from kdkit import distributed
 from kdkit.checkpoint import atomic_save, load_file, rng_state, set_rng_state
 from kdkit.evaluation import Evaluator, Predictions
+from kdkit.optim import build_optimizer
 from kdkit.recipe import TrainSpec
-from kdkit.runlog import MetricsLog, console
+from kdkit.runlog import MetricsLog, console, progress
 
 
 class TrainingDiverged(RuntimeError):
@@ -111,7 +108,7 @@ def predict(
     was_training = model.training
     model.eval()
     logits, labels = [], []
-    with _progress(len(loader), description) as advance:
+    with progress(len(loader), description, unit="batches") as advance:
         for images, targets in loader:
             with autocast(device, amp):
                 out = model(images.to(device, non_blocking=True))
@@ -120,24 +117,6 @@ def predict(
             advance()
     model.train(was_training)
     return Predictions(torch.cat(logits), torch.cat(labels).long(), loader.dataset)
-
-
-@contextlib.contextmanager
-def _progress(total: int, description: str, fields: str = "") -> Any:
-    """A rich progress bar on a terminal; silent elsewhere (logs carry the numbers)."""
-    if not console.is_terminal:
-        yield lambda *_, **__: None
-        return
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-    ]
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(escape(description), total=total, info=fields)
-        yield lambda n=1, **kw: progress.update(task, advance=n, **kw)
 
 
 @dataclass
@@ -186,21 +165,7 @@ class Trainer:
         self.steps_per_epoch = len(train_loader)
         if spec.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, spec.max_steps_per_epoch)
-        self.optimizer = create_optimizer_v2(
-            task, opt=spec.optimizer, lr=spec.lr, weight_decay=spec.weight_decay, momentum=spec.momentum
-        )
-        self.scheduler = None
-        if spec.scheduler != "none":
-            self.scheduler, _ = create_scheduler_v2(
-                self.optimizer,
-                sched=spec.scheduler,
-                num_epochs=spec.epochs,
-                warmup_epochs=spec.warmup_epochs,
-                warmup_lr=spec.warmup_lr,
-                min_lr=spec.min_lr,
-                step_on_epochs=False,
-                updates_per_epoch=self.steps_per_epoch,
-            )
+        self.optimizer, self.scheduler = build_optimizer(task, spec, self.steps_per_epoch)
         self.trainable = [p for p in task.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler("cuda", enabled=spec.amp == "fp16")
         self.epoch = 0  # completed epochs
@@ -283,18 +248,18 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training loader (at most `steps_per_epoch` batches); the epoch's mean terms."""
         self.task.train()
-        progress, self.epoch_progress = self.epoch_progress, None
-        first = progress["step"] if progress else 0  # steps of this epoch trained before an interruption
-        names: list[str] = progress["names"] if progress else []
+        resumed, self.epoch_progress = self.epoch_progress, None
+        first = resumed["step"] if resumed else 0  # steps of this epoch trained before an interruption
+        names: list[str] = resumed["names"] if resumed else []
         # Per term: sum over samples, kept on the device (no per-step sync).
-        sums = progress["sums"].to(self.device) if progress else torch.zeros(0)
-        seen = progress["seen"] if progress else 0
+        sums = resumed["sums"].to(self.device) if resumed else torch.zeros(0)
+        seen = resumed["seen"] if resumed else 0
         tick = time.perf_counter()
         batches = self._batches(epoch, first)
-        with _progress(
-            self.steps_per_epoch, f"[{self.stage}] epoch {epoch + 1}/{self.spec.epochs}"
+        description = f"[{self.stage}] epoch {epoch + 1}/{self.spec.epochs}"
+        with progress(
+            self.steps_per_epoch, description, completed=first, show=distributed.is_main()
         ) as advance:
-            advance(first)
             for step in range(first, self.steps_per_epoch):
                 wait = time.perf_counter()
                 batch = next(batches)

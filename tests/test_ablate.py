@@ -155,7 +155,7 @@ def test_the_baseline_is_added_unless_the_recipe_has_one() -> None:
         ),
         (
             ["--vary", "distill.adapter=foo"],
-            "with adapter=foo:\n  - pipeline.student_kd.distill: unknown adapter",
+            "with adapter=foo:\n  - pipeline.student_kd.distill.adapter: unknown adapter",
         ),
         (
             ["--vary", "distill.alpha=0.1", "--vary", "distill.alpha=0.2"],

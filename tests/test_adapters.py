@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 from torchdistill.losses.mid_level import SPKDLoss
 
-from kdkit.adapters import build_adapter
+from kdkit.adapters import adapter_min_batch, build_adapter
+from kdkit.data import build_dataset, build_loaders
 from kdkit.losses import mse
+from kdkit.recipe import DataSpec
 from kdkit.registry import ADAPTERS, RegistryError
 
 GEN = torch.Generator().manual_seed(0)
@@ -212,3 +214,28 @@ def test_logit_kd_is_the_hatfas_authors_soft_distillation() -> None:
         F.log_softmax(s / tau, 1), F.log_softmax(t / tau, 1), reduction="batchmean", log_target=True
     )
     torch.testing.assert_close(kd_loss(s, t, tau), reference * tau * tau, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", ["covariance", "gram"])
+def test_batch_statistics_adapters_refuse_a_batch_of_one(name: str) -> None:
+    """With one sample the covariance mapping returns the teacher's features exactly and the Gram
+    matrices are both [1]: the loss would be 0 for the whole run. Refused, naming the need."""
+    adapter = build_adapter(name, 8, 12)
+    s, t = torch.randn(1, 8), torch.randn(1, 12)
+    with torch.no_grad():
+        # what the refusal prevents: an exactly zero feature loss
+        assert mse(*adapter.map(s, t)).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        adapter(s, t)
+    assert adapter_min_batch(name) == 2 and adapter_min_batch("projection") == 1
+    assert adapter_min_batch("none") == 1
+    adapter(torch.randn(2, 8), torch.randn(2, 12))  # two samples are enough
+
+
+def test_the_train_loader_drops_a_trailing_batch_too_small_for_the_adapter() -> None:
+    spec = DataSpec(dataset="digits", image_size=8, mean=[0.5], std=[0.5])
+    n = len(build_dataset(spec, "train"))
+    spec.batch_size = n - 1  # two batches: n - 1 samples and a trailing one of 1
+    assert len(build_loaders(spec, seed=0)[0]) == 2
+    train = build_loaders(spec, seed=0, min_batch=2)[0]
+    assert len(train) == 1 and [len(b[1]) for b in train] == [n - 1]

@@ -91,8 +91,13 @@ def test_load_file_errors(tmp_path: Path) -> None:
         load_file(tmp_path / "missing.pt")
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a PyTorch checkpoint .*starts with b'not a checkpoint'"):
         load_file(broken)
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"w": torch.zeros(64)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])  # a zip cut short: the format is right, not the file
+    with pytest.raises(CheckpointError, match="not a loadable checkpoint .*RuntimeError"):
+        load_file(truncated)
     bad_st = tmp_path / "bad.safetensors"
     bad_st.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):

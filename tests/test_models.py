@@ -11,6 +11,7 @@ from conftest import tiny_vit, vit_options
 from safetensors.torch import save_file
 from torch import nn
 
+from kdkit import hub
 from kdkit.models import (
     ModelError,
     build_model,
@@ -114,6 +115,8 @@ def test_pretrained_without_network_says_to_set_weights(monkeypatch: pytest.Monk
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(timm.models._builder, "load_pretrained", offline)
+    # the host answers (kdkit.hub's quick check passes), then the download itself fails
+    monkeypatch.setattr(hub, "unreachable", lambda url: None)
     with pytest.raises(ModelError) as info:
         build_model(ModelSpec(VIT, vit_options(), pretrained=True), where="models.teacher")
     message = str(info.value)

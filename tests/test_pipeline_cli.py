@@ -130,7 +130,7 @@ def test_track_test_records_the_best_on_test_epoch_without_selecting_it(
     assert paper["teacher"]["best_on_test"] == {
         k: summary["teacher"]["best_on_test"][k] for k in ("monitor", "epoch", "value")
     }
-    assert "for comparison with published numbers only" in capsys.readouterr().err
+    assert "for comparison with published numbers only" in capsys.readouterr().out
 
 
 def test_a_stage_trains_on_its_own_data_and_everything_is_tested_on_the_recipes(
@@ -283,10 +283,10 @@ def test_validate_prints_the_tap_table(
 ) -> None:
     monkeypatch.chdir(tiny_recipe.parent)
     assert main(["validate", str(tiny_recipe)]) == 0
-    err = capsys.readouterr().err
-    assert "valid" in err and "(4 stages)" in err
-    assert "stage 'student_kd': feature pairs" in err
-    assert "blocks.1 [cls]" in err and "(2, 32)" in err and "(2, 48)" in err and "covariance" in err
+    out = capsys.readouterr().out  # results on stdout, so they can be piped
+    assert "valid" in out and "(4 stages)" in out
+    assert "stage 'student_kd': feature pairs" in out
+    assert "blocks.1 [cls]" in out and "(2, 32)" in out and "(2, 48)" in out and "covariance" in out
     assert not (tiny_recipe.parent / "unused").exists()
 
 
@@ -302,23 +302,23 @@ def test_info_json_reports_cost(tiny_recipe: Path, capsys: pytest.CaptureFixture
 
 def test_info_table(tiny_recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", str(tiny_recipe), "--set", "models.student.options.depth=1"]) == 0
-    err = capsys.readouterr().err
-    assert "params (M)" in err and "MiB (fp32)" in err and "GFLOPs / image" in err and "teacher" in err
+    out = capsys.readouterr().out
+    assert "params (M)" in out and "MiB (fp32)" in out and "GFLOPs / image" in out and "teacher" in out
 
 
 def test_plugins_lists_fas(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plugins"]) == 0
-    err = capsys.readouterr().err
-    assert "fas" in err and "kdkit_fas" in err
-    assert "digits" in err and "covariance" in err and "classification" in err
+    out = capsys.readouterr().out
+    assert "fas" in out and "kdkit_fas" in out
+    assert "digits" in out and "covariance" in out and "classification" in out
 
 
 def test_taps_lists_block_paths(capsys: pytest.CaptureFixture[str]) -> None:
     args = ["taps", "vit_tiny_patch16_224", "--img-size", "32", "--option", "depth=2"]
     assert main([*args, "--option", "embed_dim=64", "--option", "num_heads=2"]) == 0
-    err = capsys.readouterr().err
-    assert "blocks.0" in err and "blocks.1" in err and "blocks.2" not in err
-    assert "(1, 5, 64)" in err  # 4 patches + the class token, width 64
+    out = capsys.readouterr().out
+    assert "blocks.0" in out and "blocks.1" in out and "blocks.2" not in out
+    assert "(1, 5, 64)" in out  # 4 patches + the class token, width 64
     assert main(["taps", "vit_tiny_patch16_22"]) == 2
     assert "unknown model" in capsys.readouterr().err
 

@@ -336,7 +336,8 @@ def test_python_tags_never_run(tmp_path: Path) -> None:
     with pytest.raises(RecipeError):
         load_recipe(path)
     evil = f"!!python/object/apply:os.system ['touch {marker}']"
-    assert load_recipe(DIGITS_RECIPE, [f"name={evil}"]).name == evil  # kept as plain text
+    kept = load_recipe(DIGITS_RECIPE, [f"data.options.note={evil}"]).data.options["note"]
+    assert kept == evil  # kept as plain text
     assert not marker.exists()
 
 

@@ -21,7 +21,7 @@ from kdkit.comparison import results_table
 from kdkit.deploy.modelfile import load_checkpoint
 from kdkit.pipeline import RecipeRun, evaluate_model
 from kdkit.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
-from kdkit.runlog import console
+from kdkit.runlog import console, output
 from kdkit.trainer import autocast, resolve_device
 
 
@@ -66,7 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out / "metrics.json",
     )
     keys = getattr(evaluator, "summary_keys", None)
-    console.print(results_table({name: results}, args.split, keys, getattr(evaluator, "mode", "max")))
+    output.print(results_table({name: results}, args.split, keys, getattr(evaluator, "mode", "max")))
     console.print(f"written: {out}", markup=False)
     return 0
 

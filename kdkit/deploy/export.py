@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.markup import escape
 from torch import nn
 
+from kdkit.checkpoint import as_newly_created
 from kdkit.cli import UsageError
 from kdkit.deploy.modelfile import (
     INPUT_NAME,
@@ -36,16 +36,19 @@ from kdkit.deploy.modelfile import (
     load_checkpoint,
     open_model,
 )
+from kdkit.errors import RunFailed
 from kdkit.models import count_parameters
-from kdkit.runlog import console
+from kdkit.runlog import output
 
 FORMATS = ("onnx", "torchscript")
+# `kdkit predict` tells the formats apart by the extension (.onnx) and the archive's contents
+EXTENSIONS = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".torchscript")}
 TOLERANCE = 1e-4  # max |score difference| allowed between the export and the checkpoint
 VERIFY_BATCH_SIZES = (1, 3)
 ONNX_OPSET = 17
 
 
-class ExportError(RuntimeError):
+class ExportError(RunFailed):
     """An export that failed, or whose outputs or metadata differ from the checkpoint's."""
 
 
@@ -76,17 +79,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """`kdkit export`: 0 exported and verified, 1 export or verification failed, 2 bad input."""
-    try:
-        report = export_model(args.checkpoint, args.format, args.out)
-    except ExportError as exc:
-        console.print(f"[red]export failed:[/red] {escape(str(exc))}", soft_wrap=True)
-        return 1
+    report = export_model(args.checkpoint, args.format, args.out)  # ExportError: exit status 1
     meta = report.metadata
     size = meta["image_size"]
     threshold = "none recorded"
     if meta["threshold"] is not None:
         threshold = f"{meta['threshold']:.6g} (from {meta['threshold_source']})"
-    console.print(
+    output.print(
         f"exported {report.format}: {report.path}\n"
         f"  {report.mib:.2f} MiB, {report.parameters:,} parameters\n"
         f"  input {meta['channels']}×{size}×{size} {meta['color']}, mean {meta['mean']}, std {meta['std']}\n"
@@ -103,13 +102,20 @@ def export_model(checkpoint: Path, fmt: str, out: Path) -> ExportReport:
     """Export, verify and atomically write the network of `checkpoint` (see the module docstring)."""
     if fmt not in FORMATS:
         raise UsageError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    out = Path(out)
+    if out.suffix.lower() not in EXTENSIONS[fmt]:
+        raise UsageError(
+            f"--out {out}: {fmt} files end in {' or '.join(EXTENSIONS[fmt])}, not "
+            f"{out.suffix or '(none)'!r}; rename it or choose the other --format"
+        )
+    if out.exists() and out.resolve() == Path(checkpoint).resolve():
+        raise UsageError(f"--out {out}: is the checkpoint being exported; choose another file name")
     if fmt == "onnx" and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
         raise UsageError("--format onnx needs onnx and onnxruntime: pip install 'kdkit[export]'")
     network, ckpt = load_checkpoint(checkpoint)
     metadata = checkpoint_metadata(checkpoint, network, ckpt)
     size, channels = metadata["image_size"], metadata["channels"]
     example = torch.zeros(2, channels, size, size)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
@@ -118,9 +124,16 @@ def export_model(checkpoint: Path, fmt: str, out: Path) -> ExportReport:
         try:
             WRITERS[fmt](ScoredNetwork(network).eval(), example, tmp, metadata)
         except Exception as exc:  # the exporters raise many error types; all mean "no export"
-            raise ExportError(f"{fmt} export of {metadata['model']} failed: {exc}") from exc
-        diff = verify_export(network, tmp, fmt, metadata)
-        tmp.chmod(0o644)  # mkstemp makes it private; an export is meant to be shipped
+            raise ExportError(
+                f"{out}: {fmt} export of {metadata['model']} failed, nothing written: {exc}"
+            ) from exc
+        try:
+            diff = verify_export(network, tmp, fmt, metadata)
+        except ExportError as exc:  # it names the temporary file, which is removed below
+            raise ExportError(
+                f"{out}: export failed its check, nothing written: " + str(exc).replace(f"{tmp}: ", "")
+            ) from None
+        as_newly_created(tmp)  # mkstemp makes it private
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

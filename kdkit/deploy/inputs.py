@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from kdkit.images import ImageError, read_rgb
 from kdkit.registry import INPUT_PREPARERS
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -53,7 +54,8 @@ def sample_indices(count: int, k: int) -> list[int]:
 
 
 def read_frames(path: Path, k: int) -> list[np.ndarray]:
-    """RGB uint8 (H, W, 3) frames of an image (one) or a video (`k` evenly spaced ones)."""
+    """RGB uint8 (H, W, 3) frames of an image (one, decoded by `kdkit.images.read_rgb`: every image
+    mode, EXIF-upright) or a video (`k` evenly spaced ones)."""
     if path.is_dir():
         raise InputError("a folder without image or video files")
     if not path.exists():
@@ -61,10 +63,9 @@ def read_frames(path: Path, k: int) -> list[np.ndarray]:
     if path.suffix.lower() in VIDEO_EXTS:
         return [frame for _, frame in iter_video_frames(path, k)]
     try:
-        with Image.open(path) as image:
-            return [np.array(image.convert("RGB"))]
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"not a readable image ({exc})") from None
+        return [read_rgb(path)]
+    except ImageError as exc:
+        raise InputError(exc.reason) from None
 
 
 def _open_video(path: Path) -> Any:

@@ -27,7 +27,7 @@ from kdkit.cli import UsageError
 from kdkit.deploy.inputs import InputError, Preparer, expand_inputs, make_preparer, read_frames, to_batch
 from kdkit.deploy.modelfile import DeployedModel, open_model
 from kdkit.registry import RegistryError
-from kdkit.runlog import console
+from kdkit.runlog import console, output
 
 BATCH = 32  # frames per forward pass
 
@@ -132,7 +132,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for result in results:
             print(json.dumps({k: v for k, v in asdict(result).items() if v is not None or k != "error"}))
     else:
-        console.print(_table(results, predictor, args.threshold is not None))
+        output.print(_table(results, predictor, args.threshold is not None))
     return 1 if any(r.error for r in results) else 0
 
 

@@ -8,17 +8,17 @@ attack), attack_type and split.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from kdkit.csvfile import CsvTable, read_csv
 from kdkit.data import DataError
+from kdkit.images import read_rgb
 from kdkit_fas.layouts import LayoutError, canonical_split, image_files, index_dataset
 from kdkit_fas.prepare import MANIFEST_COLUMNS
 
@@ -92,13 +92,7 @@ class FrameDataset(Dataset):
         return digest.hexdigest()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise OSError(f"cannot read frame image {path}: {exc}") from exc
-        return self.transform(rgb), self.labels[index]
+        return self.transform(read_rgb(self.paths[index])), self.labels[index]
 
 
 def _split_rows(rows: list[dict], root: Path, split: str) -> list[dict]:
@@ -128,16 +122,30 @@ def frames_from_manifest(root: str | Path, split: str) -> list[dict]:
     manifest = root / "manifest.csv"
     if not manifest.is_file():
         raise DataError(f"{manifest} does not exist; create it with `kdkit fas prepare DATASET --out {root}`")
-    with manifest.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = sorted(set(MANIFEST_COLUMNS) - set(reader.fieldnames or []))
-        if missing:
-            raise DataError(f"{manifest}: missing column(s) {', '.join(missing)}")
-        rows = list(reader)
+    table = read_csv(manifest, required=MANIFEST_COLUMNS)
     try:
-        return _split_rows(rows, root, split)
+        records = _split_rows(table.rows, root, split)
     except LayoutError as exc:
         raise DataError(f"{manifest}: {exc}") from None
+    _check_files_exist(table, root, split)
+    return records
+
+
+def _check_files_exist(table: CsvTable, root: Path, split: str, shown: int = 5) -> None:
+    """Refuse a manifest whose `split` rows name missing files, listing the first `shown` by line
+    (one stat per row, so training never meets one mid-epoch)."""
+    missing = [
+        f"line {line}: {row['path']}"
+        for line, row in zip(table.lines, table.rows, strict=True)
+        if canonical_split(row["split"]) == split and not (root / row["path"]).is_file()
+    ]
+    if missing:
+        more = f"; and {len(missing) - shown} more" if len(missing) > shown else ""
+        raise DataError(
+            f"{table.path}: {len(missing)} row(s) of the {split!r} split name files that do not exist "
+            f"under {root} ({'; '.join(missing[:shown])}{more}); restore them, remove those rows, or "
+            "prepare the data set again into a new --out"
+        )
 
 
 def frames_from_folder(root: str | Path, split: str) -> list[dict]:

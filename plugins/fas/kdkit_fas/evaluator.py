@@ -62,6 +62,7 @@ class FasEvaluator:
     """HTER/ACER/APCER/BPCER/EER/AUC at the dev-EER threshold; best checkpoint = lowest dev EER."""
 
     mode = "min"
+    num_classes = 2  # logit 1 = live (the scores are its softmax probability)
     summary_keys = ["test/hter", "test/acer", "test/eer", "test/auc"]
     # Numbers to set beside published ones, never used to choose anything: HTER at the test set's
     # own EER threshold (optimistic, = test EER) and ROC points with bona fide as the positive class.
@@ -86,7 +87,7 @@ class FasEvaluator:
             "val/frame_eer": eer_threshold(dev.scores, dev.labels)[0],
         }
         for split, test in sets.items():
-            if split == "val":
+            if split == "val" and len(sets) > 1:  # dev fixes the threshold; reported itself only when asked
                 continue
             result = evaluate_scores(test, dev)
             main = result.get(self.level, result["frame"])

@@ -14,7 +14,6 @@ Conventions shared by every indexer:
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import warnings
@@ -23,6 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from kdkit.csvfile import read_csv, read_rows
+from kdkit.data import DataError
 from kdkit.registry import did_you_mean
 
 VIDEO_EXTS = (".avi", ".mov", ".mp4", ".mkv", ".webm")
@@ -83,9 +84,13 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: natural_key(p.name))
 
 
-def _read_lines(path: Path) -> list[str]:
-    """Non-empty stripped lines of a text file; tolerates CRLF, a BOM and a missing final newline."""
-    return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """`(line number, cells)` of the non-empty rows of a protocol or list file, however a spreadsheet
+    saved it (BOM, CRLF, `,`/`;`/tab, quotes; `kdkit.csvfile.read_rows`)."""
+    try:
+        return read_rows(path)
+    except DataError as exc:
+        raise LayoutError(str(exc)) from None
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -177,14 +182,16 @@ def _oulu_entries(path: Path) -> list[str]:
     token that contradicts F is an error.
     """
     entries = []
-    for number, line in enumerate(_read_lines(path), 1):
-        token, _, stem = (part.strip() for part in line.partition(","))
+    for number, cells in _read_rows(path):
+        token, stem = (cells + [""])[:2]
         if token.startswith("-"):
             label = 0
         elif token.lstrip("+") == "1":
             label = 1
         else:
-            raise LayoutError(f"{path}:{number}: expected '+1,<video>' or '-N,<video>', got {line!r}")
+            raise LayoutError(
+                f"{path}:{number}: expected '+1,<video>' or '-N,<video>', got {','.join(cells)!r}"
+            )
         match = _OULU_STEM.match(stem)
         if not match:
             raise LayoutError(f"{path}:{number}: video name {stem!r} is not Phone_Session_User_File")
@@ -372,7 +379,7 @@ def _msu_subjects(path: Path) -> set[int]:
     if not path.is_file():
         raise LayoutError(f"MSU-MFSD subject list missing: expected {path}")
     try:
-        return {int(line) for line in _read_lines(path)}
+        return {int(cells[0]) for _, cells in _read_rows(path)}
     except ValueError:
         raise LayoutError(f"{path}: expected one subject number per line") from None
 
@@ -495,17 +502,19 @@ def _folder_meta(root: Path) -> dict[str, dict[str, str]]:
     path = root / "meta.csv"
     if not path.is_file():
         return {}
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if "path" not in (reader.fieldnames or []) or "attack_type" not in (reader.fieldnames or []):
-            return {}
-        meta = {}
-        for row in reader:
-            relative = PurePosixPath(row["path"].replace("\\", "/"))
-            if relative.suffix.lower() in IMAGE_EXTS and len(relative.parts) > 3:
-                relative = relative.parent  # a frame row names its video folder
-            meta[str(relative)] = row
-        return meta
+    try:
+        table = read_csv(path)
+    except DataError as exc:
+        raise LayoutError(str(exc)) from None
+    if "path" not in table.columns or "attack_type" not in table.columns:
+        return {}
+    meta = {}
+    for row in table.rows:
+        relative = PurePosixPath(row["path"].replace("\\", "/"))
+        if relative.suffix.lower() in IMAGE_EXTS and len(relative.parts) > 3:
+            relative = relative.parent  # a frame row names its video folder
+        meta[str(relative)] = row
+    return meta
 
 
 def index_folder(root: Path, protocol: object = None, fold: object = None) -> list[VideoRecord]:

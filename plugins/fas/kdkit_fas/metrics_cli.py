@@ -4,16 +4,17 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
+from kdkit.csvfile import read_csv
+from kdkit.data import DataError
+from kdkit.runlog import output
 from kdkit.stats import DRAWS, LEVEL
 
 from .metrics import (
@@ -58,8 +59,9 @@ def _parse_row(row: dict[str, Any], path: Path, line: int) -> tuple[float, int]:
     for c in _REQUIRED:
         if not raw[c]:
             raise ValueError(f"{path}, line {line}, column '{c}': empty value")
+    decimal_comma = "," in raw["score"] and "." not in raw["score"]  # '0,93' from a European locale
     try:
-        score = float(raw["score"])
+        score = float(raw["score"].replace(",", ".") if decimal_comma else raw["score"])
     except ValueError:
         raise ValueError(f"{path}, line {line}, column 'score': not a number: {raw['score']!r}") from None
     if not math.isfinite(score):
@@ -72,33 +74,20 @@ def _parse_row(row: dict[str, Any], path: Path, line: int) -> tuple[float, int]:
 
 
 def load_score_csv(path: Path) -> ScoreSet:
-    """Read a score CSV (header required, extra columns ignored) into a validated ScoreSet."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [(name or "").strip().lower() for name in reader.fieldnames or []]
-            missing = [c for c in _REQUIRED if c not in header]
-            if missing:
-                raise ValueError(
-                    f"{path}, line 1: missing column(s) {', '.join(missing)} in header {header} "
-                    f"(expected score,label[,attack_type][,video])"
-                )
-            reader.fieldnames = header
-            columns: dict[str, list[Any]] = {c: [] for c in (*_REQUIRED, *_OPTIONAL) if c in header}
-            for row in reader:
-                score, label = _parse_row(row, path, reader.line_num)
-                columns["score"].append(score)
-                columns["label"].append(label)
-                for c in _OPTIONAL:
-                    if c in columns:
-                        value = (row.get(c) or "").strip()
-                        if not value and (c != "attack_type" or label == 0):
-                            raise ValueError(f"{path}, line {reader.line_num}, column '{c}': empty value")
-                        columns[c].append(value)
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
-    except (csv.Error, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable CSV file: {e}") from None
+    """Read a score CSV (header required, extra columns ignored) into a validated ScoreSet; files
+    saved by spreadsheet programs are read too (`kdkit.csvfile`; a decimal comma in scores)."""
+    table = read_csv(path, required=_REQUIRED)
+    columns: dict[str, list[Any]] = {c: [] for c in (*_REQUIRED, *_OPTIONAL) if c in table.columns}
+    for line, row in zip(table.lines, table.rows, strict=True):
+        score, label = _parse_row(row, path, line)
+        columns["score"].append(score)
+        columns["label"].append(label)
+        for c in _OPTIONAL:
+            if c in columns:
+                value = row[c]
+                if not value and (c != "attack_type" or label == 0):
+                    raise ValueError(f"{path}, line {line}, column '{c}': empty value")
+                columns[c].append(value)
     try:
         return ScoreSet(
             columns["score"],
@@ -187,7 +176,7 @@ def _plot(test: ScoreSet, dev: ScoreSet | None, path: Path, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``kdkit fas metrics``; returns 0, or 2 on bad input (message on stderr)."""
+    """Run ``kdkit fas metrics``; returns 0. Bad input raises `DataError` (exit status 2)."""
     try:
         test = load_score_csv(args.scores)
         dev = None if args.dev is None else load_score_csv(args.dev)
@@ -198,9 +187,8 @@ def run(args: argparse.Namespace) -> int:
             result["intervals"] = _intervals(test, result, args.draws)
         if args.plot is not None:
             _plot(test, dev, args.plot, args.scores.name)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, IsADirectoryError) as e:  # bad input: exit 2 (kdkit.cli.main)
+        raise DataError(str(e)) from None
     if dev is None:
         print(
             "notice: no --dev set given, so the threshold is the test set's own EER threshold; "
@@ -210,15 +198,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        console = Console()
-        console.print(_table(result))
+        output.print(_table(result))
         if "intervals" in result:
             i = result["intervals"]
-            console.print(
+            output.print(
                 f"[...]: {i['confidence']:.0%} bootstrap intervals ({i['draws']} resamples of the "
                 f"{i['n_units']} test {i['unit']}s, threshold fixed)."
             )
-        console.print(
+        output.print(
             f"Ties: {TIE_CONVENTION}.\nBPCER@APCER=1%: {BPCER_AT_APCER_CONVENTION}.\n"
             f"TPR@FPR: {TPR_AT_FPR_CONVENTION}.\nOptimistic: the threshold is chosen on the test set "
             "itself, as much published code does; only for comparison with published numbers.",

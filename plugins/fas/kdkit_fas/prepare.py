@@ -6,37 +6,47 @@ For every indexed video: decode it once with OpenCV, sample K frames evenly, cro
 a re-run skips it; a video without that marker (interrupted, failed) is redone from scratch.
 `out/manifest.csv` (path relative to `out`, video, subject, label, attack_type, split) lists
 every finished frame and is written atomically at the end of each run.
+
+`out/prepare.json` records the settings the frames were made with (data set, protocol, fold,
+frames per video, size, detector, scale, image format): a re-run with the same settings continues,
+one with other settings is refused unless `replace` (then the earlier frames are deleted first).
+One process at a time writes `out` (`kdkit.lock.exclusive`). Videos are prepared in worker
+processes (`kdkit.workers.WorkerPool`); an interrupted run keeps every finished video.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
 import json
-import multiprocessing
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from kdkit.checkpoint import atomic_write_text
+from kdkit.data import DataError
 from kdkit.deploy.inputs import InputError, iter_video_frames, sample_indices
+from kdkit.images import read_rgb
+from kdkit.lock import exclusive
+from kdkit.runlog import progress as report_progress
+from kdkit.workers import Interrupted, WorkerPool
 from kdkit_fas import faces
 from kdkit_fas.layouts import IMAGE_EXTS, VideoRecord, image_files, index_dataset
 
 MANIFEST_COLUMNS = ("path", "video", "subject", "label", "attack_type", "split")
 MARKER = ".done.json"
+SETTINGS_FILE = "prepare.json"
 
 
-class PrepareError(ValueError):
-    """Bad arguments, or a data set that cannot be prepared as asked."""
+class PrepareError(DataError):
+    """Bad arguments, or a data set that cannot be prepared as asked (exit status 2)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,11 @@ class PrepareReport:
             f"{self.no_face_frames} sampled frames had no face and were dropped",
         ]
         lines += [f"failed: {video}: {reason}" for video, reason in sorted(self.failed.items())]
+        if self.failed:
+            lines.append(
+                f"{len(self.failed)} video(s) could not be read (named above); the others are prepared. "
+                "Fix or remove them and run the same command again: prepared videos are skipped."
+            )
         return "\n".join(lines)
 
 
@@ -98,10 +113,8 @@ def _detector(spec: str) -> faces.Detector | None:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise OSError(f"cannot read image {path.name}")
-    return image
+    """A BGR frame of an image file, decoded by kdkit's image reader (every mode, EXIF-upright)."""
+    return cv2.cvtColor(read_rgb(path), cv2.COLOR_RGB2BGR)
 
 
 def _box_source(record: VideoRecord, detector_spec: str) -> Callable[[int, np.ndarray], faces.Box | None]:
@@ -159,7 +172,7 @@ def _process(record: VideoRecord, out: Path, settings: _Settings) -> _Outcome:
         return _Outcome(record.video, error=str(exc) or type(exc).__name__)
     if not outcome.frames:
         return _Outcome(record.video, no_face=outcome.no_face, error="no face in any sampled frame")
-    _write_atomic(folder / MARKER, json.dumps({"settings": asdict(settings), **asdict(outcome)}))
+    atomic_write_text(json.dumps({"settings": asdict(settings), **asdict(outcome)}), folder / MARKER)
     return outcome
 
 
@@ -179,19 +192,13 @@ def _finished(out: Path, record: VideoRecord, settings: _Settings) -> _Outcome |
     return _Outcome(record.video, frames=stored["frames"], no_face=stored["no_face"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8", newline="")
-    os.replace(temporary, path)
-
-
 def write_manifest(path: Path, rows: list[dict]) -> None:
     """Write manifest rows (MANIFEST_COLUMNS) to `path` atomically."""
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=MANIFEST_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(path, text.getvalue())
+    atomic_write_text(text.getvalue(), path)
 
 
 def _check_settings(frames_per_video: int, size: int, workers: int, scale: float, image_format: str) -> None:
@@ -207,36 +214,48 @@ def _check_settings(frames_per_video: int, size: int, workers: int, scale: float
 def _run(
     todo: list[VideoRecord], out: Path, settings: _Settings, workers: int, progress: bool
 ) -> Iterator[_Outcome]:
-    """Process records in a pool (or in-process for one worker) behind a rich progress bar."""
-    bar = Progress(
-        TextColumn("[bold]fas prepare"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not progress,
-    )
-    if workers == 1 or len(todo) <= 1:
-        with bar:
-            task = bar.add_task("videos", total=len(todo))
+    """Process records in worker processes (in this one for one worker), reporting progress
+    (`kdkit.runlog.progress`: a bar on a terminal, plain lines in a log)."""
+    with report_progress(len(todo), "fas prepare", unit="videos", show=progress) as advance:
+        if workers == 1 or len(todo) <= 1:
             for record in todo:
                 yield _process(record, out, settings)
-                bar.advance(task)
-        return
-    # Submit before the progress thread starts, so worker processes are not forked from it.
-    # spawn, not fork: forking a process whose torch/OpenCV threads hold locks can deadlock the workers.
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=spawn, initializer=_init_worker) as pool:
-        futures = [pool.submit(_process, record, out, settings) for record in todo]
-        try:
-            with bar:
-                task = bar.add_task("videos", total=len(todo))
-                for future in as_completed(futures):
-                    yield future.result()
-                    bar.advance(task)
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
+                advance()
+            return
+        work = functools.partial(_process, out=out, settings=settings)
+        with WorkerPool(
+            work, workers, initializer=_init_worker, describe=lambda r: f"video {r.video}"
+        ) as pool:
+            for outcome in pool.run(todo):
+                yield outcome
+                advance()
+
+
+def _record_settings(out: Path, settings: dict[str, object], replace: bool) -> None:
+    """Write `settings` to `out/prepare.json`; refuse (or with `replace`, delete) frames made with others."""
+    path = out / SETTINGS_FILE
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        found = settings  # a new folder, or one prepared before settings were recorded
+    except ValueError:
+        found = {}  # unreadable: every setting counts as changed
+    found = found if isinstance(found, dict) else {}
+    if found != settings:
+        if not replace:
+            changed = [
+                f"{key} {found.get(key)!r} -> {settings[key]!r}"
+                for key in settings
+                if found.get(key) != settings[key]
+            ]
+            raise PrepareError(
+                f"--out {out}: holds frames prepared with other settings "
+                f"({'; '.join(changed)}, recorded in {path}); pass --replace to delete "
+                "them and prepare again, or choose another --out"
+            )
+        shutil.rmtree(out / "frames", ignore_errors=True)
+        (out / "manifest.csv").unlink(missing_ok=True)
+    atomic_write_text(json.dumps(settings, indent=2) + "\n", path)
 
 
 def prepare(
@@ -252,12 +271,15 @@ def prepare(
     detector: str = "auto",
     scale: float = 1.2,
     image_format: str = "png",
+    replace: bool = False,
 ) -> PrepareReport:
     """Build (or resume) the frame cache of `dataset` under `out`; see the module docstring.
 
     `detector` is used for records without a face-location file ('auto', 'haar', 'full' or a
     YuNet .onnx path; see `faces.make_detector`). Raises `PrepareError` / `LayoutError` on bad
-    input; unreadable videos are listed in the report, not raised.
+    input, `PrepareError` when `out` holds frames made with other settings (unless `replace`),
+    `kdkit.lock.OutputLocked` while another process writes `out`, and `kdkit.workers.Interrupted`
+    when stopped by a signal; unreadable videos are listed in the report, not raised.
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
     _check_settings(frames_per_video, size, workers, scale, image_format)
@@ -274,26 +296,49 @@ def prepare(
             "detector=<YuNet .onnx path>, or detector='full' for data already cropped to the face"
         )
     out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     settings = _Settings(frames_per_video, size, detector, scale, image_format)
+    named = {
+        "dataset": dataset,
+        **{k: None if v is None else str(v) for k, v in (("protocol", protocol), ("fold", fold))},
+    }
+    with exclusive(out):
+        out.mkdir(parents=True, exist_ok=True)
+        _record_settings(out, {**named, **asdict(settings)}, replace)
+        outcomes = {r.video: _finished(out, r, settings) for r in records}
+        todo = [r for r in records if outcomes[r.video] is None]
+        report = PrepareReport(
+            out, out / "manifest.csv", videos=len(records), skipped=len(records) - len(todo)
+        )
+        try:
+            with contextlib.closing(_run(todo, out, settings, workers, progress)) as results:
+                for outcome in results:
+                    if outcome.error:
+                        report.failed[outcome.video] = outcome.error
+                        report.no_face_frames += outcome.no_face
+                    else:
+                        report.processed += 1
+                        outcomes[outcome.video] = outcome
+        except Interrupted as exc:
+            kept = report.skipped + report.processed
+            raise Interrupted(
+                f"{exc}; {kept} of {len(records)} videos are prepared in {out / 'frames'} and kept "
+                "(the manifest is written when every video is done)",
+                exc.signum,
+            ) from None
+        rows = _manifest_rows(records, outcomes, out)
+        write_manifest(report.manifest, rows)
+    report.frames = len(rows)
+    report.no_face_frames += sum(o.no_face for o in outcomes.values() if o is not None and not o.error)
+    return report
 
-    outcomes = {r.video: _finished(out, r, settings) for r in records}
-    todo = [r for r in records if outcomes[r.video] is None]
-    report = PrepareReport(out, out / "manifest.csv", videos=len(records), skipped=len(records) - len(todo))
-    for outcome in _run(todo, out, settings, workers, progress):
-        if outcome.error:
-            report.failed[outcome.video] = outcome.error
-            report.no_face_frames += outcome.no_face
-        else:
-            report.processed += 1
-            outcomes[outcome.video] = outcome
 
+def _manifest_rows(records: list[VideoRecord], outcomes: dict[str, _Outcome | None], out: Path) -> list[dict]:
+    """Manifest rows (MANIFEST_COLUMNS) of every prepared video, in index order."""
     rows = []
     for record in records:
         outcome = outcomes[record.video]
         if outcome is None or outcome.error:
             continue
-        report.no_face_frames += outcome.no_face
         folder = _frame_dir(out, record).relative_to(out).as_posix()
         rows += [
             {
@@ -306,6 +351,4 @@ def prepare(
             }
             for name in outcome.frames
         ]
-    write_manifest(report.manifest, rows)
-    report.frames = len(rows)
-    return report
+    return rows

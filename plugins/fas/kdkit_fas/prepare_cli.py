@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from kdkit.data import DataError
+from kdkit.workers import Interrupted, stop_on_signals
 from kdkit_fas.layouts import LAYOUTS, LayoutError
-from kdkit_fas.prepare import PrepareError, prepare
+from kdkit_fas.prepare import prepare
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,35 +28,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="for videos without face-location files: auto, haar, full (whole frame) or a YuNet .onnx path",
     )
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="--out holds frames prepared with other settings: delete them and prepare again",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Prepare the data set: 0 when every video was prepared, 1 when some could not be read (each
-    is named; the others are prepared), 2 on bad input."""
-    try:
-        report = prepare(
-            args.dataset,
-            args.root,
-            args.out,
-            protocol=args.protocol,
-            fold=args.fold,
-            frames_per_video=args.frames_per_video,
-            size=args.size,
-            workers=args.workers,
-            progress=not args.no_progress,
-            detector=args.detector,
-        )
-    except (LayoutError, PrepareError, OSError) as exc:
-        print(f"kdkit fas prepare: error: {exc}", file=sys.stderr)
-        return 2
+    """Prepare the data set: 0 when every video was prepared, 1 when some could not be read (the
+    report names them; the others are prepared). Bad input raises kdkit's errors (exit status 2)
+    and an interruption `Interrupted` (128 + signal); `kdkit.cli.main` reports them."""
+    with stop_on_signals():
+        try:
+            report = prepare(
+                args.dataset,
+                args.root,
+                args.out,
+                protocol=args.protocol,
+                fold=args.fold,
+                frames_per_video=args.frames_per_video,
+                size=args.size,
+                workers=args.workers,
+                progress=not args.no_progress,
+                detector=args.detector,
+                replace=args.replace,
+            )
+        except LayoutError as exc:
+            raise DataError(str(exc)) from None
+        except Interrupted as exc:
+            raise Interrupted(f"{exc}; continue with: {args.command_line}", exc.signum) from None
     print(report.summary())
-    if report.failed:
-        print(
-            f"kdkit fas prepare: {len(report.failed)} video(s) could not be read (named above); the "
-            "others are prepared. Fix or remove them and run the same command again: prepared "
-            "videos are skipped.",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return 1 if report.failed else 0

@@ -16,20 +16,25 @@ Everything is drawn on a canvas twice the output size and downscaled with area i
 from __future__ import annotations
 
 import csv
+import functools
 import json
-import multiprocessing
+import math
 import os
 import shutil
-import tempfile
+import signal
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from kdkit.checkpoint import atomic_open, atomic_write_text
+from kdkit.csvfile import read_csv
+from kdkit.lock import exclusive
+from kdkit.runlog import progress as report_progress
+from kdkit.workers import Interrupted, WorkerPool
 
 FORMAT = "kdkit-fas-synth"
 VERSION = 1
@@ -625,11 +630,17 @@ def _video_name(subject: int, index: int, kind: str) -> str:
     return f"s{subject:03d}_{kind}{live_index}"
 
 
+def _video_folder(job: tuple[int, int, str, str]) -> Path:
+    """Where a video's frames go, relative to the data set: ``<split>/<live|spoof>/<video>``."""
+    subject, index, kind, split = job
+    return Path(split) / ("live" if kind == "live" else "spoof") / _video_name(subject, index, kind)
+
+
 def _write_video(root: str, params: dict, job: tuple[int, int, str, str]) -> list[dict[str, str]]:
     """Render one video, write its PNG frames under ``root`` and return its meta.csv rows."""
     subject, index, kind, split = job
     video = _video_name(subject, index, kind)
-    rel = Path(split) / ("live" if kind == "live" else "spoof") / video
+    rel = _video_folder(job)
     (Path(root) / rel).mkdir(parents=True)
     rows = []
     for f, img in enumerate(_video(params["seed"], subject, index, kind, params["frames"], params["size"])):
@@ -693,9 +704,7 @@ def _existing(out: Path, info: dict, started: float) -> SynthSummary | None:
             f"({ {k: found.get(k) for k in keys} } != { {k: info[k] for k in keys} }); "
             "choose another folder or delete it"
         )
-    meta = out / "meta.csv"
-    with meta.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_csv(out / "meta.csv", required=META_COLUMNS).rows  # also as a spreadsheet saves it
     missing = [r["path"] for r in rows if not (out / r["path"]).is_file()]
     if not rows or missing or _counts(rows)["frames"] != found["counts"]["frames"]:
         raise FileExistsError(
@@ -705,39 +714,86 @@ def _existing(out: Path, info: dict, started: float) -> SynthSummary | None:
     return SynthSummary(out, c["frames"], c["videos"], c["subjects"], True, time.perf_counter() - started)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temp file in the same folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+# Peak memory of a worker drawing one video, in float32 planes of the drawing canvas (2·size)²:
+# measured 280 MiB at size 512 (canvas 1024², 4 MiB a plane).
+_PLANES = 70
+_PROGRESS = "progress.jsonl"  # in the partial folder: the meta rows of every finished video, a line each
+
+
+def _partial_folder(out: Path) -> Path:
+    """Where the set is written until it is complete (then renamed to ``out``); kept when interrupted."""
+    return out.parent / f".{out.name}.synth-partial"
+
+
+def _check_resources(out: Path, params: dict, workers: int) -> None:
+    """Refuse, before any work, a set whose drawing would not fit in memory or whose frames not on disk."""
+    size = params["size"]
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = workers * _PLANES * (2 * size) ** 2 * 4
+    if need > memory:
+        largest = math.isqrt(memory // (workers * _PLANES * 16))
+        raise ValueError(
+            f"synth: size {size} needs about {_gib(need)} of memory to draw ({workers} worker(s), canvas "
+            f"{2 * size}² px each), more than this machine's {_gib(memory)}; the largest size that fits "
+            f"is {largest} (fewer --workers allow more)"
+        )
+    frames = params["n_subjects"] * sum(VIDEOS_PER_SUBJECT.values()) * params["frames"]
+    disk = frames * size * size * 3  # PNG frames of these images are about 3/4 of their raw size
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if disk > free:
+        raise ValueError(
+            f"synth: {frames} frames of {size}×{size} px need up to {_gib(disk)} of disk, {existing} has "
+            f"{_gib(free)} free; choose a smaller size, fewer frames or subjects, or another folder"
+        )
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _finished_videos(partial: Path) -> dict[str, list[dict[str, str]]]:
+    """Video folder -> meta rows of every video an earlier, interrupted run finished in ``partial``
+    (a line torn by a kill is dropped, and its video redone)."""
+    done = {}
+    path = partial / _PROGRESS
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    for line in text.splitlines():
+        try:
+            rows = json.loads(line)
+            done[str(Path(rows[0]["path"]).parent)] = rows
+        except (ValueError, LookupError, TypeError):
+            continue
+    atomic_write_text("".join(json.dumps(rows) + "\n" for rows in done.values()), path)
+    return done
 
 
 def _render_all(root: Path, params: dict, workers: int, progress: bool) -> list[dict[str, str]]:
-    """Write every video under ``root`` (in parallel when workers > 1); meta rows sorted by path."""
-    jobs = list(_jobs(params))
-    columns = (
-        TextColumn("synth"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("videos"),
-        TimeElapsedColumn(),
-    )
-    rows: list[dict[str, str]] = []
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("synth", total=len(jobs))
-        if workers == 1:
-            for job in jobs:
-                rows += _write_video(str(root), params, job)
-                bar.advance(task)
-        else:
-            # spawn, not fork: a forked child can inherit a lock held by a parent thread (OpenCV's or
-            # torch's thread pools) and hang before doing any work
-            spawn = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker) as pool:
-                futures = [pool.submit(_write_video, str(root), params, job) for job in jobs]
-                for fut in as_completed(futures):
-                    rows += fut.result()
-                    bar.advance(task)
+    """Write every video under ``root`` that an earlier run did not finish (in worker processes when
+    workers > 1), noting each in ``root/progress.jsonl``; all meta rows sorted by path."""
+    done = _finished_videos(root)
+    jobs = [job for job in _jobs(params) if str(_video_folder(job)) not in done]
+    for job in jobs:  # frames an interrupted run left of a video it did not finish
+        shutil.rmtree(root / _video_folder(job), ignore_errors=True)
+    rows = [row for video in done.values() for row in video]
+    write = functools.partial(_write_video, str(root), params)
+    total = len(jobs) + len(done)
+
+    def describe(job: tuple) -> str:
+        return f"video {_video_folder(job)}"
+
+    with (
+        report_progress(total, "fas synth", unit="videos", completed=len(done), show=progress) as advance,
+        (root / _PROGRESS).open("a") as log,
+        WorkerPool(write, workers, initializer=_init_worker, describe=describe) as pool,
+    ):
+        for video in pool.run(jobs) if workers > 1 else map(write, jobs):
+            log.write(json.dumps(video) + "\n")
+            log.flush()
+            rows += video
+            advance()
     return sorted(rows, key=lambda r: r["path"])
 
 
@@ -757,9 +813,13 @@ def generate(
     ``dev_subjects`` / ``test_subjects`` set the size of those splits (default about 20 % of
     ``n_subjects`` each; 0 leaves a split empty, e.g. for a pool that only trains a teacher); the
     remaining subjects are the training split.
-    The set is generated in a temporary sibling folder and renamed into place, so ``out`` is either
-    absent/empty or complete. If ``out`` already holds a complete set with the same parameters nothing
-    is written (``reused`` is True); if it holds anything else, FileExistsError is raised.
+    The set is generated in the sibling folder ``.<out name>.synth-partial`` and renamed into place,
+    so ``out`` is either absent/empty or complete. Interrupted (``kdkit.workers.Interrupted``, or a
+    KeyboardInterrupt), that folder keeps every finished video and the same call continues from
+    there; any other failure removes it. If ``out`` already holds a complete set with the same
+    parameters nothing is written (``reused`` is True); if it holds anything else, FileExistsError is
+    raised. A set that would not fit in memory or on disk is refused (ValueError) before any work,
+    and while one process writes ``out`` another gets ``kdkit.lock.OutputLocked``.
     Output depends only on the parameters (n_subjects, frames, size, seed, split sizes), never on
     ``workers``.
     """
@@ -788,25 +848,46 @@ def generate(
         k: v for k, v in (("dev_subjects", dev_subjects), ("test_subjects", test_subjects)) if v is not None
     }
     info = {"format": FORMAT, "version": VERSION, "params": params, "videos_per_subject": VIDEOS_PER_SUBJECT}
-    found = _existing(out, info, started)
-    if found is not None:
-        return found
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.synth-", dir=out.parent))
-    try:
-        rows = _render_all(tmp, params, workers, progress)
+    with exclusive(out):
+        found = _existing(out, info, started)
+        if found is not None:
+            return found
+        _check_resources(out, params, workers)
+        partial = _partial_folder(out)
+        if partial.exists() and _read_json(partial / "synth.json") != info:
+            shutil.rmtree(partial)  # an interrupted set of other parameters
+        partial.mkdir(exist_ok=True)
+        atomic_write_text(json.dumps(info, indent=2) + "\n", partial / "synth.json")
+        try:
+            rows = _render_all(partial, params, workers, progress)
+        except KeyboardInterrupt as exc:  # kept: the same call continues it
+            total = n_subjects * sum(VIDEOS_PER_SUBJECT.values())
+            raise Interrupted(
+                f"{exc or 'interrupted'}; {len(_finished_videos(partial))} of {total} videos are written "
+                f"and kept in {partial}",
+                getattr(exc, "signum", signal.SIGINT),
+            ) from None
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         counts = _counts(rows)
-        _write_atomic(tmp / "synth.json", json.dumps({**info, "counts": counts}, indent=2) + "\n")
-        with (tmp / "meta.csv").open("w", newline="") as fh:  # last: its presence marks a complete set
+        atomic_write_text(json.dumps({**info, "counts": counts}, indent=2) + "\n", partial / "synth.json")
+        (partial / _PROGRESS).unlink()
+        with atomic_open(partial / "meta.csv", "w") as fh:  # last: its presence marks a complete set
             writer = csv.DictWriter(fh, fieldnames=META_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
         if out.exists():
             out.rmdir()  # empty (checked above); rename needs the name free
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        partial.rename(out)
     return SynthSummary(
         out, counts["frames"], counts["videos"], counts["subjects"], False, time.perf_counter() - started
     )
+
+
+def _read_json(path: Path) -> object:
+    """The JSON in `path`, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

@@ -96,7 +96,7 @@ def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
     bad.write_bytes(b"not a png")
     record = {"path": "live/0.png", "video": "v", "subject": "s", "label": "1", "attack_type": "live"}
     dataset = FrameDataset([record], tmp_path, image_size=8)
-    with pytest.raises(OSError, match=r"live/0\.png"):
+    with pytest.raises(DataError, match=r"live/0\.png: not an image file"):
         dataset[0]
     with pytest.raises(DataError, match="label 0 or 1"):
         FrameDataset([record | {"label": "2"}], tmp_path, image_size=8)

@@ -162,7 +162,7 @@ def test_face_crop_preparer_is_what_prepared_data_asks_for(
 def test_eval_reproduces_the_evaluate_stage(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     checkpoint = run / "student_kd" / "model.pt"
     assert main(["eval", str(checkpoint)]) == 0
-    assert "results on test" in (err := capsys.readouterr().err) and "hter ↓" in err
+    assert "results on test" in (printed := capsys.readouterr().out) and "hter ↓" in printed
     out = run / "student_kd" / "eval-test"
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     stage = json.loads((run / "summary.json").read_text())["test"]["results"]["student_kd"]
@@ -176,3 +176,15 @@ def test_eval_reproduces_the_evaluate_stage(run: Path, capsys: pytest.CaptureFix
     ).read_text()
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["thresholds"]["threshold"] == pytest.approx(stage["test/threshold"])
+
+
+def test_eval_on_the_dev_split_shows_the_dev_metrics(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The evaluator's headline keys are written for 'test'; on another split the table shows that
+    split's metrics (it used to print '-' in every metric cell)."""
+    checkpoint = run / "student_kd" / "model.pt"
+    assert main(["eval", str(checkpoint), "--split", "val", "--out", str(run.parent / "eval-val")]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((run.parent / "eval-val" / "metrics.json").read_text())["metrics"]
+    row = next(line for line in printed.splitlines() if "student_kd" in line)
+    assert "results on val" in printed and "hter ↓" in printed
+    assert f"{metrics['val/hter']:.4f}" in row and " - " not in row

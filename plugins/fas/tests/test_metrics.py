@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -10,7 +9,7 @@ import re
 import matplotlib.image
 import numpy as np
 import pytest
-from kdkit_fas import layouts, metrics_cli, synth
+from kdkit_fas import layouts, synth
 from kdkit_fas.metrics import (
     ScoreSet,
     apcer_bpcer,
@@ -30,6 +29,7 @@ from kdkit_fas.metrics import (
 )
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from kdkit.cli import main
 from kdkit.stats import unit_counts
 
 
@@ -400,9 +400,8 @@ def _write_csv(path, scores, labels, types=None, videos=None, extra=True):
 
 
 def _cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    metrics_cli.add_arguments(parser)
-    return metrics_cli.run(parser.parse_args(list(argv)))
+    """`kdkit fas metrics ARGV` through kdkit's entry point (which decides the exit status)."""
+    return main(["fas", "metrics", *argv])
 
 
 def test_cli_json_matches_library(tmp_path, capsys):

@@ -170,8 +170,9 @@ def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     # The student's checkpoint references the teacher instead of containing it.
     student = torch.load(out / "student_kd" / "model.pt", weights_only=True)
     assert student["teacher"]["sha256"] and not any(k.startswith("teacher") for k in student["model"])
-    err = capsys.readouterr().err
-    assert "difference to student_alone" in err and "for comparison with published numbers only" in err
+    printed = capsys.readouterr().out  # the evaluate stage's tables are results: on stdout
+    assert "difference to student_alone" in printed
+    assert "for comparison with published numbers only" in printed
 
 
 def test_missing_data_root_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -127,8 +127,12 @@ def test_prepare_writes_frames_and_manifest_and_resumes(tmp_path: Path) -> None:
     assert (third.processed, third.skipped) == (2, 28)
     assert manifest(out) == rows and not (stale / "junk.png").exists()
 
-    changed = prepare("oulu", root, out, protocol=4, fold=1, size=24, workers=1, progress=False)
-    assert changed.processed == 30  # other settings: the cache is rebuilt
+    with pytest.raises(PrepareError, match=r"other settings \(size 32 -> 24, recorded in .*prepare\.json"):
+        prepare("oulu", root, out, protocol=4, fold=1, size=24, workers=1, progress=False)
+    assert manifest(out) == rows  # refused: the earlier frames are untouched
+    changed = prepare("oulu", root, out, protocol=4, fold=1, size=24, workers=1, progress=False, replace=True)
+    assert changed.processed == 30  # replaced: the cache is rebuilt
+    assert cv2.imread(str(out / rows[0]["path"])).shape == (24, 24, 3)
 
 
 def test_prepare_reports_a_corrupt_video_by_name(tmp_path: Path) -> None:
@@ -153,7 +157,8 @@ def test_prepare_command_exits_1_naming_a_corrupt_video_and_prepares_the_rest(
     options = ["--frames-per-video", "1", "--size", "16", "--workers", "1", "--no-progress"]
     assert main([*argv, *options]) == 1
     out, err = capsys.readouterr()
-    assert f"failed: {bad}: not a readable video" in out and "1 video(s) could not be read" in err
+    assert f"failed: {bad}: not a readable video" in out and "1 video(s) could not be read" in out
+    assert "error:" not in err  # a report, not an error: exit status 1 says some videos failed
     assert len({row["video"] for row in manifest(tmp_path / "out")}) == 71
 
 
@@ -233,9 +238,10 @@ def _args(**overrides: object) -> argparse.Namespace:
 
 
 def test_cli_returns_2_with_a_message_on_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert prepare_cli.run(_args(dataset="oulu", root=tmp_path / "missing", out=tmp_path / "o")) == 2
+    command = ["fas", "prepare", "oulu", "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main([*command, "--root", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert prepare_cli.run(_args(dataset="oulu", root=tmp_path, out=tmp_path / "o", protocol=9)) == 2
+    assert main([*command, "--root", str(tmp_path), "--protocol", "9"]) == 2
     assert "protocol" in capsys.readouterr().err
 
 
@@ -245,3 +251,24 @@ def test_cli_prepares_a_data_set(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert prepare_cli.run(args) == 0
     assert "8 videos: 8 prepared" in capsys.readouterr().out
     assert len(manifest(tmp_path / "o")) == 8
+
+
+def test_cli_refuses_other_settings_unless_replace_and_resumes_the_same(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    root, out = make_folder(tmp_path / "raw"), tmp_path / "o"
+    argv = ["fas", "prepare", "folder", "--root", str(root), "--out", str(out), "--frames-per-video", "1"]
+    argv += ["--workers", "1", "--no-progress"]
+    assert main([*argv, "--size", "8"]) == 0
+    before = manifest(out)
+    capsys.readouterr()
+    assert main([*argv, "--size", "12", "--detector", "full"]) == 2
+    err = capsys.readouterr().err
+    assert "holds frames prepared with other settings (size 8 -> 12; detector 'auto' -> 'full'" in err
+    assert "pass --replace" in err and "Traceback" not in err
+    assert manifest(out) == before and cv2.imread(str(out / before[0]["path"])).shape == (8, 8, 3)
+    assert main([*argv, "--size", "8"]) == 0  # the same settings: resumed
+    assert "8 videos: 0 prepared, 8 already done" in capsys.readouterr().out
+    assert main([*argv, "--size", "12", "--replace"]) == 0
+    assert "8 videos: 8 prepared" in capsys.readouterr().out
+    assert manifest(out) == before and cv2.imread(str(out / before[0]["path"])).shape == (12, 12, 3)

@@ -3,7 +3,6 @@ not separable by colour statistics while high-frequency attack cues are."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -11,10 +10,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from kdkit_fas import synth, synth_cli
+from kdkit_fas import synth
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+
+from kdkit.cli import main
 
 SMALL = {"n_subjects": 3, "frames": 2, "size": 16}
 
@@ -180,13 +181,12 @@ def test_high_frequency_attack_cues_are_learnable(features) -> None:
 
 
 def test_cli_writes_then_refuses_a_different_set(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    parser = argparse.ArgumentParser()
-    synth_cli.add_arguments(parser)
-    argv = ["--out", str(tmp_path / "set"), "--n-subjects", "3", "--frames", "1", "--size", "16"]
-    assert synth_cli.run(parser.parse_args(argv)) == 0
+    options = ["--n-subjects", "3", "--frames", "1", "--size", "16"]
+    argv = ["fas", "synth", "--out", str(tmp_path / "set"), *options]
+    assert main(argv) == 0
     assert "train" in capsys.readouterr().out
     assert len(_meta(tmp_path / "set")) == 12
-    assert synth_cli.run(parser.parse_args([*argv, "--seed", "1"])) == 2
+    assert main([*argv, "--seed", "1"]) == 2
     assert "other parameters" in capsys.readouterr().err
 
 
