@@ -8,6 +8,11 @@ Public API (everything a plugin or another project should import):
 - losses: `kd_loss`, `cross_entropy`, `build_feature_criterion`
 - `Distiller`, `SupervisedTask`, `stage_pairs`, `Trainer`, `Predictions`
 - recipes: `load_recipe`, `Recipe`, `RecipeError`; models: `build_model`
+- modules for plugins' own tools: `kdkit.images.read_rgb` (any image as 8-bit RGB),
+  `kdkit.csvfile.read_csv` (CSV as spreadsheets write it), `kdkit.lock.exclusive` (one writer per
+  output folder), `kdkit.workers.WorkerPool` / `stop_on_signals` (interruptible worker processes),
+  `kdkit.runlog.progress` / `output` (progress on stderr, results on stdout), `kdkit.checkpoint`'s
+  atomic writers
 """
 
 from kdkit.adapters import build_adapter
@@ -22,7 +27,7 @@ from kdkit.registry import ADAPTERS, COMMANDS, DATASETS, EVALUATORS, MODELS, TAP
 from kdkit.taps import Tap, TapRecorder, find_preset, select_features, stage_taps
 from kdkit.trainer import Trainer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ADAPTERS",
