@@ -515,7 +515,7 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
             for run in stage.runs:
                 if run not in trained:
                     problems.append(
-                        f"{where}.runs: {run!r} is not an earlier train/distill stage"
+                        f"{where}.runs: {run!r} is not an earlier train/distill stage."
                         f"{did_you_mean(run, list(trained))}"
                     )
             if stage.baseline is not None and stage.baseline not in stage.runs:

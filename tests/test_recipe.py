@@ -149,9 +149,9 @@ def test_evaluate_stage_must_name_earlier_train_or_distill_stages() -> None:
         {"name": "empty", "do": "evaluate"},
     ]
     problems = problems_of(data)
-    assert "pipeline[0] (test).runs: 'teacher' is not an earlier train/distill stage" in problems
+    assert "pipeline[0] (test).runs: 'teacher' is not an earlier train/distill stage." in problems
     assert any("'studnet_kd' is not an earlier" in p for p in problems)
-    assert "pipeline[3] (again).runs: 'test' is not an earlier train/distill stage" in problems
+    assert "pipeline[3] (again).runs: 'test' is not an earlier train/distill stage." in problems
     assert any(p.startswith("pipeline[4] (empty).runs: expected the names") for p in problems)
 
 
