@@ -31,6 +31,9 @@ from kdkit.recipe import RecipeError
 PIPE_WIDTH = 240
 PROGRESS_SECONDS = 30.0  # default of $KDKIT_PROGRESS_SECONDS
 PROGRESS_PARTS = 4  # default of $KDKIT_PROGRESS_STEPS: a line at each quarter of the total
+# By default a phase shorter than this prints no plain lines at all (its summary line follows at
+# once; a 10-step epoch would otherwise fill a log with 4 lines each for training, val and test).
+QUIET_SECONDS = 10.0
 
 
 class _Console(Console):
@@ -85,8 +88,9 @@ def progress(
 
     On a terminal: a transient rich bar on stderr. Otherwise a plain line on stderr —
     `description: done/total unit (pct %), rate unit/s, ETA h:mm:ss, info` — every
-    `$KDKIT_PROGRESS_STEPS` steps (default: each quarter) or when `$KDKIT_PROGRESS_SECONDS`
-    (default 30) have passed since the last line, and at the end. `show=False`: nothing at all."""
+    `$KDKIT_PROGRESS_STEPS` steps (default: each quarter, once the work has taken `QUIET_SECONDS`,
+    so short phases stay silent) or when `$KDKIT_PROGRESS_SECONDS` (default 30) have passed since
+    the last line, and at the end when a line was printed. `show=False`: nothing at all."""
     every_steps, every_seconds = progress_settings()
     if not show:
         yield lambda *_, **__: None
@@ -106,18 +110,27 @@ def progress(
 
             yield advance_bar
     else:
+        quiet = 0.0 if every_steps else QUIET_SECONDS  # steps asked for explicitly: always shown
         every_steps = every_steps or max(1, -(-total // PROGRESS_PARTS))  # ceil: at most 4 lines
-        yield _PlainProgress(total, description, unit, completed, every_steps, every_seconds).advance
+        yield _PlainProgress(total, description, unit, completed, every_steps, every_seconds, quiet).advance
 
 
 class _PlainProgress:
     """`progress` without a terminal: one plain stderr line now and then (see `progress`)."""
 
     def __init__(
-        self, total: int, description: str, unit: str, completed: int, every_steps: int, every_seconds: float
+        self,
+        total: int,
+        description: str,
+        unit: str,
+        completed: int,
+        every_steps: int,
+        every_seconds: float,
+        quiet_seconds: float,
     ) -> None:
         self.total, self.description, self.unit = total, description, unit
-        self.every_steps, self.every_seconds = every_steps, every_seconds
+        self.every_steps, self.every_seconds, self.quiet_seconds = every_steps, every_seconds, quiet_seconds
+        self.printed = False
         self.done = self.first = completed
         self.info = ""
         self.start = self.last_line = time.monotonic()
@@ -130,13 +143,12 @@ class _PlainProgress:
             return
         before, self.done = self.done, self.done + n
         now = time.monotonic()
-        due = (
-            self.done >= self.total
-            or self.done // self.every_steps > before // self.every_steps
-            or now - self.last_line >= self.every_seconds
+        milestone = self.done >= self.total or self.done // self.every_steps > before // self.every_steps
+        due = (milestone and (self.printed or now - self.start >= self.quiet_seconds)) or (
+            now - self.last_line >= self.every_seconds
         )
         if due:
-            self.last_line = now
+            self.last_line, self.printed = now, True
             console.print(self.line(now), markup=False, highlight=False, soft_wrap=True)
 
     def line(self, now: float) -> str:

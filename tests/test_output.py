@@ -79,6 +79,8 @@ def test_plain_progress_every_n_steps_or_s_seconds(
                 advance(info="x=1")
         return [line.split(":")[1].split("(")[0].strip() for line in capsys.readouterr().err.splitlines()]
 
+    assert shown(8) == []  # over in less than QUIET_SECONDS: the summary line that follows says it all
+    monkeypatch.setattr(runlog, "QUIET_SECONDS", 0.0)  # as if every step were slow
     assert shown(8) == ["2/8 videos", "4/8 videos", "6/8 videos", "8/8 videos"]  # each quarter
     assert shown(8, completed=5) == ["6/8 videos", "8/8 videos"]  # resumed: counted from 5
     monkeypatch.setenv("KDKIT_PROGRESS_STEPS", "3")
