@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -196,8 +197,11 @@ def _run_dir(name: str, out: Path | None, resume: bool) -> Path:
             )
         return out
     base = Path("runs")
+    # runs/<name> and runs/<name>-N only: `kdfas*` would also match runs/kdfas-demo
+    own = re.compile(rf"{re.escape(name)}(-[0-9]+)?")
     existing = sorted(
-        (p for p in base.glob(f"{name}*") if (p / "recipe.yaml").exists()), key=lambda p: p.stat().st_mtime
+        (p for p in base.glob(f"{name}*") if own.fullmatch(p.name) and (p / "recipe.yaml").exists()),
+        key=lambda p: p.stat().st_mtime,
     )
     if resume:
         if not existing:
@@ -297,7 +301,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from kdkit.registry import Registries
 
     regs = Registries()
-    for kind in ("models", "datasets", "evaluators", "adapters", "commands"):
+    for kind in ("models", "datasets", "evaluators", "adapters", "feature_criteria", "commands"):
         output.print(f"{kind}: {', '.join(getattr(regs, kind).names())}", markup=False, soft_wrap=True)
     return 0
 

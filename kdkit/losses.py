@@ -1,5 +1,8 @@
 """Loss functions: logit KD, cross-entropy, and feature criteria (mse, smooth_l1, cosine).
 
+Feature criteria live in the `FEATURE_CRITERIA` registry: a plugin adds its own with
+`registries.feature_criteria.add(name, fn)` and a recipe names it in `distill.criterion`.
+
 All are plain functions on tensors. `kd_loss` always applies τ² and the `batchmean` reduction, unlike
 torchdistill's `KDLoss`, which applies τ² only when its `alpha > 0`.
 """
@@ -11,10 +14,9 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdkit.registry import Registry
+from kdkit.registry import FEATURE_CRITERIA
 
 FeatureCriterion = Callable[[Tensor, Tensor], Tensor]
-FEATURE_CRITERIA: Registry[FeatureCriterion] = Registry("feature criterion")
 
 
 def _check_same_shape(name: str, a: Tensor, b: Tensor) -> None:

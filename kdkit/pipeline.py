@@ -60,7 +60,7 @@ from kdkit.models import ModelError, build_model, load_state_dict_checked
 from kdkit.optim import check_optimization
 from kdkit.plugins import load_plugins
 from kdkit.recipe import DataSpec, ModelSpec, Recipe, RecipeError, StageSpec
-from kdkit.registry import DATASETS, EVALUATORS, RegistryError
+from kdkit.registry import DATASETS, EVALUATORS, FEATURE_CRITERIA, RegistryError
 from kdkit.runlog import MetricsLog, console, output
 from kdkit.stats import LEVEL
 from kdkit.trainer import StageResult, Trainer, autocast, predict, resolve_device
@@ -167,6 +167,11 @@ class RecipeRun:
             if stage.do != "distill":
                 continue
             d, batch = r.stage_distill(stage), r.stage_data(stage).batch_size
+            try:
+                FEATURE_CRITERIA.get(d.criterion)
+            except RegistryError as exc:
+                key = f"{where}.distill.criterion" if "criterion" in stage.distill else "distill.criterion"
+                problems.append(f"{key}: {exc}")
             try:
                 need = adapter_min_batch(d.adapter)
             except RegistryError as exc:

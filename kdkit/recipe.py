@@ -98,7 +98,7 @@ class DistillSpec:
     student: str = "student"  # a key of `models`
     adapter: str = "covariance"  # feature adapter per stage pair, or 'none' for no feature KD
     adapter_options: dict[str, Any] = field(default_factory=dict)
-    criterion: Literal["mse", "smooth_l1", "cosine"] = "mse"  # feature loss after the adapter
+    criterion: str = "mse"  # feature loss after the adapter: a registered one (mse, smooth_l1, cosine)
     # [[student_block, teacher_block], ...] (1-based), explicit {student: path, teacher: path} pairs,
     # or 'uniform:N': N pairs spread evenly over both depths (12 vs 24 blocks, N=4: 3,6,9,12 ↔ 6,12,18,24)
     stages: list[Any] | str = field(default_factory=list)

@@ -98,6 +98,7 @@ class Registries:
     tap_presets: Registry[Any] = field(default_factory=lambda: TAP_PRESETS)
     commands: Registry[Callable[..., Any]] = field(default_factory=lambda: COMMANDS)
     input_preparers: Registry[Callable[..., Any]] = field(default_factory=lambda: INPUT_PREPARERS)
+    feature_criteria: Registry[Callable[..., Any]] = field(default_factory=lambda: FEATURE_CRITERIA)
 
 
 MODELS: Registry[Callable[..., Any]] = Registry("model")
@@ -105,6 +106,8 @@ ADAPTERS: Registry[Callable[..., Any]] = Registry("adapter")
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
 EVALUATORS: Registry[Callable[..., Any]] = Registry("evaluator")
 TAP_PRESETS: Registry[Any] = Registry("tap preset")
+# feature losses, `criterion(s_mapped, t_target) -> scalar tensor` (built-ins in kdkit.losses)
+FEATURE_CRITERIA: Registry[Callable[..., Any]] = Registry("feature criterion")
 COMMANDS: Registry[Callable[..., Any]] = Registry("command")
 # `kdkit predict`: factory(**options) -> prepare(rgb: uint8 HxWx3 array) -> uint8 array, or None when
 # the frame holds nothing to score (e.g. no face). A data set factory names the preparer its frames

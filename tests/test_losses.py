@@ -66,3 +66,27 @@ def test_feature_criteria_registry_and_errors():
         build_feature_criterion("l2")
     with pytest.raises(ValueError, match="shapes differ"):
         build_feature_criterion("mse")(randn(3, 4), randn(1, 4))
+
+
+def test_a_plugin_criterion_is_usable_by_name_in_a_recipe(tmp_path, capsys) -> None:
+    """The criterion registry is open: what a plugin adds, a recipe can name (the schema used to
+    accept only the three built-in names)."""
+    import yaml
+    from conftest import tiny_recipe_dict
+
+    from kdkit.cli import main
+    from kdkit.registry import Registries
+
+    name = "tests_l1"
+    if name not in FEATURE_CRITERIA:
+        Registries().feature_criteria.add(name, lambda a, b: (a - b).abs().mean())
+    data = tiny_recipe_dict()
+    data["distill"]["criterion"] = name
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path)]) == 0
+    assert name in capsys.readouterr().out  # the tap table shows the criterion
+    data["distill"]["criterion"] = "tests_l2"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["validate", str(path)]) == 2
+    assert "distill.criterion: unknown feature criterion 'tests_l2'" in capsys.readouterr().err

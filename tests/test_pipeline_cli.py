@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -225,6 +226,23 @@ def test_default_run_directories_are_never_reused(tmp_path: Path, monkeypatch: p
     assert _run_dir("exp", None, resume=True) in {Path("runs/exp"), Path("runs/exp-2")}
     with pytest.raises(UsageError):
         _run_dir("exp", Path("runs/exp"), resume=False)
+
+
+def test_resume_without_out_never_picks_another_recipes_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kdkit run recipes/kdfas.yaml --resume` used to glob runs/kdfas* and continue the newest
+    match, which could be runs/kdfas-demo (another recipe's run)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("kdfas", "kdfas-2", "kdfas-demo", "kdfas-demo-2", "kdfasx"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "recipe.yaml").write_text("{}")
+        mtime = {"kdfas": 1, "kdfas-2": 2, "kdfas-demo": 5, "kdfas-demo-2": 9, "kdfasx": 10}[name]
+        os.utime(tmp_path / "runs" / name, (mtime, mtime))
+    assert _run_dir("kdfas", None, resume=True) == Path("runs/kdfas-2")  # its newest, not kdfas-demo-2
+    assert _run_dir("kdfas-demo", None, resume=True) == Path("runs/kdfas-demo-2")
+    with pytest.raises(UsageError, match="no earlier run of 'kdfa'"):
+        _run_dir("kdfa", None, resume=True)
 
 
 @pytest.mark.parametrize(

@@ -70,12 +70,12 @@ def test_wrong_types_name_the_key_and_what_was_expected() -> None:
     data["train"]["lr"] = "fast"
     data["data"]["image_size"] = 1.5
     data["models"]["student"]["pretrained"] = "yes"
-    data["distill"]["criterion"] = "l1"
+    data["distill"]["teacher_dtype"] = "int8"
     problems = problems_of(data)
     assert "train.lr: expected a number, got 'fast'" in problems
     assert "data.image_size: expected an integer, got 1.5" in problems
     assert "models.student.pretrained: expected true/false, got 'yes'" in problems
-    assert any(p.startswith("distill.criterion: expected one of 'mse'") for p in problems)
+    assert any(p.startswith("distill.teacher_dtype: expected one of 'float32'") for p in problems)
 
 
 def test_bool_is_not_accepted_as_a_number() -> None:
