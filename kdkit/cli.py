@@ -27,7 +27,7 @@ from kdkit.info import model_cost
 from kdkit.lock import exclusive
 from kdkit.models import ModelError, build_model
 from kdkit.plugins import load_plugins
-from kdkit.recipe import ModelSpec, RecipeError, load_recipe, parse_override, read_yaml
+from kdkit.recipe import ModelSpec, RecipeError, load_recipe, parse_options, read_yaml
 from kdkit.registry import COMMANDS, RegistryError
 from kdkit.runlog import console, output, progress_settings
 from kdkit.trainer import TrainingDiverged, TrainingInterrupted
@@ -259,10 +259,7 @@ def cmd_taps(args: argparse.Namespace) -> int:
     for flag, value in (("--img-size", args.img_size), ("--in-chans", args.in_chans)):
         if value < 1:
             raise UsageError(f"{flag}: expected a positive integer, got {value}")
-    options = {}
-    for text in args.option:
-        parts, value = parse_override(text, "--option")
-        options[".".join(parts)] = value
+    options = parse_options(args.option, "--option")
     # Build for the example's size and channels (timm ViTs fix img_size when built); models
     # without an img_size option (CNNs) are built without it.
     try:

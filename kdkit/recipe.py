@@ -396,6 +396,15 @@ def parse_override(text: str, flag: str = "--set") -> tuple[list[str], Any]:
     return parts, value
 
 
+def parse_options(texts: list[str], flag: str) -> dict[str, Any]:
+    """`['a=1', 'b.c=x']` (repeated `flag KEY=VALUE` options) → `{'a': 1, 'b.c': 'x'}`, values as YAML."""
+    options = {}
+    for text in texts:
+        parts, value = parse_override(text, flag)
+        options[".".join(parts)] = value
+    return options
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of `data` with each 'a.b=c' override applied.
 

@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from rich.markup import escape
 from rich.table import Table
 
 from kdkit.cli import UsageError
 from kdkit.deploy.inputs import InputError, Preparer, expand_inputs, make_preparer, read_frames, to_batch
 from kdkit.deploy.modelfile import DeployedModel, open_model
+from kdkit.recipe import parse_options
 from kdkit.registry import RegistryError
 from kdkit.runlog import console, output
 
@@ -157,12 +157,7 @@ def resolve_threshold(metadata: dict[str, Any], requested: float | None) -> floa
 def _preparer(metadata: dict[str, Any], name: str | None, options: list[str]) -> Preparer | None:
     recorded = name is None
     name = metadata.get("input_preparer") if recorded else name
-    parsed = {}
-    for text in options:
-        key, sep, value = text.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--prepare-option {text!r}: expected KEY=VALUE, e.g. detector=full")
-        parsed[key.strip()] = _yaml_value(value)
+    parsed = parse_options(options, "--prepare-option")
     try:
         return make_preparer(name, parsed)
     except RegistryError as exc:
@@ -175,14 +170,6 @@ def _preparer(metadata: dict[str, Any], name: str | None, options: list[str]) ->
         raise UsageError(f"--preparer: {exc}{hint}") from None
     except ValueError as exc:
         raise UsageError(f"--preparer: {exc}") from None
-
-
-def _yaml_value(text: str) -> Any:
-    """An option value as YAML (numbers, true/false, lists), else the text itself."""
-    try:
-        return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        return text
 
 
 def _table(results: list[Prediction], predictor: Predictor, requested: bool) -> Table:

@@ -24,10 +24,9 @@ from pathlib import Path, PurePosixPath
 
 from kdkit.csvfile import read_csv, read_rows
 from kdkit.data import DataError
+from kdkit.deploy.inputs import IMAGE_EXTS, VIDEO_EXTS  # the files `kdkit predict` reads too
 from kdkit.registry import did_you_mean
 
-VIDEO_EXTS = (".avi", ".mov", ".mp4", ".mkv", ".webm")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 SPLIT_ALIASES = {
     "train": "train",
     "dev": "dev",
