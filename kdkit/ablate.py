@@ -45,8 +45,9 @@ from typing import Any
 import torch
 
 from kdkit.ablation_report import BASELINE_LABEL, Group, cache_use, measure, memory_measure, write_report
+from kdkit.arguments import add_recipe_args
 from kdkit.checkpoint import atomic_write_text
-from kdkit.cli import UsageError, _add_recipe_args, _diff_keys
+from kdkit.errors import UsageError
 from kdkit.lock import exclusive
 from kdkit.pipeline import RecipeRun, train_stage_key
 from kdkit.plugins import load_plugins
@@ -55,12 +56,13 @@ from kdkit.recipe import (
     RecipeError,
     StageSpec,
     apply_overrides,
+    diff_keys,
     parse_override,
     parse_recipe,
     read_yaml,
 )
 from kdkit.runlog import console
-from kdkit.workers import Interrupted, WorkerPool, stop_on_signals
+from kdkit.workers import Interrupted, WorkerPool
 
 _OPENERS, _CLOSERS = "[{(", "]})"
 
@@ -355,7 +357,7 @@ def _pending(jobs: list[RunJob]) -> list[RunJob]:
 def _differences(job: RunJob, run_dir: Path) -> list[str]:
     """Recipe keys at which the run in `run_dir` differs from the job's (none before it wrote its recipe)."""
     saved = run_dir / "recipe.yaml"
-    return sorted(_diff_keys(read_yaml(saved), job.recipe.to_dict())) if saved.exists() else []
+    return sorted(diff_keys(read_yaml(saved), job.recipe.to_dict())) if saved.exists() else []
 
 
 def prepare(job: RunJob) -> str:
@@ -415,7 +417,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Run the cartesian product of every --vary with every seed, everything else identical, "
         "and write ablation.csv/.json/.md/.png. Re-running the same command continues it.",
     )
-    _add_recipe_args(p)
+    add_recipe_args(p)
     p.add_argument(
         "--vary",
         action="append",
@@ -451,20 +453,19 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         raise UsageError(f"--jobs {args.jobs}: expected at least 1")
     start = time.perf_counter()
     jobs: list[RunJob] = []
-    with stop_on_signals():
-        try:
-            jobs, recipes, stage = _plan(args)
-            with exclusive(jobs[0].out, args.command_line):
-                _run_grid(args, jobs, recipes, stage, start)
-        except Interrupted as exc:
-            runs = jobs[0].out / "runs" if jobs else None
-            saved = (
-                f"{sum(job.final.exists() for job in jobs)} of {len(jobs)} runs complete in {runs}, the "
-                "others continue from their last checkpoint"
-                if jobs
-                else "nothing was run yet"
-            )
-            raise Interrupted(f"{exc}; {saved}; continue with: {args.command_line}", exc.signum) from None
+    try:
+        jobs, recipes, stage = _plan(args)
+        with exclusive(jobs[0].out, args.command_line):
+            _run_grid(args, jobs, recipes, stage, start)
+    except Interrupted as exc:
+        runs = jobs[0].out / "runs" if jobs else None
+        saved = (
+            f"{sum(job.final.exists() for job in jobs)} of {len(jobs)} runs complete in {runs}, the "
+            "others continue from their last checkpoint"
+            if jobs
+            else "nothing was run yet"
+        )
+        raise Interrupted(f"{exc}; {saved}; continue with: {args.command_line}", exc.signum) from None
     return 0
 
 

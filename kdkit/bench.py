@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from kdkit.arguments import add_recipe_args
 from kdkit.cache import TeacherCache
-from kdkit.cli import _add_recipe_args
 from kdkit.data import DataError, build_loaders
 from kdkit.distiller import Distiller, SupervisedTask
 from kdkit.info import forward_gflops
@@ -71,7 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="time student-alone vs distillation (live teacher, cached teacher, hand-written loop)",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    _add_recipe_args(p)
+    add_recipe_args(p)
     p.add_argument("--stage", help="the distill stage to measure (default: the first)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (default 10)")
     p.add_argument("--batch", type=int, help="batch size (default: the recipe's data.batch_size)")

@@ -20,14 +20,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdkit import __version__
+from kdkit.arguments import add_recipe_args
 from kdkit.checkpoint import CheckpointError, OutputDirError, check_output_dir
 from kdkit.data import DataError, example_input
-from kdkit.errors import RunFailed
+from kdkit.errors import RunFailed, UsageError
 from kdkit.info import model_cost
 from kdkit.lock import exclusive
 from kdkit.models import ModelError, build_model
 from kdkit.plugins import load_plugins
-from kdkit.recipe import ModelSpec, RecipeError, load_recipe, parse_options, read_yaml
+from kdkit.recipe import ModelSpec, RecipeError, diff_keys, load_recipe, parse_options, read_yaml
 from kdkit.registry import COMMANDS, RegistryError
 from kdkit.runlog import console, output, progress_settings
 from kdkit.trainer import TrainingDiverged, TrainingInterrupted
@@ -43,26 +44,6 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-class UsageError(ValueError):
-    """Bad command-line arguments that argparse cannot catch (exit status 2)."""
-
-
-def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", type=Path, help="recipe YAML file")
-    _add_set_arg(parser)
-
-
-def _add_set_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set train.lr=1e-3 (repeatable)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every core and plugin subcommand."""
     parser = argparse.ArgumentParser(prog="kdkit", description="Knowledge distillation for PyTorch.")
@@ -72,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run", help="run a recipe (all its stages)", description="Run every stage of a recipe."
     )
-    _add_recipe_args(p)
+    add_recipe_args(p)
     p.add_argument(
         "--out", type=Path, help="run directory (default: runs/<recipe name>[-N], never overwritten)"
     )
@@ -84,11 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a recipe: types, models, taps and adapter shapes (dry run)")
-    _add_recipe_args(p)
+    add_recipe_args(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("info", help="parameters, MiB and GFLOPs of every model of a recipe")
-    _add_recipe_args(p)
+    add_recipe_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
 
@@ -166,23 +147,13 @@ def _continue_run(exc: TrainingInterrupted | Interrupted, args: argparse.Namespa
 def _check_same_recipe(resolved: dict, saved_path: Path) -> None:
     """A resumed run must continue the same experiment: refuse a changed recipe."""
     saved = read_yaml(saved_path)
-    changed = sorted(_diff_keys(saved, resolved))
+    changed = sorted(diff_keys(saved, resolved))
     if changed:
         raise UsageError(
             f"--resume: the recipe differs from the one this run started with ({saved_path}) at "
             f"{', '.join(changed[:8])}; resume with the same recipe and --set options, e.g. "
             f"kdkit run {saved_path} --out {saved_path.parent} --resume"
         )
-
-
-def _diff_keys(a: object, b: object, path: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [
-            k
-            for key in a.keys() | b.keys()
-            for k in _diff_keys(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
-        ]
-    return [] if a == b else [path or "(root)"]
 
 
 def _run_dir(name: str, out: Path | None, resume: bool) -> Path:
@@ -310,7 +281,8 @@ def _error(exc: Exception) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status."""
-    # A SIGTERM stops a command as a Ctrl-C does, except in torchrun's ranks (their stop stays collective).
+    # A SIGTERM stops a command as a Ctrl-C does, except in torchrun's ranks (their stop stays collective);
+    # installed here once for every command, plugin commands included.
     single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
     try:
         with stop_on_signals() if single else contextlib.nullcontext():

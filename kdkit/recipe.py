@@ -396,6 +396,17 @@ def parse_override(text: str, flag: str = "--set") -> tuple[list[str], Any]:
     return parts, value
 
 
+def diff_keys(a: object, b: object, path: str = "") -> list[str]:
+    """The dotted key paths at which two recipe mappings differ (e.g. a saved and a resolved recipe)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [
+            k
+            for key in a.keys() | b.keys()
+            for k in diff_keys(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+        ]
+    return [] if a == b else [path or "(root)"]
+
+
 def parse_options(texts: list[str], flag: str) -> dict[str, Any]:
     """`['a=1', 'b.c=x']` (repeated `flag KEY=VALUE` options) → `{'a': 1, 'b.c': 'x'}`, values as YAML."""
     options = {}

@@ -15,10 +15,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kdkit.arguments import add_set_arg
 from kdkit.checkpoint import atomic_write_text
-from kdkit.cli import UsageError, _add_set_arg
 from kdkit.comparison import results_table
 from kdkit.deploy.modelfile import load_checkpoint
+from kdkit.errors import UsageError
 from kdkit.pipeline import RecipeRun, evaluate_model
 from kdkit.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
 from kdkit.runlog import console, output
@@ -34,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", type=Path, help="RUN/<stage>/model.pt")
     p.add_argument("--recipe", type=Path, help="recipe YAML (default: the one recorded in the checkpoint)")
-    _add_set_arg(p)
+    add_set_arg(p)
     p.add_argument("--split", default="test", help="split to report (default test)")
     p.add_argument("--out", type=Path, help="output folder (default: RUN/<stage>/eval-<split>)")
     p.set_defaults(func=cmd_eval)

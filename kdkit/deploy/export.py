@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from kdkit.checkpoint import as_newly_created
-from kdkit.cli import UsageError
 from kdkit.deploy.modelfile import (
     INPUT_NAME,
     OUTPUT_NAMES,
@@ -36,7 +35,7 @@ from kdkit.deploy.modelfile import (
     load_checkpoint,
     open_model,
 )
-from kdkit.errors import RunFailed
+from kdkit.errors import RunFailed, UsageError
 from kdkit.models import count_parameters
 from kdkit.runlog import output
 

@@ -22,9 +22,9 @@ import torch
 from rich.markup import escape
 from rich.table import Table
 
-from kdkit.cli import UsageError
 from kdkit.deploy.inputs import InputError, Preparer, expand_inputs, make_preparer, read_frames, to_batch
 from kdkit.deploy.modelfile import DeployedModel, open_model
+from kdkit.errors import UsageError
 from kdkit.recipe import parse_options
 from kdkit.registry import RegistryError
 from kdkit.runlog import console, output

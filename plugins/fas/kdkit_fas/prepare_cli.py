@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from kdkit.data import DataError
-from kdkit.workers import Interrupted, stop_on_signals
+from kdkit.workers import Interrupted
 from kdkit_fas.layouts import LAYOUTS, LayoutError
 from kdkit_fas.prepare import prepare
 
@@ -40,24 +40,23 @@ def run(args: argparse.Namespace) -> int:
     """Prepare the data set: 0 when every video was prepared, 1 when some could not be read (the
     report names them; the others are prepared). Bad input raises kdkit's errors (exit status 2)
     and an interruption `Interrupted` (128 + signal); `kdkit.cli.main` reports them."""
-    with stop_on_signals():
-        try:
-            report = prepare(
-                args.dataset,
-                args.root,
-                args.out,
-                protocol=args.protocol,
-                fold=args.fold,
-                frames_per_video=args.frames_per_video,
-                size=args.size,
-                workers=args.workers,
-                progress=not args.no_progress,
-                detector=args.detector,
-                replace=args.replace,
-            )
-        except LayoutError as exc:
-            raise DataError(str(exc)) from None
-        except Interrupted as exc:
-            raise Interrupted(f"{exc}; continue with: {args.command_line}", exc.signum) from None
+    try:
+        report = prepare(
+            args.dataset,
+            args.root,
+            args.out,
+            protocol=args.protocol,
+            fold=args.fold,
+            frames_per_video=args.frames_per_video,
+            size=args.size,
+            workers=args.workers,
+            progress=not args.no_progress,
+            detector=args.detector,
+            replace=args.replace,
+        )
+    except LayoutError as exc:
+        raise DataError(str(exc)) from None
+    except Interrupted as exc:
+        raise Interrupted(f"{exc}; continue with: {args.command_line}", exc.signum) from None
     print(report.summary())
     return 1 if report.failed else 0

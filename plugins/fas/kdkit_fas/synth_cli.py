@@ -8,9 +8,9 @@ from pathlib import Path
 from rich.table import Table
 
 from kdkit.checkpoint import OutputDirError
-from kdkit.cli import UsageError
+from kdkit.errors import UsageError
 from kdkit.runlog import output
-from kdkit.workers import Interrupted, stop_on_signals
+from kdkit.workers import Interrupted
 
 from .synth import SPLITS, VIDEOS_PER_SUBJECT, SynthSummary, generate
 
@@ -46,27 +46,26 @@ def _table(summary: SynthSummary) -> Table:
 def run(args: argparse.Namespace) -> int:
     """Generate the data set (0). Bad options raise `UsageError`, an occupied ``--out``
     `OutputDirError` and an interruption `Interrupted`; `kdkit.cli.main` reports them."""
-    with stop_on_signals():
-        try:
-            summary = generate(
-                args.out,
-                n_subjects=args.n_subjects,
-                frames=args.frames,
-                size=args.size,
-                seed=args.seed,
-                workers=args.workers,
-                progress=True,
-                dev_subjects=args.dev_subjects,
-                test_subjects=args.test_subjects,
-            )
-        except (FileExistsError, NotADirectoryError) as exc:
-            raise OutputDirError(str(exc)) from None
-        except OutputDirError:
-            raise  # another process writes --out (kdkit.lock.OutputLocked)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        except Interrupted as exc:
-            raise Interrupted(f"{exc}; continue with: {args.command_line}", exc.signum) from None
+    try:
+        summary = generate(
+            args.out,
+            n_subjects=args.n_subjects,
+            frames=args.frames,
+            size=args.size,
+            seed=args.seed,
+            workers=args.workers,
+            progress=True,
+            dev_subjects=args.dev_subjects,
+            test_subjects=args.test_subjects,
+        )
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise OutputDirError(str(exc)) from None
+    except OutputDirError:
+        raise  # another process writes --out (kdkit.lock.OutputLocked)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    except Interrupted as exc:
+        raise Interrupted(f"{exc}; continue with: {args.command_line}", exc.signum) from None
     output.print(_table(summary))
     output.print(f"{summary.total_frames} frames in {summary.seconds:.1f} s", highlight=False)
     return 0
