@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo digits test lint clean
+.PHONY: install demo digits test lint clean figures
 
 $(STAMP): pyproject.toml plugins/fas/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ digits: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# Redraw docs/img/architecture.png from the code; copy the demo's ROC/DET plot and ablation chart
+# from a finished run and ablation folder (skipped, with a note, where they do not exist).
+FIGURES_RUN ?= runs/kdfas-demo
+FIGURES_ABLATION ?= runs/ablation-kdfas-demo
+figures: install
+	$(BIN)/python docs/figures.py --run $(FIGURES_RUN) --ablation $(FIGURES_ABLATION)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -51,7 +51,7 @@ def feature_loss(name: str, a: Tensor, b: Tensor) -> Tensor:
 class ReferenceLoop:
     """Teacher, student, hooks, adapters, losses and an AdamW step, by hand.
 
-    `taps` lists `(student path, teacher path, selector)` per stage pair (block outputs).
+    `taps` lists `(student path, teacher path, selector)` per layer pair (block outputs).
     `adapter` is covariance, projection, identity or gram; projection layers are created here
     (`self.projections`), sized by a dry run on `example`.
     """

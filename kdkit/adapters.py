@@ -30,7 +30,6 @@ class Adapter(nn.Module):
         self.student_dim = student_dim
         self.teacher_dim = teacher_dim
 
-    @property
     def extra_parameters(self) -> int:
         """Number of trainable parameters the adapter adds to the student."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

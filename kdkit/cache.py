@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,9 +41,7 @@ from kdkit.checkpoint import as_newly_created, atomic_write_text
 from kdkit.data import SeededAugmentation
 from kdkit.recipe import DistillSpec
 from kdkit.runlog import console
-
-if TYPE_CHECKING:
-    from kdkit.distiller import Distiller
+from kdkit.taps import Tap, prefix_tokens
 
 FORMAT = 1
 GB = 1024**3
@@ -69,10 +67,13 @@ def teacher_cache_dir(spec: DistillSpec) -> Path:
     return Path(spec.cache_dir).expanduser() if spec.cache_dir else default_cache_dir()
 
 
-def weights_digest(module: nn.Module) -> str:
-    """SHA-256 of a module's state (names, dtypes, shapes and bytes of every tensor)."""
+def weights_digest(module: nn.Module, dtype: torch.dtype | None = None) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes and bytes of every tensor), as it is or,
+    with `dtype`, as `module.to(dtype)` would make it (floating-point tensors converted)."""
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
@@ -308,28 +309,37 @@ def _cache_size(root: Path) -> int:
     return sum(p.stat().st_size for p in root.glob("*/slot-*") if p.is_file())
 
 
-def open_teacher_cache(
-    distiller: Distiller, spec: DistillSpec, dataset: Any, amp: str = "none"
-) -> TeacherCache | None:
-    """The cache for a distill stage, or None when `spec.cache` is off or `dataset` has no sample keys.
-
-    The entry's key covers the teacher's weights (a hash of its tensors, after the dtype
-    conversion), its taps, its precision and the autocast mode, and the training data as
-    `SeededAugmentation.describe()` reports it (data settings, seed, transform, file fingerprint).
-    """
-    if not spec.cache or not isinstance(dataset, SeededAugmentation):
-        return None
-    key = {
+def teacher_cache_key(
+    teacher: nn.Module, taps: list[Tap], teacher_dtype: str, amp: str, dataset: SeededAugmentation
+) -> dict[str, Any]:
+    """What a teacher's stored outputs depend on: its weights (a hash of its tensors, as they are
+    once converted to `teacher_dtype`), its `taps` (the teacher side of the layer pairs), its
+    precision and the autocast mode `amp` (ignored for a half-precision teacher, which runs outside
+    autocast), and the training data as `SeededAugmentation.describe()` reports it (data settings,
+    seed, transform, file fingerprint)."""
+    dtype = _TORCH[teacher_dtype]
+    return {
         "format": FORMAT,
         "kdkit": __version__,
-        "teacher": type(distiller.teacher).__name__,
-        "teacher_sha256": weights_digest(distiller.teacher),
-        "teacher_dtype": str(distiller.teacher_dtype),
-        "amp": amp if distiller.teacher_dtype == torch.float32 else "none",
-        "taps": [asdict(pair.teacher) for pair in distiller.pairs],
-        "num_prefix_tokens": distiller.teacher_taps.num_prefix_tokens,
+        "teacher": type(teacher).__name__,
+        "teacher_sha256": weights_digest(teacher, dtype),
+        "teacher_dtype": str(dtype),
+        "amp": amp if dtype == torch.float32 else "none",
+        "taps": [asdict(tap) for tap in taps],
+        "num_prefix_tokens": prefix_tokens(teacher),
         "data": dataset.describe(),
     }
+
+
+def open_teacher_cache(
+    spec: DistillSpec, dataset: Any, teacher: nn.Module, taps: list[Tap], amp: str = "none"
+) -> TeacherCache | None:
+    """The cache of a distill stage's teacher outputs (key: `teacher_cache_key` with
+    `spec.teacher_dtype`), or None when `spec.cache` is off or `dataset` has no sample keys.
+    `taps` are the teacher's taps, in pair order (`[pair.teacher for pair in pairs]`)."""
+    if not spec.cache or not isinstance(dataset, SeededAugmentation):
+        return None
+    key = teacher_cache_key(teacher, taps, spec.teacher_dtype, amp, dataset)
     cache = TeacherCache(teacher_cache_dir(spec), key, len(dataset), int(spec.cache_max_gb * GB))
     if distributed.is_main():
         stored = sorted(cache.folder.glob("slot-*.done"))

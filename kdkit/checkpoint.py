@@ -54,26 +54,35 @@ def check_output_dir(path: str | Path, need_bytes: int = 0, option: str = "--out
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file beside `path` for writing ('wb' or 'w'); when the block ends without an
-    error it is flushed to disk and renamed to `path`, else removed: never a half-written file."""
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer that wants a file name (an exporter, a hard
+    link); when the block ends without an error it is renamed to `path`, else removed. The file,
+    created empty, has the mode `open` would give it (0o666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     # os.open with 0o666 honours the umask (mkstemp would make every output owner-only, 0o600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        with (
-            naming_the_file(path),
-            os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle,
-        ):
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        with naming_the_file(path):
+            yield tmp
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file beside `path` for writing ('wb' or 'w'); when the block ends without an
+    error it is flushed to disk and renamed to `path`, else removed: never a half-written file."""
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle,
+    ):
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def as_newly_created(path: str | Path) -> None:

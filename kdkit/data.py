@@ -9,7 +9,7 @@ A factory never creates data: a missing root is a `DataError`. A factory that ca
 data set when the recipe asks for it (e.g. `fas_folder` with `data.options.synth`) carries a
 `generate(spec) -> bool` attribute, which only `generate_data` calls — and only the commands that
 create data for a run call that (`kdkit run`, `kdkit ablate` and `kdkit validate`, through
-`RecipeRun.check(generate=True)`); `eval`, `info`, `export`, `predict` and `bench` read the
+`kdkit.checks.check_recipe(recipe, generate=True)`); `eval`, `info`, `export`, `predict` and `bench` read the
 data as it is, so a mistyped root is reported, never filled with a new data set. Image files are
 decoded by `kdkit.images.read_rgb` and CSV files read by `kdkit.csvfile.read_csv`.
 """

@@ -1,22 +1,26 @@
-"""The Distiller: a frozen teacher, a student, stage pairs, one adapter per pair, loss weights.
+"""The Distiller: a frozen teacher, a student, layer pairs, one adapter per pair, loss weights.
 
-    distiller = Distiller(teacher, student, pairs=stage_pairs(teacher, student, [[3, 6], [6, 12]]),
+    distiller = Distiller(teacher, student, pairs=layer_pairs(teacher, student, [[3, 6], [6, 12]]),
                           adapter="covariance", example_input=images[:2])
     out = distiller(images, labels)      # {'loss', 'ce', 'kd', 'feat', 'feat.0', ..., 'logits'}
     out["loss"].backward()
 
-The total loss is ``(1 - alpha) * CE + alpha * tau² * KL + beta * mean_i feature_i`` (as in the
-HaTFAS code: the feature term is the mean over stage pairs, so beta does not scale with their number).
+The total loss is ``(1 - alpha) * CE + alpha * tau² * KL + beta * sum_i w_i * feature_i / n`` over
+the n layer pairs, with the pair weights w_i (1 by default: the mean over pairs, as in the HaTFAS
+code, so beta does not scale with their number). Each pair may name its own adapter, adapter
+options, criterion and weight; the Distiller's own settings fill in the rest.
 The teacher runs in eval mode under `torch.inference_mode()`, so it never builds an autograd
 graph; only the student and the adapters are trainable (`trainable_state_dict`). With
 `teacher_dtype` bfloat16/float16 its weights are converted in place (no fp32 copy is kept) and it
-runs outside autocast. With a `cache` (`kdkit.cache.TeacherCache`) and the batch's sample `keys`,
-stored teacher outputs replace the teacher's forward pass.
+runs outside autocast. With a `cache` (`kdkit.cache.TeacherCache`, opened for this teacher, its
+taps and precision by `kdkit.cache.open_teacher_cache`) and the batch's sample `keys`, stored
+teacher outputs replace the teacher's forward pass.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +29,8 @@ from torch import nn
 
 from kdkit.adapters import build_adapter
 from kdkit.losses import build_feature_criterion, cross_entropy, kd_loss
-from kdkit.taps import Tap, TapRecorder, find_preset, stage_taps
+from kdkit.recipe import PairSpec, parse_pair
+from kdkit.taps import Tap, TapRecorder, block_taps, find_preset
 
 if TYPE_CHECKING:
     from kdkit.cache import TeacherCache
@@ -34,17 +39,30 @@ TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 
 
 @dataclass(frozen=True)
-class StagePair:
-    """A student tap matched to a teacher tap."""
+class LayerPair:
+    """A student tap matched to a teacher tap, with the pair's own options (None: the
+    Distiller's; a built Distiller's `pairs` hold every value resolved)."""
 
     student: Tap
     teacher: Tap
+    adapter: str | None = None
+    adapter_options: dict[str, Any] | None = dataclasses.field(default=None, hash=False)
+    criterion: str | None = None
+    weight: float = 1.0
 
 
-def uniform_stages(student_depth: int, teacher_depth: int, n: int) -> list[list[int]]:
-    """`n` stage pairs spread evenly over both depths (1-based block numbers, last block included).
+class PairError(ValueError):
+    """A problem with one layer pair; the message starts with `pairs[i]: `."""
 
-    >>> uniform_stages(12, 24, 4)
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(f"pairs[{index}]: {message}")
+        self.index = index
+
+
+def uniform_pairs(student_depth: int, teacher_depth: int, n: int) -> list[list[int]]:
+    """`n` layer pairs spread evenly over both depths (1-based block numbers, last block included).
+
+    >>> uniform_pairs(12, 24, 4)
     [[3, 6], [6, 12], [9, 18], [12, 24]]
     """
     if not 1 <= n <= min(student_depth, teacher_depth):
@@ -55,34 +73,61 @@ def uniform_stages(student_depth: int, teacher_depth: int, n: int) -> list[list[
     return [[round(i * student_depth / n), round(i * teacher_depth / n)] for i in range(1, n + 1)]
 
 
-def stage_pairs(
+def layer_pairs(
     teacher: nn.Module,
     student: nn.Module,
-    stages: list[Any] | str,
+    pairs: list[Any] | str,
     point: str = "block",
     select: str | None = None,
-) -> list[StagePair]:
-    """Turn recipe stages into tap pairs.
+) -> list[LayerPair]:
+    """Turn a recipe's `distill.pairs` into tap pairs.
 
-    Each stage is `[student_block, teacher_block]` (1-based block numbers of the architecture's
-    tap preset, "the output of block k") or `{student: path, teacher: path, select: ..., io: ...}`
-    with explicit module paths; `'uniform:N'` spreads N pairs evenly over both models' depths.
+    Each item is `[student_block, teacher_block]` (1-based block numbers of the architecture's tap
+    preset, "the output of block k") or a mapping with `student` and `teacher` (a block number or
+    a module path) and optionally `select`, `io`, `adapter`, `adapter_options`, `criterion`,
+    `weight` (`kdkit.recipe.PairSpec`); `'uniform:N'` spreads N pairs evenly over both models'
+    depths. A bad item raises `PairError` naming its index.
     """
-    if isinstance(stages, str):
-        n = int(stages.partition(":")[2])
-        stages = uniform_stages(find_preset(student).depth(student), find_preset(teacher).depth(teacher), n)
-    pairs = []
-    for stage in stages:
-        if isinstance(stage, dict):
-            sel = stage.get("select", select or "all")
-            io = stage.get("io", "output")
-            pairs.append(StagePair(Tap(stage["student"], io, sel), Tap(stage["teacher"], io, sel)))
-        else:
-            s_index, t_index = stage
-            (s_tap,) = stage_taps(student, [s_index], point, select)
-            (t_tap,) = stage_taps(teacher, [t_index], point, select)
-            pairs.append(StagePair(s_tap, t_tap))
-    return pairs
+    if isinstance(pairs, str):
+        n = int(pairs.partition(":")[2])
+        blocks = uniform_pairs(find_preset(student).depth(student), find_preset(teacher).depth(teacher), n)
+        return [_layer_pair(student, teacher, PairSpec(*b), point, select) for b in blocks]
+    built = []
+    for i, entry in enumerate(pairs):
+        problems: list[str] = []
+        spec = entry if isinstance(entry, PairSpec) else parse_pair(entry, f"pairs[{i}]", problems)
+        if spec is None:
+            raise ValueError("; ".join(problems))
+        try:
+            built.append(_layer_pair(student, teacher, spec, point, select))
+        except ValueError as exc:
+            raise PairError(i, str(exc)) from None
+    return built
+
+
+def _layer_pair(
+    student: nn.Module, teacher: nn.Module, spec: PairSpec, point: str, select: str | None
+) -> LayerPair:
+    return LayerPair(
+        _tap(student, spec.student, spec, point, select, "student"),
+        _tap(teacher, spec.teacher, spec, point, select, "teacher"),
+        spec.adapter,
+        spec.adapter_options,
+        spec.criterion,
+        spec.weight,
+    )
+
+
+def _tap(model: nn.Module, side: int | str, spec: PairSpec, point: str, select: str | None, role: str) -> Tap:
+    """The tap of one side of a pair: a preset block (its default selector) or a module path ('all')."""
+    chosen = spec.select or select
+    if isinstance(side, str):
+        return Tap(side, spec.io, chosen or "all")
+    try:
+        (tap,) = block_taps(model, [side], point, chosen)
+    except ValueError as exc:
+        raise ValueError(f"{role}: {exc}") from None
+    return dataclasses.replace(tap, io=spec.io)
 
 
 def _no_weight_decay(model: nn.Module, prefix: str) -> set[str]:
@@ -121,13 +166,19 @@ class SupervisedTask(nn.Module):
 
 
 class Distiller(nn.Module):
-    """Logit + multi-stage feature distillation from a frozen teacher into a student."""
+    """Logit + multi-layer feature distillation from a frozen teacher into a student.
+
+    `adapter`, `adapter_options` and `criterion` apply to every pair that does not name its own
+    (a pair with its own adapter gets its own `adapter_options`, default none); after
+    construction `pairs` holds each pair's resolved settings. `adapter="none"` drops every pair
+    (logit KD only). `cache`: the teacher-output cache opened for this teacher (or None).
+    """
 
     def __init__(
         self,
         teacher: nn.Module,
         student: nn.Module,
-        pairs: list[StagePair] | None = None,
+        pairs: list[LayerPair] | None = None,
         adapter: str = "covariance",
         adapter_options: dict[str, Any] | None = None,
         criterion: str = "mse",
@@ -137,6 +188,7 @@ class Distiller(nn.Module):
         label_smoothing: float = 0.0,
         example_input: torch.Tensor | None = None,
         teacher_dtype: str = "float32",
+        cache: TeacherCache | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0 or tau <= 0 or beta < 0:
@@ -148,13 +200,14 @@ class Distiller(nn.Module):
         self.teacher_dtype = TEACHER_DTYPES[teacher_dtype]
         # In place: the fp32 weights are released, not kept beside the half-precision ones.
         self.teacher = teacher.eval().requires_grad_(False).to(self.teacher_dtype)
-        self.cache: TeacherCache | None = None
+        self.cache = cache  # public: a benchmark may hand it a filled one
         self.student = student
         self.alpha, self.tau, self.beta = alpha, tau, beta
         self.label_smoothing = label_smoothing
-        self.pairs = list(pairs or []) if adapter != "none" else []
-        self.adapter_name = adapter
-        self.criterion = build_feature_criterion(criterion)
+        self.adapter_name = adapter  # the default of the pairs that name none
+        given = list(pairs or []) if adapter != "none" else []
+        self.pairs = [_resolved(i, p, adapter, adapter_options or {}, criterion) for i, p in enumerate(given)]
+        self.criteria = [build_feature_criterion(p.criterion) for p in self.pairs]
         self.teacher_taps = TapRecorder(teacher, {str(i): p.teacher for i, p in enumerate(self.pairs)})
         self.student_taps = TapRecorder(student, {str(i): p.student for i, p in enumerate(self.pairs)})
         self.adapters = nn.ModuleList()
@@ -162,7 +215,7 @@ class Distiller(nn.Module):
         if self.pairs or example_input is not None:
             if example_input is None:
                 raise ValueError("example_input (a batch of 1-2 inputs) is needed to size the adapters")
-            self._dry_run(example_input, adapter_options or {})
+            self._dry_run(example_input)
 
     @property
     def model(self) -> nn.Module:
@@ -170,7 +223,7 @@ class Distiller(nn.Module):
         return self.student
 
     @torch.no_grad()
-    def _dry_run(self, example: torch.Tensor, adapter_options: dict[str, Any]) -> None:
+    def _dry_run(self, example: torch.Tensor) -> None:
         """Run both models once to learn every tap's shape, then build the adapters from them."""
         was_training = self.student.training
         self.student.eval()
@@ -189,19 +242,22 @@ class Distiller(nn.Module):
             )
         for i, pair in enumerate(self.pairs):
             s, t = s_feats[str(i)], t_feats[str(i)]
+            assert pair.adapter is not None and pair.adapter_options is not None  # resolved
             try:
-                adapter = build_adapter(self.adapter_name, s.shape[-1], t.shape[-1], **adapter_options)
+                adapter = build_adapter(pair.adapter, s.shape[-1], t.shape[-1], **pair.adapter_options)
                 adapter = adapter.to(device=s.device)
                 s_out, t_out = adapter(s.float(), t.float())
             except ValueError as exc:
-                raise ValueError(
-                    f"stage pair {i} (student {pair.student.path} {tuple(s.shape)} ↔ teacher "
-                    f"{pair.teacher.path} {tuple(t.shape)}): {exc}"
+                raise PairError(
+                    i,
+                    f"student {pair.student.path} {tuple(s.shape)} ↔ teacher {pair.teacher.path} "
+                    f"{tuple(t.shape)}: {exc}",
                 ) from None
             if s_out.shape != t_out.shape:
-                raise ValueError(
-                    f"stage pair {i}: adapter {self.adapter_name!r} returned shapes "
-                    f"{tuple(s_out.shape)} and {tuple(t_out.shape)}; they must be equal"
+                raise PairError(
+                    i,
+                    f"adapter {pair.adapter!r} returned shapes {tuple(s_out.shape)} and "
+                    f"{tuple(t_out.shape)}; they must be equal",
                 )
             self.adapters.append(adapter)
             self.shapes.append((tuple(s.shape), tuple(t.shape)))
@@ -255,12 +311,13 @@ class Distiller(nn.Module):
             out["kd"] = kd_loss(s_logits, teacher["logits"].to(s_logits.dtype), self.tau)
             loss = loss + self.alpha * out["kd"]
         if self.pairs:
-            terms = []
-            for i, adapter in enumerate(self.adapters):
+            weighted = []
+            for i, (adapter, criterion) in enumerate(zip(self.adapters, self.criteria, strict=True)):
                 s_mapped, t_target = adapter(s_feats[str(i)].float(), teacher[f"feat.{i}"].float())
-                terms.append(self.criterion(s_mapped, t_target))
-                out[f"feat.{i}"] = terms[-1]
-            out["feat"] = torch.stack(terms).mean()
+                out[f"feat.{i}"] = criterion(s_mapped, t_target)
+                weighted.append(out[f"feat.{i}"] * self.pairs[i].weight)
+            # sum_i w_i l_i / n; with every w_i = 1 exactly the mean of the terms (x * 1.0 is exact)
+            out["feat"] = torch.stack(weighted).mean()
             loss = loss + self.beta * out["feat"]
         out["loss"] = loss
         out["logits"] = s_logits
@@ -293,3 +350,20 @@ class Distiller(nn.Module):
         if self.cache is not None:
             self.cache.close()
             self.cache = None
+
+
+def _resolved(
+    index: int, pair: LayerPair, adapter: str, adapter_options: dict[str, Any], criterion: str
+) -> LayerPair:
+    """`pair` with its unset options taken from the Distiller's: a pair naming its own adapter gets
+    its own adapter options (default none), since another adapter's options would not fit it."""
+    if pair.weight < 0:
+        raise PairError(index, f"weight: expected a value >= 0, got {pair.weight}")
+    own = pair.adapter is not None and pair.adapter != adapter
+    options = pair.adapter_options if pair.adapter_options is not None else ({} if own else adapter_options)
+    return dataclasses.replace(
+        pair,
+        adapter=pair.adapter or adapter,
+        adapter_options=dict(options),
+        criterion=pair.criterion or criterion,
+    )

@@ -91,26 +91,52 @@ class DataSpec:
 
 
 @dataclass
+class PairSpec:
+    """One teacher/student layer pair of `distill.pairs` written as a mapping; the options left
+    unset come from the distill section."""
+
+    student: int | str  # 1-based block number of the student's tap preset, or a module path
+    teacher: int | str  # the same for the teacher
+    adapter: str | None = None  # default: distill.adapter
+    # default: distill.adapter_options when the pair uses distill.adapter, else none
+    adapter_options: dict[str, Any] | None = None
+    criterion: str | None = None  # default: distill.criterion
+    weight: float = 1.0  # this pair's weight w_i in the feature term beta * sum_i w_i * l_i / n
+    # token selector; default: distill.select, else the preset's (a block number) or 'all' (a path)
+    select: str | None = None
+    io: Literal["output", "input"] = "output"  # tap the module's output or its input
+
+
+@dataclass
 class DistillSpec:
     """How the student learns from the teacher (used by `distill` stages)."""
 
     teacher: str = "teacher"  # a key of `models`, or the name of an earlier stage that trained it
     student: str = "student"  # a key of `models`
-    adapter: str = "covariance"  # feature adapter per stage pair, or 'none' for no feature KD
+    adapter: str = "covariance"  # feature adapter of each layer pair, or 'none' for no feature KD
     adapter_options: dict[str, Any] = field(default_factory=dict)
     criterion: str = "mse"  # feature loss after the adapter: a registered one (mse, smooth_l1, cosine)
-    # [[student_block, teacher_block], ...] (1-based), explicit {student: path, teacher: path} pairs,
-    # or 'uniform:N': N pairs spread evenly over both depths (12 vs 24 blocks, N=4: 3,6,9,12 ↔ 6,12,18,24)
-    stages: list[Any] | str = field(default_factory=list)
+    # teacher/student layer pairs: [[student_block, teacher_block], ...] (1-based), mappings
+    # (`PairSpec`: block numbers or module paths, with per-pair options), or 'uniform:N': N pairs
+    # spread evenly over both depths (12 vs 24 blocks, N=4: 3,6,9,12 ↔ 6,12,18,24). Old name: stages.
+    pairs: list[Any] | str = field(default_factory=list)
     point: str = "block"  # which part of a block to tap: block | attn | mlp (preset dependent)
     select: str | None = None  # token selector (cls, mean, patch, tokens, all); default: preset's
     alpha: float = 0.7  # weight of the logit KD term; CE gets 1 - alpha
     tau: float = 3.0  # KD temperature
-    beta: float = 1.0  # weight of the feature term (mean over stage pairs)
+    beta: float = 1.0  # weight of the feature term (the weighted mean over layer pairs)
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the teacher's weights and compute
     cache: bool = True  # store teacher outputs per (sample, augmentation) and reuse them
     cache_dir: str | None = None  # default: $KDKIT_CACHE_DIR or ~/.cache/kdkit/teacher-outputs
     cache_max_gb: float = 20.0  # size bound of cache_dir; beyond it the teacher runs live
+
+    def adapter_names(self) -> list[str]:
+        """Every adapter a stage with these settings builds: `adapter` and each pair's own
+        (`['none']`: no feature KD). What its smallest batch depends on."""
+        if self.adapter == "none" or isinstance(self.pairs, str):
+            return [self.adapter]
+        specs = [parse_pair(entry, "", []) for entry in self.pairs]
+        return list(dict.fromkeys([self.adapter, *(s.adapter for s in specs if s is not None and s.adapter)]))
 
 
 @dataclass
@@ -396,8 +422,58 @@ def parse_override(text: str, flag: str = "--set") -> tuple[list[str], Any]:
     return parts, value
 
 
+# Old names of distill keys, still read (in the top-level section and a stage's overrides);
+# `Recipe.to_dict` writes the new ones.
+DISTILL_ALIASES = {"stages": "pairs"}
+
+
+def canonical_keys(data: Any, problems: list[str] | None = None) -> Any:
+    """`data` (a raw recipe mapping) with every old key name renamed to its current one
+    (`distill.stages` → `distill.pairs`), in place of the old key; the input is not modified.
+    A mapping that holds both names is left as it is, or, with `problems`, reported there (and
+    the old key dropped, so that it is not reported again as unknown)."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    if isinstance(data.get("distill"), dict):
+        data["distill"] = _renamed(data["distill"], "distill", problems)
+    if isinstance(data.get("pipeline"), list):
+        data["pipeline"] = [
+            {**stage, "distill": _renamed(stage["distill"], f"pipeline[{i}].distill", problems)}
+            if isinstance(stage, dict) and isinstance(stage.get("distill"), dict)
+            else stage
+            for i, stage in enumerate(data["pipeline"])
+        ]
+    return data
+
+
+def _renamed(section: dict[str, Any], where: str, problems: list[str] | None) -> dict[str, Any]:
+    """A distill mapping with its old key names replaced by the current ones (same order)."""
+    for old, new in DISTILL_ALIASES.items():
+        if old in section and new in section:
+            if problems is not None:
+                problems.append(
+                    f"{where}: both {new!r} and {old!r} (its old name) are given; keep only {where}.{new}"
+                )
+                section = {key: value for key, value in section.items() if key != old}
+        elif old in section:
+            section = {(new if key == old else key): value for key, value in section.items()}
+    return section
+
+
+def _canonical_path(parts: list[str]) -> list[str]:
+    """An override's key path with an old distill key renamed (`distill.stages.0` → `distill.pairs.0`)."""
+    at = 1 if parts[0] == "distill" else 3 if parts[0] == "pipeline" and parts[2:3] == ["distill"] else 0
+    if at and len(parts) > at and parts[at] in DISTILL_ALIASES:
+        return [*parts[:at], DISTILL_ALIASES[parts[at]], *parts[at + 1 :]]
+    return parts
+
+
 def diff_keys(a: object, b: object, path: str = "") -> list[str]:
-    """The dotted key paths at which two recipe mappings differ (e.g. a saved and a resolved recipe)."""
+    """The dotted key paths at which two recipe mappings differ (e.g. a saved and a resolved
+    recipe); old key names count as their current ones (a run saved with `stages` has `pairs`)."""
+    if not path:
+        a, b = canonical_keys(a), canonical_keys(b)
     if isinstance(a, dict) and isinstance(b, dict):
         return [
             k
@@ -420,11 +496,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """Return a copy of `data` with each 'a.b=c' override applied.
 
     List items are addressed by index (`pipeline.0.train.epochs=2`) or, for lists of mappings
-    with a `name`, by that name (`pipeline.teacher.train.epochs=2`).
+    with a `name`, by that name (`pipeline.teacher.train.epochs=2`). Old key names, in the data
+    and in the overrides, are read as their current ones (`distill.stages` is `distill.pairs`).
     """
-    data = copy.deepcopy(data)
+    data = copy.deepcopy(canonical_keys(data))
     for text in overrides:
         parts, value = parse_override(text)
+        parts = _canonical_path(parts)
         node: Any = data
         for depth, part in enumerate(parts):
             last = depth == len(parts) - 1
@@ -463,7 +541,7 @@ def _list_index(node: list[Any], part: str, where: str, text: str) -> int:
 def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Validate a recipe mapping into a `Recipe`, or raise `RecipeError` listing every problem."""
     problems: list[str] = []
-    recipe = _convert_dataclass(Recipe, data, "", problems)
+    recipe = _convert_dataclass(Recipe, canonical_keys(data, problems), "", problems)
     if recipe is not None and not problems:
         _check_semantics(recipe, problems)
     if problems:
@@ -626,16 +704,38 @@ def _check_distill(
             f"{where}.teacher: expected a model key {sorted(recipe.models)} or an earlier "
             f"stage name {earlier}, got {d.teacher!r}"
         )
-    if isinstance(d.stages, str):
-        if not re.fullmatch(r"uniform:[1-9][0-9]*", d.stages):
-            problems.append(f"{where}.stages: expected a list of pairs or 'uniform:N', got {d.stages!r}")
+    if isinstance(d.pairs, str):
+        if not re.fullmatch(r"uniform:[1-9][0-9]*", d.pairs):
+            problems.append(f"{where}.pairs: expected a list of pairs or 'uniform:N', got {d.pairs!r}")
         return
-    for i, pair in enumerate(d.stages):
-        ok = (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, int) for v in pair)) or (
-            isinstance(pair, dict) and {"student", "teacher"} <= set(pair)
+    for i, entry in enumerate(d.pairs):
+        parse_pair(entry, f"{where}.pairs[{i}]", problems)
+
+
+def parse_pair(entry: Any, where: str, problems: list[str]) -> PairSpec | None:
+    """One item of `distill.pairs` as a `PairSpec`: `[student_block, teacher_block]` or a mapping
+    (`PairSpec`'s keys). Each problem is appended to `problems` with its key path under `where`."""
+    if isinstance(entry, list) and len(entry) == 2 and all(_is_int(v) for v in entry):
+        return PairSpec(*entry)
+    if not isinstance(entry, dict):
+        problems.append(
+            f"{where}: expected [student_block, teacher_block] or a mapping "
+            f"{{student: block or path, teacher: block or path, ...}}, got {shorten(entry)}"
         )
-        if not ok:
-            problems.append(
-                f"{where}.stages[{i}]: expected [student_block, teacher_block] or "
-                f"{{student: path, teacher: path}}, got {pair!r}"
+        return None
+    found: list[str] = []
+    spec = _convert_dataclass(PairSpec, entry, where, found)
+    if spec is not None and not found:
+        if spec.weight < 0:
+            found.append(f"{where}.weight: expected a value >= 0, got {spec.weight}")
+        if spec.adapter == "none":
+            found.append(
+                f"{where}.adapter: 'none' is not an adapter of one pair; remove the pair to leave it "
+                "out (distill.adapter: none turns feature KD off)"
             )
+    problems.extend(found)
+    return None if found else spec
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

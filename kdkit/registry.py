@@ -8,6 +8,7 @@ the core never names a plugin.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -38,9 +39,17 @@ class Registry(Generic[T]):
     True
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, builtins: str | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        # the kdkit module that registers the built-in entries, imported on first use (so that
+        # `import kdkit` stays light and a registry is never seen without its built-ins)
+        self._builtins = builtins
+
+    def _load_builtins(self) -> None:
+        module, self._builtins = self._builtins, None  # cleared first: the import adds entries
+        if module is not None:
+            importlib.import_module(module)
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
         """Decorator registering an object under `name` (default: its `__name__`)."""
@@ -53,6 +62,7 @@ class Registry(Generic[T]):
 
     def add(self, name: str, obj: T) -> None:
         """Register `obj` under `name`; a name may be registered only once."""
+        self._load_builtins()
         if name in self._entries:
             raise RegistryError(
                 f"{self.kind} {name!r} is already registered (by {self._entries[name]!r}); "
@@ -62,6 +72,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """Return the entry named `name`, or raise `RegistryError` listing the valid names."""
+        self._load_builtins()
         try:
             return self._entries[name]
         except KeyError:
@@ -72,15 +83,18 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         """All registered names, sorted."""
+        self._load_builtins()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        self._load_builtins()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
+        self._load_builtins()
         return len(self._entries)
 
     def __repr__(self) -> str:
@@ -102,12 +116,12 @@ class Registries:
 
 
 MODELS: Registry[Callable[..., Any]] = Registry("model")
-ADAPTERS: Registry[Callable[..., Any]] = Registry("adapter")
-DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
-EVALUATORS: Registry[Callable[..., Any]] = Registry("evaluator")
-TAP_PRESETS: Registry[Any] = Registry("tap preset")
+ADAPTERS: Registry[Callable[..., Any]] = Registry("adapter", builtins="kdkit.adapters")
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset", builtins="kdkit.data")
+EVALUATORS: Registry[Callable[..., Any]] = Registry("evaluator", builtins="kdkit.evaluators")
+TAP_PRESETS: Registry[Any] = Registry("tap preset", builtins="kdkit.taps")
 # feature losses, `criterion(s_mapped, t_target) -> scalar tensor` (built-ins in kdkit.losses)
-FEATURE_CRITERIA: Registry[Callable[..., Any]] = Registry("feature criterion")
+FEATURE_CRITERIA: Registry[Callable[..., Any]] = Registry("feature criterion", builtins="kdkit.losses")
 COMMANDS: Registry[Callable[..., Any]] = Registry("command")
 # `kdkit predict`: factory(**options) -> prepare(rgb: uint8 HxWx3 array) -> uint8 array, or None when
 # the frame holds nothing to score (e.g. no face). A data set factory names the preparer its frames

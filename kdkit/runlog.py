@@ -5,6 +5,9 @@ tables, listings — so that `kdkit taps MODEL | grep attn` works).
 Progress (`progress`) is a rich bar on a terminal; without one (a log file, a batch scheduler) it is
 a plain line on stderr at every `$KDKIT_PROGRESS_STEPS` steps (default: each quarter of the total)
 or every `$KDKIT_PROGRESS_SECONDS` seconds (default 30), whichever comes first.
+
+`AlignedLines` lays out lines of fixed-width columns under a header (the trainer's epoch lines),
+the same on a terminal and in a log file.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -159,6 +163,59 @@ class _PlainProgress:
         pct = 100 * self.done / max(self.total, 1)
         text = f"{self.description}: {self.done}/{self.total} {self.unit} ({pct:.0f} %), "
         return text + f"{rate:.3g} {self.unit}/s, ETA {eta}" + (f", {self.info}" if self.info else "")
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of `AlignedLines`: its name (the header, and the key of its value), the format of
+    its numbers, its width in characters (the name's at least) and its rank: when a line is too
+    wide, the columns of the highest rank go first (rank 0 never)."""
+
+    name: str
+    spec: str = "#.4g"  # 4 significant digits, trailing zeros kept: 2.290 under 0.2534
+    width: int = 9
+    rank: int = 1
+
+
+class AlignedLines:
+    """Lines of right-aligned fixed-width columns under a header line naming them, so that a
+    column's values stand under each other from line to line (in a log file as on a terminal).
+    Columns that would take the line past `width` characters are left out, least important first
+    (the line never wraps)."""
+
+    def __init__(self, prefix: str, columns: list[Column], width: int) -> None:
+        self.prefix = prefix
+        self.columns = list(columns)
+        droppable = sorted((c for c in self.columns if c.rank > 0), key=lambda c: c.rank)
+        while droppable and len(self.header()) > width:
+            self.columns.remove(droppable.pop())
+
+    def _join(self, cells: list[str]) -> str:
+        widths = (max(c.width, len(c.name)) for c in self.columns)
+        return " ".join([self.prefix, *(cell.rjust(w) for cell, w in zip(cells, widths, strict=True))])
+
+    def header(self) -> str:
+        """The column names, each right-aligned over its column."""
+        return self._join([c.name for c in self.columns])
+
+    def line(self, values: dict[str, Any]) -> str:
+        """One line of `values` by column name: numbers formatted, text as is, '-' where absent."""
+        return self._join([_cell(values.get(c.name), c) for c in self.columns])
+
+
+def _cell(value: Any, column: Column) -> str:
+    """`value` in at most `column.width` characters where it can be: with fewer significant
+    digits when its format is too wide (a loss of 12345.678 is shown as 1.235e+04)."""
+    if value is None:
+        return "-"
+    if not isinstance(value, (int, float)):
+        return str(value)
+    text = format(value, column.spec)
+    for digits in (4, 3, 2, 1):
+        if len(text) <= max(column.width, len(column.name)):
+            break
+        text = format(value, f".{digits}g")
+    return text
 
 
 def _clean(value: Any) -> Any:

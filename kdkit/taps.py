@@ -116,6 +116,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def prefix_tokens(model: nn.Module) -> int:
+    """How many class/register tokens lead the model's token sequences (timm's `num_prefix_tokens`;
+    1 when the model does not say): what the `patch` and `mean` selectors skip."""
+    return getattr(unwrap_model(model), "num_prefix_tokens", 1)
+
+
 def _first(value: object) -> object:
     """Tuple or list input/output: element 0 (e.g. the hidden state of (hidden, attn))."""
     if isinstance(value, (tuple, list)):
@@ -140,9 +146,7 @@ class TapRecorder:
     def __init__(self, model: nn.Module, taps: dict[str, Tap], num_prefix_tokens: int | None = None) -> None:
         root = unwrap_model(model)
         self.taps = dict(taps)
-        self.num_prefix_tokens = (
-            getattr(root, "num_prefix_tokens", 1) if num_prefix_tokens is None else num_prefix_tokens
-        )
+        self.num_prefix_tokens = prefix_tokens(root) if num_prefix_tokens is None else num_prefix_tokens
         modules = dict(root.named_modules())
         for name, tap in self.taps.items():
             if tap.path not in modules:
@@ -268,10 +272,10 @@ class TapPreset:
         stages = self.stages(unwrap_model(model))
         name = type(unwrap_model(model)).__name__
         if index > len(stages):
-            raise ValueError(f"stage index {index} is beyond the depth {len(stages)} of {name}")
+            raise ValueError(f"block {index} is beyond the depth {len(stages)} of {name}")
         if index < 1:
             raise ValueError(
-                f"stage index {index} is below 1 (stage indices are 1-based, 1..{len(stages)}) for {name}"
+                f"block {index} is below 1 (block numbers are 1-based, 1..{len(stages)}) for {name}"
             )
         if point not in self.points:
             raise ValueError(f"preset {self.name!r} has no point {point!r}; points: {', '.join(self.points)}")
@@ -333,7 +337,7 @@ def find_preset(model: nn.Module) -> TapPreset:
     return found[0]
 
 
-def stage_taps(
+def block_taps(
     model: nn.Module, indices: list[int], point: str = "block", select: str | None = None
 ) -> list[Tap]:
     """Taps after the 1-based blocks `indices` of `model`, using its preset's paths and default selector."""

@@ -52,7 +52,7 @@ class KDKitFeatureLoss(nn.Module):
         self.student_tap = Tap(student_module_path, student_module_io, select)
         self.teacher_tap = Tap(teacher_module_path, teacher_module_io, select)
         self.adapter = build_adapter(adapter, student_dim, teacher_dim, **(adapter_options or {}))
-        if self.adapter.extra_parameters:
+        if any(p.requires_grad for p in self.adapter.parameters()):
             raise ValueError(
                 f"KDKitFeatureLoss: adapter {adapter!r} has trainable parameters, which "
                 "torchdistill's optimizer would never update; use 'covariance', 'gram' or "

@@ -83,7 +83,7 @@ def tiny_recipe_dict() -> dict[str, Any]:
     data = yaml.safe_load(DIGITS_RECIPE.read_text())
     data["models"]["teacher"]["options"] = vit_options(embed_dim=48, depth=2)
     data["models"]["student"]["options"] = vit_options(embed_dim=32, depth=2)
-    data["distill"]["stages"] = [[1, 1], [2, 2]]
+    data["distill"]["pairs"] = [[1, 1], [2, 2]]
     data["train"].update(epochs=2, max_steps_per_epoch=3, warmup_epochs=0, log_every=2, device="cpu")
     data["data"]["batch_size"] = 32
     return data

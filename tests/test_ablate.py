@@ -19,16 +19,17 @@ import yaml
 from conftest import tiny_recipe_dict
 from torch.utils.data import Dataset
 
-from kdkit.ablate import baseline_stage, expand_grid, resolve, split_values
-from kdkit.ablation_report import Group, Measured, csv_text, format_cell, markdown_tables, summarise
 from kdkit.checkpoint import load_file
 from kdkit.cli import main
+from kdkit.cli.ablate import baseline_stage, expand_grid, resolve, split_values
+from kdkit.cli.ablation_report import Group, Measured, csv_text, format_cell, markdown_tables, summarise
 from kdkit.comparison import direction, load_replicates
 from kdkit.data import digits
-from kdkit.pipeline import RecipeRun, train_stage_key
+from kdkit.pipeline import RecipeRun
 from kdkit.recipe import Recipe, apply_overrides, parse_recipe, read_yaml
 from kdkit.registry import DATASETS
 from kdkit.runlog import console
+from kdkit.stage_cache import StageCache, train_stage_key
 from kdkit.stats import Replicates, paired_difference
 
 GRID = ["--vary", "distill.adapter=covariance,projection", "--seeds", "0,1"]
@@ -85,9 +86,9 @@ def test_expand_grid_keeps_names_and_slugs_unambiguous() -> None:
 
 
 def test_variant_recipe_parses_values_as_yaml_and_sets_the_seed() -> None:
-    variant = expand_grid(["distill.stages=[[1,1]],[[1,1],[2,2]]"])[1]
+    variant = expand_grid(["distill.pairs=[[1,1]],[[1,1],[2,2]]"])[1]
     recipe = resolve(small_recipe(), variant, 3, "tiny.yaml")
-    assert recipe.seed == 3 and recipe.distill.stages == [[1, 1], [2, 2]]
+    assert recipe.seed == 3 and recipe.distill.pairs == [[1, 1], [2, 2]]
 
 
 def test_teacher_seed_pins_the_teacher_only_so_seeds_share_it() -> None:
@@ -231,7 +232,9 @@ def test_same_seed_sees_the_same_batches_and_augmentations_in_every_variant(
     for variant in expand_grid(["distill.adapter=covariance,projection"]):
         for seed in (0, 1):
             recipe = resolve(base, variant, seed, "tiny.yaml")
-            RecipeRun(recipe, tmp_path / f"{variant.slug}-{seed}", stage_cache=tmp_path / "cache").run()
+            RecipeRun(
+                recipe, tmp_path / f"{variant.slug}-{seed}", stage_cache=StageCache(tmp_path / "cache")
+            ).run()
     cov, proj = seen["adapter-covariance-0"], seen["adapter-projection-0"]
     assert len(cov) == len(proj) == 2
     for step_cov, step_proj in zip(cov, proj, strict=True):  # labels, images, RNG state
@@ -265,7 +268,7 @@ def test_stage_cache_reuses_a_teacher_and_retrains_a_changed_one(tmp_path: Path)
 
     def run(name: str, *overrides: str) -> dict[str, Any]:
         recipe = parse_recipe(apply_overrides(small_recipe(), list(overrides)))
-        return RecipeRun(recipe, tmp_path / name, stage_cache=cache).run()
+        return RecipeRun(recipe, tmp_path / name, stage_cache=StageCache(cache)).run()
 
     first = run("covariance")["teacher"]["cache"]
     second = run("projection", "distill.adapter=projection")["teacher"]["cache"]

@@ -65,12 +65,12 @@ def test_shape_errors_name_the_shapes(s_shape, t_shape, message):
 
 
 def test_extra_parameters():
-    assert build_adapter("projection", 8, 12).extra_parameters == 8 * 12 + 12
-    assert build_adapter("projection", 8, 12, bias=False).extra_parameters == 8 * 12
+    assert build_adapter("projection", 8, 12).extra_parameters() == 8 * 12 + 12
+    assert build_adapter("projection", 8, 12, bias=False).extra_parameters() == 8 * 12
     for name in ("covariance", "gram"):
         adapter = build_adapter(name, 8, 12)
-        assert adapter.extra_parameters == 0 and not list(adapter.parameters())
-    assert build_adapter("identity", 8, 8).extra_parameters == 0
+        assert adapter.extra_parameters() == 0 and not list(adapter.parameters())
+    assert build_adapter("identity", 8, 8).extra_parameters() == 0
 
 
 def test_unknown_adapter_and_option():
@@ -166,7 +166,7 @@ def test_covariance_detach_changes_only_the_gradient() -> None:
 
 def _hatfas_feature_loss(tokens_s: list[torch.Tensor], tokens_t: list[torch.Tensor]) -> torch.Tensor:
     """The feature term of the HaTFAS authors' public code (Maricle-zhangjun/HaTFAS@3e96e7b,
-    `losses.py`, `encoder_layer_loss`), written here from reading it: per stage pair, L2-normalise
+    `losses.py`, `encoder_layer_loss`), written here from reading it: per layer pair, L2-normalise
     both class tokens, correlation map ŝᵀt̂ (gradient flowing through it), reconstruction ŝ·map,
     mean of the squared difference to t̂; the term is the sum over pairs divided by their number."""
     losses = []

@@ -43,7 +43,11 @@ RECIPE_CASES = [
     ("alpha out of range", lambda d: d["distill"].update(alpha=1.5), ["alpha", "[0, 1]", "1.5"]),
     ("negative beta", lambda d: d["distill"].update(beta=-1), ["beta", ">= 0"]),
     ("zero temperature", lambda d: d["distill"].update(tau=0), ["tau", "positive"]),
-    ("stage beyond depth", lambda d: d["distill"].update(stages=[[1, 9]]), ["stage index 9", "depth 2"]),
+    (
+        "block beyond depth",
+        lambda d: d["distill"].update(pairs=[[1, 9]]),
+        ["distill.pairs[0]", "block 9", "depth 2"],
+    ),
     ("identity between widths", lambda d: d["distill"].update(adapter="identity"), ["identity", "48", "32"]),
     (
         "classes differ",
@@ -158,8 +162,8 @@ RECIPE_CASES = [
     ("unknown criterion", lambda d: d["distill"].update(criterion="l1"), ["distill.criterion", "smooth_l1"]),
     ("unknown tap point", lambda d: d["distill"].update(point="ffn"), ["'ffn'", "block, attn, mlp"]),
     ("unknown token selector", lambda d: d["distill"].update(select="first"), ["'first'", "cls"]),
-    ("uniform:0 stages", lambda d: d["distill"].update(stages="uniform:0"), ["distill.stages", "uniform:0"]),
-    ("stage index 0", lambda d: d["distill"].update(stages=[[0, 1]]), ["stage index 0", "1-based"]),
+    ("uniform:0 pairs", lambda d: d["distill"].update(pairs="uniform:0"), ["distill.pairs", "uniform:0"]),
+    ("block 0", lambda d: d["distill"].update(pairs=[[0, 1]]), ["distill.pairs[0]", "block 0", "1-based"]),
     ("unknown split", lambda d: d["pipeline"][-1].update(split="tset"), ["'tset'", "'test'"]),
     (
         "teacher is a later stage",

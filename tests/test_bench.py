@@ -11,16 +11,11 @@ import pytest
 import torch
 from conftest import REPO, tiny_vit
 
-from kdkit.bench import REFERENCE, reference_for
 from kdkit.cli import main
-from kdkit.distiller import Distiller, stage_pairs
+from kdkit.cli.bench import REFERENCE, reference_for
+from kdkit.distiller import Distiller, layer_pairs
 from kdkit.recipe import DistillSpec, TrainSpec
 from kdkit.trainer import Trainer
-
-
-class _NoLog:
-    def write(self, record: dict) -> None:
-        pass
 
 
 def _batches(n: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -31,7 +26,7 @@ def _batches(n: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _distiller(teacher: torch.nn.Module, student: torch.nn.Module, adapter: str, options: dict) -> Distiller:
-    pairs = stage_pairs(teacher, student, [[1, 1], [2, 2]])
+    pairs = layer_pairs(teacher, student, [[1, 1], [2, 2]])
     return Distiller(
         teacher,
         student,
@@ -59,7 +54,7 @@ def test_the_reference_loop_computes_what_a_kdkit_distill_step_computes(adapter:
     ref_distiller.adapters.load_state_dict(kd.adapters.state_dict())
     train = TrainSpec(epochs=2, lr=1e-3, warmup_epochs=1, clip_grad=1.0, device="cpu")
     batches = _batches()
-    trainer = Trainer(kd, train, batches, {}, None, Path("unused"), _NoLog(), "bench")  # type: ignore[arg-type]
+    trainer = Trainer(kd, train, batches, stage="bench")  # no evaluator, run directory or log
     loop = reference_for(ref_distiller, DistillSpec(adapter=adapter), train, len(batches), batches[0][0][:2])
     for i, projection in enumerate(loop.projections):
         projection.load_state_dict(kd.adapters[i].proj.state_dict())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch.utils.data import Dataset
 from kdkit.cache import TeacherCache, open_teacher_cache
 from kdkit.checkpoint import seed_everything
 from kdkit.data import EpochSampler, SeededAugmentation, build_loaders
-from kdkit.distiller import Distiller, stage_pairs
+from kdkit.distiller import Distiller, layer_pairs
 from kdkit.evaluators import ClassificationEvaluator
 from kdkit.recipe import DataSpec, DistillSpec, TrainSpec
 from kdkit.registry import DATASETS
@@ -47,29 +48,40 @@ TRAIN = TrainSpec(epochs=3, lr=1e-3, warmup_epochs=0, clip_grad=1.0, log_every=2
 
 
 def distiller(
-    teacher_seed: int = 1, stages: Any = ((1, 1), (2, 2)), teacher_dtype: str = "float32"
+    teacher_seed: int = 1,
+    pairs: Any = ((1, 1), (2, 2)),
+    teacher_dtype: str = "float32",
+    spec: DistillSpec | None = None,
+    data: Any = None,
+    amp: str = "none",
 ) -> Distiller:
+    """A tiny Distiller; with `spec` and `data` (a training dataset), with the teacher cache
+    `kdkit.build.build_distiller` would open for it."""
     teacher = tiny_vit(embed_dim=48, seed=teacher_seed)
     student = tiny_vit(embed_dim=32, seed=2)
-    pairs = stage_pairs(teacher, student, [list(s) for s in stages])
+    built = layer_pairs(teacher, student, [list(p) for p in pairs])
+    cache = None
+    if spec is not None:
+        spec = dataclasses.replace(spec, teacher_dtype=teacher_dtype)
+        cache = open_teacher_cache(spec, data, teacher, [p.teacher for p in built], amp)
     return Distiller(
         teacher,
         student,
-        pairs,
+        built,
         adapter="covariance",
         example_input=torch.zeros(2, 1, 16, 16),
         teacher_dtype=teacher_dtype,
+        cache=cache,
     )
 
 
 def train(out: Path, cache_dir: Path | None, data: DataSpec = DATA, **spec: Any) -> tuple[Distiller, int]:
     """Distil for TRAIN.epochs epochs; return the distiller and how many batches the teacher ran on."""
-    seed_everything(0)
-    task = distiller(teacher_dtype=spec.pop("teacher_dtype", "float32"))
     loader, evals, set_epoch = build_loaders(data, seed=0, eval_splits=())
-    if cache_dir is not None:
-        d = DistillSpec(cache_dir=str(cache_dir), **spec)
-        task.cache = open_teacher_cache(task, d, loader.dataset, TRAIN.amp)
+    dtype = spec.pop("teacher_dtype", "float32")
+    d = DistillSpec(cache_dir=str(cache_dir), **spec) if cache_dir is not None else None
+    seed_everything(0)
+    task = distiller(teacher_dtype=dtype, spec=d, data=loader.dataset, amp=TRAIN.amp)
     calls = []
     task.teacher.register_forward_hook(lambda *_: calls.append(1))
     trainer = Trainer(
@@ -124,35 +136,34 @@ def test_the_size_bound_falls_back_to_the_live_teacher_with_a_message(
 
 
 def test_switched_off_the_cache_writes_nothing(tmp_path: Path) -> None:
-    task = distiller()
     loader, _, _ = build_loaders(DATA, seed=0, eval_splits=())
-    assert open_teacher_cache(task, DistillSpec(cache=False, cache_dir=str(tmp_path)), loader.dataset) is None
-    assert not any(tmp_path.iterdir())
+    task = distiller(spec=DistillSpec(cache=False, cache_dir=str(tmp_path)), data=loader.dataset)
+    assert task.cache is None and not any(tmp_path.iterdir())
 
 
 def test_the_key_changes_with_teacher_weights_taps_precision_and_data(tmp_path: Path) -> None:
     """A stale entry is never read: anything the stored outputs depend on gives a new folder."""
     spec = DistillSpec(cache_dir=str(tmp_path))
 
-    def folder(task: Distiller, data: DataSpec = DATA, seed: int = 0, amp: str = "none") -> Path:
+    def folder(data: DataSpec = DATA, seed: int = 0, amp: str = "none", **options: Any) -> Path:
         loader, _, _ = build_loaders(data, seed=seed, eval_splits=())
-        cache = open_teacher_cache(task, spec, loader.dataset, amp)
+        cache = distiller(spec=spec, data=loader.dataset, amp=amp, **options).cache
         assert cache is not None
         return cache.folder
 
-    base = folder(distiller())
-    assert folder(distiller()) == base  # same everything: same entry
+    base = folder()
+    assert folder() == base  # same everything: same entry
     # Batch size, worker count and the student's taps change no teacher output: the same entry.
-    assert folder(distiller(), DataSpec(**{**DATA.__dict__, "batch_size": 8, "num_workers": 1})) == base
-    assert folder(distiller(stages=((1, 1), (1, 2)))) == base
+    assert folder(DataSpec(**{**DATA.__dict__, "batch_size": 8, "num_workers": 1})) == base
+    assert folder(pairs=((1, 1), (1, 2))) == base
     changed = [
-        folder(distiller(teacher_seed=3)),
-        folder(distiller(stages=((1, 1), (2, 1)))),
-        folder(distiller(teacher_dtype="bfloat16")),
-        folder(distiller(), amp="bf16"),
-        folder(distiller(), seed=1),
-        folder(distiller(), DataSpec(**{**DATA.__dict__, "options": {"shift": 1.0}})),
-        folder(distiller(), DataSpec(**{**DATA.__dict__, "mean": [0.4]})),
+        folder(teacher_seed=3),
+        folder(pairs=((1, 1), (2, 1))),
+        folder(teacher_dtype="bfloat16"),
+        folder(amp="bf16"),
+        folder(seed=1),
+        folder(DataSpec(**{**DATA.__dict__, "options": {"shift": 1.0}})),
+        folder(DataSpec(**{**DATA.__dict__, "mean": [0.4]})),
     ]
     assert len({base, *changed}) == len(changed) + 1
 
@@ -199,7 +210,7 @@ def test_a_half_precision_teacher_is_converted_in_place_and_never_builds_a_graph
     teacher = tiny_vit(embed_dim=48, seed=1)
     before = list(teacher.parameters())
     student = tiny_vit(embed_dim=32, seed=2)
-    pairs = stage_pairs(teacher, student, [[1, 1]])
+    pairs = layer_pairs(teacher, student, [[1, 1]])
     task = Distiller(
         teacher, student, pairs, example_input=torch.zeros(2, 1, 16, 16), teacher_dtype="bfloat16"
     )

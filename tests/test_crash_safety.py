@@ -180,9 +180,9 @@ def test_unwritable_output_directory_is_refused_before_any_work(
     # What access(2) answers for a directory without write permission or on a read-only mount
     # (chmod cannot show it: the tests may run as root, who writes anywhere).
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
-    import kdkit.pipeline
+    import kdkit.checks
 
-    monkeypatch.setattr(kdkit.pipeline.RecipeRun, "check", lambda self: pytest.fail("checked before --out"))
+    monkeypatch.setattr(kdkit.checks, "check_recipe", lambda *a, **k: pytest.fail("checked before --out"))
     assert main(["run", str(tiny_recipe), "--out", str(locked / "run")]) == 2
     err = capsys.readouterr().err
     assert f"--out {locked / 'run'}: {locked} is not writable" in err and "Traceback" not in err

@@ -18,7 +18,7 @@ from kdkit import distributed
 from kdkit.checkpoint import load_file, seed_everything
 from kdkit.cli import main
 from kdkit.data import build_loaders
-from kdkit.distiller import Distiller, stage_pairs
+from kdkit.distiller import Distiller, layer_pairs
 from kdkit.evaluators import ClassificationEvaluator
 from kdkit.recipe import DataSpec, TrainSpec
 from kdkit.runlog import MetricsLog
@@ -33,7 +33,7 @@ def train(out: Path) -> dict[str, torch.Tensor]:
     """Distil a tiny pair for 6 steps with a projection adapter (no batch statistics, no dropout)."""
     seed_everything(0)
     teacher, student = tiny_vit(embed_dim=48, seed=1), tiny_vit(embed_dim=32, seed=2)
-    pairs = stage_pairs(teacher, student, [[1, 1], [2, 2]])
+    pairs = layer_pairs(teacher, student, [[1, 1], [2, 2]])
     task = Distiller(teacher, student, pairs, adapter="projection", example_input=torch.zeros(2, 1, 16, 16))
     loader, evals, set_epoch = build_loaders(DATA, seed=0)
     log = MetricsLog(out)

@@ -10,16 +10,16 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_vit
 
-from kdkit.distiller import Distiller, SupervisedTask, stage_pairs, uniform_stages
+from kdkit.distiller import Distiller, SupervisedTask, layer_pairs, uniform_pairs
 
 LABELS = torch.tensor([0, 3, 7, 9])
 
 
-def make_distiller(adapter: str = "covariance", stages=((1, 1), (2, 3)), **kwargs) -> Distiller:
+def make_distiller(adapter: str = "covariance", pairs=([1, 1], [2, 3]), **kwargs) -> Distiller:
     teacher = tiny_vit(embed_dim=64, depth=3, seed=1)
     student = tiny_vit(embed_dim=32, depth=2, seed=2)
     example = torch.randn(2, 1, 16, 16)
-    pairs = stage_pairs(teacher, student, [list(s) for s in stages])
+    pairs = layer_pairs(teacher, student, list(pairs))
     return Distiller(teacher, student, pairs, adapter=adapter, example_input=example, **kwargs)
 
 
@@ -90,7 +90,7 @@ def test_class_count_mismatch_is_an_error() -> None:
     student = tiny_vit(embed_dim=32)
     with pytest.raises(ValueError, match="teacher outputs 5, student 10"):
         Distiller(
-            teacher, student, stage_pairs(teacher, student, [[1, 1]]), example_input=torch.zeros(2, 1, 16, 16)
+            teacher, student, layer_pairs(teacher, student, [[1, 1]]), example_input=torch.zeros(2, 1, 16, 16)
         )
 
 
@@ -98,7 +98,7 @@ def test_identity_adapter_with_different_widths_names_both() -> None:
     with pytest.raises(ValueError) as info:
         make_distiller(adapter="identity")
     message = str(info.value)
-    assert "stage pair 0" in message and "32" in message and "64" in message
+    assert "pairs[0]: student blocks.0" in message and "32" in message and "64" in message
     assert "student_dim=32" in message and "teacher_dim=64" in message
 
 
@@ -107,7 +107,7 @@ def test_identity_adapter_with_equal_widths(images: torch.Tensor) -> None:
     distiller = Distiller(
         teacher,
         student,
-        stage_pairs(teacher, student, [[2, 3]]),
+        layer_pairs(teacher, student, [[2, 3]]),
         adapter="identity",
         example_input=images[:2],
     )
@@ -151,7 +151,7 @@ def test_paper_widths_vit_large_to_vit_base() -> None:
     teacher = timm.create_model("vit_large_patch16_224", **options)
     student = timm.create_model("vit_base_patch16_224", **options)
     images = torch.randn(2, 3, 32, 32)
-    pairs = stage_pairs(teacher, student, [[1, 1], [2, 2]])
+    pairs = layer_pairs(teacher, student, [[1, 1], [2, 2]])
     distiller = Distiller(teacher, student, pairs, adapter="covariance", example_input=images)
     assert distiller.shapes == [((2, 768), (2, 1024))] * 2
     assert distiller.extra_parameters() == 0  # parameter-free
@@ -162,12 +162,12 @@ def test_paper_widths_vit_large_to_vit_base() -> None:
     distiller.close()
 
 
-def test_uniform_stage_maps_spread_pairs_over_both_depths() -> None:
-    assert uniform_stages(12, 24, 4) == [[3, 6], [6, 12], [9, 18], [12, 24]]
-    assert uniform_stages(12, 12, 3) == [[4, 4], [8, 8], [12, 12]]
+def test_uniform_pairs_spread_over_both_depths() -> None:
+    assert uniform_pairs(12, 24, 4) == [[3, 6], [6, 12], [9, 18], [12, 24]]
+    assert uniform_pairs(12, 12, 3) == [[4, 4], [8, 8], [12, 12]]
     with pytest.raises(ValueError, match="uniform:5"):
-        uniform_stages(4, 8, 5)
-    pairs = stage_pairs(tiny_vit(embed_dim=48, depth=4), tiny_vit(embed_dim=32, depth=2), "uniform:2")
+        uniform_pairs(4, 8, 5)
+    pairs = layer_pairs(tiny_vit(embed_dim=48, depth=4), tiny_vit(embed_dim=32, depth=2), "uniform:2")
     assert [(p.student.path, p.teacher.path) for p in pairs] == [
         ("blocks.0", "blocks.1"),
         ("blocks.1", "blocks.3"),

@@ -16,9 +16,9 @@ from conftest import tiny_recipe_dict
 from onnx import numpy_helper
 from PIL import Image
 
+from kdkit.calibration import find_calibration, thresholds_in, write_calibration
 from kdkit.cli import main
 from kdkit.deploy import export
-from kdkit.deploy.calibration import find_calibration, thresholds_in, write_calibration
 from kdkit.deploy.export import ExportError, verify_export
 from kdkit.deploy.inputs import sample_indices
 from kdkit.deploy.modelfile import checkpoint_metadata, load_checkpoint, open_model

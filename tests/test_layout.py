@@ -1,5 +1,5 @@
-"""The import graph runs one way: commands import the library, the library never imports the
-commands' entry point (`kdkit.cli`), and the core never imports a plugin."""
+"""The import graph runs one way: the commands (`kdkit.cli`) import the library, the library
+never imports them; the core never imports the deployment package (`kdkit.deploy`) or a plugin."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = {REPO / "kdkit" / "cli.py", REPO / "kdkit" / "__main__.py"}
+CLI = REPO / "kdkit" / "cli"
+ENTRY_POINTS = {REPO / "kdkit" / "__main__.py"}  # `python -m kdkit` calls the CLI
 
 
 def _imports(path: Path) -> set[str]:
@@ -27,10 +28,29 @@ MODULES = sorted([*(REPO / "kdkit").rglob("*.py"), *(f for p in PLUGIN_PACKAGES 
 
 
 @pytest.mark.parametrize("path", MODULES, ids=[str(p.relative_to(REPO)) for p in MODULES])
-def test_nothing_but_the_entry_point_imports_the_cli(path: Path) -> None:
-    if path in ENTRY_POINTS:
+def test_the_library_never_imports_the_commands(path: Path) -> None:
+    if path in ENTRY_POINTS or CLI in path.parents:
         return
-    assert not {n for n in _imports(path) if n == "kdkit.cli" or n.startswith("kdkit.cli.")}
+    found = {n for n in _imports(path) if n == "kdkit.cli" or n.startswith("kdkit.cli.")}
+    assert not found, f"{path.relative_to(REPO)} imports {found}: the library must not depend on its commands"
+
+
+def test_the_core_never_imports_deployment() -> None:
+    core = [p for p in (REPO / "kdkit").glob("*.py") if p not in ENTRY_POINTS]
+    assert len(core) > 20  # the walk sees the core modules
+    for path in core:
+        found = {n for n in _imports(path) if n.startswith("kdkit.deploy")}
+        assert not found, f"{path.relative_to(REPO)} imports {found}"
+
+
+def test_the_commands_live_in_the_cli_package() -> None:
+    """Every `add_parser` of a core command is in kdkit/cli/; the library registers no command."""
+    outside = [
+        p.relative_to(REPO)
+        for p in (REPO / "kdkit").rglob("*.py")
+        if CLI not in p.parents and "def add_parser(" in p.read_text()
+    ]
+    assert not outside
 
 
 def test_the_core_never_imports_a_plugin() -> None:

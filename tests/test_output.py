@@ -59,7 +59,7 @@ def test_plain_progress_lines_appear_mid_epoch(
     make_trainer(tmp_path, supervised_task(), spec(epochs=1)).fit()
     err = capsys.readouterr().err
     lines = err.splitlines()
-    end = next(i for i, line in enumerate(lines) if line.startswith("[stage] epoch 1/1 train/"))
+    end = next(i for i, line in enumerate(lines) if line.split()[:3] == ["[stage]", "epoch", "loss"])
     step = re.compile(r"^\[stage\] epoch 1/1: (\d)/3 steps \(\d+ %\), [\d.e+]+ steps/s, ETA \d+:\d\d:\d\d")
     steps = [line for line in lines[:end] if step.match(line)]
     assert [step.match(line)[1] for line in steps] == ["1", "2", "3"], err

@@ -13,7 +13,9 @@ import yaml
 from conftest import tiny_recipe_dict
 
 from kdkit.checkpoint import file_sha256, load_file
-from kdkit.cli import UsageError, _run_dir, main
+from kdkit.cli import main
+from kdkit.cli.run import _run_dir
+from kdkit.errors import UsageError
 from kdkit.recipe import load_recipe
 from kdkit.runlog import console
 
@@ -161,7 +163,7 @@ def test_a_stage_trains_on_its_own_data_and_everything_is_tested_on_the_recipes(
     }
     assert ("train", 1) in calls and ("val", 1) in calls  # the teacher's own training and selection data
     assert ("test", 1) not in calls  # ... but every model is tested on the recipe's data
-    from kdkit.pipeline import train_stage_key
+    from kdkit.stage_cache import train_stage_key
 
     other = load_recipe(Path("run/recipe.yaml"), ["pipeline.teacher.data={}"])
     assert train_stage_key(recipe, teacher) != train_stage_key(other, other.pipeline[0])
@@ -303,7 +305,7 @@ def test_validate_prints_the_tap_table(
     assert main(["validate", str(tiny_recipe)]) == 0
     out = capsys.readouterr().out  # results on stdout, so they can be piped
     assert "valid" in out and "(4 stages)" in out
-    assert "stage 'student_kd': feature pairs" in out
+    assert "stage 'student_kd': layer pairs" in out
     assert "blocks.1 [cls]" in out and "(2, 32)" in out and "(2, 48)" in out and "covariance" in out
     assert not (tiny_recipe.parent / "unused").exists()
 
@@ -343,15 +345,14 @@ def test_taps_lists_block_paths(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_a_teacher_name_never_resolves_to_a_later_stage(tiny_recipe: Path) -> None:
     """`teacher: teacher` before the stage named 'teacher' means the model spec, not that stage."""
+    from kdkit.build import build_distiller
     from kdkit.data import example_batch
-    from kdkit.pipeline import RecipeRun
 
     recipe = load_recipe(
         tiny_recipe,
         ["pipeline=[{name: kd, do: distill}, {name: teacher, do: train, model: teacher}]"],
     )
-    run = RecipeRun(recipe, tiny_recipe.parent / "run")
-    distiller = run.build_distiller(recipe.pipeline[0], example_batch(recipe.data))  # not check_only
+    distiller = build_distiller(recipe, recipe.pipeline[0], {}, example_batch(recipe.data))
     assert distiller.teacher.embed_dim == 48 and len(distiller.teacher.blocks) == 2
     distiller.close()
 

@@ -18,6 +18,7 @@ from kdkit.recipe import (
     DataSpec,
     DistillSpec,
     ModelSpec,
+    PairSpec,
     Recipe,
     RecipeError,
     StageSpec,
@@ -46,7 +47,7 @@ def test_the_bundled_recipe_is_valid() -> None:
     recipe = load_recipe(DIGITS_RECIPE)
     assert recipe.name == "digits-kd"
     assert [s.do for s in recipe.pipeline] == ["train", "distill", "train", "evaluate"]
-    assert recipe.train.lr == 2e-3 and recipe.distill.stages == [[1, 2], [2, 4], [3, 6]]
+    assert recipe.train.lr == 2e-3 and recipe.distill.pairs == [[1, 2], [2, 4], [3, 6]]
     assert recipe.models["teacher"].options["embed_dim"] == 96
 
 
@@ -116,7 +117,7 @@ def test_all_problems_are_collected_at_once() -> None:
         ({"beta": -1}, "beta: expected a value >= 0"),
         ({"student": "studnet"}, "student: expected one of ['student', 'teacher'], got 'studnet'"),
         ({"teacher": "nobody"}, "teacher: expected a model key"),
-        ({"stages": [[1, 2], [3]]}, "stages[1]: expected [student_block, teacher_block]"),
+        ({"pairs": [[1, 2], [3]]}, "pairs[1]: expected [student_block, teacher_block]"),
     ],
 )
 def test_invalid_distill_settings(change: dict[str, Any], expected: str) -> None:
@@ -260,8 +261,8 @@ def test_apply_overrides_by_index_and_by_stage_name() -> None:
 
 
 def test_apply_overrides_replaces_a_whole_list_item() -> None:
-    out = apply_overrides(tiny_recipe_dict(), ["distill.stages.1=[2, 1]"])
-    assert out["distill"]["stages"] == [[1, 1], [2, 1]]
+    out = apply_overrides(tiny_recipe_dict(), ["distill.pairs.1=[2, 1]"])
+    assert out["distill"]["pairs"] == [[1, 1], [2, 1]]
 
 
 @pytest.mark.parametrize(
@@ -433,7 +434,7 @@ def test_valid_shapes_always_parse(epochs: int, lr: float, alpha: float, stage_e
 def test_the_recipe_reference_documents_every_key() -> None:
     """docs/recipes.md has a table row for every field of every recipe dataclass, with its default."""
     doc = (REPO / "docs" / "recipes.md").read_text()
-    for cls in (Recipe, DataSpec, ModelSpec, DistillSpec, TrainSpec, StageSpec):
+    for cls in (Recipe, DataSpec, ModelSpec, DistillSpec, PairSpec, TrainSpec, StageSpec):
         assert f"`{cls.__name__}`" in doc, cls.__name__
         for f in dataclasses.fields(cls):
             rows = [line.split(" | ") for line in doc.splitlines() if line.startswith(f"| `{f.name}` |")]

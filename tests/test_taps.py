@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from kdkit.registry import TAP_PRESETS
-from kdkit.taps import Tap, TapError, TapRecorder, find_preset, list_taps, select_features, stage_taps
+from kdkit.taps import Tap, TapError, TapRecorder, block_taps, find_preset, list_taps, select_features
 
 
 def tiny_vit(embed_dim: int = 32, **kwargs) -> nn.Module:
@@ -288,19 +288,19 @@ def test_vit_preset(images):
     assert preset.name == "vit" and preset.depth(model) == 3
     assert preset.path(model, 2, "attn") == "blocks.1.attn"
     assert preset.path(model, 3, "mlp") == "blocks.2.mlp"
-    taps = stage_taps(model, [1, 3])
+    taps = block_taps(model, [1, 3])
     assert taps == [Tap("blocks.0", select="cls"), Tap("blocks.2", select="cls")]
-    with pytest.raises(ValueError, match="stage index 4 is beyond the depth 3 of VisionTransformer"):
-        stage_taps(model, [4])
-    with pytest.raises(ValueError, match="stage index 0 is below 1"):
-        stage_taps(model, [0])
+    with pytest.raises(ValueError, match="block 4 is beyond the depth 3 of VisionTransformer"):
+        block_taps(model, [4])
+    with pytest.raises(ValueError, match="block 0 is below 1"):
+        block_taps(model, [0])
     with pytest.raises(ValueError, match="points: block, attn, mlp"):
-        stage_taps(model, [1], point="norm")
+        block_taps(model, [1], point="norm")
 
 
 def test_resnet_preset(images):
     model = torchvision.models.resnet18(num_classes=2).eval()
-    taps = stage_taps(model, [1, 4])
+    taps = block_taps(model, [1, 4])
     assert [t.path for t in taps] == ["layer1", "layer4"] and {t.select for t in taps} == {"mean"}
     rec = TapRecorder(model, {"a": taps[0], "b": taps[1]})
     with torch.no_grad():
@@ -308,14 +308,14 @@ def test_resnet_preset(images):
     feats = rec.pop()
     assert feats["a"].shape == (2, 64) and feats["b"].shape == (2, 512)
     with pytest.raises(ValueError, match="beyond the depth 4 of ResNet"):
-        stage_taps(model, [5])
+        block_taps(model, [5])
 
 
 def test_convnext_preset(images):
     model = timm.create_model("convnext_atto", pretrained=False, num_classes=2).eval()
     preset = find_preset(model)
     assert preset.name == "convnext" and preset.depth(model) == 4
-    rec = TapRecorder(model, {"last": stage_taps(model, [4])[0]})
+    rec = TapRecorder(model, {"last": block_taps(model, [4])[0]})
     with torch.no_grad():
         model(images)
     assert rec.pop()["last"].shape == (2, 320)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +14,12 @@ from conftest import tiny_vit
 
 from kdkit.checkpoint import load_file, seed_everything
 from kdkit.data import build_loaders
-from kdkit.distiller import Distiller, SupervisedTask, stage_pairs
+from kdkit.distiller import Distiller, SupervisedTask, layer_pairs
 from kdkit.evaluation import Predictions
 from kdkit.evaluators import ClassificationEvaluator
 from kdkit.recipe import DataSpec, TrainSpec
 from kdkit.runlog import MetricsLog
-from kdkit.trainer import Trainer, TrainingDiverged
+from kdkit.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
 DATA = DataSpec(dataset="digits", image_size=16, batch_size=32, mean=[0.5], std=[0.5])
 
@@ -34,7 +36,7 @@ def supervised_task() -> SupervisedTask:
 def distill_task() -> Distiller:
     teacher = tiny_vit(embed_dim=48, seed=1)
     student = tiny_vit(embed_dim=32, seed=2, drop_rate=0.2)
-    pairs = stage_pairs(teacher, student, [[1, 1], [2, 2]])
+    pairs = layer_pairs(teacher, student, [[1, 1], [2, 2]])
     return Distiller(teacher, student, pairs, adapter="projection", example_input=torch.zeros(2, 1, 16, 16))
 
 
@@ -195,3 +197,62 @@ def test_bf16_autocast_on_cpu(tmp_path: Path) -> None:
     assert 0.0 <= result.last["val/accuracy"] <= 1.0
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         make_trainer(tmp_path / "fp16", supervised_task(), spec(epochs=1, amp="fp16")).fit()
+
+
+def test_fit_names_what_it_is_missing(tmp_path: Path) -> None:
+    train_loader, _, _ = build_loaders(DATA, seed=0)
+    trainer = Trainer(supervised_task(), spec(), train_loader, out_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"Trainer\.fit needs evaluator, log \(got None\)"):
+        trainer.fit()
+    assert not list(tmp_path.iterdir())
+
+
+def test_train_steps_runs_n_steps_without_a_run_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # anything written would land here
+    train_loader, _, _ = build_loaders(DATA, seed=0)
+    batches = list(itertools.islice(train_loader, 3))
+    task = supervised_task()
+    before = {k: v.clone() for k, v in task.trainable_state_dict().items()}
+    trainer = Trainer(task, spec(), train_loader)  # no evaluator, out_dir or log
+    timing = trainer.train_steps(batches, 2)
+    assert (timing.steps, trainer.global_step) == (2, 2)
+    assert 0 <= timing.data_seconds <= timing.seconds
+    assert not same_state(before, task.trainable_state_dict())
+    assert trainer.train_steps(batches, 5).steps == 3  # the batches ran out
+    assert trainer.global_step == 5 and not list(tmp_path.iterdir())
+
+
+def test_a_last_pt_of_the_previous_version_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`last.pt` holds plain dicts; one written before `best` named its monitor, stopped mid-epoch,
+    still continues exactly."""
+    seed_everything(0)
+    straight = make_trainer(tmp_path / "straight", supervised_task(), spec())
+    straight.fit()
+
+    seed_everything(0)
+    stopped = make_trainer(tmp_path / "old", supervised_task(), spec())
+    step = stopped.train_step
+
+    def signal_at_step_4(*batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = step(*batch)
+        if stopped.global_step == 4:
+            stopped.stop.signum = signal.SIGTERM  # what the handler of `fit` sets
+        return out
+
+    monkeypatch.setattr(stopped, "train_step", signal_at_step_4)
+    with pytest.raises(TrainingInterrupted, match="stopped at step 1/3 of epoch 2"):
+        stopped.fit()
+    path = tmp_path / "old" / "last.pt"
+    state = load_file(path)
+    assert state["epoch_progress"]["step"] == 1 and state["best"]["monitor"] == "val/accuracy"
+    del state["best"]["monitor"]  # the previous version's `best`: value, epoch, metrics
+    torch.save(state, path)
+
+    seed_everything(123)
+    resumed = make_trainer(tmp_path / "old", supervised_task(), spec())
+    result = resumed.fit(resume=True)
+    assert (result.epochs, result.best_epoch) == (2, straight.best.epoch)
+    assert same_state(straight.task.trainable_state_dict(), resumed.task.trainable_state_dict())
+    assert epoch_records(tmp_path / "straight", 2)[-1] == epoch_records(tmp_path / "old", 2)[-1]

@@ -1,21 +1,18 @@
-"""`kdkit export CHECKPOINT --format onnx|torchscript --out FILE`.
+"""Export a trained `model.pt` to ONNX or TorchScript, verified against the checkpoint.
 
-Exports the network of a `model.pt` (the student alone: no adapters, no teacher) with a dynamic
-batch axis, input `input` (N, C, S, S) and two outputs, `logits` (N, classes) and `score`
-(N,) = softmax(logits)[:, 1]; the preprocessing and calibration go into the file as metadata
-(ONNX metadata_props, TorchScript extra file `kdkit.json`). The export is written to a temporary
-file, checked against the checkpoint's network on random inputs at two batch sizes, and only
-then renamed to `--out`; a mismatch is an error (exit status 1) and leaves no file.
+The network of a `model.pt` (the student alone: no adapters, no teacher) gets a dynamic batch
+axis, input `input` (N, C, S, S) and two outputs, `logits` (N, classes) and `score` (N,) =
+softmax(logits)[:, 1]; the preprocessing and calibration go into the file as metadata (ONNX
+metadata_props, TorchScript extra file `kdkit.json`). The export is written to a temporary file,
+checked on random inputs at two batch sizes, and only then renamed: a mismatch is an
+`ExportError` and leaves no file. `kdkit export` (kdkit.cli.export) is its command.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit.checkpoint import as_newly_created
+from kdkit.checkpoint import atomic_path
 from kdkit.deploy.modelfile import (
     INPUT_NAME,
     OUTPUT_NAMES,
@@ -37,7 +34,6 @@ from kdkit.deploy.modelfile import (
 )
 from kdkit.errors import RunFailed, UsageError
 from kdkit.models import count_parameters
-from kdkit.runlog import output
 
 FORMATS = ("onnx", "torchscript")
 # `kdkit predict` tells the formats apart by the extension (.onnx) and the archive's contents
@@ -63,40 +59,6 @@ class ExportReport:
     metadata: dict[str, Any]
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `kdkit export`."""
-    p = subparsers.add_parser(
-        "export",
-        help="export a trained model.pt to ONNX or TorchScript (verified, with preprocessing metadata)",
-        description=__doc__.split("\n\n")[1],
-    )
-    p.add_argument("checkpoint", type=Path, help="RUN/<stage>/model.pt")
-    p.add_argument("--format", choices=FORMATS, default="onnx", help="default: onnx")
-    p.add_argument("--out", type=Path, required=True, help="file to write, e.g. student.onnx")
-    p.set_defaults(func=cmd_export)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    """`kdkit export`: 0 exported and verified, 1 export or verification failed, 2 bad input."""
-    report = export_model(args.checkpoint, args.format, args.out)  # ExportError: exit status 1
-    meta = report.metadata
-    size = meta["image_size"]
-    threshold = "none recorded"
-    if meta["threshold"] is not None:
-        threshold = f"{meta['threshold']:.6g} (from {meta['threshold_source']})"
-    output.print(
-        f"exported {report.format}: {report.path}\n"
-        f"  {report.mib:.2f} MiB, {report.parameters:,} parameters\n"
-        f"  input {meta['channels']}×{size}×{size} {meta['color']}, mean {meta['mean']}, std {meta['std']}\n"
-        f"  verified at batch sizes {', '.join(map(str, VERIFY_BATCH_SIZES))}: "
-        f"max |score difference| {report.max_score_diff:.2e} (< {TOLERANCE:g})\n"
-        f"  decision threshold: {threshold}",
-        markup=False,
-        soft_wrap=True,
-    )
-    return 0
-
-
 def export_model(checkpoint: Path, fmt: str, out: Path) -> ExportReport:
     """Export, verify and atomically write the network of `checkpoint` (see the module docstring)."""
     if fmt not in FORMATS:
@@ -115,11 +77,7 @@ def export_model(checkpoint: Path, fmt: str, out: Path) -> ExportReport:
     metadata = checkpoint_metadata(checkpoint, network, ckpt)
     size, channels = metadata["image_size"], metadata["channels"]
     example = torch.zeros(2, channels, size, size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with atomic_path(out) as tmp:
         try:
             WRITERS[fmt](ScoredNetwork(network).eval(), example, tmp, metadata)
         except Exception as exc:  # the exporters raise many error types; all mean "no export"
@@ -128,15 +86,10 @@ def export_model(checkpoint: Path, fmt: str, out: Path) -> ExportReport:
             ) from exc
         try:
             diff = verify_export(network, tmp, fmt, metadata)
-        except ExportError as exc:  # it names the temporary file, which is removed below
+        except ExportError as exc:  # it names the temporary file, which is removed
             raise ExportError(
                 f"{out}: export failed its check, nothing written: " + str(exc).replace(f"{tmp}: ", "")
             ) from None
-        as_newly_created(tmp)  # mkstemp makes it private
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return ExportReport(out, fmt, out.stat().st_size / 2**20, count_parameters(network), diff, metadata)
 
 

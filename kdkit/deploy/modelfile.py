@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from kdkit import __version__
+from kdkit.calibration import find_calibration
 from kdkit.checkpoint import CheckpointError, file_sha256, load_file
-from kdkit.deploy.calibration import find_calibration
 from kdkit.models import build_model, load_state_dict_checked
 from kdkit.plugins import load_plugins
 from kdkit.recipe import ModelSpec

@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--draws",
         type=int,
         default=DRAWS,
-        help=f"bootstrap resamples for the {LEVEL:.0%} intervals (subjects, else videos, are resampled; "
-        f"default {DRAWS}; 0 = no intervals)",
+        help=f"bootstrap resamples for the {LEVEL * 100:.0f}%% intervals (subjects, else videos, are "
+        f"resampled; default {DRAWS}; 0 = no intervals)",
     )
 
 

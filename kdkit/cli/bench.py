@@ -23,6 +23,7 @@ import ctypes
 import dataclasses
 import gc
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -36,8 +37,9 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from kdkit.arguments import add_recipe_args
+from kdkit.build import build_distiller, build_recipe_model
 from kdkit.cache import TeacherCache
+from kdkit.cli.arguments import add_recipe_args
 from kdkit.data import DataError, build_loaders
 from kdkit.distiller import Distiller, SupervisedTask
 from kdkit.info import forward_gflops
@@ -51,7 +53,7 @@ MODES = {
     "cached": "(c) distill, teacher cache",
     "reference": "(d) hand-written loop of (b)",
 }
-REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_loop.py"
+REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "reference_loop.py"
 POOL = 4  # distinct synthetic batches, cycled
 # Dense bf16/fp16 tensor-core peak TFLOP/s from NVIDIA's data sheets, by device-name fragment
 # (most specific first): the denominator of model FLOPs utilisation under amp. Others: --peak-tflops.
@@ -128,22 +130,19 @@ def run_bench(
     peak_tflops: float | None = None,
 ) -> dict[str, Any]:
     """Measure the four modes; return the report (see the module docstring) as a dict."""
-    from kdkit.pipeline import RecipeRun
-
     stage_spec = _distill_stage(recipe, stage)
     train = recipe.stage_train(stage_spec)
     # Random weights: the cost does not depend on them, and the bench needs no weight files.
     models = {k: dataclasses.replace(s, weights=None, pretrained=False) for k, s in recipe.models.items()}
     recipe = dataclasses.replace(recipe, models=models)
-    run = RecipeRun(recipe, Path("unused"))
     d = recipe.stage_distill(stage_spec)
     device = resolve_device(train.device)
     size = batch or recipe.data.batch_size
-    pool = _synthetic_batches(recipe, run, stage_spec, size, device)
+    pool = _synthetic_batches(recipe, stage_spec, size, device)
     example = pool[0][0][:2].cpu()
 
     def distiller() -> Distiller:
-        return run.build_distiller(stage_spec, example, check_only=True)
+        return build_distiller(recipe, stage_spec, example=example)
 
     gflops = _forward_gflops(distiller(), example)
     # Model FLOPs per image of a training step: the student's forward and backward (about 3
@@ -160,7 +159,7 @@ def run_bench(
         cache = TeacherCache(Path(tmp), {"bench": True}, len(pool) * size, max_bytes=1 << 62)
         builders: dict[str, Callable[[], Callable[[int], None]]] = {
             "student": lambda: _trainer_steps(
-                SupervisedTask(run.build(d.student, "bench.student"), train.label_smoothing),
+                SupervisedTask(build_recipe_model(recipe, d.student, "bench.student"), train.label_smoothing),
                 train,
                 pool,
                 steps,
@@ -194,7 +193,7 @@ def run_bench(
                 _synchronize(device)
                 seconds[mode].append(time.perf_counter() - start)
         cache_hits = cache.hits / max(cache.hits + cache.misses, 1)
-        loader_report = _loader_wait(recipe, run, stage_spec, train, size, steps) if loader else None
+        loader_report = _loader_wait(recipe, stage_spec, train, size, steps) if loader else None
 
     modes = {}
     for mode, label in MODES.items():
@@ -275,11 +274,11 @@ def _distill_stage(recipe: Recipe, name: str | None) -> StageSpec:
 
 
 def _synthetic_batches(
-    recipe: Recipe, run: Any, stage: StageSpec, size: int, device: torch.device
+    recipe: Recipe, stage: StageSpec, size: int, device: torch.device
 ) -> list[tuple[torch.Tensor, ...]]:
     """`POOL` batches of random images and labels of the recipe's shape, with distinct sample keys."""
     channels, side = len(recipe.data.mean), recipe.data.image_size
-    student = run.build(recipe.stage_distill(stage).student, "bench.student")
+    student = build_recipe_model(recipe, recipe.stage_distill(stage).student, "bench.student")
     with torch.no_grad():
         classes = student.eval()(torch.zeros(1, channels, side, side)).shape[-1]
     generator = torch.Generator().manual_seed(0)
@@ -292,13 +291,6 @@ def _synthetic_batches(
     return pool
 
 
-class _NoLog:
-    """A metrics log that keeps nothing (the bench measures steps, not file writes)."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Drop the record."""
-
-
 def _trainer_steps(
     task: torch.nn.Module,
     train: TrainSpec,
@@ -306,16 +298,13 @@ def _trainer_steps(
     steps: int,
     keys: bool = False,
 ) -> Callable[[int], None]:
-    """A function that runs n steps of kdkit's own training loop (`Trainer.train_one_epoch`)."""
+    """A function that runs n steps of kdkit's own training loop (`Trainer.train_steps`)."""
     batches = [batch if keys else batch[:2] for batch in pool]
-    loader = [batches[i % len(batches)] for i in range(steps)]  # its length sizes the LR schedule
-    trainer = Trainer(task, train, loader, {}, None, Path("unused"), _NoLog(), "bench")  # type: ignore[arg-type]
-    epoch = iter(range(1 << 30))
+    epoch = [batches[i % len(batches)] for i in range(steps)]  # an epoch of `steps`: sizes the LR schedule
+    trainer = Trainer(task, train, epoch, stage="bench")
 
     def run(n: int) -> None:
-        trainer.train_loader = [batches[i % len(batches)] for i in range(n)]
-        trainer.steps_per_epoch = n
-        trainer.train_one_epoch(next(epoch))
+        trainer.train_steps(itertools.islice(itertools.cycle(batches), n), n)
 
     return run
 
@@ -352,7 +341,10 @@ def reference_for(
     ):
         raise ValueError("the reference loop implements AdamW and block-output taps only")
     if any(p.teacher.select != p.student.select for p in distiller.pairs):
-        raise ValueError("the reference loop needs one selector per stage pair")
+        raise ValueError("the reference loop needs one selector per layer pair")
+    settings = {(p.adapter, p.criterion, p.weight, repr(p.adapter_options)) for p in distiller.pairs}
+    if len(settings) > 1 or any(p.weight != 1 for p in distiller.pairs):
+        raise ValueError("the reference loop needs one adapter, criterion and weight 1 for every pair")
     distiller.close()
     schedule = None
     if train.scheduler == "cosine":
@@ -365,9 +357,9 @@ def reference_for(
         distiller.teacher.to(device),
         distiller.student.to(device),
         taps=[(p.student.path, p.teacher.path, p.student.select) for p in distiller.pairs],
-        adapter=distiller.adapter_name if distiller.pairs else "identity",
+        adapter=distiller.pairs[0].adapter if distiller.pairs else "identity",
         adapter_options=_adapter_options(distiller),
-        criterion=d.criterion,
+        criterion=distiller.pairs[0].criterion if distiller.pairs else d.criterion,
         alpha=distiller.alpha,
         tau=distiller.tau,
         beta=distiller.beta,
@@ -413,9 +405,7 @@ def _reference_steps(
     return run
 
 
-def _loader_wait(
-    recipe: Recipe, run: Any, stage: StageSpec, train: TrainSpec, size: int, steps: int
-) -> dict[str, Any]:
+def _loader_wait(recipe: Recipe, stage: StageSpec, train: TrainSpec, size: int, steps: int) -> dict[str, Any]:
     """(b) on the recipe's real training loader: how long each step waits for its batch."""
     data = dataclasses.replace(recipe.data, batch_size=size)
     try:
@@ -423,21 +413,19 @@ def _loader_wait(
         example = next(iter(loader))[0][:2]
     except (DataError, OSError, ValueError) as exc:
         return {"skipped": f"the recipe's data is not available ({exc})"}
-    task = run.build_distiller(stage, example, check_only=True)
-    trainer = Trainer(task, train, loader, {}, None, Path("unused"), _NoLog(), "bench", set_epoch=set_epoch)  # type: ignore[arg-type]
-    trainer.steps_per_epoch = min(steps, len(loader))
-    trainer.train_one_epoch(0)  # starts the workers (persistent ones stay)
-    trainer.data_seconds = 0.0
-    start = time.perf_counter()
-    trainer.train_one_epoch(1)
-    elapsed = time.perf_counter() - start
+    task = build_distiller(recipe, stage, example=example)
+    trainer = Trainer(task, train, loader, stage="bench")
+    steps = min(steps, len(loader))
+    trainer.train_steps(loader, steps)  # starts the workers (persistent ones stay)
+    set_epoch(1, 0)  # the timed pass: the next epoch's order and augmentation, as in training
+    timing = trainer.train_steps(loader, steps)
     task.close()
     return {
         "num_workers": data.num_workers,
-        "steps": trainer.steps_per_epoch,
-        "wait_ms_per_step": 1000 * trainer.data_seconds / trainer.steps_per_epoch,
-        "step_ms": 1000 * elapsed / trainer.steps_per_epoch,
-        "wait_share": trainer.data_seconds / elapsed,
+        "steps": timing.steps,
+        "wait_ms_per_step": 1000 * timing.data_seconds / timing.steps,
+        "step_ms": 1000 * timing.seconds / timing.steps,
+        "wait_share": timing.data_seconds / timing.seconds,
     }
 
 

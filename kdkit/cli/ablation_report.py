@@ -3,7 +3,7 @@
 A run row holds the run's identity (run, variant, the varied keys, seed) and numbers: every metric
 the evaluator reported for the compared stage on the evaluate stage's split, plus its cost columns
 (`COST_COLUMNS`). The baseline is the student trained without a teacher, in the same run directory
-(same seed, same data and schedule, `kdkit.ablate.baseline_stage`). Per variant: mean ± sample std
+(same seed, same data and schedule, `kdkit.cli.ablate.baseline_stage`). Per variant: mean ± sample std
 over seeds, a 95 % interval over seeds and test units, and the paired difference to the baseline
 with its interval (`kdkit.stats`).
 """

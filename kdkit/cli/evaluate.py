@@ -15,14 +15,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kdkit.arguments import add_set_arg
+from kdkit.build import make_evaluator
 from kdkit.checkpoint import atomic_write_text
+from kdkit.cli.arguments import add_set_arg
 from kdkit.comparison import results_table
 from kdkit.deploy.modelfile import load_checkpoint
 from kdkit.errors import UsageError
-from kdkit.pipeline import RecipeRun, evaluate_model
 from kdkit.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
 from kdkit.runlog import console, output
+from kdkit.scoring import evaluate_model
 from kdkit.trainer import autocast, resolve_device
 
 
@@ -55,7 +56,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_same_input(recipe, ckpt["data"], args.checkpoint)
     out = args.out or Path(args.checkpoint).parent / f"eval-{args.split}"
     name = ckpt.get("stage") or Path(args.checkpoint).parent.name
-    evaluator = RecipeRun(recipe, out).make_evaluator()
+    evaluator = make_evaluator(recipe)
     try:
         device = resolve_device(recipe.train.device)
         autocast(device, recipe.train.amp)  # fp16 without CUDA is refused here, not mid-way

@@ -4,9 +4,9 @@ Output folder::
 
     OUT/runs/<variant>__seed<S>/   one complete `RecipeRun` per (variant, seed), plus run.json
     OUT/partial/<...>/             a run in progress (renamed into runs/ when complete)
-    OUT/cache/<model>-<hash>/      train stages shared by runs (see `kdkit.pipeline.train_stage_key`)
+    OUT/cache/<model>-<hash>/      train stages shared by runs (see `kdkit.stage_cache`)
     OUT/prepare/<run>/             where those train stages were trained, before the runs
-    OUT/ablation.{csv,json,md,png} the results (`kdkit.ablation_report`)
+    OUT/ablation.{csv,json,md,png} the results (`kdkit.cli.ablation_report`)
 
 Every run also holds the **baseline**: the compared stage's student trained without a teacher,
 with the same data, schedule and seed (`baseline_stage`; added as a `student_alone` train stage
@@ -44,12 +44,14 @@ from typing import Any
 
 import torch
 
-from kdkit.ablation_report import BASELINE_LABEL, Group, cache_use, measure, memory_measure, write_report
-from kdkit.arguments import add_recipe_args
+from kdkit.build import make_evaluator
 from kdkit.checkpoint import atomic_write_text
+from kdkit.checks import check_recipe
+from kdkit.cli.ablation_report import BASELINE_LABEL, Group, cache_use, measure, memory_measure, write_report
+from kdkit.cli.arguments import add_recipe_args
 from kdkit.errors import UsageError
 from kdkit.lock import exclusive
-from kdkit.pipeline import RecipeRun, train_stage_key
+from kdkit.pipeline import RecipeRun
 from kdkit.plugins import load_plugins
 from kdkit.recipe import (
     Recipe,
@@ -62,6 +64,7 @@ from kdkit.recipe import (
     read_yaml,
 )
 from kdkit.runlog import console
+from kdkit.stage_cache import StageCache, train_stage_key
 from kdkit.workers import Interrupted, WorkerPool
 
 _OPENERS, _CLOSERS = "[{(", "]})"
@@ -313,7 +316,7 @@ def execute(job: RunJob) -> str:
     torch.set_num_threads(job.threads)
     console.rule(f"run {job.name}")
     start = time.perf_counter()
-    RecipeRun(job.recipe, job.partial, stage_cache=job.out / "cache").run(resume=True)
+    RecipeRun(job.recipe, job.partial, stage_cache=StageCache(job.out / "cache")).run(resume=True)
     record = {
         "run": job.name,
         "variant": job.variant.label,
@@ -365,7 +368,7 @@ def prepare(job: RunJob) -> str:
     load_plugins()
     torch.set_num_threads(job.threads)
     console.rule(f"train stages for {job.name}")
-    RecipeRun(job.recipe, job.preparing, stage_cache=job.out / "cache").run(resume=True)
+    RecipeRun(job.recipe, job.preparing, stage_cache=StageCache(job.out / "cache")).run(resume=True)
     return job.name
 
 
@@ -509,7 +512,7 @@ def _run_grid(
     seeds = list(dict.fromkeys(job.seed for job in jobs))
     for variant in variants:  # everything `kdkit run` checks, once per variant; prepares the data
         try:
-            RecipeRun(recipes[variant, seeds[0]], Path("unused")).check(generate=True)
+            check_recipe(recipes[variant, seeds[0]], generate=True)
         except RecipeError as exc:
             raise RecipeError(exc.problems, f"{args.recipe} with {variant.label}") from None
     out = jobs[0].out
@@ -580,4 +583,4 @@ def _report(args: argparse.Namespace, jobs: list[RunJob], stage: str, seconds: f
             markup=False,
         )
     out = jobs[0].out
-    write_report(out, groups, RecipeRun(jobs[0].recipe, out).make_evaluator(), info)
+    write_report(out, groups, make_evaluator(jobs[0].recipe), info)

@@ -1,0 +1,369 @@
+"""Draw the documentation's figures (`make figures`).
+
+- `docs/img/architecture.png`: kdkit's modules in layers, with the arrows between layers read
+  from the code's imports (`ast`, nothing is imported), so the picture follows the code. Before
+  drawing, the rules the picture shows are checked, and a module that breaks one stops the
+  script naming it: the library never imports the commands; the layers of the main flow only
+  import layers below them; the foundation imports no other layer; the core never imports the
+  deployment package or a plugin. The graph is stored in the PNG (text chunk `kdkit-graph`), so
+  `tests/test_docs.py` can tell when the picture is out of date.
+- `docs/img/roc-det-demo.png`: copied from a finished `kdkit run recipes/kdfas-demo.yaml`
+  (`--run`, default `runs/kdfas-demo`).
+- `docs/img/ablation-demo.png`: copied from a finished `kdkit ablate` folder (`--ablation`,
+  default `runs/ablation-kdfas-demo`).
+
+A copy whose source does not exist is skipped with a note; the architecture is always drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import shutil
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+IMG = REPO / "docs" / "img"
+ARCHITECTURE_PNG = IMG / "architecture.png"
+GRAPH_KEY = "kdkit-graph"  # PNG text chunk holding the drawn graph
+
+# The main flow, top to bottom: (group, title, core modules). Commands are every module of
+# kdkit/cli/; deployment every module of kdkit/deploy/; plugins every module of their package.
+FLOW = [
+    ("commands", "commands  kdkit/cli/  (parse arguments, print, decide exit codes)", ()),
+    (
+        "plan",
+        "plan: check a recipe, build what it describes, run its stages",
+        ("pipeline", "build", "checks", "stage_cache", "scoring"),
+    ),
+    ("training", "training loop: steps, evaluation, checkpoints, resume", ("trainer",)),
+    (
+        "distillation",
+        "distillation: teacher + student -> loss terms",
+        ("distiller", "cache", "torchdistill_compat"),
+    ),
+    ("parts", "parts: hook a layer, map features, compare them", ("taps", "adapters", "losses")),
+]
+# Everything else in kdkit/ is foundation; these sub-groups only arrange its listing.
+FOUNDATION = {
+    "recipes and registries": ("recipe", "registry", "plugins", "errors", "optim"),
+    "data and models": ("data", "models", "images", "csvfile", "hub", "info"),
+    "evaluation and statistics": ("evaluators", "evaluation", "stats", "comparison", "calibration"),
+    "files and processes": ("checkpoint", "lock", "workers", "runlog", "distributed"),
+}
+ENTRY_POINTS = {"kdkit", "kdkit.__main__"}  # the package facade and `python -m kdkit`: not drawn
+# Calls that are not imports: the trainer runs the task it is given (a Distiller), and kdkit
+# finds plugins through the `kdkit.plugins` entry-point group.
+RUNTIME = [
+    ("training", "distillation", "runs task(x, y)"),
+    ("foundation", "plugin:*", "plugins.py finds it\nby entry point"),
+]
+
+
+@dataclass
+class Graph:
+    """Modules per group and the group-level import edges between them."""
+
+    groups: dict[str, list[str]]
+    edges: set[tuple[str, str]]
+    module_edges: set[tuple[str, str]]
+
+    def as_json(self) -> str:
+        """What the picture shows, stored in it: groups with their modules, and the edges."""
+        return json.dumps({"groups": self.groups, "edges": sorted(self.edges)}, sort_keys=True)
+
+
+def module_files(repo: Path = REPO) -> dict[str, Path]:
+    """Dotted module name -> file for kdkit/ and every plugin package under plugins/*/."""
+    files = sorted((repo / "kdkit").rglob("*.py"))
+    files += sorted(f for pkg in (repo / "plugins").glob("*/*/__init__.py") for f in pkg.parent.rglob("*.py"))
+    modules = {}
+    for path in files:
+        parts = list(path.relative_to(repo).with_suffix("").parts)
+        if parts[0] == "plugins":
+            parts = parts[2:]
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    return modules
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """The known modules `name` imports (`from pkg import module` counts as the module)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the importing module's package
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}
+    return {m for m in found & known if m != name}
+
+
+def group_of(module: str) -> str:
+    """The group a module is drawn in."""
+    if module == "kdkit.cli" or module.startswith("kdkit.cli."):
+        return "commands"
+    if module == "kdkit.deploy" or module.startswith("kdkit.deploy."):
+        return "deployment"
+    package = module.split(".")[0]
+    if package != "kdkit":
+        return f"plugin:{package}"
+    short = module.removeprefix("kdkit.")
+    return next((group for group, _, members in FLOW if short in members), "foundation")
+
+
+def build_graph(repo: Path = REPO) -> Graph:
+    """Read every module's imports and fold them into groups."""
+    files = module_files(repo)
+    known = set(files)
+    groups: dict[str, list[str]] = {}
+    module_edges = set()
+    for name, path in files.items():
+        if name in ENTRY_POINTS:
+            continue
+        groups.setdefault(group_of(name), []).append(name)
+        module_edges |= {
+            (name, other) for other in imports_of(name, path, known) if other not in ENTRY_POINTS
+        }
+    edges = {(group_of(a), group_of(b)) for a, b in module_edges if group_of(a) != group_of(b)}
+    return Graph({g: sorted(m) for g, m in sorted(groups.items())}, edges, module_edges)
+
+
+def violations(graph: Graph) -> list[str]:
+    """Every import that breaks a rule the picture shows (empty when the code keeps them all)."""
+    rank = {group: i for i, (group, _, _) in enumerate(FLOW)}
+    problems = []
+    for a, b in sorted(graph.module_edges):
+        ga, gb = group_of(a), group_of(b)
+        if gb == "commands" and ga != "commands":
+            problems.append(f"{a} imports {b}: the library never imports the commands")
+        elif gb.startswith("plugin:") and not ga.startswith("plugin:"):
+            problems.append(f"{a} imports {b}: the core never imports a plugin")
+        elif gb == "deployment" and ga not in ("commands", "deployment") and not ga.startswith("plugin:"):
+            problems.append(f"{a} imports {b}: the core never imports the deployment package")
+        elif ga in rank and gb in rank and rank[gb] < rank[ga]:
+            problems.append(f"{a} ({ga}) imports {b} ({gb}): the flow only imports layers below it")
+        elif ga == "foundation" and gb != "foundation":
+            problems.append(
+                f"{a} imports {b} ({gb}): the foundation imports no other layer; "
+                f"place {a} in a layer of FLOW in docs/figures.py"
+            )
+    return problems
+
+
+# Drawing. Coordinates are fractions of a 12 x 7.6 inch canvas (1200 x 760 px at 100 dpi), cropped
+# to what is drawn when saved.
+FLOW_X, FLOW_W = 0.13, 0.50
+SIDE_X, SIDE_W = 0.68, 0.31
+BOX_H, GAP, TOP = 0.095, 0.045, 0.93
+LINE = 0.026  # height of one line of module names
+LANE = 0.022  # distance between the left-margin lanes of arrows that skip a layer
+CHAR = 0.0066  # width of one monospace character of the module lists
+COLORS = {
+    "commands": "#dbe9f6",
+    "plan": "#d5ecd4",
+    "training": "#fdebd0",
+    "distillation": "#fadbd8",
+    "parts": "#e8daef",
+    "deployment": "#d6eaf8",
+    "plugin": "#fcf3cf",
+    "foundation": "#eeeeee",
+}
+Box = tuple[float, float, float, float]  # x, y (bottom), width, height
+
+
+def _short(module: str) -> str:
+    """A module as its file is named in its folder: `pipeline`, `__init__`."""
+    parts = module.split(".")
+    return "__init__" if module in ("kdkit.cli", "kdkit.deploy") or len(parts) == 1 else parts[-1]
+
+
+def _listing(modules: list[str], width: float) -> list[str]:
+    """The modules' short names wrapped to a box `width`."""
+    return textwrap.wrap("  ".join(_short(m) for m in modules), int((width - 0.02) / CHAR))
+
+
+def _box(ax, box: Box, title: str, lines: list[str], color: str) -> None:
+    """A rounded box: bold title on top, the module lines below it."""
+    from matplotlib.patches import FancyBboxPatch
+
+    x, y, w, h = box
+    style = "round,pad=0.004,rounding_size=0.01"
+    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle=style, fc=color, ec="#555555", lw=1))
+    ax.text(x + 0.01, y + h - 0.014, title, fontsize=10.5, weight="bold", va="top")
+    ax.text(
+        x + 0.01,
+        y + h - 0.045,
+        "\n".join(lines),
+        fontsize=9.5,
+        family="monospace",
+        va="top",
+        linespacing=1.35,
+    )
+
+
+def _arrow(ax, points: list[tuple[float, float]], label: str = "", dashed: bool = False) -> None:
+    """A polyline through `points` with an arrowhead at the last one, and an optional label."""
+    style = "--" if dashed else "-"
+    xs, ys = zip(*points[:-1], strict=True)
+    ax.plot(xs, ys, style, color="#333333", lw=1.3)
+    props = {
+        "arrowstyle": "-|>",
+        "color": "#333333",
+        "lw": 1.3,
+        "shrinkA": 0,
+        "shrinkB": 0,
+        "linestyle": style,
+    }
+    ax.annotate("", xy=points[-1], xytext=points[-2], arrowprops=props)
+    if label:
+        (x0, y0), (x1, y1) = points[-2], points[-1]
+        ax.text((x0 + x1) / 2 + 0.008, (y0 + y1) / 2, label, fontsize=9, style="italic", va="center")
+
+
+def draw(graph: Graph, path: Path) -> None:
+    """Draw the layered picture of `graph` into `path`, the graph stored in the PNG."""
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
+
+    fig = Figure(figsize=(12, 7.6))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    ax.set(xlim=(0, 1), ylim=(0, 1))
+    title = "kdkit: its layers and the imports between them, read from the code (docs/figures.py)"
+    ax.text(0.01, 0.985, title, fontsize=13, weight="bold", va="top")
+    boxes: dict[str, Box] = {}
+    for i, (group, heading, _) in enumerate(FLOW):
+        boxes[group] = (FLOW_X, TOP - (i + 1) * BOX_H - i * GAP, FLOW_W, BOX_H)
+        _box(ax, boxes[group], heading, _listing(graph.groups.get(group, []), FLOW_W), COLORS[group])
+    _draw_side(ax, graph, boxes)
+    _draw_foundation(ax, graph, boxes)
+    _draw_imports(ax, graph, boxes)
+    _draw_runtime(ax, boxes)
+    legend = "solid arrow: imports (read from the code);  dashed arrow: calls without importing"
+    ax.text(0.01, boxes["foundation"][1] - 0.02, legend, fontsize=9, va="top", color="#333333")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {GRAPH_KEY: graph.as_json(), "Software": None}
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight", pad_inches=0.1, metadata=metadata)
+
+
+def _draw_side(ax, graph: Graph, boxes: dict[str, Box]) -> None:
+    """Deployment and the plugins in a column right of the main flow, each as tall as its list."""
+    top = TOP
+    side = [("deployment", "deployment  kdkit/deploy/", "deployment")]
+    for group in (g for g in graph.groups if g.startswith("plugin:")):
+        folder = next((REPO / "plugins").glob(f"*/{group.split(':', 1)[1]}")).relative_to(REPO)
+        side.append((group, f"plugin  {folder}/", "plugin"))
+    for group, heading, color in side:
+        lines = _listing(graph.groups.get(group, []), SIDE_W)
+        height = 0.06 + LINE * len(lines)
+        boxes[group] = (SIDE_X, top - height, SIDE_W, height)
+        _box(ax, boxes[group], heading, lines, COLORS[color])
+        top -= height + 2 * GAP
+
+
+def _draw_foundation(ax, graph: Graph, boxes: dict[str, Box]) -> None:
+    """The foundation across the bottom, its modules listed by sub-group."""
+    rest = set(graph.groups.get("foundation", []))
+    rows = []
+    for label, names in {**FOUNDATION, "other": ()}.items():
+        found = [f"kdkit.{n}" for n in names if f"kdkit.{n}" in rest] if names else sorted(rest)
+        rest -= set(found)
+        if found:
+            rows.append(f"{label + ':':<27}{'  '.join(_short(m) for m in found)}")
+    top = boxes[FLOW[-1][0]][1] - GAP
+    height = 0.06 + LINE * len(rows)
+    boxes["foundation"] = (0.01, top - height, 0.98, height)
+    heading = "foundation  kdkit/  (every box above imports it; it imports none of them)"
+    _box(ax, boxes["foundation"], heading, rows, COLORS["foundation"])
+
+
+def _draw_imports(ax, graph: Graph, boxes: dict[str, Box]) -> None:
+    """One arrow per group-level import edge (none into the foundation, which every box uses):
+    down the middle between neighbouring layers, along the left margin where a layer is skipped
+    (longer skips further out, so the lanes do not cross), straight across to the side column."""
+    rank = {group: i for i, (group, _, _) in enumerate(FLOW)}
+    edges = [(a, b) for a, b in graph.edges if b != "foundation" and a in boxes and b in boxes]
+    skips = sorted(
+        ((a, b) for a, b in edges if a in rank and b in rank and rank[b] > rank[a] + 1),
+        key=lambda e: (rank[e[1]] - rank[e[0]], rank[e[0]]),
+    )
+    leaving = {g: 0 for g in boxes}
+    arriving = {g: 0 for g in boxes}
+    for lane, (a, b) in reversed(list(enumerate(skips, start=1))):  # outermost lane first
+        (x, ya, _, ha), (_, yb, _, hb) = boxes[a], boxes[b]
+        start_y = ya + ha - 0.02 - 0.012 * leaving[a]
+        end_y = yb + 0.02 + 0.012 * arriving[b]
+        leaving[a] += 1
+        arriving[b] += 1
+        lane_x = x - LANE * lane
+        _arrow(ax, [(x, start_y), (lane_x, start_y), (lane_x, end_y), (x, end_y)])
+    for a, b in edges:
+        (xa, ya, wa, ha), (xb, yb, wb, hb) = boxes[a], boxes[b]
+        if a in rank and b in rank and rank[b] == rank[a] + 1:
+            _arrow(ax, [(xa + wa * 0.3, ya), (xb + wb * 0.3, yb + hb)])
+        elif xa < xb:  # from the main flow to the side column
+            _arrow(ax, [(xa + wa, ya + ha * 0.5), (xb, ya + ha * 0.5)])
+        elif a not in rank and b not in rank:  # within the side column: a plugin uses deployment
+            _arrow(ax, [(xa + wa * 0.5, ya + ha), (xb + wb * 0.5, yb)])
+
+
+def _draw_runtime(ax, boxes: dict[str, Box]) -> None:
+    """The dashed arrows of RUNTIME: calls that are not imports."""
+    for a, b, label in RUNTIME:
+        for target in [g for g in boxes if g == b or (b.endswith("*") and g.startswith(b[:-1]))]:
+            (xa, ya, wa, ha), (xb, yb, wb, hb) = boxes[a], boxes[target]
+            if ya < yb:  # from below (the foundation's plugin loader) up to a side box
+                _arrow(ax, [(xb + wb * 0.5, ya + ha), (xb + wb * 0.5, yb)], label, dashed=True)
+            else:
+                _arrow(ax, [(xa + wa * 0.7, ya), (xb + wb * 0.7, yb + hb)], label, dashed=True)
+
+
+def copy_figure(source: Path, target: Path, made_by: str) -> None:
+    """Copy one PNG a command wrote into docs/img/, or say why not."""
+    if source.is_file():
+        shutil.copyfile(source, target)
+        print(f"copied {source} -> {target.relative_to(REPO)}")
+    else:
+        print(f"skipped {target.relative_to(REPO)}: no {source} ({made_by} writes it)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Draw the architecture; copy the ROC/DET plot and the ablation chart when they exist."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--run", type=Path, default=REPO / "runs" / "kdfas-demo", help="a finished kdfas-demo run"
+    )
+    parser.add_argument("--stage", default="student_kd", help="the run whose ROC/DET plot is copied")
+    parser.add_argument(
+        "--ablation",
+        type=Path,
+        default=REPO / "runs" / "ablation-kdfas-demo",
+        help="a finished kdkit ablate folder",
+    )
+    args = parser.parse_args(argv)
+    graph = build_graph()
+    problems = violations(graph)
+    if problems:
+        print(
+            "the code breaks a rule the architecture picture shows:", *problems, sep="\n  ", file=sys.stderr
+        )
+        return 1
+    draw(graph, ARCHITECTURE_PNG)
+    print(f"drew {ARCHITECTURE_PNG.relative_to(REPO)}")
+    copy_figure(args.run / "test" / args.stage / "roc_det_test.png", IMG / "roc-det-demo.png", "make demo")
+    copy_figure(args.ablation / "ablation.png", IMG / "ablation-demo.png", "kdkit ablate")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Build what a recipe describes, with no run directory: its evaluator, its models and a distill
+stage's `Distiller` (student, teacher, taps, adapters). `kdkit run`, `validate`, `eval`, `bench`
+and `ablate` all build through these functions, so they build the same things."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdkit.cache import open_teacher_cache
+from kdkit.checkpoint import load_file
+from kdkit.data import example_batch
+from kdkit.distiller import Distiller, PairError, layer_pairs
+from kdkit.models import ModelError, build_model, load_state_dict_checked
+from kdkit.recipe import Recipe, RecipeError, StageSpec
+from kdkit.registry import EVALUATORS
+
+
+def make_evaluator(recipe: Recipe) -> Any:
+    """The recipe's evaluator instance; bad `evaluator_options` are a recipe error."""
+    try:
+        return EVALUATORS.get(recipe.evaluator)(**recipe.evaluator_options)
+    except (TypeError, ValueError) as exc:
+        text = str(exc)
+        raise RecipeError(
+            [text if text.startswith("evaluator_options") else f"evaluator_options: {text}"]
+        ) from None
+
+
+def build_recipe_model(recipe: Recipe, key: str, where: str) -> nn.Module:
+    """Build the model `recipe.models[key]`, re-raising build problems as recipe errors at `where`."""
+    try:
+        return build_model(recipe.models[key], where=f"models.{key}")
+    except ModelError as exc:  # already names the model's key
+        raise RecipeError([str(exc)]) from None
+    except ValueError as exc:
+        raise RecipeError([f"{where}: {exc}"]) from None
+
+
+def teacher_model_key(recipe: Recipe, stage: StageSpec) -> tuple[str, str | None]:
+    """The model key of a distill stage's teacher and, when an earlier stage trains it, that
+    stage's name (never a later stage)."""
+    d = recipe.stage_distill(stage)
+    earlier = recipe.pipeline[: recipe.pipeline.index(stage)]
+    trainer = next((s for s in earlier if s.name == d.teacher and s.do != "evaluate"), None)
+    if trainer is None:
+        return d.teacher, None
+    key = trainer.model if trainer.do == "train" else recipe.stage_distill(trainer).student
+    return key, trainer.name
+
+
+def build_distiller(
+    recipe: Recipe,
+    stage: StageSpec,
+    trained: Mapping[str, Path] | None = None,
+    example: torch.Tensor | None = None,
+    cache_data: Any = None,
+) -> Distiller:
+    """Student, teacher, taps and adapters of a distill stage, sized by a dry run on `example`
+    (default: two of the stage's training images).
+
+    A teacher trained by an earlier stage gets that stage's weights from `trained` (stage name →
+    model.pt); without them (checks, benchmarks) it keeps its initial weights. With `cache_data`
+    (the training dataset) and `distill.cache` on, the teacher-output cache is opened for it.
+    The student is built first, so that with the same seed it starts from the same weights as a
+    `train` stage of the same model (the baseline trained without a teacher)."""
+    d = recipe.stage_distill(stage)
+    train = recipe.stage_train(stage)
+    where = f"pipeline.{stage.name}.distill"
+    student = build_recipe_model(recipe, d.student, f"{where}.student")
+    key, trained_by = teacher_model_key(recipe, stage)
+    teacher = build_recipe_model(recipe, key, f"{where}.teacher")
+    if trained_by is not None and trained is not None:
+        weights = trained[trained_by]
+        load_state_dict_checked(teacher, load_file(weights)["model"], f"stage {trained_by!r} model.pt")
+    try:
+        pairs = layer_pairs(teacher, student, d.pairs, d.point, d.select) if d.adapter != "none" else []
+    except (ValueError, KeyError) as exc:
+        raise _distill_error(where, exc) from None
+    # Keyed by what the Distiller is built from (the teacher as `teacher_dtype` will make it).
+    cache = None
+    if cache_data is not None:
+        cache = open_teacher_cache(d, cache_data, teacher, [p.teacher for p in pairs], train.amp)
+    try:
+        return Distiller(
+            teacher,
+            student,
+            pairs,
+            adapter=d.adapter,
+            adapter_options=d.adapter_options,
+            criterion=d.criterion,
+            alpha=d.alpha,
+            tau=d.tau,
+            beta=d.beta,
+            label_smoothing=train.label_smoothing,
+            example_input=example_batch(recipe.stage_data(stage)) if example is None else example,
+            teacher_dtype=d.teacher_dtype,
+            cache=cache,
+        )
+    except (ValueError, KeyError) as exc:
+        raise _distill_error(where, exc) from None
+
+
+def _distill_error(where: str, exc: Exception) -> RecipeError:
+    """A distill stage's build problem as a recipe error; one pair's names its key (`...pairs[1]`)."""
+    return RecipeError([f"{where}.{exc}" if isinstance(exc, PairError) else f"{where}: {exc}"])
+
+
+def check_input(model: nn.Module, example: torch.Tensor, where: str) -> int:
+    """Fail with a recipe error when `model` cannot take the data's images (size, patch, channels);
+    return the size of its output's last dimension (the number of classes of a classifier)."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    size = tuple(example.shape[-2:])
+    if patch is not None and any(s % p for s, p in zip(size, patch, strict=True)):
+        raise RecipeError(
+            [
+                f"{where}: data.image_size {size[0]} is not divisible by the patch size "
+                f"{patch[0]}; choose an image size that is a multiple of it"
+            ]
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(example)
+    except Exception as exc:  # any failure here is a model/data mismatch the user must fix
+        raise RecipeError(
+            [
+                f"{where}: cannot run on the data's {tuple(example.shape[1:])} images "
+                f"({type(exc).__name__}: {exc}); check the model options (img_size, in_chans) "
+                "against data.image_size and the data's channels"
+            ]
+        ) from None
+    finally:
+        model.train(was_training)
+    return int(output.shape[-1])

@@ -1,0 +1,100 @@
+"""Train stages shared between runs (`kdkit ablate`): an identical `train` stage is trained once.
+
+A `train` stage is keyed by a hash of exactly what its model depends on (`train_stage_key`); the
+first run that needs it trains it and publishes ``DIR/<key>/{model.pt,done.json}`` in one folder
+rename; the others wait on the entry's lock and reuse it. Distill stages are never cached: they
+are what an ablation varies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kdkit import __version__
+from kdkit.checkpoint import atomic_path, atomic_write_text, file_sha256
+from kdkit.lock import locked
+from kdkit.recipe import Recipe, StageSpec
+
+
+def train_stage_key(recipe: Recipe, stage: StageSpec) -> str:
+    """Hash of exactly what a `train` stage's model depends on.
+
+    Data, the model's spec (and its initial weights file), the merged training settings (with the
+    stage's seed), the evaluator (it picks the saved epoch) and the kdkit version; not the distill
+    section, other models or the stage's name.
+    """
+    spec = recipe.models[stage.model]
+    train = recipe.stage_train(stage)
+    parts = {
+        "do": stage.do,
+        "data": dataclasses.asdict(recipe.stage_data(stage)),
+        # a tracked test split is the run's own (reported only; see Trainer.best_on_test)
+        "test_data": dataclasses.asdict(recipe.data) if train.track_test else None,
+        "model": dataclasses.asdict(spec),
+        "weights_sha256": file_sha256(spec.weights) if spec.weights else None,
+        "train": dataclasses.asdict(train),
+        "evaluator": [recipe.evaluator, recipe.evaluator_options],
+        "kdkit": __version__,
+    }
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return f"{stage.model}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+class StageCache:
+    """The folder of shared train stages; `fetch_or_train` gives a stage's result and model."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def entry(self, recipe: Recipe, stage: StageSpec) -> Path:
+        """The folder of `stage`'s cached result (it may not exist yet)."""
+        return self.folder / train_stage_key(recipe, stage)
+
+    def fetch_or_train(
+        self,
+        recipe: Recipe,
+        stage: StageSpec,
+        model_path: Path,
+        train: Callable[[], dict[str, Any]],
+        run_name: str,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The stage's result and its cache record (key, reused, trained_by), with its model at
+        `model_path`: linked from the cache, or trained by `train()` and published.
+
+        The entry's lock makes concurrent runs that need the same stage wait for one training."""
+        entry = self.entry(recipe, stage)
+        with locked(entry.with_name(f"{entry.name}.lock")):
+            if (entry / "done.json").exists():
+                cached = json.loads((entry / "done.json").read_text())
+                link_or_copy(entry / "model.pt", model_path)
+                result, reused, trained_by = cached["result"], True, cached["trained_by"]
+            else:
+                result, reused, trained_by = train(), False, run_name
+                _publish(model_path, entry, {"result": result, "trained_by": trained_by})
+        return result, {"key": entry.name, "reused": reused, "trained_by": trained_by}
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link `src` to `dst` (a copy across file systems) through a temporary name: atomic."""
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+
+
+def _publish(model: Path, entry: Path, record: dict[str, Any]) -> None:
+    """Put `model` and `done.json` into the cache folder `entry`, all at once (a folder rename)."""
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    link_or_copy(model, tmp / "model.pt")
+    atomic_write_text(json.dumps(record, indent=2), tmp / "done.json")
+    os.replace(tmp, entry)
