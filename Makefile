@@ -8,10 +8,13 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install demo digits test lint clean figures
 
+# facenet-pytorch brings MTCNN's weights (docs/fas.md, "Face detection"): its metadata pins an old
+# torch and kdkit reads only its weight files, so it is installed without its dependencies.
 $(STAMP): pyproject.toml plugins/fas/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,export]' -e plugins/fas
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt facenet-pytorch==2.6.0
 	touch $(STAMP)
 
 install: $(STAMP)

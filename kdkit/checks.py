@@ -20,7 +20,7 @@ from kdkit.adapters import adapter_min_batch
 from kdkit.build import build_distiller, build_recipe_model, check_input, make_evaluator
 from kdkit.cache import teacher_cache_dir
 from kdkit.checkpoint import OutputDirError, check_output_dir
-from kdkit.data import build_dataset, example_batch, generate_data
+from kdkit.data import build_dataset, example_batch, generate_data, sample_groups
 from kdkit.distiller import Distiller
 from kdkit.optim import check_optimization
 from kdkit.plugins import load_plugins
@@ -68,6 +68,7 @@ def check_recipe(recipe: Recipe, generate: bool = False) -> RecipeCheck:
         if stage.data and stage.do != "evaluate":
             build_dataset(r.stage_data(stage), "val")
             example_batch(r.stage_data(stage))
+    _check_balanced(r)
     result = RecipeCheck(param_bytes=_check_models(r, example_batch(r.data), evaluator))
     _check_training(r)
     for stage in r.pipeline:
@@ -95,6 +96,29 @@ def _check_names(recipe: Recipe) -> None:
             registry.get(name)
         except RegistryError as exc:
             problems.append(f"{key}: {exc}")
+    if problems:
+        raise RecipeError(problems)
+
+
+def _check_balanced(recipe: Recipe) -> None:
+    """With `data.balanced`, the batch splits evenly between the training set's groups."""
+    specs = {"data": recipe.data} | {
+        f"pipeline.{s.name}.data": recipe.stage_data(s)
+        for s in recipe.pipeline
+        if s.data and s.do != "evaluate"
+    }
+    problems = []
+    for where, spec in specs.items():
+        if not spec.balanced:
+            continue
+        groups = list(dict.fromkeys(sample_groups(build_dataset(spec, "train"))))
+        if spec.batch_size % len(groups):
+            share = max(1, spec.batch_size // len(groups))
+            problems.append(
+                f"{where}.batch_size: {spec.batch_size} is not a multiple of the {len(groups)} groups "
+                f"{where}.balanced draws equally from ({', '.join(map(str, groups))}); use e.g. "
+                f"{share * len(groups)} or {(share + 1) * len(groups)}"
+            )
     if problems:
         raise RecipeError(problems)
 

@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -92,6 +92,82 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return iter([(index, slot) for index in order[self.rank :: self.world][self.skip :]])
 
 
+class BalancedSampler(EpochSampler):
+    """`EpochSampler`'s order with every global batch drawing equally from each group (`data.balanced`).
+
+    `groups` holds one hashable per sample (e.g. (domain, label)); with G groups and a global
+    batch of B (a multiple of G), each batch holds B / G samples of every group. The epoch keeps
+    EpochSampler's number of steps, ceil(size / B), every batch full: each group contributes
+    steps × B / G draws, taken from permutations of its samples fixed by (seed, epoch) — a group
+    larger than that is subsampled, a smaller one repeats its samples only once its permutation is
+    used up. Ranks share out every global batch as EpochSampler does, and yield the same
+    `(sample index, augmentation slot)` pairs (a repeated sample has the same key in an epoch).
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[Hashable],
+        batch_size: int,
+        seed: int,
+        aug_cycle: int | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        super().__init__(len(groups), seed, aug_cycle, rank, world)
+        members: dict[Hashable, list[int]] = {}
+        for index, group in enumerate(groups):
+            members.setdefault(group, []).append(index)
+        self.members = list(members.values())  # in order of first appearance: fixed by the data
+        if batch_size % len(self.members) or batch_size % world:
+            raise DataError(
+                f"data.batch_size: {batch_size} must be a multiple of the {len(self.members)} groups "
+                f"data.balanced draws equally from ({', '.join(map(str, members))}) and divide "
+                f"evenly between the {world} processes"
+            )
+        self.batch_size = batch_size
+        self.steps = -(-self.size // batch_size)
+
+    def __len__(self) -> int:
+        return self.steps * self.batch_size // self.world
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        share = self.batch_size // len(self.members)
+        draws = [self._draws(indices, self.steps * share, generator) for indices in self.members]
+        order: list[int] = []
+        for step in range(self.steps):
+            batch = torch.tensor([i for d in draws for i in d[step * share : (step + 1) * share]])
+            order += batch[torch.randperm(len(batch), generator=generator)].tolist()
+        slot = self.slot
+        return iter([(index, slot) for index in order[self.rank :: self.world][self.skip :]])
+
+    @staticmethod
+    def _draws(indices: list[int], count: int, generator: torch.Generator) -> list[int]:
+        """`count` of `indices`: successive permutations of them, cut at `count`."""
+        drawn: list[int] = []
+        while len(drawn) < count:
+            drawn += [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+        return drawn[:count]
+
+
+def sample_groups(dataset: Dataset) -> list[Hashable]:
+    """The group of every sample `data.balanced` balances: the dataset's `groups` attribute, else
+    its `labels`; a DataError when it has neither (or their length is not the dataset's)."""
+    groups = getattr(dataset, "groups", None)
+    groups = getattr(dataset, "labels", None) if groups is None else groups
+    if groups is None:
+        raise DataError(
+            f"data.balanced: the {type(dataset).__name__} training set has neither a `groups` nor a "
+            "`labels` attribute to balance batches by; set data.balanced: false"
+        )
+    groups = list(groups)
+    if len(groups) != len(dataset):  # type: ignore[arg-type]
+        raise DataError(
+            f"data.balanced: the training set has {len(dataset)} samples but {len(groups)} groups"  # type: ignore[arg-type]
+        )
+    return groups
+
+
 def augmentation_seed(seed: int, slot: int, index: int) -> int:
     """The seed of one sample's augmentation: a hash of (run seed, slot, sample index)."""
     digest = hashlib.blake2b(f"{seed}:{slot}:{index}".encode(), digest_size=8).digest()
@@ -150,7 +226,7 @@ class SeededAugmentation(Dataset):
 
 
 # DataSpec fields that do not change what an augmented training image looks like.
-_NOT_IN_IMAGES = ("batch_size", "eval_batch_size", "num_workers", "aug_cycle")
+_NOT_IN_IMAGES = ("batch_size", "eval_batch_size", "num_workers", "aug_cycle", "balanced")
 
 
 def build_loaders(
@@ -160,7 +236,8 @@ def build_loaders(
 
     Training batches are `(images, labels, keys)`, keys `(B, 2)` = (sample index, augmentation
     slot). The order and augmentation of epoch e depend only on (seed, e), so a resumed run and an
-    ablation variant with the same seed see exactly the same batches. Under torch.distributed,
+    ablation variant with the same seed see exactly the same batches; with `spec.balanced` every
+    batch draws equally from each group of the training set (`BalancedSampler`). Under torch.distributed,
     `spec.batch_size` is the global batch: each of the `world` ranks loads batch_size / world.
     A trailing batch of fewer than `min_batch` samples is dropped (see `Adapter.min_batch`).
     """
@@ -171,8 +248,13 @@ def build_loaders(
             f"between the {world} processes"
         )
     identity = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _NOT_IN_IMAGES}
-    dataset = SeededAugmentation(build_dataset(spec, "train"), seed, identity)
-    sampler = EpochSampler(len(dataset), seed, spec.aug_cycle, rank, world)
+    train_set = build_dataset(spec, "train")
+    dataset = SeededAugmentation(train_set, seed, identity)
+    sampler = (
+        BalancedSampler(sample_groups(train_set), spec.batch_size, seed, spec.aug_cycle, rank, world)
+        if spec.balanced
+        else EpochSampler(len(dataset), seed, spec.aug_cycle, rank, world)
+    )
     per_rank = spec.batch_size // world
     train = DataLoader(
         dataset,

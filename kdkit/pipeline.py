@@ -42,6 +42,7 @@ from kdkit.distiller import Distiller, SupervisedTask
 from kdkit.info import model_size
 from kdkit.models import build_model, load_state_dict_checked
 from kdkit.recipe import DataSpec, ModelSpec, Recipe, StageSpec
+from kdkit.registry import DATASETS
 from kdkit.runlog import MetricsLog, console, output
 from kdkit.scoring import evaluate_model
 from kdkit.stage_cache import StageCache
@@ -227,4 +228,14 @@ def _spec_for_checkpoint(spec: ModelSpec) -> dict[str, Any]:
 
 
 def _data_meta(d: DataSpec) -> dict[str, Any]:
-    return {"dataset": d.dataset, "image_size": d.image_size, "mean": d.mean, "std": d.std}
+    """What a deployed model needs to know of its data: input geometry and normalisation, and the
+    input preparer's options the data set was made with (e.g. the face detector and crop scale),
+    so that `kdkit predict` prepares files as the training frames were prepared."""
+    options = getattr(DATASETS.get(d.dataset), "input_preparer_options", None)
+    return {
+        "dataset": d.dataset,
+        "image_size": d.image_size,
+        "mean": d.mean,
+        "std": d.std,
+        "input_preparer_options": options(d) if options else {},
+    }

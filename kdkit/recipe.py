@@ -85,6 +85,9 @@ class DataSpec:
     # epoch e replays the augmentation of epoch e mod aug_cycle (so cached teacher outputs are reused);
     # null = a fresh augmentation every epoch
     aug_cycle: int | None = None
+    # every training batch draws equally from each group of the training set (its `groups`, else
+    # its `labels`, e.g. domain x live/attack); batch_size must be a multiple of the group count
+    balanced: bool = False
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # input normalisation
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     options: dict[str, Any] = field(default_factory=dict)  # dataset-specific options

@@ -125,5 +125,6 @@ FEATURE_CRITERIA: Registry[Callable[..., Any]] = Registry("feature criterion", b
 COMMANDS: Registry[Callable[..., Any]] = Registry("command")
 # `kdkit predict`: factory(**options) -> prepare(rgb: uint8 HxWx3 array) -> uint8 array, or None when
 # the frame holds nothing to score (e.g. no face). A data set factory names the preparer its frames
-# were made with in an `input_preparer` attribute; without one, the whole image is used.
+# were made with in an `input_preparer` attribute (and may give its options for a DataSpec in an
+# `input_preparer_options(spec) -> dict` attribute); without one, the whole image is used.
 INPUT_PREPARERS: Registry[Callable[..., Any]] = Registry("input preparer")

@@ -105,6 +105,8 @@ def _preparer(metadata: dict[str, Any], name: str | None, options: list[str]) ->
     recorded = name is None
     name = metadata.get("input_preparer") if recorded else name
     parsed = parse_options(options, "--prepare-option")
+    if recorded:  # as the training frames were prepared; --prepare-option overrides
+        parsed = {**metadata.get("input_preparer_options", {}), **parsed}
     try:
         return make_preparer(name, parsed)
     except RegistryError as exc:

@@ -116,6 +116,7 @@ def checkpoint_metadata(path: str | Path, network: nn.Module, ckpt: dict[str, An
         "class_names": list(getattr(factory, "class_names", [])) or None,
         "score": "softmax(logits)[:, 1]",
         "input_preparer": getattr(factory, "input_preparer", None),
+        "input_preparer_options": data.get("input_preparer_options") or {},
         "threshold": calibration.threshold if calibration else None,
         "thresholds": calibration.thresholds if calibration else {},
         "threshold_source": calibration.source if calibration else None,

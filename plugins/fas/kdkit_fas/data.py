@@ -50,7 +50,9 @@ class FrameDataset(Dataset):
     """Face-crop frames → `(image: float tensor (3, S, S) normalised, label: int)`.
 
     `meta[i]` holds video, subject, label and attack_type of item i, for video-level and
-    per-attack-type evaluation.
+    per-attack-type evaluation, and its `domain` (the data set it came from) when the records give
+    one. `groups` (domain, label) per item is what `data.balanced` balances; `origin` says which
+    data the split holds (the evaluator records it as the source of its threshold).
     """
 
     def __init__(
@@ -61,8 +63,9 @@ class FrameDataset(Dataset):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         train: bool = False,
+        origin: str = "",
     ) -> None:
-        self.root = Path(root)
+        self.root, self.origin = Path(root), origin
         self.paths: list[Path] = []
         self.labels: list[int] = []
         self.meta: list[dict] = []
@@ -76,11 +79,17 @@ class FrameDataset(Dataset):
                 )
             self.paths.append(self.root / record["path"])  # an absolute path stays absolute
             self.labels.append(int(label))
-            self.meta.append({key: record[key] for key in META_KEYS} | {"label": int(label)})
+            domain = {"domain": record["domain"]} if "domain" in record else {}
+            self.meta.append({key: record[key] for key in META_KEYS} | {"label": int(label)} | domain)
         self.transform = build_transform(image_size, mean, std, train)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def groups(self) -> list[tuple[str | None, int]]:
+        """(domain or None, label) of every item: the groups `data.balanced` draws equally from."""
+        return [(m.get("domain"), m["label"]) for m in self.meta]
 
     def fingerprint(self) -> str:
         """SHA-256 of every frame's path, label, size and modification time: the data part of the

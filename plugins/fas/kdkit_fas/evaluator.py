@@ -7,6 +7,11 @@ knows its videos; frame-level ones are reported beside them with a `frame_` pref
 worst PAI species (`<split>/apcer`), with every species and instrument beside it
 (`<split>/apcer_species.<name>`, `<split>/apcer_instrument.<name>`).
 
+When the data set knows each sample's domain (`fas_domains`: the data set it came from), every
+test domain is also reported on its own (`<split>/<domain>/hter`, ...) at the same threshold, beside
+the pooled numbers. `threshold_source` says which data fixed the threshold (e.g.
+`val (source dev: O, I)`).
+
 `<split>/optimistic_hter` is the HTER at the split's own EER threshold, as most published FAS code
 reports it: kdkit logs it (and the trainer records the epoch it would pick, `optimistic_monitor`)
 only for comparison with published numbers; nothing is ever selected by it.
@@ -20,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kdkit.checkpoint import atomic_write_text
@@ -40,6 +46,8 @@ HEADLINE = (
     "threshold",
     "optimistic_hter",
 )
+# reported per domain: the headline metrics but the threshold, which is the pooled one (from dev)
+PER_DOMAIN = tuple(k for k in HEADLINE if k != "threshold")
 
 
 def score_set(pred: Predictions) -> ScoreSet:
@@ -56,6 +64,14 @@ def score_set(pred: Predictions) -> ScoreSet:
         videos = [str(m["video"]) for m in meta] if all("video" in m for m in meta) else None
         subjects = [str(m["subject"]) for m in meta] if all(m.get("subject") for m in meta) else None
     return ScoreSet(scores, pred.labels.numpy(), attack_types, videos, subjects)
+
+
+def domains(pred: Predictions) -> np.ndarray | None:
+    """The domain of every sample from the dataset's `meta`, or None when it does not give them all."""
+    meta = getattr(pred.dataset, "meta", None)
+    if meta is None or len(meta) != len(pred.labels) or not all(m.get("domain") for m in meta):
+        return None
+    return np.asarray([str(m["domain"]) for m in meta], dtype=object)
 
 
 class FasEvaluator:
@@ -82,9 +98,11 @@ class FasEvaluator:
         sets = {split: score_set(pred) for split, pred in predictions.items()}
         dev = sets["val"]
         dev_main = self._level(dev)
+        origin = getattr(predictions["val"].dataset, "origin", "") or "dev split"
         metrics: dict[str, Any] = {
             "val/eer": eer_threshold(dev_main.scores, dev_main.labels)[0],
             "val/frame_eer": eer_threshold(dev.scores, dev.labels)[0],
+            "threshold_source": f"val ({origin})",
         }
         for split, test in sets.items():
             if split == "val" and len(sets) > 1:  # dev fixes the threshold; reported itself only when asked
@@ -96,6 +114,7 @@ class FasEvaluator:
             for by in ("species", "instrument"):
                 per = main[f"apcer_per_{by}"]
                 metrics.update({f"{split}/apcer_{by}.{name}": float(v) for name, v in per.items()})
+            metrics.update(self._per_domain(split, test, domains(predictions[split]), dev))
             if out_dir is not None:
                 self._write(out_dir, split, test, dev, result, main["threshold"])
         return metrics
@@ -109,6 +128,17 @@ class FasEvaluator:
         replicates = bootstrap(test, eer_threshold(dev.scores, dev.labels)[1], draws, seed)
         replicates.values = {f"{split}/{k}": v for k, v in replicates.values.items()}
         return replicates
+
+    def _per_domain(
+        self, split: str, test: ScoreSet, tags: np.ndarray | None, dev: ScoreSet
+    ) -> dict[str, float]:
+        """`<split>/<domain>/<metric>` for each domain of `tags` (none without tags), at the dev threshold."""
+        metrics = {}
+        for domain in [] if tags is None else sorted(set(tags)):
+            result = evaluate_scores(test.subset(tags == domain), dev)
+            main = result.get(self.level, result["frame"])
+            metrics.update({f"{split}/{domain}/{k}": float(main[k]) for k in PER_DOMAIN})
+        return metrics
 
     def _level(self, scores: ScoreSet) -> ScoreSet:
         return scores.per_video() if self.level == "video" and scores.videos is not None else scores

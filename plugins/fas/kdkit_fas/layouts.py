@@ -26,6 +26,7 @@ from kdkit.csvfile import read_csv, read_rows
 from kdkit.data import DataError
 from kdkit.deploy.inputs import IMAGE_EXTS, VIDEO_EXTS  # the files `kdkit predict` reads too
 from kdkit.registry import did_you_mean
+from kdkit_fas import faces
 
 SPLIT_ALIASES = {
     "train": "train",
@@ -47,10 +48,11 @@ class VideoRecord:
     """One video (or image, or frame folder) of a data set, with its label and split.
 
     `face` is the data set's own face-location file for it (None: use a face detector) and
-    `face_format` names how to read it: 'oulu_eyes', 'xywh', 'msu', 'celeba_bb', 'detect' (no
-    file; run a detector) or 'full' (the image already is a face crop). `upside_down` marks MSU
+    `face_format` names how to read it: 'oulu_eyes', 'xywh', 'msu', 'siw', 'celeba_bb', 'detect'
+    (no file; run a detector) or 'full' (the image already is a face crop). `upside_down` marks MSU
     videos that are stored upside down: they are turned by 180 degrees before cropping, and their
-    face boxes (which refer to the frames as stored) with them.
+    face boxes (which refer to the frames as stored) with them. `max_frames` limits frame
+    sampling to the first frames of the video (SiW protocol 1 trains on the first 60).
     """
 
     path: Path
@@ -62,6 +64,7 @@ class VideoRecord:
     face: Path | None = None
     face_format: str = "detect"
     upside_down: bool = False
+    max_frames: int | None = None
 
 
 def canonical_split(name: str) -> str:
@@ -421,6 +424,104 @@ def index_msu(root: Path, protocol: object = None, fold: object = None) -> list[
     return carve_dev(records) if holdout else records
 
 
+# --- SiW ----------------------------------------------------------------------------------------
+
+SIW_GROUPS = {"Train": "train", "Test": "test"}
+SIW_SPECIES = {"1": "live", "2": "print", "3": "replay"}  # the name's type field
+# Bob's dev split: these 10 Train subjects (bioidiap/bob.db.siw lists/dev_files.lst); SiW has none.
+SIW_DEV_SUBJECTS = frozenset(("003", "006", "007", "011", "014", "016", "017", "022", "028", "030"))
+SIW_P1_TRAIN_FRAMES = 60
+_SIW_NAME = re.compile(r"^(\d{3})-(\d)-([123])-(\d)-(\d)$")  # subject-sensor-type-medium-session
+
+
+def read_siw_face(path: Path) -> dict[int, tuple[int, int, int, int] | None]:
+    """SiW `.face` → {frame: (x, y, w, h) or None}: row i (0-based, blank lines skipped) holds
+    `x1 y1 x2 y2` of frame i, corners top-left and bottom-right; `0 0 0 0` means no face.
+    Commas, spaces or tabs may separate the numbers (the delimiter is not documented)."""
+    boxes: dict[int, tuple[int, int, int, int] | None] = {}
+    rows = [line for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    for frame, line in enumerate(rows):
+        try:
+            x1, y1, x2, y2 = (float(v) for v in re.split(r"[,\s]+", line.strip()))
+        except ValueError:
+            raise ValueError(
+                f"{path}: row {frame + 1}: expected 4 numbers x1 y1 x2 y2, got {line.strip()!r}"
+            ) from None
+        w, h = x2 - x1, y2 - y1
+        boxes[frame] = (round(x1), round(y1), round(w), round(h)) if w >= 1 and h >= 1 else None
+    return boxes
+
+
+faces.FRAME_READERS.setdefault("siw", read_siw_face)  # `fas prepare` looks face formats up there
+
+
+def _siw_protocol(protocol: object, fold: object) -> tuple[int | None, int | None]:
+    if protocol is None:
+        if fold is not None:
+            raise LayoutError("SiW: a fold needs protocol 2 or 3")
+        return None, None
+    number = _int_choice(protocol, "SiW protocol", range(1, 4))
+    if number == 1:
+        if fold is not None:
+            raise LayoutError(f"SiW protocol 1 has no folds (got fold={fold!r})")
+        return 1, None
+    if fold is None:
+        raise LayoutError(f"SiW protocol {number} needs a fold ({'1-4' if number == 2 else '1-2'})")
+    return number, _int_choice(fold, f"SiW protocol {number} fold", range(1, 5 if number == 2 else 3))
+
+
+def _siw_keeps(protocol: int | None, fold: int | None, test: bool, species: str, medium: str) -> bool:
+    """Whether a video of `species`/`medium` belongs to the protocol's train/dev (or test) side,
+    following bioidiap/bob.db.siw `driver.py`; live videos are on every side."""
+    if species == "live" or protocol in (None, 1):
+        return True
+    if protocol == 2:  # leave one replay medium out; prints are excluded
+        return species == "replay" and (medium == str(fold)) == test
+    trained = "print" if fold == 1 else "replay"  # 3_1: print -> replay, 3_2: replay -> print
+    return (species == trained) != test
+
+
+def index_siw(root: Path, protocol: object = None, fold: object = None) -> list[VideoRecord]:
+    """SiW: `{Train,Test}/{live,spoof}/<SSS>/<SSS>-<sensor>-<type>-<medium>-<session>.mov` + `.face`.
+
+    type 1 = live, 2 = print (medium 1-2), 3 = replay (medium 1-4). Bob's 10 dev subjects
+    (SIW_DEV_SUBJECTS) of Train form the dev split. No protocol: every video. Protocol 1: every
+    video, train videos sampled from their first 60 frames only. Protocol 2 fold m (1-4): live +
+    replay, replay medium m held out for test. Protocol 3 fold 1: train print, test replay;
+    fold 2: train replay, test print. A stem ending in `.m` (16 Test videos of sensor 2) is read
+    without it.
+    """
+    number, fold = _siw_protocol(protocol, fold)
+    records, skipped = [], []
+    for group, split in SIW_GROUPS.items():
+        for kind in ("live", "spoof"):
+            folder = _require_dir(root / group / kind, "SiW")
+            for video in (v for d in sorted(folder.iterdir()) if d.is_dir() for v in _videos_in(d)):
+                stem = video.stem.removesuffix(".m")
+                match = _SIW_NAME.match(stem)
+                if match is None or (match.group(3) == "1") != (kind == "live"):
+                    skipped.append(video)
+                    continue
+                subject, species, medium = match.group(1), SIW_SPECIES[match.group(3)], match.group(4)
+                if not _siw_keeps(number, fold, split == "test", species, medium):
+                    continue
+                final = "dev" if split == "train" and subject in SIW_DEV_SUBJECTS else split
+                records.append(
+                    VideoRecord(
+                        path=video,
+                        video=stem,
+                        subject=subject,
+                        label=int(species == "live"),
+                        attack_type=species if species == "live" else f"{species}/{medium}",
+                        split=final,
+                        max_frames=SIW_P1_TRAIN_FRAMES if number == 1 and final == "train" else None,
+                        **_face([video.with_suffix(".face"), video.with_name(f"{stem}.face")], "siw"),
+                    )
+                )
+    _warn_skipped("SiW", skipped, "whose names do not follow the SiW pattern or its class folder")
+    return records
+
+
 # --- CelebA-Spoof -------------------------------------------------------------------------------
 
 # Index 40 of the label vector (CelebA-Spoof README), grouped into species.
@@ -564,6 +665,7 @@ LAYOUTS: dict[str, Callable[..., list[VideoRecord]]] = {
     "casia": index_casia,
     "replay": index_replay,
     "msu": index_msu,
+    "siw": index_siw,
     "celeba_spoof": index_celeba_spoof,
     "folder": index_folder,
 }

@@ -118,6 +118,13 @@ class ScoreSet:
             raise ValueError("no video ids given, so video-level scores cannot be formed")
         return video_level(self.scores, self.labels, self.videos, self.attack_types, self.subjects)
 
+    def subset(self, mask: np.ndarray) -> ScoreSet:
+        """The rows where `mask` (boolean, one per row) is true."""
+        pick = [
+            None if tags is None else tags[mask] for tags in (self.attack_types, self.videos, self.subjects)
+        ]
+        return ScoreSet(self.scores[mask], self.labels[mask], *pick)
+
     def units(self) -> tuple[list[str], str]:
         """The independent unit of each row for the bootstrap and its kind: the subject where known,
         else the video, else the row itself."""

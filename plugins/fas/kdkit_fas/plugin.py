@@ -7,6 +7,7 @@ Found by kdkit through the `kdkit.plugins` entry-point group (see plugins/fas/py
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ from kdkit.recipe import DataSpec
 from kdkit.registry import Registries
 from kdkit_fas import faces, metrics_cli, prepare_cli, synth_cli
 from kdkit_fas.data import FrameDataset, frames_from_folder, frames_from_manifest
+from kdkit_fas.domains import fas_domains, parse_protocol, split_sets
 from kdkit_fas.evaluator import FasEvaluator
+from kdkit_fas.prepare import SETTINGS_FILE
 from kdkit_fas.synth import generate
 
 SUBCOMMANDS = {
@@ -99,25 +102,57 @@ fas_folder.class_names = CLASS_NAMES  # type: ignore[attr-defined]
 fas_folder.generate = generate_synth  # type: ignore[attr-defined]
 fas_manifest.class_names = CLASS_NAMES  # type: ignore[attr-defined]
 fas_manifest.input_preparer = "face_crop"  # type: ignore[attr-defined]
+fas_domains.class_names = CLASS_NAMES  # type: ignore[attr-defined]
+fas_domains.input_preparer = "face_crop"  # type: ignore[attr-defined]
 
 
 def face_crop(
     detector: str = "auto", scale: float = 1.2, size: int = 224
 ) -> Callable[[np.ndarray], np.ndarray | None]:
-    """The face crop of `kdkit fas prepare` (same detector, scale and size defaults) for `kdkit predict`:
-    RGB frame → RGB face crop, or None when no face is found. `detector='full'` keeps the whole frame."""
+    """The face crop of `kdkit fas prepare` for `kdkit predict`: the same detector, eye levelling
+    and square crop (`faces.align_and_crop`) with the same defaults. RGB frame → RGB face crop, or
+    None when no face is found; `detector='full'` keeps the whole frame. For a model trained on
+    prepared frames, pass the settings that `prepare` recorded (`prepared_crop_options`)."""
     find = faces.make_detector(detector)
     if find is None:
-        raise ValueError(
-            f"this OpenCV ({cv2.__version__}) ships no Haar face cascade: pass detector=<YuNet .onnx path>, "
-            "or detector=full for images already cropped to the face"
-        )
+        raise ValueError(faces.NO_DETECTOR)
 
     def prepare(rgb: np.ndarray) -> np.ndarray | None:
-        box = find(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))  # OpenCV's detectors take BGR
-        return None if box is None else faces.crop_face(rgb, box, scale, size)
+        face = find(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))  # the detectors take BGR, as prepare's frames
+        return None if face is None else faces.align_and_crop(rgb, face, float(scale), int(size))
 
     return prepare
+
+
+def _crop_options(root: Path) -> dict[str, Any]:
+    """The `face_crop` options (detector, scale, size) the frames under `root` were prepared with,
+    from `kdkit fas prepare`'s settings file; {} (the defaults) when it has none."""
+    path = root / SETTINGS_FILE
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise DataError(f"{path}: not a readable settings file of `kdkit fas prepare` ({exc})") from None
+    return {key: settings[key] for key in ("detector", "scale", "size") if key in settings}
+
+
+def prepared_crop_options(spec: DataSpec) -> dict[str, Any]:
+    """The `face_crop` options of the frames under `data.root` (see `_crop_options`)."""
+    return _crop_options(_root(spec))
+
+
+def domains_crop_options(spec: DataSpec) -> dict[str, Any]:
+    """The `face_crop` options of a cross-domain recipe's training sets when they agree, else {}."""
+    protocol = parse_protocol(spec.options.get("protocol"))
+    roots = spec.options.get("roots") or {}
+    sources = [letter for letter, _ in split_sets(protocol, "train")]
+    found = [_crop_options(Path(str(roots[letter])).expanduser()) for letter in sources if roots.get(letter)]
+    return found[0] if found and all(f == found[0] for f in found) else {}
+
+
+fas_manifest.input_preparer_options = prepared_crop_options  # type: ignore[attr-defined]
+fas_domains.input_preparer_options = domains_crop_options  # type: ignore[attr-defined]
 
 
 def add_fas_command(subparsers: argparse._SubParsersAction) -> None:
@@ -134,6 +169,7 @@ def register(registries: Registries) -> None:
     """Register everything the FAS plugin provides."""
     registries.datasets.add("fas_folder", fas_folder)
     registries.datasets.add("fas_manifest", fas_manifest)
+    registries.datasets.add("fas_domains", fas_domains)
     registries.evaluators.add("fas", FasEvaluator)
     registries.commands.add("fas", add_fas_command)
     registries.input_preparers.add("face_crop", face_crop)

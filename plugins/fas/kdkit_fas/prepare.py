@@ -1,16 +1,19 @@
 """`kdkit fas prepare`: decode a raw FAS data set once into a face-crop frame cache + manifest.
 
-For every indexed video: decode it once with OpenCV, sample K frames evenly, crop the face
-(from the data set's face-location file when it ships one, else a detector), resize and write
+For every indexed video: decode it once with OpenCV, sample K frames (evenly, or by the SSDG or
+FLIP convention: `kdkit_fas.sampling`), crop the face (from the data set's face-location file
+when it ships one, else a detector; `faces.align_and_crop`, the crop `kdkit predict` makes too),
+resize and write
 `out/frames/<split>/<video>/<k>.png`. A finished video leaves `.done.json` beside its frames so
 a re-run skips it; a video without that marker (interrupted, failed) is redone from scratch.
-`out/manifest.csv` (path relative to `out`, video, subject, label, attack_type, split) lists
-every finished frame and is written atomically at the end of each run.
+`out/manifest.csv` (path relative to `out`, video, subject, label, attack_type, split,
+face_source, face_score) lists every finished frame and is written atomically at the end of each
+run.
 
 `out/prepare.json` records the settings the frames were made with (data set, protocol, fold,
-frames per video, size, detector, scale, image format): a re-run with the same settings continues,
-one with other settings is refused unless `replace` (then the earlier frames are deleted first).
-One process at a time writes `out` (`kdkit.lock.exclusive`). Videos are prepared in worker
+frames per video, size, detector, scale, image format, sampling): a re-run with the same settings
+continues, one with other settings is refused unless `replace` (then the earlier frames are
+deleted first). One process at a time writes `out` (`kdkit.lock.exclusive`). Videos are prepared in worker
 processes (`kdkit.workers.WorkerPool`); an interrupted run keeps every finished video.
 """
 
@@ -29,20 +32,29 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from kdkit.checkpoint import atomic_write_text
 from kdkit.data import DataError
-from kdkit.deploy.inputs import InputError, iter_video_frames, sample_indices
+from kdkit.deploy.inputs import InputError, iter_video_frames
 from kdkit.images import read_rgb
 from kdkit.lock import exclusive
 from kdkit.runlog import progress as report_progress
 from kdkit.workers import Interrupted, WorkerPool
 from kdkit_fas import faces
 from kdkit_fas.layouts import IMAGE_EXTS, VideoRecord, image_files, index_dataset
+from kdkit_fas.sampling import frame_indices, resolve_frames
 
 MANIFEST_COLUMNS = ("path", "video", "subject", "label", "attack_type", "split")
+# written after MANIFEST_COLUMNS, optional when read (manifests of earlier versions lack them):
+# where each frame's face came from (an annotation format or a detector's name) and the detector's
+# confidence (empty when it gives none); docs/fas.md, "Face detection"
+FACE_COLUMNS = ("face_source", "face_score")
+FaceOf = Callable[[int, np.ndarray], "faces.Face | None"]
 MARKER = ".done.json"
 SETTINGS_FILE = "prepare.json"
+# settings recorded since 0.2.0, with the value frames made before then were made with
+SINCE_0_2 = {"sampling": "uniform"}
 
 
 class PrepareError(DataError):
@@ -58,6 +70,7 @@ class _Settings:
     detector: str
     scale: float
     image_format: str
+    sampling: str = "uniform"  # a `kdkit_fas.sampling` convention
 
 
 @dataclass
@@ -95,13 +108,16 @@ class _Outcome:
     frames: list[str] = field(default_factory=list)
     no_face: int = 0
     error: str | None = None
+    face_source: str = ""
+    face_scores: list[float | None] = field(default_factory=list)  # one per frame
 
 
-def read_video_frames(path: Path, k: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield `(index, BGR frame)` for `k` evenly spaced frames: kdkit's video reader (the frames
-    `kdkit predict` scores), in OpenCV's channel order; unreadable videos raise OSError."""
+def read_video_frames(path: Path, pick: Callable[[int], list[int]]) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield `(index, BGR frame)` for the frames `pick(frame count)` names, decoded as
+    `kdkit.deploy.inputs.iter_video_frames` decodes them for `kdkit predict` (with 'uniform'
+    sampling both yield the same frames); unreadable videos raise OSError."""
     try:
-        for index, rgb in iter_video_frames(path, k):
+        for index, rgb in iter_video_frames(path, 0, pick):
             yield index, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     except InputError as exc:
         raise OSError(str(exc)) from None
@@ -117,31 +133,46 @@ def _read_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(read_rgb(path), cv2.COLOR_RGB2BGR)
 
 
-def _box_source(record: VideoRecord, detector_spec: str) -> Callable[[int, np.ndarray], faces.Box | None]:
-    """`(frame index, frame) -> box or None` for a record: its annotation file, else a detector."""
+def _annotated(box: faces.Box | None) -> faces.Face | None:
+    return None if box is None else faces.Face(box)  # a data set's file gives no confidence
+
+
+def _face_source(record: VideoRecord, detector_spec: str) -> tuple[str, FaceOf]:
+    """`(source, (frame index, frame) -> Face or None)` for a record: its annotation file (source:
+    the file's format, or 'full' for data cropped already), else the detector (source: its name)."""
     if record.face_format == "full":
-        return lambda index, frame: faces.full_frame(frame)
+        return "full", lambda index, frame: faces.Face(faces.full_frame(frame))
     if record.face is not None and record.face_format in faces.FRAME_READERS:
         track = faces.read_face_track(record.face, record.face_format)
         if record.upside_down:  # the file's boxes refer to the frames as stored; these are turned
-            return lambda index, frame: faces.turn_box_180(track.get(index), frame.shape)
-        return lambda index, frame: track.get(index)  # frames missing from the file have no face
+            return record.face_format, lambda index, frame: _annotated(
+                faces.turn_box_180(track.get(index), frame.shape)
+            )
+        # frames missing from the file have no face
+        return record.face_format, lambda index, frame: _annotated(track.get(index))
     if record.face is not None and record.face_format == "celeba_bb":
-        return lambda index, frame: faces.read_celeba_bb(record.face, frame.shape[1], frame.shape[0])
+        return "celeba_bb", lambda index, frame: _annotated(
+            faces.read_celeba_bb(record.face, frame.shape[1], frame.shape[0])
+        )
     detector = _detector(detector_spec)
     if detector is None:
         raise OSError("no face-location file and no face detector")
-    return lambda index, frame: detector(frame)
+    return detector.name, lambda index, frame: detector(frame)
 
 
-def _sampled_frames(record: VideoRecord, k: int) -> Iterator[tuple[int, np.ndarray]]:
-    """`(index, BGR frame)` pairs of a video, a folder of frames or a single image."""
+def _sampled_frames(record: VideoRecord, k: int, convention: str) -> Iterator[tuple[int, np.ndarray]]:
+    """`(index, BGR frame)` pairs of a video, a folder of frames or a single image, the frames
+    chosen by `convention` (`kdkit_fas.sampling`) among the record's first `max_frames`."""
+
+    def pick(count: int) -> list[int]:
+        return frame_indices(count, k, convention, limit=record.max_frames)
+
     if record.path.is_dir():
         files = image_files(record.path)
-        return ((i, _read_image(files[i])) for i in sample_indices(len(files), k))
+        return ((i, _read_image(files[i])) for i in pick(len(files)))
     if record.path.suffix.lower() in IMAGE_EXTS:
         return iter([(0, _read_image(record.path))])
-    return read_video_frames(record.path, k)
+    return read_video_frames(record.path, pick)
 
 
 def _frame_dir(out: Path, record: VideoRecord) -> Path:
@@ -155,19 +186,21 @@ def _process(record: VideoRecord, out: Path, settings: _Settings) -> _Outcome:
     folder.mkdir(parents=True)
     outcome = _Outcome(record.video)
     try:
-        box_of = _box_source(record, settings.detector)
-        for k, (index, frame) in enumerate(_sampled_frames(record, settings.frames_per_video)):
+        outcome.face_source, face_of = _face_source(record, settings.detector)
+        frames = _sampled_frames(record, settings.frames_per_video, settings.sampling)
+        for k, (index, frame) in enumerate(frames):
             if record.upside_down:
                 frame = cv2.rotate(frame, cv2.ROTATE_180)  # as bob.db.msu_mfsd_mod since 271a28f
-            box = box_of(index, frame)
-            if box is None:
+            face = face_of(index, frame)
+            if face is None:
                 outcome.no_face += 1
                 continue
             name = f"{k}.{settings.image_format}"
-            crop = faces.crop_face(frame, box, settings.scale, settings.size)
+            crop = faces.align_and_crop(frame, face, settings.scale, settings.size)
             if not cv2.imwrite(str(folder / name), crop):
                 raise OSError(f"cannot write {folder / name}")
             outcome.frames.append(name)
+            outcome.face_scores.append(face.confidence)
     except (OSError, ValueError, cv2.error) as exc:
         return _Outcome(record.video, error=str(exc) or type(exc).__name__)
     if not outcome.frames:
@@ -178,6 +211,7 @@ def _process(record: VideoRecord, out: Path, settings: _Settings) -> _Outcome:
 
 def _init_worker() -> None:
     cv2.setNumThreads(1)  # one process per core already
+    torch.set_num_threads(1)  # the same for a CNN face detector
 
 
 def _finished(out: Path, record: VideoRecord, settings: _Settings) -> _Outcome | None:
@@ -187,15 +221,23 @@ def _finished(out: Path, record: VideoRecord, settings: _Settings) -> _Outcome |
         stored = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if stored.get("settings") != asdict(settings):
+    if {**SINCE_0_2, **stored.get("settings", {})} != asdict(settings):
         return None
-    return _Outcome(record.video, frames=stored["frames"], no_face=stored["no_face"])
+    frames = stored["frames"]
+    return _Outcome(
+        record.video,
+        frames=frames,
+        no_face=stored["no_face"],
+        face_source=stored.get("face_source", ""),
+        face_scores=stored.get("face_scores", [None] * len(frames)),
+    )
 
 
 def write_manifest(path: Path, rows: list[dict]) -> None:
-    """Write manifest rows (MANIFEST_COLUMNS) to `path` atomically."""
+    """Write manifest rows (MANIFEST_COLUMNS, then FACE_COLUMNS, empty where a row has none) to
+    `path` atomically."""
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=MANIFEST_COLUMNS)
+    writer = csv.DictWriter(text, fieldnames=MANIFEST_COLUMNS + FACE_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(text.getvalue(), path)
@@ -240,7 +282,7 @@ def _record_settings(out: Path, settings: dict[str, object], replace: bool) -> N
         found = settings  # a new folder, or one prepared before settings were recorded
     except ValueError:
         found = {}  # unreadable: every setting counts as changed
-    found = found if isinstance(found, dict) else {}
+    found = {**SINCE_0_2, **found} if isinstance(found, dict) else {}
     if found != settings:
         if not replace:
             changed = [
@@ -264,7 +306,8 @@ def prepare(
     out: str | Path,
     protocol: object = None,
     fold: object = None,
-    frames_per_video: int = 8,
+    frames_per_video: int | None = None,
+    sampling: str = "uniform",
     size: int = 224,
     workers: int | None = None,
     progress: bool = True,
@@ -275,13 +318,22 @@ def prepare(
 ) -> PrepareReport:
     """Build (or resume) the frame cache of `dataset` under `out`; see the module docstring.
 
-    `detector` is used for records without a face-location file ('auto', 'haar', 'full' or a
-    YuNet .onnx path; see `faces.make_detector`). Raises `PrepareError` / `LayoutError` on bad
-    input, `PrepareError` when `out` holds frames made with other settings (unless `replace`),
-    `kdkit.lock.OutputLocked` while another process writes `out`, and `kdkit.workers.Interrupted`
-    when stopped by a signal; unreadable videos are listed in the report, not raised.
+    `sampling` ('uniform', 'ssdg', 'flip'; `kdkit_fas.sampling`) picks the frames, K =
+    `frames_per_video` of them (default 8; 'flip' takes exactly 2).
+    `detector` is used for records without a face-location file ('auto', 'mtcnn', 'haar', 'full'
+    or a YuNet .onnx path; see `faces.make_detector`); 'auto' is recorded as the detector it
+    chose, so a re-run where it would choose another is refused like any other change of
+    settings. `scale` is the crop's side over the face box's longer side. Raises `PrepareError`
+    / `LayoutError` on bad input, `PrepareError` when `out` holds frames made with other
+    settings (unless `replace`), `kdkit.lock.OutputLocked` while another process writes `out`,
+    and `kdkit.workers.Interrupted` when stopped by a signal; unreadable videos are listed in the
+    report, not raised.
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
+    try:  # K: 8 by default, 2 (and only 2) for 'flip'
+        frames_per_video = resolve_frames(frames_per_video, sampling)
+    except ValueError as exc:
+        raise PrepareError(str(exc)) from None
     _check_settings(frames_per_video, size, workers, scale, image_format)
     records = index_dataset(dataset, root, protocol, fold)
     try:
@@ -292,11 +344,12 @@ def prepare(
     if needs_detector and available is None:
         raise PrepareError(
             f"{len(needs_detector)} video(s) (e.g. {needs_detector[0].path}) have no face-location "
-            f"file and this OpenCV ({cv2.__version__}) ships no Haar cascade: pass "
-            "detector=<YuNet .onnx path>, or detector='full' for data already cropped to the face"
+            f"file and {faces.NO_DETECTOR}"
         )
+    if detector == "auto" and available is not None:
+        detector = available.name  # what 'auto' means here: MTCNN or Haar
     out = Path(out).expanduser()
-    settings = _Settings(frames_per_video, size, detector, scale, image_format)
+    settings = _Settings(frames_per_video, size, detector, scale, image_format, sampling=sampling)
     named = {
         "dataset": dataset,
         **{k: None if v is None else str(v) for k, v in (("protocol", protocol), ("fold", fold))},
@@ -333,7 +386,7 @@ def prepare(
 
 
 def _manifest_rows(records: list[VideoRecord], outcomes: dict[str, _Outcome | None], out: Path) -> list[dict]:
-    """Manifest rows (MANIFEST_COLUMNS) of every prepared video, in index order."""
+    """Manifest rows (MANIFEST_COLUMNS and FACE_COLUMNS) of every prepared video, in index order."""
     rows = []
     for record in records:
         outcome = outcomes[record.video]
@@ -348,7 +401,9 @@ def _manifest_rows(records: list[VideoRecord], outcomes: dict[str, _Outcome | No
                 "label": record.label,
                 "attack_type": record.attack_type,
                 "split": record.split,
+                "face_source": outcome.face_source,
+                "face_score": "" if score is None else f"{score:.6g}",
             }
-            for name in outcome.frames
+            for name, score in zip(outcome.frames, outcome.face_scores, strict=True)
         ]
     return rows

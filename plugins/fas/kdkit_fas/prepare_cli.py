@@ -9,6 +9,7 @@ from kdkit.data import DataError
 from kdkit.workers import Interrupted
 from kdkit_fas.layouts import LAYOUTS, LayoutError
 from kdkit_fas.prepare import prepare
+from kdkit_fas.sampling import CONVENTIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,13 +21,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--protocol", help="OULU-NPU 1-4; 'holdout' (dev from train) for casia/msu/celeba_spoof"
     )
     parser.add_argument("--fold", type=int, help="OULU-NPU protocol 3/4 fold, 1-6")
-    parser.add_argument("--frames-per-video", type=int, default=8, help="frames sampled evenly per video")
+    parser.add_argument(
+        "--frames-per-video", type=int, default=None, help="frames sampled per video (default 8; flip: 2)"
+    )
+    parser.add_argument(
+        "--sampling",
+        choices=CONVENTIONS,
+        default="uniform",
+        help="which frames: uniform (evenly spread), ssdg (6 + j*floor(n/K)), flip (6 and 6 + floor(n/2))",
+    )
     parser.add_argument("--size", type=int, default=224, help="side of the square face crops in pixels")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPU cores)")
     parser.add_argument(
         "--detector",
         default="auto",
-        help="for videos without face-location files: auto, haar, full (whole frame) or a YuNet .onnx path",
+        help="for videos without face-location files: auto (MTCNN when installed, else Haar), mtcnn, "
+        "haar, full (whole frame) or a YuNet .onnx path",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.2,
+        help="side of the square crop over the face box's longer side (default 1.2)",
     )
     parser.add_argument(
         "--replace",
@@ -48,10 +64,12 @@ def run(args: argparse.Namespace) -> int:
             protocol=args.protocol,
             fold=args.fold,
             frames_per_video=args.frames_per_video,
+            sampling=args.sampling,
             size=args.size,
             workers=args.workers,
             progress=not args.no_progress,
             detector=args.detector,
+            scale=args.scale,
             replace=args.replace,
         )
     except LayoutError as exc:

@@ -208,6 +208,46 @@ def write_corner_video(path: Path) -> Path:
     return path
 
 
+# --- SiW ----------------------------------------------------------------------------------------
+
+SIW_FRAMES = 70  # more than protocol 1's 60 training frames
+SIW_SUBJECTS = {"Train": ("003", "008"), "Test": ("001", "153")}  # 003 is one of Bob's dev subjects
+# name fields: sensor-type-medium-session; type 1 live, 2 print (medium 1-2), 3 replay (medium 1-4)
+SIW_VIDEOS = ("1-1-1-1", "2-1-1-1", "1-2-1-1", "1-2-2-2", "1-3-1-1", "1-3-2-1", "1-3-3-2", "1-3-4-2")
+
+
+def write_siw_video(path: Path, frames: int = SIW_FRAMES) -> Path:
+    """A `.mov` of `frames` face-like frames (the shade cycles, so any length fits in uint8)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*FOURCC[".mov"]), 30, (WIDTH, HEIGHT))
+    assert writer.isOpened(), f"OpenCV cannot write {path}"
+    for i in range(frames):
+        writer.write(face_image(shade=i % 32))
+    writer.release()
+    return path
+
+
+def make_siw(root: Path) -> Path:
+    """SiW: Train subjects 003 (Bob's dev) and 008, Test subjects 001 and 153; 8 videos each
+    (2 live, 2 print, 4 replay, one per replay medium) of SIW_FRAMES frames, `.face` beside each.
+
+    The `.face` rows are `x1 y1 x2 y2` with `0 0 0 0` from frame 60 on, so a sampled frame past
+    protocol 1's 60 training frames shows up as "no face". Quirks: subject 153's sensor-2 live
+    video is `153-2-1-1-1.m.mov` (16 real Test stems end in `.m`); Train/live/008 also holds a
+    print video (a name that contradicts its folder: skipped with a warning).
+    """
+    x, y, w, h = FACE_XYWH
+    rows = [f"{x} {y} {x + w} {y + h}" if i < 60 else "0 0 0 0" for i in range(SIW_FRAMES)]
+    for group, subjects in SIW_SUBJECTS.items():
+        for subject, name in product(subjects, SIW_VIDEOS):
+            kind = "live" if name.split("-")[1] == "1" else "spoof"
+            stem = f"{subject}-{name}" + (".m" if f"{subject}-{name}" == "153-2-1-1-1" else "")
+            video = write_siw_video(root / group / kind / subject / f"{stem}.mov")
+            _write_text(video.with_suffix(".face"), rows)
+    write_siw_video(root / "Train" / "live" / "008" / "008-1-2-1-2.mov", frames=2)
+    return root
+
+
 # --- CelebA-Spoof -------------------------------------------------------------------------------
 
 CELEBA_TRAIN = {  # relative path -> (spoof type [40], live/spoof [43])

@@ -188,3 +188,23 @@ def test_eval_on_the_dev_split_shows_the_dev_metrics(run: Path, capsys: pytest.C
     row = next(line for line in printed.splitlines() if "student_kd" in line)
     assert "results on val" in printed and "hter ↓" in printed
     assert f"{metrics['val/hter']:.4f}" in row and " - " not in row
+
+
+def test_predict_prepares_files_with_the_settings_the_training_frames_were_prepared_with(
+    tmp_path: Path,
+) -> None:
+    """A model trained on `kdkit fas prepare` output records its detector/scale/size; predict's
+    preparer uses them, and --prepare-option overrides one."""
+    from kdkit.cli.predict import _preparer
+    from kdkit.pipeline import _data_meta
+    from kdkit.plugins import load_plugins
+    from kdkit.recipe import DataSpec
+
+    load_plugins()
+    (tmp_path / "prepare.json").write_text(json.dumps({"detector": "full", "scale": 1.0, "size": 16}))
+    recorded = _data_meta(DataSpec("fas_manifest", root=str(tmp_path), image_size=16))
+    assert recorded["input_preparer_options"] == {"detector": "full", "scale": 1.0, "size": 16}
+    metadata = {"dataset": "fas_manifest", "input_preparer": "face_crop", **recorded}
+    frame = np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)
+    assert _preparer(metadata, None, [])(frame).shape == (16, 16, 3)
+    assert _preparer(metadata, None, ["size=8"])(frame).shape == (8, 8, 3)

@@ -237,7 +237,7 @@ def test_index_dataset_errors(tmp_path: Path) -> None:
         index_dataset("folder", tmp_path)
     with pytest.raises(LayoutError, match="no protocols"):
         index_dataset("folder", tmp_path, protocol=1)
-    assert set(LAYOUTS) == {"oulu", "casia", "replay", "msu", "celeba_spoof", "folder"}
+    assert set(LAYOUTS) == {"oulu", "casia", "replay", "msu", "siw", "celeba_spoof", "folder"}
 
 
 def test_folder_meta_video_ids_must_be_safe_and_unique(tmp_path: Path) -> None:

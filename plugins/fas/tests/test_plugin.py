@@ -222,7 +222,7 @@ def test_the_pinned_opencv_ships_a_working_face_detector() -> None:
     import cv2
     from kdkit_fas.faces import HaarDetector, make_detector
 
-    detector = make_detector("auto")
+    detector = make_detector("haar")
     assert isinstance(detector, HaarDetector), f"OpenCV {cv2.__version__} ships no Haar cascade"
     blank = np.full((120, 160, 3), 128, np.uint8)
     assert detector(blank) is None  # no face in a flat grey frame: reported, not invented

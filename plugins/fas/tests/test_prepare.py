@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -23,12 +24,13 @@ from fixtures import (
     make_replay,
     write_corner_video,
 )
-from kdkit_fas import faces, prepare_cli
+from kdkit_fas import faces, mtcnn, prepare_cli
 from kdkit_fas import prepare as prepare_module
 from kdkit_fas.layouts import index_dataset
-from kdkit_fas.prepare import PrepareError, prepare, sample_indices
+from kdkit_fas.prepare import PrepareError, prepare
 
 from kdkit.cli import main
+from kdkit.deploy.inputs import sample_indices
 
 
 def manifest(out: Path) -> list[dict]:
@@ -79,13 +81,13 @@ def test_crop_face_is_square_inside_the_frame_and_takes_the_box_region() -> None
 
 
 def test_detector_specs() -> None:
-    assert faces.make_detector("full")(np.zeros((5, 7, 3), np.uint8)) == (0, 0, 7, 5)
-    with pytest.raises(ValueError, match="unknown face detector"):
-        faces.make_detector("mtcnn")
+    full = faces.make_detector("full")
+    face = full(np.zeros((5, 7, 3), np.uint8))
+    assert (full.name, face.box, face.confidence, face.landmarks) == ("full", (0, 0, 7, 5), None, None)
+    with pytest.raises(ValueError, match="unknown face detector 'bogus'; expected 'auto', 'mtcnn'"):
+        faces.make_detector("bogus")
     with pytest.raises(ValueError, match="does not exist"):
         faces.make_detector("/nowhere/yunet.onnx")
-    if faces.haar_cascade_path() is not None:  # OpenCV 4.x wheels ship the cascade, OpenCV 5 does not
-        assert faces.make_detector("auto") is not None
 
 
 def test_sample_indices_are_even_and_distinct() -> None:
@@ -167,15 +169,32 @@ def test_prepare_needs_a_detector_for_videos_without_face_files(
 ) -> None:
     root = make_casia(tmp_path / "raw", train_subjects=1)  # test_release/1 has no face files
     monkeypatch.setattr(faces, "haar_cascade_path", lambda: None)
-    with pytest.raises(PrepareError, match=r"12 video\(s\).*no face-location file"):
+    monkeypatch.setattr(mtcnn, "weights_folder", lambda: None)
+    with pytest.raises(PrepareError, match=r"12 video\(s\).*no face-location file and no face detector"):
         prepare("casia", root, tmp_path / "out", workers=1, progress=False)
 
     prepare_module._detector.cache_clear()
-    calls = []
-    monkeypatch.setattr(faces, "make_detector", lambda spec: lambda image: calls.append(spec) or FACE_XYWH)
+    specs, scores = [], iter(np.linspace(0.5, 0.99, 24))
+
+    class Fake:
+        name = "fake"
+
+        def __call__(self, image: np.ndarray) -> faces.Face:
+            return faces.Face(FACE_XYWH, float(next(scores)))
+
+    monkeypatch.setattr(faces, "make_detector", lambda spec: specs.append(spec) or Fake())
     report = prepare("casia", root, tmp_path / "out", frames_per_video=2, size=16, workers=1, progress=False)
     assert report.frames == 24 + 24  # frames 2 and 6 of 12 annotated train and 12 detected test videos
-    assert len(calls) == 12 * 2 and set(calls) == {"auto"}
+    # 'auto' is recorded, and used by the workers, as the detector it chose
+    assert specs == ["auto", "fake"]
+    assert json.loads((tmp_path / "out" / "prepare.json").read_text())["detector"] == "fake"
+    rows = manifest(tmp_path / "out")
+    annotated = [r for r in rows if r["split"] == "train"]
+    detected = [r for r in rows if r["split"] == "test"]
+    assert {(r["face_source"], r["face_score"]) for r in annotated} == {("xywh", "")}
+    assert {r["face_source"] for r in detected} == {"fake"}
+    # every frame its own confidence, in the order the frames were detected
+    assert [float(r["face_score"]) for r in detected] == pytest.approx(np.linspace(0.5, 0.99, 24), abs=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:MSU-MFSD")
@@ -225,7 +244,7 @@ def test_prepare_rejects_bad_settings(tmp_path: Path) -> None:
     with pytest.raises(PrepareError, match="frames_per_video"):
         prepare("folder", tmp_path, tmp_path / "out", frames_per_video=0)
     with pytest.raises(PrepareError, match="unknown face detector"):
-        prepare("folder", make_folder(tmp_path / "f"), tmp_path / "out", detector="mtcnn", progress=False)
+        prepare("folder", make_folder(tmp_path / "f"), tmp_path / "out", detector="bogus", progress=False)
 
 
 def _args(**overrides: object) -> argparse.Namespace:
@@ -264,7 +283,8 @@ def test_cli_refuses_other_settings_unless_replace_and_resumes_the_same(
     capsys.readouterr()
     assert main([*argv, "--size", "12", "--detector", "full"]) == 2
     err = capsys.readouterr().err
-    assert "holds frames prepared with other settings (size 8 -> 12; detector 'auto' -> 'full'" in err
+    chosen = getattr(faces.make_detector("auto"), "name", "auto")  # prepare.json records what 'auto' chose
+    assert f"holds frames prepared with other settings (size 8 -> 12; detector {chosen!r} -> 'full'" in err
     assert "pass --replace" in err and "Traceback" not in err
     assert manifest(out) == before and cv2.imread(str(out / before[0]["path"])).shape == (8, 8, 3)
     assert main([*argv, "--size", "8"]) == 0  # the same settings: resumed

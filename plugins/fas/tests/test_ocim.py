@@ -1,0 +1,201 @@
+"""Cross-domain protocols (`fas_domains`): split tables, a leave-one-out run end to end on fixture
+trees of the four real layouts, per-domain metrics and where the threshold came from."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures import make_casia, make_msu, make_oulu, make_replay
+from kdkit_fas.domains import PROTOCOLS, fas_domains, parse_protocol, split_sets
+from kdkit_fas.evaluator import FasEvaluator
+from kdkit_fas.metrics import ScoreSet, evaluate_scores
+from kdkit_fas.prepare import prepare
+
+from kdkit.cli import main
+from kdkit.data import DataError
+from kdkit.evaluation import Predictions
+from kdkit.recipe import DataSpec
+
+RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "kdfas-ocim.yaml"
+LAYOUTS = {
+    "O": (make_oulu, "oulu"),
+    "C": (make_casia, "casia"),
+    "I": (make_replay, "replay"),
+    "M": (make_msu, "msu"),
+}
+
+
+def test_the_six_protocols_split_their_sets_by_the_ssdg_convention() -> None:
+    table = {
+        name: {split: split_sets(name, split) for split in ("train", "val", "test")} for name in PROTOCOLS
+    }
+    assert table["O_C_I_to_M"] == {
+        "train": [("O", ("train", "test")), ("C", ("train", "test")), ("I", ("train", "test"))],
+        "val": [("O", ("dev",)), ("I", ("dev",))],  # CASIA-FASD ships no dev split
+        "test": [("M", ("train", "test"))],
+    }
+    assert table["O_C_M_to_I"]["val"] == [("O", ("dev",))]
+    assert table["I_C_M_to_O"]["val"] == [("I", ("dev",))]
+    assert table["O_M_I_to_C"]["test"] == [("C", ("train", "test"))]
+    for name in ("M_I_to_C", "M_I_to_O"):  # limited source: two sets, Replay-Attack's devel is 'val'
+        assert [s for s, _ in table[name]["train"]] == ["M", "I"] and table[name]["val"] == [("I", ("dev",))]
+    for name, splits in table.items():  # every protocol has held-out source data; the target is never in it
+        target = PROTOCOLS[name][1]
+        assert splits["val"] and all(letter != target for letter, _ in splits["train"] + splits["val"])
+    assert (
+        parse_protocol("O&C&I->M")
+        == parse_protocol("c&o&i→m")
+        == parse_protocol("O_C_I_to_M")
+        == "O_C_I_to_M"
+    )
+    with pytest.raises(DataError, match=r"data.options.protocol: unknown protocol 'O&C->M'; expected one of"):
+        parse_protocol("O&C->M")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The four fixture trees, each prepared with its default protocol (1 frame per video, 32 px)."""
+    base = tmp_path_factory.mktemp("ocim")
+    roots = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "MSU-MFSD: skipped")  # the fixture's unlisted subject 099
+        for letter, (make, layout) in LAYOUTS.items():
+            raw = make(base / f"raw-{layout}")
+            roots[letter] = base / layout
+            prepare(
+                layout,
+                raw,
+                roots[letter],
+                frames_per_video=1,
+                size=32,
+                workers=1,
+                progress=False,
+                detector="full",
+            )
+    return roots
+
+
+def manifest_videos(root: Path, letter: str, splits: set[str]) -> set[str]:
+    with (root / "manifest.csv").open(newline="") as handle:
+        return {f"{letter}:{row['video']}" for row in csv.DictReader(handle) if row["split"] in splits}
+
+
+def roots_args(roots: dict[str, Path]) -> list[str]:
+    return [arg for k, v in roots.items() for arg in ("--set", f"data.options.roots.{k}={v}")]
+
+
+def test_leave_one_out_end_to_end(prepared: dict[str, Path], tmp_path: Path) -> None:
+    spec = DataSpec("fas_domains", image_size=32, options={"protocol": "O&C&I->M", "roots": prepared})
+    splits = {split: fas_domains(split, spec) for split in ("train", "val", "test")}
+    videos = {split: {m["video"] for m in data.meta} for split, data in splits.items()}
+    # which videos land on which side: the sources' train+test train, their dev is 'val', M's all are test
+    assert videos["train"] == set().union(
+        *(manifest_videos(prepared[k], k, {"train", "test"}) for k in "OCI")
+    )
+    assert videos["val"] == manifest_videos(prepared["O"], "O", {"dev"}) | manifest_videos(
+        prepared["I"], "I", {"dev"}
+    )
+    assert videos["test"] == manifest_videos(prepared["M"], "M", {"train", "test", "dev"})
+    assert not videos["train"] & videos["val"] and len(videos["test"]) == 24  # MSU: 3 listed clients x 8
+    for data in splits.values():  # every sample keeps its domain; balanced batches group by (domain, label)
+        assert all(m["video"].startswith(f"{m['domain']}:") for m in data.meta)
+        assert data.groups == [(m["domain"], m["label"]) for m in data.meta]
+    assert Counter(d for d, _ in splits["train"].groups) == {"O": 120, "C": 72, "I": 48}
+    assert splits["val"].origin == "source dev: O, I"
+
+    vit = "{img_size: 32, patch_size: 8, num_classes: 2, depth: %d, embed_dim: %d, num_heads: 2}"
+    overrides = [
+        "data.image_size=32",
+        "data.batch_size=12",
+        "data.num_workers=0",
+        "models.teacher.options=" + vit % (2, 32),
+        "models.student.options=" + vit % (1, 16),
+        "models.teacher.pretrained=false",
+        "models.student.pretrained=false",
+        "distill.pairs=[[1, 2]]",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=2",
+        "train.amp=none",
+        "train.device=cpu",
+        "train.warmup_epochs=0",
+        "distill.cache=false",
+    ]
+    args = [a for text in overrides for a in ("--set", text)] + roots_args(prepared)
+    out = tmp_path / "run"
+    assert main(["run", str(RECIPE), "--out", str(out), *args]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for run, result in summary["test"]["results"].items():
+        assert result["threshold_source"] == "val (source dev: O, I)", run
+        assert (
+            result["test/M/hter"] == result["test/hter"]
+        )  # one target domain: its metrics are the pooled ones
+        assert 0.0 <= result["test/M/auc"] <= 1.0 and "test/M/threshold" not in result
+    assert set(summary["test"]["paper"]["student_kd"]) >= {"test/optimistic_hter", "best_on_test"}
+
+
+def test_missing_or_wrong_roots_are_named(
+    prepared: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["validate", str(RECIPE), "--set", f"data.options.roots.O={prepared['O']}"]) == 2
+    error = capsys.readouterr().err
+    assert "needs the prepared folders of C (CASIA-FASD), I (Replay-Attack), M (MSU-MFSD)" in error
+    assert (
+        "--set data.options.roots.C=DIR --set data.options.roots.I=DIR --set data.options.roots.M=DIR"
+        in error
+    )
+    swapped = roots_args({**prepared, "O": prepared["C"]})
+    assert main(["validate", str(RECIPE), *swapped]) == 2
+    assert "data.options.roots.O:" in capsys.readouterr().err
+    assert main(["validate", str(RECIPE), *roots_args(prepared), "--set", "data.batch_size=64"]) == 2
+    assert "data.batch_size: 64 is not a multiple of the 6 groups" in capsys.readouterr().err
+    spec = DataSpec(
+        "fas_domains", options={"protocol": "O_C_I_to_M", "roots": {**prepared, "M": tmp_path / "no"}}
+    )
+    with pytest.raises(DataError, match=r"data.options.roots.M: .*no does not exist \(expected MSU-MFSD"):
+        fas_domains("test", spec)
+
+
+class _Meta:
+    def __init__(self, meta: list[dict]) -> None:
+        self.meta = meta
+
+
+def test_metrics_are_reported_per_test_domain_at_the_dev_threshold() -> None:
+    rng = np.random.default_rng(0)
+
+    def predictions(domains: str, shift: dict[str, float]) -> Predictions:
+        meta, logits, labels = [], [], []
+        for v in range(80):
+            domain, label = domains[v % len(domains)], (v // len(domains)) % 2
+            logits.append([0.0, rng.normal(shift[domain] * (1 if label else -1), 1.0)])
+            labels.append(label)
+            meta.append({"video": f"{domain}:{v}", "attack_type": "print", "label": label, "domain": domain})
+        return Predictions(torch.tensor(logits), torch.tensor(labels), _Meta(meta))
+
+    dev, test = predictions("OI", {"O": 2.0, "I": 2.0}), predictions("CM", {"C": 3.0, "M": 0.3})
+    metrics = FasEvaluator()({"val": dev, "test": test})
+    scores = ScoreSet(
+        torch.softmax(test.logits, 1)[:, 1].numpy(),
+        test.labels.numpy(),
+        None,
+        [m["video"] for m in test.dataset.meta],
+    )
+    dev_scores = ScoreSet(
+        torch.softmax(dev.logits, 1)[:, 1].numpy(),
+        dev.labels.numpy(),
+        None,
+        [m["video"] for m in dev.dataset.meta],
+    )
+    for domain in "CM":
+        mask = np.array([m["domain"] == domain for m in test.dataset.meta])
+        expected = evaluate_scores(scores.subset(mask), dev_scores)["video"]["hter"]
+        assert metrics[f"test/{domain}/hter"] == pytest.approx(expected)
+    assert metrics["test/C/hter"] < metrics["test/M/hter"]  # each domain on its own
+    assert metrics["threshold_source"] == "val (dev split)"  # a dataset without an origin
