@@ -96,6 +96,8 @@ def build_distiller(
             alpha=d.alpha,
             tau=d.tau,
             beta=d.beta,
+            logit_loss=d.logit_loss,
+            logit_options=d.logit_options,
             label_smoothing=train.label_smoothing,
             example_input=example_batch(recipe.stage_data(stage)) if example is None else example,
             teacher_dtype=d.teacher_dtype,

@@ -22,6 +22,7 @@ from kdkit.cache import teacher_cache_dir
 from kdkit.checkpoint import OutputDirError, check_output_dir
 from kdkit.data import build_dataset, example_batch, generate_data, sample_groups
 from kdkit.distiller import Distiller
+from kdkit.losses import LogitOptionError, resolve_logit_loss
 from kdkit.optim import check_optimization
 from kdkit.plugins import load_plugins
 from kdkit.recipe import DistillSpec, Recipe, RecipeError, StageSpec, parse_pair
@@ -145,7 +146,7 @@ def _check_models(recipe: Recipe, example: torch.Tensor, evaluator: Any) -> dict
 
 def _check_training(recipe: Recipe) -> None:
     """What each train/distill stage builds when it starts: optimizer, scheduler, autocast, the
-    adapter's smallest batch, a writable teacher cache."""
+    logit loss and its options, the adapter's smallest batch, a writable teacher cache."""
     r = recipe
     problems: list[str] = []
     for stage in r.pipeline:
@@ -164,6 +165,7 @@ def _check_training(recipe: Recipe) -> None:
         if stage.do != "distill":
             continue
         d, batch = r.stage_distill(stage), r.stage_data(stage).batch_size
+        problems += _logit_problems(d, stage, where)
         for adapter_key, adapter, criterion_key, criterion in _feature_checks(d, stage, where):
             try:
                 FEATURE_CRITERIA.get(criterion)
@@ -187,6 +189,24 @@ def _check_training(recipe: Recipe) -> None:
                 problems.append(f"{exc} (or set distill.cache: false)")
     if problems:
         raise RecipeError(list(dict.fromkeys(problems)))
+
+
+def _logit_problems(d: DistillSpec, stage: StageSpec, where: str) -> list[str]:
+    """A distill stage's logit loss is registered and takes its options (names and values)."""
+    # a setting inherited from the top-level `distill` is reported once, under its own key
+    name_key, options_key = (
+        f"{where}.distill.{key}" if key in stage.distill else f"distill.{key}"
+        for key in ("logit_loss", "logit_options")
+    )
+    try:
+        resolve_logit_loss(d.logit_loss, d.logit_options)
+    except RegistryError as exc:
+        return [f"{name_key}: {exc}"]
+    except LogitOptionError as exc:
+        return [f"{options_key}.{exc}"]
+    except ValueError as exc:
+        return [f"{options_key}: {exc}"]
+    return []
 
 
 def _feature_checks(d: DistillSpec, stage: StageSpec, where: str) -> list[tuple[str, str, str, str]]:

@@ -5,10 +5,12 @@
     out = distiller(images, labels)      # {'loss', 'ce', 'kd', 'feat', 'feat.0', ..., 'logits'}
     out["loss"].backward()
 
-The total loss is ``(1 - alpha) * CE + alpha * tau² * KL + beta * sum_i w_i * feature_i / n`` over
+The total loss is ``(1 - alpha) * CE + alpha * kd + beta * sum_i w_i * feature_i / n`` over
 the n layer pairs, with the pair weights w_i (1 by default: the mean over pairs, as in the HaTFAS
-code, so beta does not scale with their number). Each pair may name its own adapter, adapter
-options, criterion and weight; the Distiller's own settings fill in the rest.
+code, so beta does not scale with their number). ``kd`` is the logit loss `logit_loss` with its
+`logit_options` (`kdkit.registry.LOGIT_LOSSES`: ``kl``, tau² · KL, by default; ``dkd``,
+``dist``). Each pair may name its own adapter, adapter options, criterion and weight; the
+Distiller's own settings fill in the rest.
 The teacher runs in eval mode under `torch.inference_mode()`, so it never builds an autograd
 graph; only the student and the adapters are trainable (`trainable_state_dict`). With
 `teacher_dtype` bfloat16/float16 its weights are converted in place (no fp32 copy is kept) and it
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from kdkit.adapters import build_adapter
-from kdkit.losses import build_feature_criterion, cross_entropy, kd_loss
+from kdkit.losses import build_feature_criterion, cross_entropy, resolve_logit_loss
 from kdkit.recipe import PairSpec, parse_pair
 from kdkit.taps import Tap, TapRecorder, block_taps, find_preset
 
@@ -171,7 +173,9 @@ class Distiller(nn.Module):
     `adapter`, `adapter_options` and `criterion` apply to every pair that does not name its own
     (a pair with its own adapter gets its own `adapter_options`, default none); after
     construction `pairs` holds each pair's resolved settings. `adapter="none"` drops every pair
-    (logit KD only). `cache`: the teacher-output cache opened for this teacher (or None).
+    (logit KD only). `logit_loss`: the logit term, logged as `kd`, a name of
+    `kdkit.registry.LOGIT_LOSSES` taking `logit_options` (an unknown name or option fails here).
+    `cache`: the teacher-output cache opened for this teacher (or None).
     """
 
     def __init__(
@@ -185,6 +189,8 @@ class Distiller(nn.Module):
         alpha: float = 0.7,
         tau: float = 3.0,
         beta: float = 1.0,
+        logit_loss: str = "kl",
+        logit_options: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
         example_input: torch.Tensor | None = None,
         teacher_dtype: str = "float32",
@@ -203,6 +209,9 @@ class Distiller(nn.Module):
         self.cache = cache  # public: a benchmark may hand it a filled one
         self.student = student
         self.alpha, self.tau, self.beta = alpha, tau, beta
+        self.logit_loss = logit_loss
+        self.logit_options = dict(logit_options or {})
+        self._logit_loss = resolve_logit_loss(logit_loss, self.logit_options)
         self.label_smoothing = label_smoothing
         self.adapter_name = adapter  # the default of the pairs that name none
         given = list(pairs or []) if adapter != "none" else []
@@ -308,7 +317,8 @@ class Distiller(nn.Module):
         out = {"ce": ce}
         loss = (1.0 - self.alpha) * ce
         if self.alpha > 0:
-            out["kd"] = kd_loss(s_logits, teacher["logits"].to(s_logits.dtype), self.tau)
+            t_logits = teacher["logits"].to(s_logits.dtype)
+            out["kd"] = self._logit_loss(s_logits, t_logits, labels, self.tau, **self.logit_options)
             loss = loss + self.alpha * out["kd"]
         if self.pairs:
             weighted = []

@@ -1,22 +1,34 @@
-"""Loss functions: logit KD, cross-entropy, and feature criteria (mse, smooth_l1, cosine).
+"""Loss functions: logit KD (kl, dkd, dist), cross-entropy, and feature criteria (mse, smooth_l1, cosine).
 
-Feature criteria live in the `FEATURE_CRITERIA` registry: a plugin adds its own with
+Logit losses live in the `LOGIT_LOSSES` registry, `fn(student_logits, teacher_logits, labels, tau,
+**options) -> scalar`, with their options as keyword-only parameters (what `kdkit validate` checks a
+recipe's `distill.logit_options` against); a recipe names one in `distill.logit_loss`. Feature
+criteria live in `FEATURE_CRITERIA`: a plugin adds its own with
 `registries.feature_criteria.add(name, fn)` and a recipe names it in `distill.criterion`.
 
-All are plain functions on tensors. `kd_loss` always applies τ² and the `batchmean` reduction, unlike
-torchdistill's `KDLoss`, which applies τ² only when its `alpha > 0`.
+All are plain functions on tensors. Every logit loss applies τ² and averages over the batch; unlike
+torchdistill's `KDLoss` and `LogitStdKDLoss`, which apply τ² only when their `alpha > 0`.
+docs/methods.md gives each method's paper, formula and reference test.
 """
 
 from __future__ import annotations
 
+import inspect
+import numbers
 from collections.abc import Callable
+from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdkit.registry import FEATURE_CRITERIA
+from kdkit.registry import FEATURE_CRITERIA, LOGIT_LOSSES, did_you_mean
 
 FeatureCriterion = Callable[[Tensor, Tensor], Tensor]
+LogitLoss = Callable[..., Tensor]  # (student_logits, teacher_logits, labels, tau, **options) -> scalar
+
+STANDARDIZE_EPS = 1e-7  # added to the std, as in the authors' code and torchdistill's LogitStdKDLoss
+PEARSON_EPS = 1e-8  # cosine-similarity eps of DIST, as in the authors' code and torchdistill's DISTLoss
 
 
 def _check_same_shape(name: str, a: Tensor, b: Tensor) -> None:
@@ -31,6 +43,159 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
     p_teacher = F.softmax(teacher_logits / temperature, dim=-1)
     return F.kl_div(log_p_student, p_teacher, reduction="batchmean") * temperature**2
+
+
+class LogitOptionError(ValueError):
+    """An unknown or bad option of a logit loss; the message starts with `<option>: `."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+
+
+def _check_weights(name: str, **weights: Any) -> None:
+    """Each weight option is a real number >= 0 (a recipe's `true` or `'8'` must not pass)."""
+    for key, value in weights.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
+            raise LogitOptionError(key, f"expected a number >= 0 for logit loss {name!r}, got {value!r}")
+
+
+def _check_labels(name: str, logits: Tensor, labels: Tensor) -> None:
+    """`labels` are class indices (B,) of `logits` (B, C): the methods that split off the target
+    class cannot use soft labels."""
+    if labels.dtype.is_floating_point or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"{name}: expected integer class labels of shape {tuple(logits.shape[:1])}, "
+            f"got {labels.dtype} {tuple(labels.shape)}"
+        )
+
+
+def standardize_logits(logits: Tensor) -> Tensor:
+    """Z-score each row: (z - mean) / (std + eps), the unbiased std (Sun et al., CVPR 2024)."""
+    return (logits - logits.mean(dim=-1, keepdim=True)) / (logits.std(dim=-1, keepdim=True) + STANDARDIZE_EPS)
+
+
+@LOGIT_LOSSES.register("kl")
+def kl(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, tau: float, *, standardize: bool = False
+) -> Tensor:
+    """`kd_loss`; with `standardize`, of both logits z-scored per sample first (logit
+    standardisation, Sun et al., CVPR 2024). `labels` are unused."""
+    if not isinstance(standardize, bool):
+        raise LogitOptionError("standardize", f"expected true/false for logit loss 'kl', got {standardize!r}")
+    if standardize:
+        student_logits, teacher_logits = (
+            standardize_logits(student_logits),
+            standardize_logits(teacher_logits),
+        )
+    return kd_loss(student_logits, teacher_logits, tau)
+
+
+def _target_split(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The target class's logit (B, 1) and the other classes' logits (B, C-1), in class order."""
+    is_target = F.one_hot(labels, logits.shape[-1]).bool()
+    return logits[is_target].view(-1, 1), logits[~is_target].view(logits.shape[0], -1)
+
+
+def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) per row, from log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def _dkd_terms(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, tau: float
+) -> tuple[Tensor, Tensor]:
+    """Per-sample TCKD and NCKD of Zhao et al. (CVPR 2022), without τ².
+
+    TCKD is the KL of the binary (target, not target) distributions at temperature τ; NCKD the KL
+    of the distributions over the non-target classes, renormalised among themselves."""
+    _check_same_shape("dkd", student_logits, teacher_logits)
+    _check_labels("dkd", student_logits, labels)
+    log_binary, log_others = [], []
+    for logits in (teacher_logits, student_logits):
+        target, others = _target_split(logits / tau, labels)
+        total = torch.logsumexp(logits / tau, dim=-1, keepdim=True)
+        rest = torch.logsumexp(others, dim=-1, keepdim=True)
+        # log-space: log(1 - p_t) as logsumexp of the others, exact where p_t rounds to 1
+        log_binary.append(torch.cat([target - total, rest - total], dim=-1))
+        log_others.append(F.log_softmax(others, dim=-1))
+    return _kl_rows(*log_binary), _kl_rows(*log_others)
+
+
+@LOGIT_LOSSES.register("dkd")
+def dkd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    tau: float,
+    *,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+) -> Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022): τ² · mean(alpha · TCKD + beta · NCKD).
+
+    mdistiller's warm-up factor (min(epoch / warmup, 1)) is not part of the loss."""
+    _check_weights("dkd", alpha=alpha, beta=beta)
+    tckd, nckd = _dkd_terms(student_logits, teacher_logits, labels, tau)
+    return (alpha * tckd + beta * nckd).mean() * tau**2
+
+
+def _pearson_rows(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation of each row of `a` with the same row of `b`."""
+    return F.cosine_similarity(
+        a - a.mean(dim=-1, keepdim=True), b - b.mean(dim=-1, keepdim=True), dim=-1, eps=PEARSON_EPS
+    )
+
+
+@LOGIT_LOSSES.register("dist")
+def dist(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    tau: float,
+    *,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+) -> Tensor:
+    """DIST (Huang et al., NeurIPS 2022): τ² · (beta · inter + gamma · intra), where inter is
+    1 - the mean Pearson correlation of each sample's class probabilities (at temperature τ) and
+    intra the same of each class's probabilities over the batch. `labels` are unused."""
+    _check_weights("dist", beta=beta, gamma=gamma)
+    _check_same_shape("dist", student_logits, teacher_logits)
+    p_s, p_t = F.softmax(student_logits / tau, dim=-1), F.softmax(teacher_logits / tau, dim=-1)
+    inter = 1 - _pearson_rows(p_s, p_t).mean()
+    intra = 1 - _pearson_rows(p_s.T, p_t.T).mean()
+    return (beta * inter + gamma * intra) * tau**2
+
+
+def logit_loss_options(fn: LogitLoss) -> list[str] | None:
+    """The options (keyword-only parameters) a logit loss takes; None when it takes any (**kwargs)."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def resolve_logit_loss(name: str, options: dict[str, Any] | None = None) -> LogitLoss:
+    """The logit loss registered as `name`, once `options` are known to suit it.
+
+    An unknown name raises RegistryError listing the registered ones; an unknown option or a bad
+    value (found by a trial call on two samples) a `LogitOptionError` naming the option."""
+    fn = LOGIT_LOSSES.get(name)
+    options = options or {}
+    valid = logit_loss_options(fn)
+    for key in options:
+        if valid is not None and key not in valid:
+            raise LogitOptionError(
+                key,
+                f"unknown option of logit loss {name!r}.{did_you_mean(key, valid)} "
+                f"Its options: {', '.join(valid) or '(none)'}",
+            )
+    try:
+        fn(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), 1.0, **options)
+    except TypeError as exc:  # a plugin's loss refusing an option's type
+        raise ValueError(f"logit loss {name!r}: {exc}") from None
+    return fn
 
 
 def cross_entropy(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:

@@ -8,6 +8,7 @@ Every problem is collected and reported with its key path, e.g.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import re
@@ -127,6 +128,8 @@ class DistillSpec:
     select: str | None = None  # token selector (cls, mean, patch, tokens, all); default: preset's
     alpha: float = 0.7  # weight of the logit KD term; CE gets 1 - alpha
     tau: float = 3.0  # KD temperature
+    logit_loss: str = "kl"  # the logit KD term: a registered logit loss (kl, dkd, dist)
+    logit_options: dict[str, Any] = field(default_factory=dict)  # its options (kl: standardize, ...)
     beta: float = 1.0  # weight of the feature term (the weighted mean over layer pairs)
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the teacher's weights and compute
     cache: bool = True  # store teacher outputs per (sample, augmentation) and reuse them
@@ -484,6 +487,14 @@ def diff_keys(a: object, b: object, path: str = "") -> list[str]:
             for k in diff_keys(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
         ]
     return [] if a == b else [path or "(root)"]
+
+
+def recipe_changes(saved: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
+    """The key paths at which a resolved recipe differs from one a run saved, with the saved one
+    read as this version reads it: a key added since (at its default) is no change."""
+    with contextlib.suppress(RecipeError):  # not readable any more: compared as written
+        saved = parse_recipe(saved).to_dict()
+    return sorted(diff_keys(saved, resolved))
 
 
 def parse_options(texts: list[str], flag: str) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """A tiny name → object registry, and the registries kdkit and its plugins fill.
 
 Everything a recipe can name by string (models, adapters, datasets, evaluators, tap presets,
-CLI subcommands, `kdkit predict` input preparers) lives in one of these. Plugins add entries;
-the core never names a plugin.
+feature criteria, logit losses, CLI subcommands, `kdkit predict` input preparers) lives in one of
+these. Plugins add entries; the core never names a plugin.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ class Registries:
     commands: Registry[Callable[..., Any]] = field(default_factory=lambda: COMMANDS)
     input_preparers: Registry[Callable[..., Any]] = field(default_factory=lambda: INPUT_PREPARERS)
     feature_criteria: Registry[Callable[..., Any]] = field(default_factory=lambda: FEATURE_CRITERIA)
+    logit_losses: Registry[Callable[..., Any]] = field(default_factory=lambda: LOGIT_LOSSES)
 
 
 MODELS: Registry[Callable[..., Any]] = Registry("model")
@@ -122,6 +123,9 @@ EVALUATORS: Registry[Callable[..., Any]] = Registry("evaluator", builtins="kdkit
 TAP_PRESETS: Registry[Any] = Registry("tap preset", builtins="kdkit.taps")
 # feature losses, `criterion(s_mapped, t_target) -> scalar tensor` (built-ins in kdkit.losses)
 FEATURE_CRITERIA: Registry[Callable[..., Any]] = Registry("feature criterion", builtins="kdkit.losses")
+# logit losses, `fn(student_logits, teacher_logits, labels, tau, **options) -> scalar tensor`, options
+# keyword-only (built-ins in kdkit.losses: kl, dkd, dist)
+LOGIT_LOSSES: Registry[Callable[..., Any]] = Registry("logit loss", builtins="kdkit.losses")
 COMMANDS: Registry[Callable[..., Any]] = Registry("command")
 # `kdkit predict`: factory(**options) -> prepare(rgb: uint8 HxWx3 array) -> uint8 array, or None when
 # the frame holds nothing to score (e.g. no face). A data set factory names the preparer its frames

@@ -456,3 +456,16 @@ def test_list_items_by_name_in_mixed_lists() -> None:
     assert apply_overrides(data, ["items.b.x=1"])["items"][3] == {"name": "b", "x": 1}
     with pytest.raises(RecipeError, match="no list item named 'c'"):
         apply_overrides(data, ["items.c.x=1"])
+
+
+def test_a_saved_recipe_without_keys_added_since_is_the_same_recipe(tiny_recipe: Path) -> None:
+    """`--resume` compares the saved recipe read as this version reads it: keys added since, at
+    their defaults, are no change; a changed value still is."""
+    from kdkit.recipe import recipe_changes
+
+    resolved = load_recipe(tiny_recipe).to_dict()
+    saved = copy.deepcopy(resolved)
+    del saved["distill"]["logit_loss"], saved["distill"]["logit_options"]  # as 0.2.0 wrote it
+    assert recipe_changes(saved, resolved) == []
+    saved["distill"]["tau"] = 9.0
+    assert recipe_changes(saved, resolved) == ["distill.tau"]

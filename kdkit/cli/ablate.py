@@ -58,10 +58,10 @@ from kdkit.recipe import (
     RecipeError,
     StageSpec,
     apply_overrides,
-    diff_keys,
     parse_override,
     parse_recipe,
     read_yaml,
+    recipe_changes,
 )
 from kdkit.runlog import console
 from kdkit.stage_cache import StageCache, train_stage_key
@@ -360,7 +360,7 @@ def _pending(jobs: list[RunJob]) -> list[RunJob]:
 def _differences(job: RunJob, run_dir: Path) -> list[str]:
     """Recipe keys at which the run in `run_dir` differs from the job's (none before it wrote its recipe)."""
     saved = run_dir / "recipe.yaml"
-    return sorted(diff_keys(read_yaml(saved), job.recipe.to_dict())) if saved.exists() else []
+    return recipe_changes(read_yaml(saved), job.recipe.to_dict()) if saved.exists() else []
 
 
 def prepare(job: RunJob) -> str:

@@ -80,6 +80,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from kdkit.registry import Registries
 
     regs = Registries()
-    for kind in ("models", "datasets", "evaluators", "adapters", "feature_criteria", "commands"):
+    for kind in (
+        "models",
+        "datasets",
+        "evaluators",
+        "adapters",
+        "feature_criteria",
+        "logit_losses",
+        "commands",
+    ):
         output.print(f"{kind}: {', '.join(getattr(regs, kind).names())}", markup=False, soft_wrap=True)
     return 0

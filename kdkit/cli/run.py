@@ -18,7 +18,7 @@ from kdkit.errors import UsageError
 from kdkit.info import model_cost
 from kdkit.lock import exclusive
 from kdkit.models import build_model
-from kdkit.recipe import ModelSpec, diff_keys, load_recipe, read_yaml
+from kdkit.recipe import ModelSpec, load_recipe, read_yaml, recipe_changes
 from kdkit.runlog import console, output
 from kdkit.trainer import TrainingInterrupted
 from kdkit.workers import Interrupted
@@ -101,7 +101,7 @@ def _continue_run(exc: TrainingInterrupted | Interrupted, args: argparse.Namespa
 def _check_same_recipe(resolved: dict, saved_path: Path) -> None:
     """A resumed run must continue the same experiment: refuse a changed recipe."""
     saved = read_yaml(saved_path)
-    changed = sorted(diff_keys(saved, resolved))
+    changed = recipe_changes(saved, resolved)
     if changed:
         raise UsageError(
             f"--resume: the recipe differs from the one this run started with ({saved_path}) at "
