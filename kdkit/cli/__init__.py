@@ -8,15 +8,25 @@ Exit status: 0 success, 1 a run failed (diverged, data/model problem found while
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status."""
+    # torch and timm take seconds to import. A Ctrl-C meanwhile is only noted: raised inside their
+    # C++ initialisation it would abort the interpreter (SIGABRT) instead of stopping it.
+    signals: list[int] = []
+    main_thread = threading.current_thread() is threading.main_thread()  # signals go there only
+    if main_thread:
+        previous = signal.signal(signal.SIGINT, lambda signum, _frame: signals.append(signum))
     try:
-        # torch and timm take seconds to import: a Ctrl-C meanwhile is an interruption, not a traceback
         from kdkit.cli.entry import run
-    except KeyboardInterrupt:
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+    if signals:
         print("interrupted", file=sys.stderr)
         return 130
     return run(argv)
