@@ -199,3 +199,25 @@ def test_metrics_are_reported_per_test_domain_at_the_dev_threshold() -> None:
         assert metrics[f"test/{domain}/hter"] == pytest.approx(expected)
     assert metrics["test/C/hter"] < metrics["test/M/hter"]  # each domain on its own
     assert metrics["threshold_source"] == "val (dev split)"  # a dataset without an origin
+
+
+def test_predict_gets_the_sources_crop_settings_when_they_agree(tmp_path: Path) -> None:
+    """A cross-domain model records the face_crop settings of its training sets when they agree,
+    and none (the preparer's defaults) when they differ."""
+    from kdkit_fas.plugin import domains_crop_options
+
+    from kdkit.recipe import DataSpec
+
+    roots = {}
+    for letter, size in (("M", 64), ("I", 64), ("C", 32)):
+        roots[letter] = tmp_path / letter
+        roots[letter].mkdir()
+        (roots[letter] / "prepare.json").write_text(
+            json.dumps({"detector": "mtcnn", "scale": 1.2, "size": size})
+        )
+    spec = DataSpec(
+        "fas_domains", options={"protocol": "M_I_to_C", "roots": {k: str(v) for k, v in roots.items()}}
+    )
+    assert domains_crop_options(spec) == {"detector": "mtcnn", "scale": 1.2, "size": 64}
+    (roots["I"] / "prepare.json").write_text(json.dumps({"detector": "haar", "scale": 1.2, "size": 64}))
+    assert domains_crop_options(spec) == {}
