@@ -46,7 +46,11 @@ FLOW = [
         "distillation: teacher + student -> loss terms",
         ("distiller", "cache", "torchdistill_compat"),
     ),
-    ("parts", "parts: hook a layer, map features, compare them", ("taps", "adapters", "losses")),
+    (
+        "parts",
+        "parts: hook a layer, map features, compare them",
+        ("taps", "adapters", "losses", "relations", "groups", "teacher_input"),
+    ),
 ]
 # Everything else in kdkit/ is foundation; these sub-groups only arrange its listing.
 FOUNDATION = {

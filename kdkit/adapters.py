@@ -13,6 +13,7 @@ import inspect
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.parametrizations import orthogonal
 
 from kdkit.registry import ADAPTERS
 
@@ -89,6 +90,68 @@ class ProjectionAdapter(Adapter):
 
     def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         return self.proj(s), t
+
+
+@ADAPTERS.register("mlp")
+class MLPAdapter(Adapter):
+    """A learnable two-layer projection head Ds -> hidden -> Dt (Linear, GELU, Linear) on the student,
+    the non-linear head of many KD papers; trained with the student."""
+
+    def __init__(
+        self, student_dim: int, teacher_dim: int, hidden_dim: int | None = None, bias: bool = True
+    ) -> None:
+        super().__init__(student_dim, teacher_dim)
+        # default: the teacher's width, so the head is never a bottleneck narrower than its target
+        hidden = teacher_dim if hidden_dim is None else hidden_dim
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden_dim: expected a positive integer (or null), got {hidden_dim!r}")
+        self.head = nn.Sequential(
+            nn.Linear(student_dim, hidden, bias=bias), nn.GELU(), nn.Linear(hidden, teacher_dim, bias=bias)
+        )
+
+    def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return self.head(s), t
+
+
+@ADAPTERS.register("orthogonal")
+class OrthogonalAdapter(Adapter):
+    """VkD's orthogonal projection (Miles, Elezi & Deng, CVPR 2024): a bias-free linear map Ds -> Dt
+    kept orthogonal during training (`torch.nn.utils.parametrizations.orthogonal`): orthonormal
+    columns when Ds <= Dt (the map preserves the student's norms and inner products), orthonormal
+    rows when Ds > Dt. With `standardize_teacher` (default, VkD's choice for classification) the
+    teacher's features are standardised per feature vector (a LayerNorm without parameters), so
+    the student matches their shape, not their scale, which an orthogonal map cannot change."""
+
+    def __init__(self, student_dim: int, teacher_dim: int, standardize_teacher: bool = True) -> None:
+        super().__init__(student_dim, teacher_dim)
+        if not isinstance(standardize_teacher, bool):
+            raise ValueError(f"standardize_teacher: expected true/false, got {standardize_teacher!r}")
+        self.standardize_teacher = standardize_teacher
+        self.proj = orthogonal(nn.Linear(student_dim, teacher_dim, bias=False))
+
+    def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        target = F.layer_norm(t, t.shape[-1:]) if self.standardize_teacher else t
+        return self.proj(s), target
+
+
+@ADAPTERS.register("raw")
+class RawAdapter(Adapter):
+    """Both features unchanged, whatever their widths, token counts or ranks ((B, D), (B, N, D) or
+    CNN maps (B, C, H, W)); only the batch sizes must agree. For criteria that compare relations or
+    attention maps and so accept features of different shapes (`rkd`, `at`); the Distiller refuses
+    a criterion that compares equal shapes with it when the shapes differ."""
+
+    same_tokens = False
+
+    def _check(self, s: Tensor, t: Tensor) -> None:
+        if s.ndim < 2 or t.ndim < 2 or s.shape[0] != t.shape[0]:
+            raise ValueError(
+                f"RawAdapter: expected features (B, ...) with the same batch size B; got student "
+                f"{tuple(s.shape)}, teacher {tuple(t.shape)}"
+            )
+
+    def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return s, t
 
 
 @ADAPTERS.register("covariance")

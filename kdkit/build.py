@@ -11,13 +11,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdkit.adapters import adapter_min_batch
 from kdkit.cache import open_teacher_cache
 from kdkit.checkpoint import load_file
 from kdkit.data import example_batch
-from kdkit.distiller import Distiller, PairError, layer_pairs
+from kdkit.distiller import Distiller, GroupError, PairError, feature_taps, layer_groups, layer_pairs
+from kdkit.losses import criterion_min_batch
 from kdkit.models import ModelError, build_model, load_state_dict_checked
-from kdkit.recipe import Recipe, RecipeError, StageSpec
+from kdkit.recipe import DataSpec, DistillSpec, Recipe, RecipeError, StageSpec
 from kdkit.registry import EVALUATORS
+from kdkit.teacher_input import InputSpace, TeacherInput, input_space_from_pretrained_cfg
 
 
 def make_evaluator(recipe: Recipe) -> Any:
@@ -53,6 +56,12 @@ def teacher_model_key(recipe: Recipe, stage: StageSpec) -> tuple[str, str | None
     return key, trainer.name
 
 
+def distill_min_batch(d: DistillSpec) -> int:
+    """The smallest batch for which every adapter and feature criterion of a distill section gives a
+    non-zero loss (a trailing batch smaller than it is dropped)."""
+    return max([*map(adapter_min_batch, d.adapter_names()), *map(criterion_min_batch, d.criterion_names())])
+
+
 def build_distiller(
     recipe: Recipe,
     stage: StageSpec,
@@ -79,12 +88,18 @@ def build_distiller(
         load_state_dict_checked(teacher, load_file(weights)["model"], f"stage {trained_by!r} model.pt")
     try:
         pairs = layer_pairs(teacher, student, d.pairs, d.point, d.select) if d.adapter != "none" else []
+        groups = layer_groups(teacher, student, d.groups, d.point)
     except (ValueError, KeyError) as exc:
+        raise _distill_error(where, exc) from None
+    try:
+        teacher_input = make_teacher_input(d, recipe.stage_data(stage), teacher)
+    except ValueError as exc:
         raise _distill_error(where, exc) from None
     # Keyed by what the Distiller is built from (the teacher as `teacher_dtype` will make it).
     cache = None
     if cache_data is not None:
-        cache = open_teacher_cache(d, cache_data, teacher, [p.teacher for p in pairs], train.amp)
+        taps = feature_taps(pairs, groups, "teacher")
+        cache = open_teacher_cache(d, cache_data, teacher, taps, train.amp, teacher_input)
     try:
         return Distiller(
             teacher,
@@ -93,6 +108,8 @@ def build_distiller(
             adapter=d.adapter,
             adapter_options=d.adapter_options,
             criterion=d.criterion,
+            criterion_options=d.criterion_options,
+            groups=groups,
             alpha=d.alpha,
             tau=d.tau,
             beta=d.beta,
@@ -102,14 +119,44 @@ def build_distiller(
             example_input=example_batch(recipe.stage_data(stage)) if example is None else example,
             teacher_dtype=d.teacher_dtype,
             cache=cache,
+            teacher_input=teacher_input,
         )
     except (ValueError, KeyError) as exc:
         raise _distill_error(where, exc) from None
 
 
+def make_teacher_input(d: DistillSpec, data: DataSpec, teacher: nn.Module) -> TeacherInput | None:
+    """The conversion of the student's batches (`data`: size, mean, std) into the input the teacher
+    expects (`d.teacher_input`: 'auto' from its timm pretrained_cfg, or given); None when the
+    teacher takes the student's input as it is."""
+    if d.teacher_input is None:
+        return None
+    student = InputSpace(data.image_size, tuple(data.mean), tuple(data.std))
+    if d.teacher_input == "auto":
+        try:
+            found = input_space_from_pretrained_cfg(teacher)
+        except ValueError as exc:
+            raise ValueError(f"teacher_input: 'auto': {exc}") from None
+        if found is None:
+            raise ValueError(
+                "teacher_input: 'auto' reads the teacher's timm pretrained_cfg, and it has none with a "
+                "mean and std; give teacher_input: {size, mean, std}"
+            )
+        space, interpolation = found
+    else:
+        t = d.teacher_input
+        space = InputSpace(t.size, tuple(t.mean or data.mean), tuple(t.std or data.std))
+        interpolation = t.interpolation
+    try:
+        conversion = TeacherInput(student, space, interpolation)
+    except ValueError as exc:
+        raise ValueError(f"teacher_input: {exc}") from None
+    return None if conversion.is_identity else conversion
+
+
 def _distill_error(where: str, exc: Exception) -> RecipeError:
     """A distill stage's build problem as a recipe error; one pair's names its key (`...pairs[1]`)."""
-    return RecipeError([f"{where}.{exc}" if isinstance(exc, PairError) else f"{where}: {exc}"])
+    return RecipeError([f"{where}.{exc}" if isinstance(exc, PairError | GroupError) else f"{where}: {exc}"])
 
 
 def check_input(model: nn.Module, example: torch.Tensor, where: str) -> int:

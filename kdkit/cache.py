@@ -310,36 +310,54 @@ def _cache_size(root: Path) -> int:
 
 
 def teacher_cache_key(
-    teacher: nn.Module, taps: list[Tap], teacher_dtype: str, amp: str, dataset: SeededAugmentation
+    teacher: nn.Module,
+    taps: dict[str, Tap],
+    teacher_dtype: str,
+    amp: str,
+    dataset: SeededAugmentation,
+    teacher_input: Any = None,
 ) -> dict[str, Any]:
     """What a teacher's stored outputs depend on: its weights (a hash of its tensors, as they are
-    once converted to `teacher_dtype`), its `taps` (the teacher side of the layer pairs), its
+    once converted to `teacher_dtype`), its `taps` by feature name (the teacher side of the layer pairs
+    and groups), its
     precision and the autocast mode `amp` (ignored for a half-precision teacher, which runs outside
     autocast), and the training data as `SeededAugmentation.describe()` reports it (data settings,
-    seed, transform, file fingerprint)."""
+    seed, transform, file fingerprint), and the conversion of the batch into the teacher's input
+    (`kdkit.teacher_input.TeacherInput.describe()`; absent when there is none, so the keys of
+    teachers that see the student's input are those of earlier versions)."""
     dtype = _TORCH[teacher_dtype]
-    return {
+    key = {
         "format": FORMAT,
         "kdkit": __version__,
         "teacher": type(teacher).__name__,
         "teacher_sha256": weights_digest(teacher, dtype),
         "teacher_dtype": str(dtype),
         "amp": amp if dtype == torch.float32 else "none",
-        "taps": [asdict(tap) for tap in taps],
+        # with the names of their features: two methods tapping the same layers store them apart
+        "taps": [{"name": name, **asdict(tap)} for name, tap in taps.items()],
         "num_prefix_tokens": prefix_tokens(teacher),
         "data": dataset.describe(),
     }
+    if teacher_input is not None:
+        key["teacher_input"] = teacher_input.describe()
+    return key
 
 
 def open_teacher_cache(
-    spec: DistillSpec, dataset: Any, teacher: nn.Module, taps: list[Tap], amp: str = "none"
+    spec: DistillSpec,
+    dataset: Any,
+    teacher: nn.Module,
+    taps: dict[str, Tap],
+    amp: str = "none",
+    teacher_input: Any = None,
 ) -> TeacherCache | None:
     """The cache of a distill stage's teacher outputs (key: `teacher_cache_key` with
     `spec.teacher_dtype`), or None when `spec.cache` is off or `dataset` has no sample keys.
-    `taps` are the teacher's taps, in pair order (`[pair.teacher for pair in pairs]`)."""
+    `taps` are the teacher's taps by feature name (`kdkit.distiller.feature_taps`); `teacher_input`
+    the conversion of its input (or None)."""
     if not spec.cache or not isinstance(dataset, SeededAugmentation):
         return None
-    key = teacher_cache_key(teacher, taps, spec.teacher_dtype, amp, dataset)
+    key = teacher_cache_key(teacher, taps, spec.teacher_dtype, amp, dataset, teacher_input)
     cache = TeacherCache(teacher_cache_dir(spec), key, len(dataset), int(spec.cache_max_gb * GB))
     if distributed.is_main():
         stored = sorted(cache.folder.glob("slot-*.done"))

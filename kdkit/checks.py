@@ -17,16 +17,23 @@ from rich.table import Table
 
 from kdkit import distributed
 from kdkit.adapters import adapter_min_batch
-from kdkit.build import build_distiller, build_recipe_model, check_input, make_evaluator
+from kdkit.build import (
+    build_distiller,
+    build_recipe_model,
+    check_input,
+    make_evaluator,
+    make_teacher_input,
+    teacher_model_key,
+)
 from kdkit.cache import teacher_cache_dir
 from kdkit.checkpoint import OutputDirError, check_output_dir
 from kdkit.data import build_dataset, example_batch, generate_data, sample_groups
 from kdkit.distiller import Distiller
-from kdkit.losses import LogitOptionError, resolve_logit_loss
+from kdkit.losses import OptionError, criterion_min_batch, resolve_feature_criterion, resolve_logit_loss
 from kdkit.optim import check_optimization
 from kdkit.plugins import load_plugins
 from kdkit.recipe import DistillSpec, Recipe, RecipeError, StageSpec, parse_pair
-from kdkit.registry import DATASETS, EVALUATORS, FEATURE_CRITERIA, RegistryError
+from kdkit.registry import DATASETS, EVALUATORS, RegistryError
 from kdkit.trainer import autocast, resolve_device
 
 
@@ -128,10 +135,24 @@ def _check_models(recipe: Recipe, example: torch.Tensor, evaluator: Any) -> dict
     """Every model builds and runs on the data's images, with the outputs the evaluator needs;
     returns the size of each model's weights in bytes."""
     classes = getattr(evaluator, "num_classes", None)
+    # a teacher with its own input (distill.teacher_input) is checked on the batch converted for it
+    converts = {
+        teacher_model_key(recipe, s)[0]: s
+        for s in recipe.pipeline
+        if s.do == "distill" and recipe.stage_distill(s).teacher_input
+    }
     sizes = {}
     for key in recipe.models:
         model = build_recipe_model(recipe, key, f"models.{key}")
-        outputs = check_input(model, example, f"models.{key}")
+        given = example
+        if key in converts:
+            stage = converts[key]
+            try:
+                conversion = make_teacher_input(recipe.stage_distill(stage), recipe.stage_data(stage), model)
+            except ValueError as exc:
+                raise RecipeError([f"pipeline.{stage.name}.distill.{exc}"]) from None
+            given = example if conversion is None else conversion(example)
+        outputs = check_input(model, given, f"models.{key}")
         if classes is not None and outputs != classes:
             raise RecipeError(
                 [
@@ -165,10 +186,15 @@ def _check_training(recipe: Recipe) -> None:
         if stage.do != "distill":
             continue
         d, batch = r.stage_distill(stage), r.stage_data(stage).batch_size
-        problems += _logit_problems(d, stage, where)
+        problems += _option_problems(d, stage, where)
         for adapter_key, adapter, criterion_key, criterion in _feature_checks(d, stage, where):
             try:
-                FEATURE_CRITERIA.get(criterion)
+                need = criterion_min_batch(criterion)
+                if batch // distributed.world_size() < need:
+                    problems.append(
+                        f"{criterion_key}: {criterion!r} compares the samples of a batch and needs at "
+                        f"least {need} per batch (per process); data.batch_size is {batch}"
+                    )
             except RegistryError as exc:
                 problems.append(f"{criterion_key}: {exc}")
             try:
@@ -191,22 +217,25 @@ def _check_training(recipe: Recipe) -> None:
         raise RecipeError(list(dict.fromkeys(problems)))
 
 
-def _logit_problems(d: DistillSpec, stage: StageSpec, where: str) -> list[str]:
-    """A distill stage's logit loss is registered and takes its options (names and values)."""
-    # a setting inherited from the top-level `distill` is reported once, under its own key
-    name_key, options_key = (
-        f"{where}.distill.{key}" if key in stage.distill else f"distill.{key}"
-        for key in ("logit_loss", "logit_options")
-    )
-    try:
-        resolve_logit_loss(d.logit_loss, d.logit_options)
-    except RegistryError as exc:
-        return [f"{name_key}: {exc}"]
-    except LogitOptionError as exc:
-        return [f"{options_key}.{exc}"]
-    except ValueError as exc:
-        return [f"{options_key}: {exc}"]
-    return []
+def _option_problems(d: DistillSpec, stage: StageSpec, where: str) -> list[str]:
+    """A distill stage's logit loss and feature criterion are registered and take their options
+    (names and values)."""
+    problems = []
+    for kind, resolve in (("logit_loss", resolve_logit_loss), ("criterion", resolve_feature_criterion)):
+        options = "logit_options" if kind == "logit_loss" else "criterion_options"
+        # a setting inherited from the top-level `distill` is reported once, under its own key
+        name_key, options_key = (
+            f"{where}.distill.{key}" if key in stage.distill else f"distill.{key}" for key in (kind, options)
+        )
+        try:
+            resolve(getattr(d, kind), getattr(d, options))
+        except RegistryError as exc:
+            problems.append(f"{name_key}: {exc}")
+        except OptionError as exc:
+            problems.append(f"{options_key}.{exc}")
+        except ValueError as exc:
+            problems.append(f"{options_key}: {exc}")
+    return problems
 
 
 def _feature_checks(d: DistillSpec, stage: StageSpec, where: str) -> list[tuple[str, str, str, str]]:
@@ -233,7 +262,8 @@ def _feature_checks(d: DistillSpec, stage: StageSpec, where: str) -> list[tuple[
 
 
 def tap_table(stage: StageSpec, distiller: Distiller) -> Table:
-    """A table of layer pairs: taps → shapes → each pair's adapter, criterion and weight."""
+    """A table of layer pairs and groups: taps → shapes → each pair's adapter, criterion and weight
+    (a group's method and weight)."""
     table = Table(title=f"stage {stage.name!r}: layer pairs (adapter params: {distiller.extra_parameters()})")
     for col in ("#", "student tap", "shape", "teacher tap", "shape", "adapter", "criterion", "weight"):
         table.add_column(col)
@@ -248,4 +278,20 @@ def tap_table(stage: StageSpec, distiller: Distiller) -> Table:
             escape(str(pair.criterion)),
             f"{pair.weight:g}",
         )
+    for j, (group, (s_shapes, t_shapes)) in enumerate(
+        zip(distiller.groups, distiller.group_shapes, strict=True)
+    ):
+        for k, (s_tap, t_tap) in enumerate(zip(group.student, group.teacher, strict=True)):
+            table.add_row(
+                f"group {j}.{k}",
+                escape(f"{s_tap.path} [{s_tap.select}]"),
+                str(s_shapes[k]),
+                escape(f"{t_tap.path} [{t_tap.select}]"),
+                str(t_shapes[k]),
+                escape(group.method) if k == 0 else "",
+                "",
+                f"{group.weight:g}" if k == 0 else "",
+            )
+    if not distiller.pairs and not distiller.groups:
+        table.caption = "no layer pairs: logit distillation only"
     return table

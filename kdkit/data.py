@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from kdkit import distributed
 from kdkit.recipe import DataSpec
@@ -54,9 +54,86 @@ def build_dataset(spec: DataSpec, split: str) -> Dataset:
     return dataset
 
 
+UNLABELED = -1  # the label of a sample without one: it contributes only the teacher's terms
+LABEL_SPLIT_SEED = 0  # which labels `data.labeled_fraction` keeps: the same samples in every run
+
+
+class WithoutLabels(Dataset):
+    """`dataset`'s samples with each label replaced by `UNLABELED`."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        image, label, *rest = self.dataset[index]
+        # the same type as a labelled sample's, so that a batch mixing both collates
+        unlabeled = torch.full_like(label, UNLABELED) if isinstance(label, torch.Tensor) else UNLABELED
+        return (image, unlabeled, *rest)
+
+
+class PartlyLabeled(ConcatDataset):
+    """The labelled samples followed by the unlabelled pool, with `labels` (`UNLABELED` for the pool)."""
+
+    def __init__(self, labeled: Dataset, pool: Dataset | None) -> None:
+        super().__init__([labeled] if pool is None else [labeled, WithoutLabels(pool)])
+        self.labels = dataset_labels(labeled) + [UNLABELED] * (0 if pool is None else len(pool))  # type: ignore[arg-type]
+        self.transform = getattr(_base(labeled), "transform", None)
+
+    def fingerprint(self) -> Any:
+        """The fingerprints of the labelled data and the pool (what the images depend on)."""
+        parts = [_base(d) for d in self.datasets]
+        return [getattr(p, "fingerprint", lambda: None)() for p in parts]
+
+
+def _base(dataset: Dataset) -> Dataset:
+    """The data set under Subset and WithoutLabels wrappers."""
+    while isinstance(dataset, (Subset, WithoutLabels)):
+        dataset = dataset.dataset
+    return dataset
+
+
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """Every sample's label: the dataset's `labels` attribute (through Subsets), a TensorDataset's
+    second tensor, else read sample by sample."""
+    if isinstance(dataset, Subset):
+        return [dataset_labels(dataset.dataset)[i] for i in dataset.indices]
+    labels = getattr(dataset, "labels", None)
+    if labels is None and isinstance(dataset, TensorDataset):
+        labels = dataset.tensors[1]
+    if labels is None:
+        labels = [dataset[i][1] for i in range(len(dataset))]  # type: ignore[arg-type]
+    return [int(label) for label in labels]
+
+
+def training_set(spec: DataSpec, with_unlabeled: bool) -> Dataset:
+    """The training split as a stage trains on it: the samples whose labels
+    `spec.labeled_fraction` keeps, then (for a distill stage, `with_unlabeled`) the
+    `spec.unlabeled` pool with the label `UNLABELED`."""
+    train = build_dataset(spec, "train")
+    if spec.labeled_fraction == 1.0 and (spec.unlabeled is None or not with_unlabeled):
+        return train
+    keep, rest = labeled_subset(dataset_labels(train), spec.labeled_fraction, LABEL_SPLIT_SEED)
+    labeled = Subset(train, keep)
+    pool = None
+    if with_unlabeled and spec.unlabeled == "rest":
+        pool = Subset(train, rest)
+    elif with_unlabeled and spec.unlabeled is not None:
+        u = spec.unlabeled
+        pool_spec = dataclasses.replace(
+            spec, dataset=u.dataset, root=u.root, options=u.options, labeled_fraction=1.0, unlabeled=None
+        )
+        pool = build_dataset(pool_spec, u.split)
+    return PartlyLabeled(labeled, pool)
+
+
 class EpochSampler(Sampler[tuple[int, int]]):
     """The training order: a permutation fixed by (seed, epoch), shared out between DDP ranks.
 
+    An epoch is `epoch_size` samples (default `size`): permutations of the data, concatenated and
+    cut (a sample may then repeat within an epoch, with the same key).
     Yields `(sample index, augmentation slot)` pairs. The permutation of epoch e depends only on
     (seed, e), so a resumed run, an ablation variant with the same seed and every rank of a
     distributed run see the same order; rank r takes every `world`-th position (the list is padded
@@ -66,9 +143,16 @@ class EpochSampler(Sampler[tuple[int, int]]):
     """
 
     def __init__(
-        self, size: int, seed: int, aug_cycle: int | None = None, rank: int = 0, world: int = 1
+        self,
+        size: int,
+        seed: int,
+        aug_cycle: int | None = None,
+        rank: int = 0,
+        world: int = 1,
+        epoch_size: int | None = None,
     ) -> None:
         self.size, self.seed, self.aug_cycle, self.rank, self.world = size, seed, aug_cycle, rank, world
+        self.epoch_size = epoch_size or size
         self.epoch = self.skip = 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -82,12 +166,15 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return self.epoch % self.aug_cycle if self.aug_cycle else self.epoch
 
     def __len__(self) -> int:
-        return -(-self.size // self.world)
+        return -(-self.epoch_size // self.world)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
-        order += order[: len(self) * self.world - self.size]
+        while len(order) < self.epoch_size:  # `epoch_size` beyond the data: more permutations
+            order += torch.randperm(self.size, generator=generator).tolist()
+        order = order[: self.epoch_size]
+        order += order[: len(self) * self.world - self.epoch_size]
         slot = self.slot
         return iter([(index, slot) for index in order[self.rank :: self.world][self.skip :]])
 
@@ -226,11 +313,15 @@ class SeededAugmentation(Dataset):
 
 
 # DataSpec fields that do not change what an augmented training image looks like.
-_NOT_IN_IMAGES = ("batch_size", "eval_batch_size", "num_workers", "aug_cycle", "balanced")
+_NOT_IN_IMAGES = ("batch_size", "eval_batch_size", "num_workers", "aug_cycle", "balanced", "epoch_size")
 
 
 def build_loaders(
-    spec: DataSpec, seed: int, eval_splits: tuple[str, ...] = ("val",), min_batch: int = 1
+    spec: DataSpec,
+    seed: int,
+    eval_splits: tuple[str, ...] = ("val",),
+    min_batch: int = 1,
+    with_unlabeled: bool = False,
 ) -> tuple[DataLoader, dict[str, DataLoader], Callable[[int, int], None]]:
     """Train loader, evaluation loaders and a `set_epoch(epoch, skip=0)` that fixes the shuffle order.
 
@@ -240,6 +331,7 @@ def build_loaders(
     batch draws equally from each group of the training set (`BalancedSampler`). Under torch.distributed,
     `spec.batch_size` is the global batch: each of the `world` ranks loads batch_size / world.
     A trailing batch of fewer than `min_batch` samples is dropped (see `Adapter.min_batch`).
+    The training set is `training_set(spec, with_unlabeled)`.
     """
     rank, world = distributed.rank(), distributed.world_size()
     if spec.batch_size % world:
@@ -248,12 +340,12 @@ def build_loaders(
             f"between the {world} processes"
         )
     identity = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _NOT_IN_IMAGES}
-    train_set = build_dataset(spec, "train")
+    train_set = training_set(spec, with_unlabeled)
     dataset = SeededAugmentation(train_set, seed, identity)
     sampler = (
         BalancedSampler(sample_groups(train_set), spec.batch_size, seed, spec.aug_cycle, rank, world)
         if spec.balanced
-        else EpochSampler(len(dataset), seed, spec.aug_cycle, rank, world)
+        else EpochSampler(len(dataset), seed, spec.aug_cycle, rank, world, spec.epoch_size)
     )
     per_rank = spec.batch_size // world
     train = DataLoader(
@@ -307,6 +399,19 @@ def stratified_split(
         parts["val"] += idx[n_train : n_train + n_val].tolist()
         parts["test"] += idx[n_train + n_val :].tolist()
     return {s: np.sort(np.array(v)) for s, v in parts.items()}
+
+
+def labeled_subset(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the samples whose labels are kept (`fraction` of each class, at least one) and of
+    the rest, both sorted; fixed by `seed`."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    keep: list[int] = []
+    for label in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        keep += idx[: max(1, round(fraction * len(idx)))].tolist()
+    kept = set(keep)
+    return sorted(keep), [i for i in range(len(labels)) if i not in kept]
 
 
 @DATASETS.register("digits")

@@ -6,7 +6,7 @@
     out["loss"].backward()
 
 The total loss is ``(1 - alpha) * CE + alpha * kd + beta * sum_i w_i * feature_i / n`` over
-the n layer pairs, with the pair weights w_i (1 by default: the mean over pairs, as in the HaTFAS
+the n layer pairs and layer groups, with their weights w_i (1 by default: the mean over pairs, as in the HaTFAS
 code, so beta does not scale with their number). ``kd`` is the logit loss `logit_loss` with its
 `logit_options` (`kdkit.registry.LOGIT_LOSSES`: ``kl``, tau² · KL, by default; ``dkd``,
 ``dist``). Each pair may name its own adapter, adapter options, criterion and weight; the
@@ -30,8 +30,16 @@ import torch
 from torch import nn
 
 from kdkit.adapters import build_adapter
-from kdkit.losses import build_feature_criterion, cross_entropy, resolve_logit_loss
-from kdkit.recipe import PairSpec, parse_pair
+from kdkit.data import UNLABELED
+from kdkit.losses import (
+    OptionError,
+    criterion_same_shape,
+    cross_entropy,
+    resolve_feature_criterion,
+    resolve_logit_loss,
+)
+from kdkit.recipe import GroupSpec, PairSpec, parse_pair
+from kdkit.registry import GROUP_METHODS
 from kdkit.taps import Tap, TapRecorder, block_taps, find_preset
 
 if TYPE_CHECKING:
@@ -50,6 +58,19 @@ class LayerPair:
     adapter: str | None = None
     adapter_options: dict[str, Any] | None = dataclasses.field(default=None, hash=False)
     criterion: str | None = None
+    criterion_options: dict[str, Any] | None = dataclasses.field(default=None, hash=False)
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """Taps of several student and teacher layers that one layer-group method (`kdkit.groups`)
+    compares at once, with its options and weight."""
+
+    method: str
+    student: tuple[Tap, ...]
+    teacher: tuple[Tap, ...]
+    options: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
     weight: float = 1.0
 
 
@@ -58,6 +79,14 @@ class PairError(ValueError):
 
     def __init__(self, index: int, message: str) -> None:
         super().__init__(f"pairs[{index}]: {message}")
+        self.index = index
+
+
+class GroupError(ValueError):
+    """A problem with one layer group; the message starts with `groups[i]: `."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(f"groups[{index}]: {message}")
         self.index = index
 
 
@@ -110,26 +139,73 @@ def layer_pairs(
 def _layer_pair(
     student: nn.Module, teacher: nn.Module, spec: PairSpec, point: str, select: str | None
 ) -> LayerPair:
+    chosen = spec.select or select
     return LayerPair(
-        _tap(student, spec.student, spec, point, select, "student"),
-        _tap(teacher, spec.teacher, spec, point, select, "teacher"),
+        _tap(student, spec.student, point, chosen, spec.io, "student"),
+        _tap(teacher, spec.teacher, point, chosen, spec.io, "teacher"),
         spec.adapter,
         spec.adapter_options,
         spec.criterion,
+        spec.criterion_options,
         spec.weight,
     )
 
 
-def _tap(model: nn.Module, side: int | str, spec: PairSpec, point: str, select: str | None, role: str) -> Tap:
-    """The tap of one side of a pair: a preset block (its default selector) or a module path ('all')."""
-    chosen = spec.select or select
+def layer_groups(
+    teacher: nn.Module, student: nn.Module, groups: list[GroupSpec], point: str = "block"
+) -> list[LayerGroup]:
+    """Turn a recipe's `distill.groups` into taps: each layer a preset block number or a module
+    path, with the group's `select`, else the method's (its `select` attribute), else the preset's.
+    A bad item raises `GroupError` naming its index."""
+    built = []
+    for i, spec in enumerate(groups):
+        try:
+            select = spec.select or getattr(GROUP_METHODS.get(spec.method), "select", None)
+            built.append(
+                LayerGroup(
+                    spec.method,
+                    tuple(_tap(student, layer, point, select, "output", "student") for layer in spec.student),
+                    tuple(_tap(teacher, layer, point, select, "output", "teacher") for layer in spec.teacher),
+                    dict(spec.options),
+                    spec.weight,
+                )
+            )
+        except (ValueError, KeyError) as exc:
+            raise GroupError(i, str(exc)) from None
+    return built
+
+
+def _tap(model: nn.Module, side: int | str, point: str, select: str | None, io: str, role: str) -> Tap:
+    """The tap of one layer: a preset block (its default selector) or a module path ('all')."""
     if isinstance(side, str):
-        return Tap(side, spec.io, chosen or "all")
+        return Tap(side, io, select or "all")
     try:
-        (tap,) = block_taps(model, [side], point, chosen)
+        (tap,) = block_taps(model, [side], point, select)
     except ValueError as exc:
         raise ValueError(f"{role}: {exc}") from None
-    return dataclasses.replace(tap, io=spec.io)
+    return dataclasses.replace(tap, io=io)
+
+
+def labeled_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Cross-entropy averaged over the samples that have a label (not `UNLABELED`); 0, with the
+    graph kept, for a batch that has none."""
+    labeled = labels != UNLABELED
+    if labeled.all():
+        return cross_entropy(logits, labels, label_smoothing)
+    if not labeled.any():
+        return logits.sum() * 0.0
+    return cross_entropy(logits[labeled], labels[labeled], label_smoothing)
+
+
+def feature_taps(pairs: list[LayerPair], groups: list[LayerGroup], side: str) -> dict[str, Tap]:
+    """One side's (`'student'` or `'teacher'`) taps, named as the Distiller names their features:
+    `feat.i` for pair i, then `group.j.k` for layer k of group j (the teacher-output cache's order)."""
+    taps = {f"feat.{i}": getattr(pair, side) for i, pair in enumerate(pairs)}
+    for j, group in enumerate(groups):
+        taps |= {f"group.{j}.{k}": tap for k, tap in enumerate(getattr(group, side))}
+    return taps
 
 
 def _no_weight_decay(model: nn.Module, prefix: str) -> set[str]:
@@ -151,7 +227,7 @@ class SupervisedTask(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Return `{'loss', 'ce', 'logits'}` (`keys` is accepted for the trainer and unused)."""
         logits = self.model(images)
-        ce = cross_entropy(logits, labels, self.label_smoothing)
+        ce = labeled_cross_entropy(logits, labels, self.label_smoothing)
         return {"loss": ce, "ce": ce, "logits": logits}
 
     def no_weight_decay(self) -> set[str]:
@@ -175,7 +251,12 @@ class Distiller(nn.Module):
     construction `pairs` holds each pair's resolved settings. `adapter="none"` drops every pair
     (logit KD only). `logit_loss`: the logit term, logged as `kd`, a name of
     `kdkit.registry.LOGIT_LOSSES` taking `logit_options` (an unknown name or option fails here).
-    `cache`: the teacher-output cache opened for this teacher (or None).
+    `cache`: the teacher-output cache opened for this teacher (or None). `criterion_options`: the
+    options of `criterion`, for the pairs that use it. `groups`: layer groups (`layer_groups`),
+    each compared by its method (`kdkit.registry.GROUP_METHODS`); their terms join the pairs' in
+    the feature term. `teacher_input`: a module converting each batch into the teacher's input
+    (`kdkit.teacher_input.TeacherInput`), or None. Samples labelled `kdkit.data.UNLABELED` add
+    no cross-entropy; the logit losses that need a class get the teacher's prediction for them.
     """
 
     def __init__(
@@ -186,6 +267,8 @@ class Distiller(nn.Module):
         adapter: str = "covariance",
         adapter_options: dict[str, Any] | None = None,
         criterion: str = "mse",
+        criterion_options: dict[str, Any] | None = None,
+        groups: list[LayerGroup] | None = None,
         alpha: float = 0.7,
         tau: float = 3.0,
         beta: float = 1.0,
@@ -195,6 +278,7 @@ class Distiller(nn.Module):
         example_input: torch.Tensor | None = None,
         teacher_dtype: str = "float32",
         cache: TeacherCache | None = None,
+        teacher_input: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0 or tau <= 0 or beta < 0:
@@ -215,13 +299,19 @@ class Distiller(nn.Module):
         self.label_smoothing = label_smoothing
         self.adapter_name = adapter  # the default of the pairs that name none
         given = list(pairs or []) if adapter != "none" else []
-        self.pairs = [_resolved(i, p, adapter, adapter_options or {}, criterion) for i, p in enumerate(given)]
-        self.criteria = [build_feature_criterion(p.criterion) for p in self.pairs]
-        self.teacher_taps = TapRecorder(teacher, {str(i): p.teacher for i, p in enumerate(self.pairs)})
-        self.student_taps = TapRecorder(student, {str(i): p.student for i, p in enumerate(self.pairs)})
+        defaults = (adapter, adapter_options or {}, criterion, criterion_options or {})
+        self.pairs = [_resolved(i, p, *defaults) for i, p in enumerate(given)]
+        self.criteria = [_criterion(i, p) for i, p in enumerate(self.pairs)]
+        self.groups = list(groups or [])
+        # the input conversion the teacher needs (kdkit.teacher_input.TeacherInput), or None
+        self.teacher_input = teacher_input
+        self.teacher_taps = TapRecorder(teacher, feature_taps(self.pairs, self.groups, "teacher"))
+        self.student_taps = TapRecorder(student, feature_taps(self.pairs, self.groups, "student"))
         self.adapters = nn.ModuleList()
-        self.shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-        if self.pairs or example_input is not None:
+        self.group_methods = nn.ModuleList()
+        self.shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # pair i's (student, teacher)
+        self.group_shapes: list[tuple[list[tuple[int, ...]], list[tuple[int, ...]]]] = []
+        if self.pairs or self.groups or example_input is not None:
             if example_input is None:
                 raise ValueError("example_input (a batch of 1-2 inputs) is needed to size the adapters")
             self._dry_run(example_input)
@@ -239,18 +329,17 @@ class Distiller(nn.Module):
         try:
             s_logits = self.student(example)
             s_feats = self.student_taps.pop()
-            t_out = self._run_teacher(example)
+            t_feats = self._run_teacher(example)
         finally:
             self.student.train(was_training)
-        t_logits = t_out["logits"]
-        t_feats = {str(i): t_out[f"feat.{i}"] for i in range(len(self.pairs))}
+        t_logits = t_feats["logits"]
         if s_logits.shape[-1] != t_logits.shape[-1]:
             raise ValueError(
                 f"teacher and student disagree on the number of classes: teacher outputs "
                 f"{t_logits.shape[-1]}, student {s_logits.shape[-1]}"
             )
         for i, pair in enumerate(self.pairs):
-            s, t = s_feats[str(i)], t_feats[str(i)]
+            s, t = s_feats[f"feat.{i}"], t_feats[f"feat.{i}"]
             assert pair.adapter is not None and pair.adapter_options is not None  # resolved
             try:
                 adapter = build_adapter(pair.adapter, s.shape[-1], t.shape[-1], **pair.adapter_options)
@@ -262,14 +351,27 @@ class Distiller(nn.Module):
                     f"student {pair.student.path} {tuple(s.shape)} ↔ teacher {pair.teacher.path} "
                     f"{tuple(t.shape)}: {exc}",
                 ) from None
-            if s_out.shape != t_out.shape:
+            if s_out.shape != t_out.shape and criterion_same_shape(self.criteria[i]):
                 raise PairError(
                     i,
                     f"adapter {pair.adapter!r} returned shapes {tuple(s_out.shape)} and "
-                    f"{tuple(t_out.shape)}; they must be equal",
+                    f"{tuple(t_out.shape)}, and criterion {pair.criterion!r} compares equal shapes; "
+                    "use an adapter that maps the widths, or a criterion that compares relations (rkd, at)",
                 )
             self.adapters.append(adapter)
             self.shapes.append((tuple(s.shape), tuple(t.shape)))
+        for j, group in enumerate(self.groups):
+            s_list, t_list = _group_features(j, group, s_feats), _group_features(j, group, t_feats)
+            try:
+                method = GROUP_METHODS.get(group.method)(
+                    [tuple(f.shape) for f in s_list], [tuple(f.shape) for f in t_list], **group.options
+                )
+                method = method.to(device=s_list[0].device)
+                method([f.float() for f in s_list], [f.float() for f in t_list])
+            except (ValueError, TypeError, KeyError) as exc:
+                raise GroupError(j, f"method {group.method!r}: {exc}") from None
+            self.group_methods.append(method)
+            self.group_shapes.append(([tuple(f.shape) for f in s_list], [tuple(f.shape) for f in t_list]))
 
     def train(self, mode: bool = True) -> Distiller:
         """Switch the student and adapters; the teacher always stays in eval mode."""
@@ -286,9 +388,11 @@ class Distiller(nn.Module):
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), precision:
+            if self.teacher_input is not None:
+                images = self.teacher_input(images)
             logits = self.teacher(images.to(self.teacher_dtype))
             feats = self.teacher_taps.pop()
-        return {"logits": logits, **{f"feat.{i}": feats[str(i)] for i in range(len(self.pairs))}}
+        return {"logits": logits, **feats}
 
     def teacher_outputs(
         self, images: torch.Tensor, keys: torch.Tensor | None = None
@@ -313,20 +417,27 @@ class Distiller(nn.Module):
         s_logits = self.student(images)
         s_feats = self.student_taps.pop()
 
-        ce = cross_entropy(s_logits, labels, self.label_smoothing)
+        ce = labeled_cross_entropy(s_logits, labels, self.label_smoothing)
         out = {"ce": ce}
         loss = (1.0 - self.alpha) * ce
         if self.alpha > 0:
             t_logits = teacher["logits"].to(s_logits.dtype)
-            out["kd"] = self._logit_loss(s_logits, t_logits, labels, self.tau, **self.logit_options)
+            # an unlabelled sample's class, for the logit losses that split off the target class,
+            # is the teacher's prediction
+            kd_labels = torch.where(labels == UNLABELED, t_logits.argmax(dim=-1), labels)
+            out["kd"] = self._logit_loss(s_logits, t_logits, kd_labels, self.tau, **self.logit_options)
             loss = loss + self.alpha * out["kd"]
-        if self.pairs:
-            weighted = []
-            for i, (adapter, criterion) in enumerate(zip(self.adapters, self.criteria, strict=True)):
-                s_mapped, t_target = adapter(s_feats[str(i)].float(), teacher[f"feat.{i}"].float())
-                out[f"feat.{i}"] = criterion(s_mapped, t_target)
-                weighted.append(out[f"feat.{i}"] * self.pairs[i].weight)
-            # sum_i w_i l_i / n; with every w_i = 1 exactly the mean of the terms (x * 1.0 is exact)
+        weighted = []
+        for i, (adapter, criterion) in enumerate(zip(self.adapters, self.criteria, strict=True)):
+            s_mapped, t_target = adapter(s_feats[f"feat.{i}"].float(), teacher[f"feat.{i}"].float())
+            out[f"feat.{i}"] = criterion(s_mapped, t_target)
+            weighted.append(out[f"feat.{i}"] * self.pairs[i].weight)
+        for j, (group, method) in enumerate(zip(self.groups, self.group_methods, strict=True)):
+            s_list, t_list = _group_features(j, group, s_feats), _group_features(j, group, teacher)
+            out[f"group.{j}"] = method([f.float() for f in s_list], [f.float() for f in t_list])
+            weighted.append(out[f"group.{j}"] * group.weight)
+        if weighted:
+            # sum w l / n over pairs and groups; with every w = 1 exactly the mean (x * 1.0 is exact)
             out["feat"] = torch.stack(weighted).mean()
             loss = loss + self.beta * out["feat"]
         out["loss"] = loss
@@ -342,16 +453,22 @@ class Distiller(nn.Module):
         return {
             **{f"student.{k}": v for k, v in self.student.state_dict().items()},
             **{f"adapters.{k}": v for k, v in self.adapters.state_dict().items()},
+            **{f"group_methods.{k}": v for k, v in self.group_methods.state_dict().items()},
         }
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of `trainable_state_dict`."""
         self.student.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("student.")})
         self.adapters.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("adapters.")})
+        prefix = "group_methods."
+        self.group_methods.load_state_dict(
+            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        )
 
     def extra_parameters(self) -> int:
-        """Trainable parameters the adapters add on top of the student."""
-        return sum(p.numel() for p in self.adapters.parameters() if p.requires_grad)
+        """Trainable parameters the adapters and layer-group methods add on top of the student."""
+        modules = [*self.adapters.parameters(), *self.group_methods.parameters()]
+        return sum(p.numel() for p in modules if p.requires_grad)
 
     def close(self) -> None:
         """Remove all hooks and close the cache (call when done with the distiller)."""
@@ -363,17 +480,45 @@ class Distiller(nn.Module):
 
 
 def _resolved(
-    index: int, pair: LayerPair, adapter: str, adapter_options: dict[str, Any], criterion: str
+    index: int,
+    pair: LayerPair,
+    adapter: str,
+    adapter_options: dict[str, Any],
+    criterion: str,
+    criterion_options: dict[str, Any],
 ) -> LayerPair:
-    """`pair` with its unset options taken from the Distiller's: a pair naming its own adapter gets
-    its own adapter options (default none), since another adapter's options would not fit it."""
+    """`pair` with its unset options taken from the Distiller's: a pair naming its own adapter (or
+    criterion) gets its own options for it (default none), since another one's would not fit it."""
     if pair.weight < 0:
         raise PairError(index, f"weight: expected a value >= 0, got {pair.weight}")
-    own = pair.adapter is not None and pair.adapter != adapter
-    options = pair.adapter_options if pair.adapter_options is not None else ({} if own else adapter_options)
     return dataclasses.replace(
         pair,
         adapter=pair.adapter or adapter,
-        adapter_options=dict(options),
+        adapter_options=_own_options(pair.adapter, pair.adapter_options, adapter, adapter_options),
         criterion=pair.criterion or criterion,
+        criterion_options=_own_options(pair.criterion, pair.criterion_options, criterion, criterion_options),
     )
+
+
+def _own_options(
+    name: str | None, options: dict[str, Any] | None, default: str, default_options: dict[str, Any]
+) -> dict[str, Any]:
+    if options is not None:
+        return dict(options)
+    return {} if name is not None and name != default else dict(default_options)
+
+
+def _criterion(index: int, pair: LayerPair) -> Any:
+    """The pair's feature criterion with its options bound (a bad one raises `PairError`)."""
+    assert pair.criterion is not None  # resolved
+    try:
+        return resolve_feature_criterion(pair.criterion, pair.criterion_options)
+    except (ValueError, KeyError) as exc:
+        raise PairError(
+            index, f"criterion_options.{exc}" if isinstance(exc, OptionError) else str(exc)
+        ) from None
+
+
+def _group_features(index: int, group: LayerGroup, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Group `index`'s layers' features in order (named by `feature_taps`)."""
+    return [features[f"group.{index}.{k}"] for k in range(len(group.student))]

@@ -1,18 +1,24 @@
-"""Loss functions: logit KD (kl, dkd, dist), cross-entropy, and feature criteria (mse, smooth_l1, cosine).
+"""Loss functions: logit KD (kl, dkd, dist, nkd), cross-entropy, and feature criteria (mse, smooth_l1,
+cosine).
 
 Logit losses live in the `LOGIT_LOSSES` registry, `fn(student_logits, teacher_logits, labels, tau,
 **options) -> scalar`, with their options as keyword-only parameters (what `kdkit validate` checks a
 recipe's `distill.logit_options` against); a recipe names one in `distill.logit_loss`. Feature
-criteria live in `FEATURE_CRITERIA`: a plugin adds its own with
-`registries.feature_criteria.add(name, fn)` and a recipe names it in `distill.criterion`.
+criteria live in `FEATURE_CRITERIA`, `fn(a, b, **options) -> scalar`, their options keyword-only
+parameters too: a plugin adds its own with `registries.feature_criteria.add(name, fn)` and a recipe
+names it in `distill.criterion`. A criterion whose `a` and `b` may differ in shape (a relation
+criterion) sets `fn.same_shape = False`. `resolve_logit_loss` and `resolve_feature_criterion` check
+a name and its options the same way (one helper, `_check_options`).
 
 All are plain functions on tensors. Every logit loss applies τ² and averages over the batch; unlike
-torchdistill's `KDLoss` and `LogitStdKDLoss`, which apply τ² only when their `alpha > 0`.
-docs/methods.md gives each method's paper, formula and reference test.
+torchdistill's `KDLoss` and `LogitStdKDLoss`, which apply τ² only when their `alpha > 0` (`nkd`
+follows its authors: τ² on its non-target term only). docs/methods.md gives each method's paper,
+formula and reference test.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import numbers
 from collections.abc import Callable
@@ -45,19 +51,24 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     return F.kl_div(log_p_student, p_teacher, reduction="batchmean") * temperature**2
 
 
-class LogitOptionError(ValueError):
-    """An unknown or bad option of a logit loss; the message starts with `<option>: `."""
+class OptionError(ValueError):
+    """An unknown or bad option of a logit loss or a feature criterion; the message starts with
+    `<option>: ` (so a caller can prefix the recipe key that holds the options)."""
 
     def __init__(self, option: str, message: str) -> None:
         super().__init__(f"{option}: {message}")
         self.option = option
 
 
-def _check_weights(name: str, **weights: Any) -> None:
+# The name from before feature criteria had options; kdkit.checks and plugins catch it.
+LogitOptionError = OptionError
+
+
+def _check_weights(name: str, *, kind: str = "logit loss", **weights: Any) -> None:
     """Each weight option is a real number >= 0 (a recipe's `true` or `'8'` must not pass)."""
     for key, value in weights.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
-            raise LogitOptionError(key, f"expected a number >= 0 for logit loss {name!r}, got {value!r}")
+            raise OptionError(key, f"expected a number >= 0 for {kind} {name!r}, got {value!r}")
 
 
 def _check_labels(name: str, logits: Tensor, labels: Tensor) -> None:
@@ -82,7 +93,7 @@ def kl(
     """`kd_loss`; with `standardize`, of both logits z-scored per sample first (logit
     standardisation, Sun et al., CVPR 2024). `labels` are unused."""
     if not isinstance(standardize, bool):
-        raise LogitOptionError("standardize", f"expected true/false for logit loss 'kl', got {standardize!r}")
+        raise OptionError("standardize", f"expected true/false for logit loss 'kl', got {standardize!r}")
     if standardize:
         student_logits, teacher_logits = (
             standardize_logits(student_logits),
@@ -168,33 +179,88 @@ def dist(
     return (beta * inter + gamma * intra) * tau**2
 
 
-def logit_loss_options(fn: LogitLoss) -> list[str] | None:
-    """The options (keyword-only parameters) a logit loss takes; None when it takes any (**kwargs)."""
+@LOGIT_LOSSES.register("nkd")
+def nkd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    tau: float,
+    *,
+    gamma: float = 1.5,
+) -> Tensor:
+    """Normalized KD (Yang et al., ICCV 2023): target term + gamma · τ² · normalised non-target term.
+
+    Per sample, with `y` the label: the target term is `-p_t[y] · log p_s[y]`, the probabilities at
+    temperature 1 (whatever `tau`) and without τ²; the non-target term is the cross-entropy
+    `-Σ_{i≠y} p̂_t[i] · log p̂_s[i]` of the non-target classes' distributions renormalised among
+    themselves at temperature `tau`. Both are averaged over the batch.
+
+    As the authors' code (yzd-v/cls_KD, `NKDLoss`): their `temp` is kdkit's `tau` and applies to
+    the non-target term only, τ² multiplies that term only, and both terms are cross-entropies, not
+    KL divergences (they differ by the teacher's entropy, a constant for the student: the gradient
+    is the same, but the loss is not 0 when the student equals the teacher). `gamma` defaults to
+    their 1.5 (their ImageNet ResNet-34 → ResNet-18 recipe, with `temp` 1: `distill.tau: 1`).
+    `labels` must be class indices; the authors' argmax of soft labels is refused instead."""
+    _check_weights("nkd", gamma=gamma)
+    _check_same_shape("nkd", student_logits, teacher_logits)
+    _check_labels("nkd", student_logits, labels)
+    target = labels.view(-1, 1)
+    # log_softmax, not log(softmax): finite where a probability rounds to 0 or 1
+    log_p_s_target = F.log_softmax(student_logits, dim=-1).gather(1, target)
+    p_t_target = F.softmax(teacher_logits, dim=-1).gather(1, target)
+    target_term = -(p_t_target * log_p_s_target).mean()
+    _, s_others = _target_split(student_logits / tau, labels)
+    _, t_others = _target_split(teacher_logits / tau, labels)
+    non_target = -(F.softmax(t_others, dim=-1) * F.log_softmax(s_others, dim=-1)).sum(dim=-1).mean()
+    return target_term + gamma * tau**2 * non_target
+
+
+def _keyword_options(fn: Callable[..., Any]) -> list[str] | None:
+    """The keyword-only parameters of `fn` (its options); None when it takes any (**kwargs)."""
     params = inspect.signature(fn).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
+def logit_loss_options(fn: LogitLoss) -> list[str] | None:
+    """The options (keyword-only parameters) a logit loss takes; None when it takes any (**kwargs)."""
+    return _keyword_options(fn)
+
+
+def _check_options(
+    kind: str, name: str, fn: Callable[..., Any], options: dict[str, Any], trial: Callable[..., Any]
+) -> None:
+    """Refuse an option `fn` (the `kind` registered as `name`) does not take, then call
+    `trial(**options)` so that a bad value raises before any work starts.
+
+    An unknown option raises `OptionError` with a did-you-mean and the valid options; the trial's
+    own `OptionError`/`ValueError` pass through, a `TypeError` (a plugin refusing a value's type)
+    becomes a ValueError naming the `kind` and `name`."""
+    valid = _keyword_options(fn)
+    for key in options:
+        if valid is not None and key not in valid:
+            raise OptionError(
+                key,
+                f"unknown option of {kind} {name!r}.{did_you_mean(key, valid)} "
+                f"Its options: {', '.join(valid) or '(none)'}",
+            )
+    try:
+        trial(**options)
+    except TypeError as exc:
+        raise ValueError(f"{kind} {name!r}: {exc}") from None
+
+
 def resolve_logit_loss(name: str, options: dict[str, Any] | None = None) -> LogitLoss:
     """The logit loss registered as `name`, once `options` are known to suit it.
 
     An unknown name raises RegistryError listing the registered ones; an unknown option or a bad
-    value (found by a trial call on two samples) a `LogitOptionError` naming the option."""
+    value (found by a trial call on two samples) an `OptionError` naming the option."""
     fn = LOGIT_LOSSES.get(name)
-    options = options or {}
-    valid = logit_loss_options(fn)
-    for key in options:
-        if valid is not None and key not in valid:
-            raise LogitOptionError(
-                key,
-                f"unknown option of logit loss {name!r}.{did_you_mean(key, valid)} "
-                f"Its options: {', '.join(valid) or '(none)'}",
-            )
-    try:
-        fn(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), 1.0, **options)
-    except TypeError as exc:  # a plugin's loss refusing an option's type
-        raise ValueError(f"logit loss {name!r}: {exc}") from None
+    logits, labels = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
+    _check_options(
+        "logit loss", name, fn, options or {}, lambda **opts: fn(logits, logits, labels, 1.0, **opts)
+    )
     return fn
 
 
@@ -211,19 +277,56 @@ def mse(a: Tensor, b: Tensor) -> Tensor:
 
 
 @FEATURE_CRITERIA.register("smooth_l1")
-def smooth_l1(a: Tensor, b: Tensor) -> Tensor:
-    """Smooth L1 (Huber with beta=1) averaged over all elements."""
+def smooth_l1(a: Tensor, b: Tensor, *, beta: float = 1.0) -> Tensor:
+    """Smooth L1 (Huber) averaged over all elements: quadratic below `beta`, linear above (0: L1)."""
+    _check_weights("smooth_l1", kind="feature criterion", beta=beta)
     _check_same_shape("smooth_l1", a, b)
-    return F.smooth_l1_loss(a, b)
+    return F.smooth_l1_loss(a, b, beta=beta)
 
 
 @FEATURE_CRITERIA.register("cosine")
-def cosine(a: Tensor, b: Tensor) -> Tensor:
-    """1 - cosine similarity along the last dimension, averaged over the other dimensions."""
+def cosine(a: Tensor, b: Tensor, *, eps: float = 1e-8) -> Tensor:
+    """1 - cosine similarity along the last dimension, averaged over the other dimensions; `eps`
+    bounds each norm from below (`F.cosine_similarity`'s default)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or eps <= 0:
+        raise OptionError("eps", f"expected a number > 0 for feature criterion 'cosine', got {eps!r}")
     _check_same_shape("cosine", a, b)
-    return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+    return (1 - F.cosine_similarity(a, b, dim=-1, eps=eps)).mean()
+
+
+def criterion_same_shape(fn: Callable[..., Any]) -> bool:
+    """Whether the criterion `fn` needs `a` and `b` of the same shape: its attribute `same_shape`,
+    True unless set (a relation criterion sets False), read through `functools.partial` too."""
+    while not hasattr(fn, "same_shape") and isinstance(fn, functools.partial):
+        fn = fn.func
+    return bool(getattr(fn, "same_shape", True))
+
+
+def resolve_feature_criterion(name: str, options: dict[str, Any] | None = None) -> FeatureCriterion:
+    """The feature criterion registered as `name`, with `options` bound (`functools.partial`; the
+    function itself when there are none). The result keeps the function's `same_shape`.
+
+    An unknown name raises RegistryError listing the registered ones; an unknown option or a bad
+    value (found by a trial call on two (2, 2, 4) tensors, made only when options are given) an
+    `OptionError` naming the option."""
+    fn = FEATURE_CRITERIA.get(name)
+    if not options:  # nothing to check: no trial call, which a plugin's criterion may not expect
+        return fn
+    gen = torch.Generator().manual_seed(0)  # random, not zeros: a criterion may divide by a norm
+    a, b = torch.randn(2, 2, 4, generator=gen), torch.randn(2, 2, 4, generator=gen)
+    _check_options("feature criterion", name, fn, options, lambda **opts: fn(a, b, **opts))
+    bound = functools.update_wrapper(functools.partial(fn, **options), fn)
+    bound.same_shape = criterion_same_shape(fn)  # type: ignore[attr-defined]
+    return bound
+
+
+def criterion_min_batch(name: str) -> int:
+    """The smallest batch the criterion registered as `name` gives a non-zero loss for (its
+    `min_batch` attribute, default 1; relational KD compares samples, so it needs several)."""
+    return getattr(FEATURE_CRITERIA.get(name), "min_batch", 1)
 
 
 def build_feature_criterion(name: str) -> FeatureCriterion:
-    """The feature criterion registered as `name` (RegistryError listing valid names if unknown)."""
-    return FEATURE_CRITERIA.get(name)
+    """The feature criterion registered as `name`, without options (RegistryError listing valid
+    names if unknown); `resolve_feature_criterion(name)`."""
+    return resolve_feature_criterion(name)

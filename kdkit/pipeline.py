@@ -25,8 +25,7 @@ import yaml
 from torch import nn
 
 from kdkit import distributed
-from kdkit.adapters import adapter_min_batch
-from kdkit.build import build_distiller, build_recipe_model, make_evaluator
+from kdkit.build import build_distiller, build_recipe_model, distill_min_batch, make_evaluator
 from kdkit.checkpoint import atomic_write_text, file_sha256, load_file, seed_everything
 from kdkit.comparison import (
     differences,
@@ -136,8 +135,10 @@ class RecipeRun:
         data = r.stage_data(stage)
         # a trailing batch too small for a batch-statistics adapter would give a zero feature loss
         d = r.stage_distill(stage)
-        min_batch = max(map(adapter_min_batch, d.adapter_names())) if stage.do == "distill" else 1
-        train_loader, eval_loaders, set_epoch = build_loaders(data, seed, min_batch=min_batch)
+        min_batch = distill_min_batch(d) if stage.do == "distill" else 1
+        train_loader, eval_loaders, set_epoch = build_loaders(
+            data, seed, min_batch=min_batch, with_unlabeled=stage.do == "distill"
+        )
         if train.track_test:  # reported only (StageResult.best_on_test); the test split of the run's data
             eval_loaders["test"] = eval_loader(build_dataset(r.data, "test"), r.data)
         meta: dict[str, Any] = {"stage": stage.name, "recipe": r.to_dict(), "data": _data_meta(data)}

@@ -74,6 +74,16 @@ class ModelSpec:
 
 
 @dataclass
+class UnlabeledPool:
+    """Another data set whose samples join `distill` stages' training set without their labels."""
+
+    dataset: str  # a registered dataset
+    root: str | None = None
+    split: str = "train"  # the split of it that is used
+    options: dict[str, Any] = field(default_factory=dict)  # dataset-specific options
+
+
+@dataclass
 class DataSpec:
     """The data set every stage reads."""
 
@@ -89,6 +99,15 @@ class DataSpec:
     # every training batch draws equally from each group of the training set (its `groups`, else
     # its `labels`, e.g. domain x live/attack); batch_size must be a multiple of the group count
     balanced: bool = False
+    # training samples per epoch (the data's permutations concatenated and cut); null = the training
+    # set's size. Equal step counts for stages whose training sets differ in size (labels only vs pool)
+    epoch_size: int | None = None
+    # keep the labels of this fraction of the training set (stratified by label, the same samples
+    # in every run); `train` stages see only these samples
+    labeled_fraction: float = 1.0
+    # samples that `distill` stages also train on without labels (teacher terms only): 'rest' (the
+    # training samples whose labels labeled_fraction dropped) or another data set (`UnlabeledPool`)
+    unlabeled: Literal["rest"] | UnlabeledPool | None = None
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # input normalisation
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     options: dict[str, Any] = field(default_factory=dict)  # dataset-specific options
@@ -105,10 +124,34 @@ class PairSpec:
     # default: distill.adapter_options when the pair uses distill.adapter, else none
     adapter_options: dict[str, Any] | None = None
     criterion: str | None = None  # default: distill.criterion
+    # default: distill.criterion_options when the pair uses distill.criterion, else none
+    criterion_options: dict[str, Any] | None = None
     weight: float = 1.0  # this pair's weight w_i in the feature term beta * sum_i w_i * l_i / n
     # token selector; default: distill.select, else the preset's (a block number) or 'all' (a path)
     select: str | None = None
     io: Literal["output", "input"] = "output"  # tap the module's output or its input
+
+
+@dataclass
+class GroupSpec:
+    """One item of `distill.groups`: a method that takes several layers of each model at once."""
+
+    method: str  # a registered layer-group method (kdkit.groups: vitkd)
+    student: list[int | str]  # 1-based block numbers of the student's tap preset, or module paths
+    teacher: list[int | str]  # as many of the teacher's
+    options: dict[str, Any] = field(default_factory=dict)  # the method's own options
+    weight: float = 1.0  # its weight w in the feature term, like a pair's
+    select: str | None = None  # token selector of its taps; default: the method's
+
+
+@dataclass
+class TeacherInputSpec:
+    """The input the teacher expects, when it differs from the student's (`data`)."""
+
+    size: int | None = None  # side in pixels; null = the student's
+    mean: list[float] | None = None  # null = the student's data.mean
+    std: list[float] | None = None  # null = the student's data.std
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
 
 
 @dataclass
@@ -119,11 +162,16 @@ class DistillSpec:
     student: str = "student"  # a key of `models`
     adapter: str = "covariance"  # feature adapter of each layer pair, or 'none' for no feature KD
     adapter_options: dict[str, Any] = field(default_factory=dict)
-    criterion: str = "mse"  # feature loss after the adapter: a registered one (mse, smooth_l1, cosine)
+    criterion: str = (
+        "mse"  # feature loss after the adapter: a registered one (mse, smooth_l1, cosine, rkd, at)
+    )
+    criterion_options: dict[str, Any] = field(default_factory=dict)  # its options (rkd: distance_weight, ...)
     # teacher/student layer pairs: [[student_block, teacher_block], ...] (1-based), mappings
     # (`PairSpec`: block numbers or module paths, with per-pair options), or 'uniform:N': N pairs
     # spread evenly over both depths (12 vs 24 blocks, N=4: 3,6,9,12 ↔ 6,12,18,24). Old name: stages.
     pairs: list[Any] | str = field(default_factory=list)
+    # methods that take a group of layers at once (`GroupSpec`), beside the pairs
+    groups: list[GroupSpec] = field(default_factory=list)
     point: str = "block"  # which part of a block to tap: block | attn | mlp (preset dependent)
     select: str | None = None  # token selector (cls, mean, patch, tokens, all); default: preset's
     alpha: float = 0.7  # weight of the logit KD term; CE gets 1 - alpha
@@ -131,6 +179,9 @@ class DistillSpec:
     logit_loss: str = "kl"  # the logit KD term: a registered logit loss (kl, dkd, dist)
     logit_options: dict[str, Any] = field(default_factory=dict)  # its options (kl: standardize, ...)
     beta: float = 1.0  # weight of the feature term (the weighted mean over layer pairs)
+    # the teacher's own input: 'auto' (its timm pretrained_cfg: size, mean, std, interpolation), a
+    # `TeacherInputSpec`, or null (the student's input as it is)
+    teacher_input: Literal["auto"] | TeacherInputSpec | None = None
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the teacher's weights and compute
     cache: bool = True  # store teacher outputs per (sample, augmentation) and reuse them
     cache_dir: str | None = None  # default: $KDKIT_CACHE_DIR or ~/.cache/kdkit/teacher-outputs
@@ -143,6 +194,15 @@ class DistillSpec:
             return [self.adapter]
         specs = [parse_pair(entry, "", []) for entry in self.pairs]
         return list(dict.fromkeys([self.adapter, *(s.adapter for s in specs if s is not None and s.adapter)]))
+
+    def criterion_names(self) -> list[str]:
+        """Every feature criterion a stage with these settings uses (none without feature KD)."""
+        if self.adapter == "none":
+            return []
+        specs = [] if isinstance(self.pairs, str) else [parse_pair(entry, "", []) for entry in self.pairs]
+        return list(
+            dict.fromkeys([self.criterion, *(s.criterion for s in specs if s is not None and s.criterion)])
+        )
 
 
 @dataclass
@@ -266,14 +326,20 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        trials: dict[Any, list[str]] = {}
         for arg in args:
             if arg is type(None):
                 continue
-            trial: list[str] = []
-            out = _convert(arg, value, path, trial)
-            if not trial:
+            trials[arg] = []
+            out = _convert(arg, value, path, trials[arg])
+            if not trials[arg]:
                 return out
-        problems.append(f"{path}: expected {_type_name(tp)}, got {shorten(value)}")
+        # a mapping meant as the union's one dataclass: its own problems say more, by key
+        (mapping, *others) = [a for a in args if dataclasses.is_dataclass(a)] or [None]
+        if isinstance(value, dict) and mapping is not None and not others:
+            problems.extend(trials[mapping])
+        else:
+            problems.append(f"{path}: expected {_type_name(tp)}, got {shorten(value)}")
         return None
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -668,6 +734,23 @@ def _check_data(data: DataSpec, where: str, problems: list[str]) -> None:
         problems.append(f"{where}.std: expected as many positive values as {where}.mean")
     if data.aug_cycle is not None and data.aug_cycle < 1:
         problems.append(f"{where}.aug_cycle: expected at least 1 (or null), got {data.aug_cycle}")
+    if not 0.0 < data.labeled_fraction <= 1.0:
+        problems.append(f"{where}.labeled_fraction: expected a value in (0, 1], got {data.labeled_fraction}")
+    if data.unlabeled == "rest" and data.labeled_fraction == 1.0:
+        problems.append(
+            f"{where}.unlabeled: 'rest' is the training samples whose labels {where}.labeled_fraction "
+            "drops, and it is 1.0 (every label kept); lower it, or name another data set"
+        )
+    if data.epoch_size is not None and (data.epoch_size < 1 or data.balanced):
+        problems.append(
+            f"{where}.epoch_size: expected a positive number of samples (or null), without balanced "
+            f"batches (whose epoch is fixed by the groups); got {data.epoch_size}"
+        )
+    if data.unlabeled is not None and data.balanced:
+        problems.append(
+            f"{where}.balanced: balanced batches draw by label, which unlabeled samples lack; "
+            f"set balanced: false or drop {where}.unlabeled"
+        )
 
 
 def _check_train(train: TrainSpec, where: str, problems: list[str]) -> None:
@@ -718,6 +801,25 @@ def _check_distill(
             f"{where}.teacher: expected a model key {sorted(recipe.models)} or an earlier "
             f"stage name {earlier}, got {d.teacher!r}"
         )
+    for i, group in enumerate(d.groups):
+        at = f"{where}.groups[{i}]"
+        if len(group.student) != len(group.teacher) or not group.student:
+            problems.append(
+                f"{at}: expected as many student as teacher layers (at least one each), got "
+                f"{len(group.student)} and {len(group.teacher)}"
+            )
+        if group.weight < 0:
+            problems.append(f"{at}.weight: expected a value >= 0, got {group.weight}")
+    if isinstance(d.teacher_input, TeacherInputSpec):
+        t = d.teacher_input
+        if t.size is not None and t.size <= 0:
+            problems.append(f"{where}.teacher_input.size: expected a positive side in pixels, got {t.size}")
+        if t.std is not None and any(v <= 0 for v in t.std):
+            problems.append(f"{where}.teacher_input.std: expected positive numbers, got {t.std}")
+        if t.mean is not None and t.std is not None and len(t.mean) != len(t.std):
+            problems.append(
+                f"{where}.teacher_input: mean and std need as many values, got {t.mean} and {t.std}"
+            )
     if isinstance(d.pairs, str):
         if not re.fullmatch(r"uniform:[1-9][0-9]*", d.pairs):
             problems.append(f"{where}.pairs: expected a list of pairs or 'uniform:N', got {d.pairs!r}")

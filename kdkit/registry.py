@@ -39,16 +39,16 @@ class Registry(Generic[T]):
     True
     """
 
-    def __init__(self, kind: str, builtins: str | None = None) -> None:
+    def __init__(self, kind: str, builtins: str | tuple[str, ...] = ()) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
-        # the kdkit module that registers the built-in entries, imported on first use (so that
+        # the kdkit modules that register the built-in entries, imported on first use (so that
         # `import kdkit` stays light and a registry is never seen without its built-ins)
-        self._builtins = builtins
+        self._builtins = (builtins,) if isinstance(builtins, str) else builtins
 
     def _load_builtins(self) -> None:
-        module, self._builtins = self._builtins, None  # cleared first: the import adds entries
-        if module is not None:
+        modules, self._builtins = self._builtins, ()  # cleared first: the imports add entries
+        for module in modules:
             importlib.import_module(module)
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
@@ -114,6 +114,7 @@ class Registries:
     input_preparers: Registry[Callable[..., Any]] = field(default_factory=lambda: INPUT_PREPARERS)
     feature_criteria: Registry[Callable[..., Any]] = field(default_factory=lambda: FEATURE_CRITERIA)
     logit_losses: Registry[Callable[..., Any]] = field(default_factory=lambda: LOGIT_LOSSES)
+    group_methods: Registry[Callable[..., Any]] = field(default_factory=lambda: GROUP_METHODS)
 
 
 MODELS: Registry[Callable[..., Any]] = Registry("model")
@@ -121,11 +122,17 @@ ADAPTERS: Registry[Callable[..., Any]] = Registry("adapter", builtins="kdkit.ada
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset", builtins="kdkit.data")
 EVALUATORS: Registry[Callable[..., Any]] = Registry("evaluator", builtins="kdkit.evaluators")
 TAP_PRESETS: Registry[Any] = Registry("tap preset", builtins="kdkit.taps")
-# feature losses, `criterion(s_mapped, t_target) -> scalar tensor` (built-ins in kdkit.losses)
-FEATURE_CRITERIA: Registry[Callable[..., Any]] = Registry("feature criterion", builtins="kdkit.losses")
+# feature losses, `criterion(s_mapped, t_target, **options) -> scalar tensor` (built-ins in
+# kdkit.losses: mse, smooth_l1, cosine; kdkit.relations: rkd, at)
+FEATURE_CRITERIA: Registry[Callable[..., Any]] = Registry(
+    "feature criterion", builtins=("kdkit.losses", "kdkit.relations")
+)
 # logit losses, `fn(student_logits, teacher_logits, labels, tau, **options) -> scalar tensor`, options
 # keyword-only (built-ins in kdkit.losses: kl, dkd, dist)
 LOGIT_LOSSES: Registry[Callable[..., Any]] = Registry("logit loss", builtins="kdkit.losses")
+# methods that compare several layers at once, `cls(student_shapes, teacher_shapes, **options)` ->
+# nn.Module, `module(student_feats, teacher_feats) -> scalar tensor` (built-ins in kdkit.groups: vitkd)
+GROUP_METHODS: Registry[Callable[..., Any]] = Registry("layer group method", builtins="kdkit.groups")
 COMMANDS: Registry[Callable[..., Any]] = Registry("command")
 # `kdkit predict`: factory(**options) -> prepare(rgb: uint8 HxWx3 array) -> uint8 array, or None when
 # the frame holds nothing to score (e.g. no face). A data set factory names the preparer its frames

@@ -21,12 +21,12 @@ from torch.utils.data import Dataset
 
 from kdkit.checkpoint import load_file
 from kdkit.cli import main
-from kdkit.cli.ablate import baseline_stage, expand_grid, resolve, split_values
+from kdkit.cli.ablate import baseline_stage, combine, expand_grid, read_variants, resolve, split_values
 from kdkit.cli.ablation_report import Group, Measured, csv_text, format_cell, markdown_tables, summarise
 from kdkit.comparison import direction, load_replicates
 from kdkit.data import digits
 from kdkit.pipeline import RecipeRun
-from kdkit.recipe import Recipe, apply_overrides, parse_recipe, read_yaml
+from kdkit.recipe import Recipe, RecipeError, apply_overrides, parse_recipe, read_yaml
 from kdkit.registry import DATASETS
 from kdkit.runlog import console
 from kdkit.stage_cache import StageCache, train_stage_key
@@ -83,6 +83,49 @@ def test_expand_grid_keeps_names_and_slugs_unambiguous() -> None:
     assert grid[0].label == "models.teacher.options.depth=1, models.student.options.depth=1"
     stages = expand_grid(["distill.stages=[[1,2]],[1,2],[[1,2],[2,4]]"])
     assert len({v.slug for v in stages}) == 3  # [[1,2]] and [1,2] sanitise alike: a hash tells them apart
+
+
+def test_named_variants_set_their_keys_and_combine_with_every_vary(tmp_path: Path) -> None:
+    path = tmp_path / "methods.yaml"
+    path.write_text(
+        "kl: {}\n"
+        "dkd: {distill.logit_loss: dkd, distill.logit_options: {beta: 2.0}}\n"
+        "pairs: {distill.adapter: projection, distill.pairs: [[1, 1], [2, 2]]}\n"
+    )
+    named = read_variants(path)
+    assert [v.label for v in named] == ["kl", "dkd", "pairs"] and [v.slug for v in named] == [
+        "kl",
+        "dkd",
+        "pairs",
+    ]
+    recipe = resolve(small_recipe(), named[1], 0, "tiny.yaml")
+    assert (recipe.distill.logit_loss, recipe.distill.logit_options) == ("dkd", {"beta": 2.0})
+    assert resolve(small_recipe(), named[2], 0, "tiny.yaml").distill.pairs == [[1, 1], [2, 2]]
+    assert resolve(small_recipe(), named[0], 0, "tiny.yaml").distill == parse_recipe(small_recipe()).distill
+    grid = combine(named, expand_grid(["distill.alpha=0.5,0.9"]))
+    assert [v.label for v in grid][:2] == ["kl, alpha=0.5", "kl, alpha=0.9"] and len(grid) == 6
+    assert grid[3].overrides == [
+        'distill.logit_loss="dkd"',
+        'distill.logit_options={"beta": 2.0}',
+        "distill.alpha=0.9",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a b: {}\n", "'a b': a variant name uses only letters"),
+        ("kl: [1]\n", "kl: expected a mapping of recipe keys"),
+        ("kl: {'distill..x': 1}\n", "kl.distill..x:"),
+        ("{}\n", "expected at least one variant"),
+    ],
+)
+def test_bad_variant_files_are_refused_naming_the_entry(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "v.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        read_variants(path)
+    assert any(expected in problem for problem in info.value.problems), info.value.problems
 
 
 def test_variant_recipe_parses_values_as_yaml_and_sets_the_seed() -> None:
@@ -163,6 +206,7 @@ def test_the_baseline_is_added_unless_the_recipe_has_one() -> None:
             "--vary distill.alpha: given more than once",
         ),
         (["--vary", "seed=1,2"], "use --seeds"),
+        ([], "give the variants to compare: --vary KEY=V1,V2,... or --variants FILE"),
         (
             ["--vary", "distill.alpha=0.1", "--seeds", "0,x"],
             "--seeds '0,x': expected comma-separated integers",

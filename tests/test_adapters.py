@@ -239,3 +239,76 @@ def test_the_train_loader_drops_a_trailing_batch_too_small_for_the_adapter() -> 
     assert len(build_loaders(spec, seed=0)[0]) == 2
     train = build_loaders(spec, seed=0, min_batch=2)[0]
     assert len(train) == 1 and [len(b[1]) for b in train] == [n - 1]
+
+
+# ------------------------------------------------------------------ projection heads: mlp, orthogonal
+def _fit(adapter: torch.nn.Module, s: torch.Tensor, t: torch.Tensor, steps: int = 300) -> float:
+    opt = torch.optim.Adam(adapter.parameters(), lr=0.02)
+    for _ in range(steps):
+        loss = mse(*adapter(s, t))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def test_mlp_is_linear_gelu_linear_with_the_teachers_width_inside() -> None:
+    adapter = build_adapter("mlp", 8, 12)
+    first, act, second = adapter.head
+    assert (first.in_features, first.out_features, second.out_features) == (8, 12, 12)
+    assert isinstance(act, torch.nn.GELU)
+    s = randn(4, 3, 8)
+    torch.testing.assert_close(adapter(s, randn(4, 3, 12))[0], second(F.gelu(first(s))))
+    assert build_adapter("mlp", 8, 12, hidden_dim=5).extra_parameters() == 8 * 5 + 5 + 5 * 12 + 12
+    assert build_adapter("mlp", 8, 12, bias=False).extra_parameters() == 8 * 12 + 12 * 12
+    with pytest.raises(ValueError, match="hidden_dim: expected a positive integer"):
+        build_adapter("mlp", 8, 12, hidden_dim=0)
+
+
+def test_mlp_fits_a_non_linear_target_that_a_linear_head_cannot() -> None:
+    torch.manual_seed(0)
+    s = randn(128, 8)
+    t = torch.tanh(3 * s @ randn(8, 12))
+    linear, mlp = build_adapter("projection", 8, 12), build_adapter("mlp", 8, 12, hidden_dim=64)
+    assert _fit(mlp, s, t) < 0.5 * _fit(linear, s, t)
+
+
+@pytest.mark.parametrize(("ds", "dt"), [(8, 12), (12, 8)])
+def test_orthogonal_stays_orthogonal_while_it_learns(ds: int, dt: int) -> None:
+    torch.manual_seed(0)
+    adapter = build_adapter("orthogonal", ds, dt, standardize_teacher=False)
+    s, t = randn(64, ds), randn(64, dt)
+    before = mse(*adapter(s, t)).item()
+    assert _fit(adapter, s, t, steps=50) < before
+    w = adapter.proj.weight  # (dt, ds)
+    gram = w.T @ w if ds <= dt else w @ w.T
+    torch.testing.assert_close(gram, torch.eye(min(ds, dt)), atol=1e-5, rtol=0)
+    if ds <= dt:  # orthonormal columns: the student's norms are preserved
+        torch.testing.assert_close(adapter(s, t)[0].norm(dim=1), s.norm(dim=1), atol=1e-5, rtol=1e-5)
+    assert adapter.extra_parameters() == ds * dt and not adapter.proj.bias
+
+
+def test_orthogonal_standardises_the_teacher_and_survives_a_checkpoint() -> None:
+    adapter = build_adapter("orthogonal", 8, 12)
+    t = 5 + 3 * randn(4, 12)
+    target = adapter(randn(4, 8), t)[1]
+    torch.testing.assert_close(
+        target,
+        (t - t.mean(1, keepdim=True)) / t.std(1, unbiased=False, keepdim=True).add(0),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    other = build_adapter("orthogonal", 8, 12)
+    other.load_state_dict(adapter.state_dict())
+    torch.testing.assert_close(other.proj.weight, adapter.proj.weight)
+    with pytest.raises(ValueError, match="standardize_teacher: expected true/false"):
+        build_adapter("orthogonal", 8, 12, standardize_teacher="yes")
+
+
+def test_raw_passes_any_shapes_with_one_batch_size() -> None:
+    adapter = build_adapter("raw", 4, 9)
+    s, t = randn(3, 2, 4, 4), randn(3, 9)
+    s_out, t_out = adapter(s, t)
+    assert s_out is s and t_out is t and adapter.extra_parameters() == 0
+    with pytest.raises(ValueError, match=r"the same batch size B; got student \(3, 4\), teacher \(2, 9\)"):
+        adapter(randn(3, 4), randn(2, 9))

@@ -63,7 +63,8 @@ def distiller(
     cache = None
     if spec is not None:
         spec = dataclasses.replace(spec, teacher_dtype=teacher_dtype)
-        cache = open_teacher_cache(spec, data, teacher, [p.teacher for p in built], amp)
+        taps = {f"feat.{i}": p.teacher for i, p in enumerate(built)}
+        cache = open_teacher_cache(spec, data, teacher, taps, amp)
     return Distiller(
         teacher,
         student,

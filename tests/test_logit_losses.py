@@ -1,5 +1,6 @@
-"""Logit losses (kl with standardisation, dkd, dist): values and gradients against torchdistill's
-classes and a naive per-sample DKD; the recipe keys, their checks and a one-step run of each."""
+"""Logit losses (kl with standardisation, dkd, dist, nkd): values and gradients against torchdistill's
+classes, a naive per-sample DKD and the NKD authors' code; the recipe keys, their checks and a
+one-step run of each."""
 
 from __future__ import annotations
 
@@ -20,7 +21,17 @@ from kdkit.build import build_distiller
 from kdkit.checks import check_recipe
 from kdkit.cli import main
 from kdkit.distiller import Distiller
-from kdkit.losses import LOGIT_LOSSES, LogitOptionError, dist, dkd, kd_loss, kl, resolve_logit_loss
+from kdkit.losses import (
+    LOGIT_LOSSES,
+    LogitOptionError,
+    OptionError,
+    dist,
+    dkd,
+    kd_loss,
+    kl,
+    nkd,
+    resolve_logit_loss,
+)
 from kdkit.recipe import RecipeError, parse_recipe
 from kdkit.registry import Registries, RegistryError
 
@@ -183,12 +194,83 @@ def test_dkd_refuses_soft_labels() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# nkd ↔ the authors' NKDLoss
+# ---------------------------------------------------------------------------------------------
+
+
+def authors_nkd(
+    logit_s: torch.Tensor, logit_t: torch.Tensor, gt_label: torch.Tensor, temp: float, gamma: float
+) -> torch.Tensor:
+    """NKDLoss.forward transcribed from yzd-v/cls_KD, mmcls/models/dis_losses/nkd.py, commit
+    1e5d48f36957ee460d39d7ebc592c6cc7f8f3d66 (integer labels only; the module's state inlined)."""
+    label = gt_label.view(len(gt_label), 1)
+    N, c = logit_s.shape
+    s_i = F.log_softmax(logit_s, dim=1)
+    t_i = F.softmax(logit_t, dim=1)
+    s_t = torch.gather(s_i, 1, label)
+    t_t = torch.gather(t_i, 1, label).detach()
+    loss_t = -(t_t * s_t).mean()
+    mask = torch.ones_like(logit_s).scatter_(1, label, 0).bool()
+    logit_s = logit_s[mask].reshape(N, -1)
+    logit_t = logit_t[mask].reshape(N, -1)
+    S_i = F.log_softmax(logit_s / temp, dim=1)
+    T_i = F.softmax(logit_t / temp, dim=1)
+    loss_non = (T_i * S_i).sum(dim=1).mean()
+    loss_non = -gamma * (temp**2) * loss_non
+    return loss_t + loss_non
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize("gamma", [1.5, 3.5, 0.0])
+def test_nkd_equals_the_authors_formula(seed: int, tau: float, gamma: float) -> None:
+    """Same value and gradient as the authors' NKDLoss with temp = tau (gamma 0: the target term
+    alone, which is at temperature 1 whatever tau)."""
+    s, t, labels = tensors(seed)
+    assert_same_value_and_grad(nkd(s, t, labels, tau, gamma=gamma), authors_nkd(s, t, labels, tau, gamma), s)
+
+
+def test_nkd_defaults_are_the_authors() -> None:
+    s, t, labels = tensors(2)
+    torch.testing.assert_close(nkd(s, t, labels, 1.0), authors_nkd(s, t, labels, 1.0, 1.5), rtol=0, atol=0)
+
+
+def test_nkd_target_term_ignores_tau_and_non_target_term_scales_with_gamma() -> None:
+    s, t, labels = tensors(5)
+    target = nkd(s, t, labels, 1.0, gamma=0.0)
+    torch.testing.assert_close(nkd(s, t, labels, 4.0, gamma=0.0), target)
+    torch.testing.assert_close(
+        nkd(s, t, labels, 4.0, gamma=3.0) - target, 2 * (nkd(s, t, labels, 4.0) - target)
+    )
+
+
+def test_nkd_is_finite_when_the_target_probability_rounds_to_one() -> None:
+    s = torch.tensor([[200.0, 0.0, -3.0], [0.0, 300.0, 1.0]], requires_grad=True)
+    t = torch.tensor([[100.0, 1.0, 0.0], [-2.0, 400.0, 0.0]])
+    labels = torch.tensor([0, 1])
+    loss = nkd(s, t, labels, 2.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    assert s.grad[:, 2].abs().min() > 0  # the non-target term still teaches the other classes
+    torch.testing.assert_close(loss, authors_nkd(s.detach(), t, labels, 2.0, 1.5))
+
+
+def test_nkd_refuses_soft_labels_and_bad_gamma() -> None:
+    s, t, _ = tensors(0)
+    with pytest.raises(ValueError, match=r"nkd: expected integer class labels of shape \(8,\)"):
+        nkd(s, t, F.softmax(t, dim=1), 2.0)
+    with pytest.raises(OptionError, match=r"gamma: expected a number >= 0 for logit loss 'nkd'"):
+        resolve_logit_loss("nkd", {"gamma": "1.5"})
+
+
+# ---------------------------------------------------------------------------------------------
 # the registry and option checks
 # ---------------------------------------------------------------------------------------------
 
 
 def test_the_registry_holds_the_builtins_and_is_handed_to_plugins() -> None:
-    assert {"kl", "dkd", "dist"} <= set(LOGIT_LOSSES.names())
+    assert {"kl", "dkd", "dist", "nkd"} <= set(LOGIT_LOSSES.names())
+    assert LogitOptionError is OptionError  # the old name, which kdkit.checks and plugins catch
     assert Registries().logit_losses is LOGIT_LOSSES
     assert LOGIT_LOSSES.get("dkd") is dkd
 
@@ -319,7 +401,10 @@ def test_a_bad_logit_option_stops_a_run_before_any_work(
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize(("name", "options"), [("dkd", {"alpha": 1.0, "beta": 8.0}), ("dist", {"beta": 2.0})])
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("dkd", {"alpha": 1.0, "beta": 8.0}), ("dist", {"beta": 2.0}), ("nkd", {"gamma": 1.5})],
+)
 def test_a_distill_run_with_each_logit_loss_trains_a_step(
     tmp_path: Path, name: str, options: dict[str, Any]
 ) -> None:
@@ -336,7 +421,9 @@ def test_a_distill_run_with_each_logit_loss_trains_a_step(
 
 def test_the_methods_page_example_is_a_valid_recipe() -> None:
     page = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
-    (example,) = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", page, flags=re.S)]
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", page, flags=re.S)]
+    # the logit-loss example; the page's other examples (data sections) have no `distill` key
+    (example,) = [b for b in blocks if "logit_loss" in b.get("distill", {})]
     recipe = parse_recipe(_recipe(**example["distill"]))
     assert recipe.distill.logit_loss == "dkd"
     assert resolve_logit_loss(recipe.distill.logit_loss, recipe.distill.logit_options) is dkd

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torchdistill.losses.mid_level import KDLoss
 
-from kdkit.losses import FEATURE_CRITERIA, build_feature_criterion, cross_entropy, kd_loss
-from kdkit.registry import RegistryError
+from kdkit.losses import (
+    FEATURE_CRITERIA,
+    OptionError,
+    build_feature_criterion,
+    criterion_same_shape,
+    cross_entropy,
+    kd_loss,
+    resolve_feature_criterion,
+)
+from kdkit.registry import Registries, RegistryError
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -61,11 +72,92 @@ def test_feature_criteria_values():
 
 
 def test_feature_criteria_registry_and_errors():
-    assert FEATURE_CRITERIA.names() == ["cosine", "mse", "smooth_l1"]
-    with pytest.raises(RegistryError, match="Registered feature criterions: cosine, mse, smooth_l1"):
+    assert FEATURE_CRITERIA.names() == ["at", "cosine", "mse", "rkd", "smooth_l1"]
+    with pytest.raises(RegistryError, match="Registered feature criterions: at, cosine, mse, rkd, smooth_l1"):
         build_feature_criterion("l2")
     with pytest.raises(ValueError, match="shapes differ"):
         build_feature_criterion("mse")(randn(3, 4), randn(1, 4))
+
+
+def test_resolve_feature_criterion_binds_options() -> None:
+    """Options reach the function: smooth_l1's beta moves the quadratic/linear switch, cosine's eps
+    bounds a norm; without options the registered function itself comes back."""
+    a, b = randn(3, 4, 6), 2 * randn(3, 4, 6)
+    diff = (a - b).abs()
+    huber = torch.where(diff < 0.5, 0.5 * diff**2 / 0.5, diff - 0.25).mean()
+    torch.testing.assert_close(resolve_feature_criterion("smooth_l1", {"beta": 0.5})(a, b), huber)
+    torch.testing.assert_close(resolve_feature_criterion("smooth_l1", {"beta": 0.0})(a, b), diff.mean())
+    assert not torch.allclose(resolve_feature_criterion("smooth_l1")(a, b), huber)
+    small = torch.full((2, 4), 1e-3)
+    # norms 2e-3 below eps = 1: cos = a·b / eps² = 4e-6, so the loss is ~1, not 0
+    torch.testing.assert_close(
+        resolve_feature_criterion("cosine", {"eps": 1.0})(small, small), torch.tensor(1 - 4e-6)
+    )
+    assert resolve_feature_criterion("cosine")(small, small).abs() < 1e-6
+    assert resolve_feature_criterion("mse") is FEATURE_CRITERIA.get("mse") is build_feature_criterion("mse")
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "error", "words"),
+    [
+        ("l2", {}, RegistryError, ["unknown feature criterion 'l2'", "at, cosine, mse, rkd, smooth_l1"]),
+        (
+            "smooth_l1",
+            {"bta": 2.0},
+            OptionError,
+            [
+                "bta: unknown option of feature criterion 'smooth_l1'",
+                "Did you mean 'beta'",
+                "Its options: beta",
+            ],
+        ),
+        ("mse", {"beta": 1.0}, OptionError, ["beta: unknown option of feature criterion 'mse'", "(none)"]),
+        ("smooth_l1", {"beta": -1.0}, OptionError, ["beta: expected a number >= 0", "'smooth_l1'", "-1.0"]),
+        ("smooth_l1", {"beta": True}, OptionError, ["beta: expected a number >= 0", "True"]),
+        ("cosine", {"eps": 0}, OptionError, ["eps: expected a number > 0 for feature criterion 'cosine'"]),
+    ],
+)
+def test_resolve_feature_criterion_names_the_unknown_option_or_bad_value(
+    name: str, options: dict[str, Any], error: type[Exception], words: list[str]
+) -> None:
+    with pytest.raises(error) as info:
+        resolve_feature_criterion(name, options)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    if error is OptionError:
+        assert info.value.option == next(iter(options))
+
+
+def _pairwise_distances(a: torch.Tensor, b: torch.Tensor, *, squared: bool = False) -> torch.Tensor:
+    """A relation criterion: compares the samples' pairwise distances, so widths may differ."""
+    d_a, d_b = (torch.cdist(x.flatten(1), x.flatten(1)) for x in (a, b))
+    return F.mse_loss(d_a**2, d_b**2) if squared else F.mse_loss(d_a, d_b)
+
+
+def _typed(a: torch.Tensor, b: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+    return (a - b).abs().mean() * float(scale)  # float("x") raises ValueError, float([]) TypeError
+
+
+def test_same_shape_is_read_and_kept_through_bound_options() -> None:
+    """criterion_same_shape reads a plugin's `same_shape = False` (default True), also through the
+    partial that resolve_feature_criterion returns; a plugin's own errors on a value are named."""
+    _pairwise_distances.same_shape = False  # type: ignore[attr-defined]
+    for name, fn in (("tests_pairwise", _pairwise_distances), ("tests_typed", _typed)):
+        if name not in FEATURE_CRITERIA:
+            Registries().feature_criteria.add(name, fn)
+    assert [criterion_same_shape(build_feature_criterion(n)) for n in ("mse", "cosine")] == [True, True]
+    plain = resolve_feature_criterion("tests_pairwise")
+    bound = resolve_feature_criterion("tests_pairwise", {"squared": True})
+    assert isinstance(bound, functools.partial) and bound.keywords == {"squared": True}
+    assert (criterion_same_shape(plain), criterion_same_shape(bound)) == (False, False)
+    assert criterion_same_shape(functools.partial(_pairwise_distances)) is False  # a bare partial
+    assert criterion_same_shape(resolve_feature_criterion("smooth_l1", {"beta": 0.5})) is True
+    a, b = randn(4, 3), randn(4, 7)  # different widths: what same_shape=False allows
+    torch.testing.assert_close(bound(a, b), _pairwise_distances(a, b, squared=True))
+    assert not torch.allclose(bound(a, b), plain(a, b))
+    with pytest.raises(ValueError, match="could not convert"):
+        resolve_feature_criterion("tests_typed", {"scale": "x"})
+    with pytest.raises(ValueError, match=r"^feature criterion 'tests_typed': .*list"):
+        resolve_feature_criterion("tests_typed", {"scale": []})
 
 
 def test_a_plugin_criterion_is_usable_by_name_in_a_recipe(tmp_path, capsys) -> None:

@@ -244,7 +244,11 @@ def test_build_distiller_passes_the_cache_keyed_by_what_it_is_built_from(tmp_pat
     task = build_distiller(recipe, stage, cache_data=loader.dataset)
     assert task.cache is not None and task.cache.root == tmp_path
     expected = teacher_cache_key(
-        task.teacher, [p.teacher for p in task.pairs], "bfloat16", "none", loader.dataset
+        task.teacher,
+        {f"feat.{i}": p.teacher for i, p in enumerate(task.pairs)},
+        "bfloat16",
+        "none",
+        loader.dataset,
     )
     assert task.cache.key == expected
     task.close()
@@ -253,11 +257,11 @@ def test_build_distiller_passes_the_cache_keyed_by_what_it_is_built_from(tmp_pat
 def test_the_key_hashes_the_teacher_as_its_dtype_will_make_it() -> None:
     teacher = tiny_vit(embed_dim=48, seed=1)
     loader, _, _ = build_loaders(parse_recipe(tiny_recipe_dict()).data, seed=0, eval_splits=())
-    key = teacher_cache_key(teacher, [Tap("blocks.0")], "bfloat16", "bf16", loader.dataset)
+    key = teacher_cache_key(teacher, {"feat.0": Tap("blocks.0")}, "bfloat16", "bf16", loader.dataset)
     converted = weights_digest(copy.deepcopy(teacher).to(torch.bfloat16))
     assert key["teacher_sha256"] == converted != weights_digest(teacher)
     assert (key["teacher_dtype"], key["amp"], key["num_prefix_tokens"]) == ("torch.bfloat16", "none", 1)
-    assert key["taps"] == [{"path": "blocks.0", "io": "output", "select": "cls"}]
+    assert key["taps"] == [{"name": "feat.0", "path": "blocks.0", "io": "output", "select": "cls"}]
 
 
 def test_extra_parameters_is_a_method_on_adapters_and_the_distiller() -> None:
@@ -289,3 +293,183 @@ def test_adapter_names_lists_every_adapter_a_stage_builds() -> None:
     assert parse_recipe(recipe_with(pairs=pairs)).distill.adapter_names() == ["covariance", "gram"]
     assert parse_recipe(recipe_with(pairs=pairs, adapter="none")).distill.adapter_names() == ["none"]
     assert parse_recipe(recipe_with(pairs="uniform:2", adapter="gram")).distill.adapter_names() == ["gram"]
+
+
+# ------------------------------------------------------------------------------ layer groups
+def _grouped(**extra: Any) -> dict[str, Any]:
+    # tiny_recipe_dict's models: 2 blocks each, 16 px with patch 4 -> a 4 x 4 grid of patch tokens
+    return recipe_with(groups=[{"method": "vitkd", "student": [1, 2], "teacher": [1, 2], **extra}])
+
+
+def test_a_group_gets_its_layers_and_joins_the_feature_term(images: torch.Tensor) -> None:
+    recipe = parse_recipe(_grouped(weight=2.0, options={"alpha": 1e-3, "beta": 1e-3}))
+    task = build_distiller(recipe, recipe.pipeline[1], example=images[:2])
+    (group,) = task.groups
+    assert [t.path for t in group.student] == ["blocks.0", "blocks.1"] and group.student[0].select == "patch"
+    assert task.group_shapes == [([(2, 16, 32)] * 2, [(2, 16, 48)] * 2)]
+    torch.manual_seed(0)
+    out = task(images, LABELS)
+    # the feature term is the weighted mean over the two pairs and the group
+    expected = (out["feat.0"] + out["feat.1"] + 2.0 * out["group.0"]) / 3
+    torch.testing.assert_close(out["feat"], expected)
+    out["loss"].backward()
+    method = task.group_methods[0]
+    assert all(p.grad is not None for p in method.parameters() if p.requires_grad)
+    pairs_only = sum(a.extra_parameters() for a in task.adapters)
+    assert task.extra_parameters() == pairs_only + method.extra_parameters() > pairs_only
+    # its weights are the student's to save, and load back
+    state = task.trainable_state_dict()
+    assert any(k.startswith("group_methods.0.") for k in state)
+    other = build_distiller(recipe, recipe.pipeline[1], example=images[:2])
+    other.load_trainable_state_dict(state)
+    torch.testing.assert_close(other.group_methods[0].mask_token, method.mask_token)
+    task.close()
+
+
+def test_the_teacher_cache_serves_a_groups_features(tmp_path: Path) -> None:
+    data = _grouped()
+    data["distill"].update(cache_dir=str(tmp_path), adapter="none")
+    data["data"]["aug_cycle"] = 1
+    recipe = parse_recipe(data)
+    loader, _, _ = build_loaders(recipe.stage_data(recipe.pipeline[1]), seed=0, eval_splits=())
+    task = build_distiller(recipe, recipe.pipeline[1], cache_data=loader.dataset)
+    assert task.cache.key["taps"] == [
+        {"name": f"group.0.{k}", "path": f"blocks.{k}", "io": "output", "select": "patch"} for k in range(2)
+    ]
+    images, labels, keys = next(iter(loader))
+    live = task.teacher_outputs(images, keys)
+    cached = task.teacher_outputs(images, keys)  # the second call is served from the cache
+    assert sorted(live) == ["group.0.0", "group.0.1", "logits"]
+    for name in live:
+        torch.testing.assert_close(cached[name], live[name])
+    task.close()
+
+
+@pytest.mark.parametrize(
+    ("group", "expected"),
+    [
+        (
+            {"method": "vitk", "student": [1, 2], "teacher": [1, 2]},
+            "groups[0]: unknown layer group method 'vitk'. Did you mean 'vitkd'?",
+        ),
+        (
+            {"method": "vitkd", "student": [1, 2], "teacher": [1]},
+            "groups[0]: expected as many student as teacher layers",
+        ),
+        (
+            {"method": "vitkd", "student": [1, 2], "teacher": [1, 2], "weight": -1},
+            "groups[0].weight: expected a value >= 0",
+        ),
+        ({"method": "vitkd", "student": [1, 5], "teacher": [1, 2]}, "groups[0]: student: block 5 is beyond"),
+        (
+            {"method": "vitkd", "student": [1, 2], "teacher": [1, 2], "options": {"mask_ratio": 2}},
+            "groups[0]: method 'vitkd': mask_ratio: expected a number in (0, 1)",
+        ),
+        (
+            {"method": "vitkd", "student": [1, 2], "teacher": [1, 2], "select": "cls"},
+            "groups[0]: method 'vitkd': layer 0: expected token features",
+        ),
+    ],
+)
+def test_a_bad_group_is_named_by_its_key(group: dict[str, Any], expected: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        check_recipe(parse_recipe(recipe_with(groups=[group])))
+    assert any(expected in problem for problem in info.value.problems), info.value.problems
+
+
+def test_the_tap_table_lists_a_groups_layers() -> None:
+    (table,) = check_recipe(parse_recipe(_grouped())).tables
+    console = Console(file=io.StringIO(), width=250)
+    console.print(table)
+    text = console.file.getvalue()
+    assert "group 0.0" in text and "group 0.1" in text and "vitkd" in text
+    assert "[patch]" in text and "(2, 16, 48)" in text
+
+
+# ------------------------------------------------------------------------------ criterion options
+def test_criterion_options_reach_each_pair_that_uses_the_criterion(images: torch.Tensor) -> None:
+    pairs = [[1, 1], {"student": 2, "teacher": 2, "criterion": "cosine"}]
+    data = recipe_with(
+        pairs=pairs, adapter="projection", criterion="smooth_l1", criterion_options={"beta": 0.0}
+    )
+    recipe = parse_recipe(data)
+    task = build_distiller(recipe, recipe.pipeline[1], example=images[:2])
+    assert [p.criterion_options for p in task.pairs] == [{"beta": 0.0}, {}]  # cosine takes none of them
+    out = task(images, LABELS)
+    l1 = torch.nn.functional.l1_loss  # beta 0: smooth L1 is L1
+    feats = task.teacher_outputs(images)
+    task.student(images)
+    s_feat = task.student_taps.pop()["feat.0"]
+    torch.testing.assert_close(out["feat.0"], l1(*task.adapters[0](s_feat, feats["feat.0"])))
+    task.close()
+
+
+@pytest.mark.parametrize(
+    ("distill", "expected"),
+    [
+        (
+            {"criterion": "smooth_l1", "criterion_options": {"bta": 1}},
+            "distill.criterion_options.bta: unknown option",
+        ),
+        (
+            {"criterion": "smooth_l1", "criterion_options": {"beta": -1}},
+            "distill.criterion_options.beta: expected",
+        ),
+        (
+            {"pairs": [{"student": 1, "teacher": 1, "criterion": "cosine", "criterion_options": {"eps": 0}}]},
+            "pairs[0]: criterion_options.eps:",
+        ),
+    ],
+)
+def test_bad_criterion_options_are_named_by_key(distill: dict[str, Any], expected: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        check_recipe(parse_recipe(recipe_with(**distill)))
+    assert any(expected in problem for problem in info.value.problems), info.value.problems
+
+
+def test_raw_features_need_a_criterion_that_compares_different_shapes(images: torch.Tensor) -> None:
+    with pytest.raises(RecipeError) as info:
+        check_recipe(parse_recipe(recipe_with(adapter="raw", criterion="mse")))
+    assert any(
+        "pairs[0]: adapter 'raw' returned shapes (2, 32) and (2, 48), and criterion 'mse' compares "
+        "equal shapes" in p
+        for p in info.value.problems
+    ), info.value.problems
+    recipe = parse_recipe(
+        recipe_with(adapter="raw", criterion="rkd", criterion_options={"angle_weight": 0.0})
+    )
+    task = build_distiller(recipe, recipe.pipeline[1], example=images[:2])
+    out = task(images, LABELS)
+    from kdkit.relations import rkd
+
+    assert out["feat.0"].item() > 0 and task.extra_parameters() == 0
+    assert rkd.min_batch == 3
+    task.close()
+
+
+def test_a_criterion_that_compares_samples_sets_the_smallest_batch() -> None:
+    from kdkit.build import distill_min_batch
+
+    recipe = parse_recipe(recipe_with(adapter="raw", criterion="rkd"))
+    assert distill_min_batch(recipe.distill) == 3
+    assert distill_min_batch(parse_recipe(recipe_with(adapter="none", criterion="rkd")).distill) == 1
+    data = recipe_with(adapter="raw", criterion="rkd")
+    data["data"]["batch_size"] = 2
+    with pytest.raises(
+        RecipeError, match="distill.criterion: 'rkd' compares the samples of a batch and needs at least 3"
+    ):
+        check_recipe(parse_recipe(data))
+
+
+def test_a_group_and_pairs_on_the_same_layers_keep_their_own_cache_entries(tmp_path: Path) -> None:
+    data = _grouped()
+    data["distill"].update(cache_dir=str(tmp_path), adapter="none")
+    grouped = parse_recipe(data)
+    paired = parse_recipe(recipe_with(cache_dir=str(tmp_path), pairs=[[1, 1], [2, 2]], select="patch"))
+    loader, _, _ = build_loaders(grouped.data, seed=0, eval_splits=())
+    keys = []
+    for recipe in (grouped, paired):
+        task = build_distiller(recipe, recipe.pipeline[1], cache_data=loader.dataset)
+        keys.append(task.cache.folder)
+        task.close()
+    assert keys[0] != keys[1]  # the same teacher layers, stored under different feature names

@@ -17,12 +17,15 @@ from hypothesis import strategies as st
 from kdkit.recipe import (
     DataSpec,
     DistillSpec,
+    GroupSpec,
     ModelSpec,
     PairSpec,
     Recipe,
     RecipeError,
     StageSpec,
+    TeacherInputSpec,
     TrainSpec,
+    UnlabeledPool,
     apply_overrides,
     load_recipe,
     parse_override,
@@ -434,7 +437,8 @@ def test_valid_shapes_always_parse(epochs: int, lr: float, alpha: float, stage_e
 def test_the_recipe_reference_documents_every_key() -> None:
     """docs/recipes.md has a table row for every field of every recipe dataclass, with its default."""
     doc = (REPO / "docs" / "recipes.md").read_text()
-    for cls in (Recipe, DataSpec, ModelSpec, DistillSpec, PairSpec, TrainSpec, StageSpec):
+    classes = (Recipe, DataSpec, UnlabeledPool, ModelSpec, DistillSpec, PairSpec, GroupSpec, TeacherInputSpec)
+    for cls in (*classes, TrainSpec, StageSpec):
         assert f"`{cls.__name__}`" in doc, cls.__name__
         for f in dataclasses.fields(cls):
             rows = [line.split(" | ") for line in doc.splitlines() if line.startswith(f"| `{f.name}` |")]

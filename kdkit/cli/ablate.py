@@ -62,6 +62,7 @@ from kdkit.recipe import (
     parse_recipe,
     read_yaml,
     recipe_changes,
+    shorten,
 )
 from kdkit.runlog import console
 from kdkit.stage_cache import StageCache, train_stage_key
@@ -151,6 +152,41 @@ def expand_grid(varies: list[str]) -> list[Variant]:
         slug = "_".join(f"{_safe(names[k])}-{_safe(v)}" for k, v in values)
         variants.append(Variant(values, label, slug))
     return _unique_slugs(variants)
+
+
+def read_variants(path: Path) -> list[Variant]:
+    """Named variants from a YAML file, `NAME: {KEY: VALUE, ...}` with KEY a recipe key as for
+    `--set` (a variant with no keys is the recipe as it is); a `RecipeError` names the entry."""
+    variants, problems = [], []
+    for name, overrides in read_yaml(path).items():
+        if not isinstance(name, str) or _safe(name) != name:
+            problems.append(
+                f"{name!r}: a variant name uses only letters, digits and . + - (it names its folder)"
+            )
+            continue
+        if not isinstance(overrides, dict | None):
+            problems.append(f"{name}: expected a mapping of recipe keys to values, got {shorten(overrides)}")
+            continue
+        values = tuple((str(key), json.dumps(value)) for key, value in (overrides or {}).items())
+        for key, value in values:
+            try:
+                parse_override(f"{key}={value}")
+            except RecipeError as exc:
+                problems.append(f"{name}.{key}: {'; '.join(exc.problems)}")
+        variants.append(Variant(values, name, name))
+    if problems or not variants:
+        raise RecipeError(problems or ["expected at least one variant"], str(path))
+    return variants
+
+
+def combine(named: list[Variant], grid: list[Variant]) -> list[Variant]:
+    """Every named variant with every point of the `--vary` grid (either list may be empty)."""
+    if not named or not grid:
+        return named or grid
+    return [
+        Variant(n.values + g.values, f"{n.label}, {g.label}", f"{n.slug}_{g.slug}")
+        for n, g in itertools.product(named, grid)
+    ]
 
 
 def _short_names(keys: list[str]) -> dict[str, str]:
@@ -422,9 +458,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_recipe_args(p)
     p.add_argument(
+        "--variants",
+        type=Path,
+        metavar="FILE",
+        help="a YAML file of named variants, NAME: {KEY: VALUE, ...} (recipe keys as for --set), "
+        "e.g. a list of methods; combined with every --vary",
+    )
+    p.add_argument(
         "--vary",
         action="append",
-        required=True,
+        default=[],
         metavar="KEY=V1,V2,...",
         help="a recipe key and its values (YAML; commas inside [...] or {...} do not split), "
         "e.g. distill.adapter=covariance,projection,none (repeatable: the grid is the product)",
@@ -476,7 +519,12 @@ def _plan(args: argparse.Namespace) -> tuple[list[RunJob], dict[tuple[Variant, i
     """The jobs of the grid (seed-major: an interrupted ablation has compared every variant on the
     first seeds), the recipe of each (variant, seed) and the compared stage."""
     base = apply_overrides(read_yaml(args.recipe), args.overrides)
-    variants = expand_grid(args.vary)
+    if not args.vary and args.variants is None:
+        raise UsageError(
+            "kdkit ablate: give the variants to compare: --vary KEY=V1,V2,... or --variants FILE"
+        )
+    named = read_variants(args.variants) if args.variants else []
+    variants = combine(named, expand_grid(args.vary) if args.vary else [])
     seeds = parse_seeds(args.seeds)
     threads = max(1, torch.get_num_threads() // args.jobs)
     reference = parse_recipe(base, str(args.recipe))
@@ -567,6 +615,7 @@ def _report(args: argparse.Namespace, jobs: list[RunJob], stage: str, seconds: f
         "recipe": str(args.recipe),
         "set": args.overrides,
         "vary": args.vary,
+        "variants": str(args.variants) if args.variants else None,
         "seeds": parse_seeds(args.seeds),
         "stage": stage,
         "baseline": baseline_stage(jobs[0].recipe, stage) if any(g.is_baseline for g in groups) else None,
