@@ -312,3 +312,32 @@ def test_raw_passes_any_shapes_with_one_batch_size() -> None:
     assert s_out is s and t_out is t and adapter.extra_parameters() == 0
     with pytest.raises(ValueError, match=r"the same batch size B; got student \(3, 4\), teacher \(2, 9\)"):
         adapter(randn(3, 4), randn(2, 9))
+
+
+def _vkd_reference_loss(projector: torch.nn.Module, z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+    # Transcribed from roymiles/vkd (commit 4b48050), train.py (the projector:
+    # orthogonal(nn.Linear(student.num_features, teacher.num_features, bias=False))) and engine.py
+    # (the representation loss on pooled features: the teacher's layer-normalised, smooth L1).
+    z_t_norm = F.layer_norm(z_t, (z_t.shape[1],))
+    return F.smooth_l1_loss(projector(z_s), z_t_norm)
+
+
+@pytest.mark.parametrize(("ds", "dt"), [(8, 12), (12, 8), (16, 16)])
+def test_orthogonal_with_smooth_l1_equals_the_vkd_authors_loss_and_gradient(ds: int, dt: int) -> None:
+    from torch.nn.utils.parametrizations import orthogonal
+
+    from kdkit.losses import smooth_l1
+
+    torch.manual_seed(ds)
+    adapter = build_adapter("orthogonal", ds, dt)
+    reference = orthogonal(torch.nn.Linear(ds, dt, bias=False))
+    reference.load_state_dict(adapter.proj.state_dict())
+    s, t = randn(6, ds).requires_grad_(), randn(6, dt) * 3 + 1
+    s_ref = s.detach().clone().requires_grad_()
+    ours, theirs = smooth_l1(*adapter(s, t)), _vkd_reference_loss(reference, s_ref, t)
+    torch.testing.assert_close(ours, theirs)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(s.grad, s_ref.grad)
+    ours_w = adapter.proj.parametrizations.weight.original.grad
+    torch.testing.assert_close(ours_w, reference.parametrizations.weight.original.grad)
