@@ -118,20 +118,45 @@ class OrthogonalAdapter(Adapter):
     """VkD's orthogonal projection (Miles, Elezi & Deng, CVPR 2024): a bias-free linear map Ds -> Dt
     kept orthogonal during training (`torch.nn.utils.parametrizations.orthogonal`): orthonormal
     columns when Ds <= Dt (the map preserves the student's norms and inner products), orthonormal
-    rows when Ds > Dt. With `standardize_teacher` (default, VkD's choice for classification) the
-    teacher's features are standardised per feature vector (a LayerNorm without parameters), so
-    the student matches their shape, not their scale, which an orthogonal map cannot change."""
+    rows when Ds > Dt.
 
-    def __init__(self, student_dim: int, teacher_dim: int, standardize_teacher: bool = True) -> None:
+    `normalize` is VkD's task-specific normalisation, as the authors' code applies it:
+    'layer' (default; their classification code): the teacher's features are standardised per
+    feature vector (a LayerNorm without parameters), so the student matches their shape, not their
+    scale, which an orthogonal map cannot change; 'batch' (their detection code): the projected
+    student and the teacher are both standardised per feature over the batch (and tokens), with
+    the unbiased std; 'none': both as they are.
+    """
+
+    normalizations = ("layer", "batch", "none")
+    # floor of the per-feature std in 'batch' (the authors divide by it directly): a constant
+    # feature, a dead teacher channel say, then gives 0 rather than inf/NaN
+    std_floor = 1e-6
+
+    def __init__(self, student_dim: int, teacher_dim: int, normalize: str = "layer") -> None:
         super().__init__(student_dim, teacher_dim)
-        if not isinstance(standardize_teacher, bool):
-            raise ValueError(f"standardize_teacher: expected true/false, got {standardize_teacher!r}")
-        self.standardize_teacher = standardize_teacher
+        if normalize not in self.normalizations:
+            raise ValueError(f"normalize: expected one of {list(self.normalizations)}, got {normalize!r}")
+        self.normalize = normalize
         self.proj = orthogonal(nn.Linear(student_dim, teacher_dim, bias=False))
 
     def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        target = F.layer_norm(t, t.shape[-1:]) if self.standardize_teacher else t
-        return self.proj(s), target
+        mapped = self.proj(s)
+        if self.normalize == "layer":
+            return mapped, F.layer_norm(t, t.shape[-1:])
+        if self.normalize == "batch":
+            return self._standardize(mapped), self._standardize(t)
+        return mapped, t
+
+    def _standardize(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] < 2:  # the unbiased std of one row is NaN
+            raise ValueError(
+                f"orthogonal adapter: normalize='batch' standardises each feature over the batch and "
+                f"tokens, so it needs at least 2 rows; got features {tuple(x.shape)}"
+            )
+        std = rows.std(0).clamp_min(self.std_floor)
+        return ((rows - rows.mean(0)) / std).reshape(x.shape)
 
 
 @ADAPTERS.register("raw")

@@ -6,8 +6,8 @@
     out["loss"].backward()
 
 The total loss is ``(1 - alpha) * CE + alpha * kd + beta * sum_i w_i * feature_i / n`` over
-the n layer pairs and layer groups, with their weights w_i (1 by default: the mean over pairs, as in the HaTFAS
-code, so beta does not scale with their number). ``kd`` is the logit loss `logit_loss` with its
+the n layer pairs and layer groups, with their weights w_i (1 by default: the mean over pairs, as
+in the HaTFAS code, so beta does not scale with their number). ``kd`` is the logit loss `logit_loss` with its
 `logit_options` (`kdkit.registry.LOGIT_LOSSES`: ``kl``, tau² · KL, by default; ``dkd``,
 ``dist``). Each pair may name its own adapter, adapter options, criterion and weight; the
 Distiller's own settings fill in the rest.
