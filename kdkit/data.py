@@ -99,7 +99,8 @@ def dataset_labels(dataset: Dataset) -> list[int]:
     """Every sample's label: the dataset's `labels` attribute (through Subsets), a TensorDataset's
     second tensor, else read sample by sample."""
     if isinstance(dataset, Subset):
-        return [dataset_labels(dataset.dataset)[i] for i in dataset.indices]
+        parent = dataset_labels(dataset.dataset)  # once: the fallback reads every sample
+        return [parent[i] for i in dataset.indices]
     labels = getattr(dataset, "labels", None)
     if labels is None and isinstance(dataset, TensorDataset):
         labels = dataset.tensors[1]
