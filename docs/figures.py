@@ -55,9 +55,9 @@ FLOW = [
 # Everything else in kdkit/ is foundation; these sub-groups only arrange its listing.
 FOUNDATION = {
     "recipes and registries": ("recipe", "registry", "plugins", "errors", "optim"),
-    "data and models": ("data", "models", "images", "csvfile", "hub", "info"),
+    "data and models": ("data", "models", "images", "augment", "frame_store", "csvfile", "hub", "info"),
     "evaluation and statistics": ("evaluators", "evaluation", "stats", "comparison", "calibration"),
-    "files and processes": ("checkpoint", "lock", "workers", "runlog", "distributed"),
+    "files and processes": ("checkpoint", "lock", "workers", "runlog", "distributed", "throughput"),
 }
 ENTRY_POINTS = {"kdkit", "kdkit.__main__"}  # the package facade and `python -m kdkit`: not drawn
 # Calls that are not imports: the trainer runs the task it is given (a Distiller), and kdkit

@@ -214,6 +214,18 @@ def _no_weight_decay(model: nn.Module, prefix: str) -> set[str]:
     return {f"{prefix}{name}" for name in names}
 
 
+def compile_in_place(model: nn.Module, mode: str = "default") -> None:
+    """`model.compile(mode=mode)`, with TorchDynamo guarding on module hooks.
+
+    Dynamo shares a compiled forward between instances of one class and by default does not check
+    their hooks, so a student compiled without taps (a `train` stage) would lend its graph to the
+    same architecture with taps (the `distill` stage after it), whose hooks would then never fire.
+    Guarding on hooks (a process-wide dynamo setting) makes each keep its own graph.
+    """
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    model.compile(mode=mode)
+
+
 class SupervisedTask(nn.Module):
     """Plain supervised training of one model (a teacher, or a student without KD)."""
 
@@ -233,6 +245,10 @@ class SupervisedTask(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameters timm's optimizer factory keeps out of weight decay."""
         return _no_weight_decay(self.model, "model.")
+
+    def compile_models(self, mode: str = "default") -> None:
+        """Compile the model's forward in place (`nn.Module.compile`: same module, same weights)."""
+        compile_in_place(self.model, mode)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights to checkpoint (the model)."""
@@ -469,6 +485,14 @@ class Distiller(nn.Module):
         """Trainable parameters the adapters and layer-group methods add on top of the student."""
         modules = [*self.adapters.parameters(), *self.group_methods.parameters()]
         return sum(p.numel() for p in modules if p.requires_grad)
+
+    def compile_models(self, mode: str = "default") -> None:
+        """Compile the student's and the teacher's forward in place (`nn.Module.compile`: same
+        modules, same state_dict keys). The taps' hooks were registered when the Distiller was
+        built, so compiled graphs include them; a tap that stops firing fails in `TapRecorder.pop`.
+        The teacher's graph is traced under inference mode, where it always runs."""
+        compile_in_place(self.student, mode)
+        compile_in_place(self.teacher, mode)
 
     def close(self) -> None:
         """Remove all hooks and close the cache (call when done with the distiller)."""

@@ -45,6 +45,9 @@ class ImageError(DataError):
         self.reason = reason or message
 
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # the image files kdkit reads
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
     """The image at `path` as a uint8 (H, W, 3) RGB array, upright (see the module docstring)."""
     try:

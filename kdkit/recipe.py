@@ -222,6 +222,10 @@ class TrainSpec:
     clip_grad: float | None = None  # max gradient norm; null = no clipping
     amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 needs CUDA (uses a grad scaler)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # torch.compile the models (the student; in distillation the teacher too, under inference mode):
+    # the first steps wait for compilation (tens of seconds), later ones run faster on a GPU
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     log_every: int = 20  # steps between progress/log updates
     max_steps_per_epoch: int | None = None  # cap steps per epoch (quick runs, smoke tests)

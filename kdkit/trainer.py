@@ -158,6 +158,19 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def compile_task(task: nn.Module, mode: str = "default") -> None:
+    """torch.compile the models of `task` in place, through its `compile_models(mode)` (the built-in
+    tasks compile their models, not the loss code around them, so taps and the teacher cache keep
+    working); a task without that method cannot be compiled and says so."""
+    compile_models = getattr(task, "compile_models", None)
+    if compile_models is None:
+        raise TypeError(
+            f"train.compile: {type(task).__name__} has no compile_models(mode) method; "
+            "set train.compile: false, or give the task one that compiles its models"
+        )
+    compile_models(mode)
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -226,6 +239,8 @@ class Trainer:
         self.set_epoch = set_epoch
         self.device = resolve_device(distributed.device_for_rank(spec.device))
         self.task.to(self.device)
+        if spec.compile:
+            compile_task(task, spec.compile_mode)
         self.step_module = distributed.wrap(task, self.device)  # DDP when launched by torchrun
         # Tasks written for `forward(images, labels)` keep working: keys are passed only if accepted.
         self.takes_keys = "keys" in inspect.signature(task.forward).parameters

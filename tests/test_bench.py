@@ -83,7 +83,7 @@ def test_bench_json_reports_every_mode_the_ratios_the_machine_and_the_loader(
     argv = ["bench", str(tiny_recipe), "--steps", "2", "--repeats", "2", "--warmup", "1", "--batch", "8"]
     assert main([*argv, "--peak-tflops", "0.5", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report["modes"]) == {"student", "distill", "cached", "reference"}
+    assert set(report["modes"]) == {"student", "distill", "cached", "reference", "compiled"}
     for row in report["modes"].values():
         assert row["img_per_s"] > 0 and row["step_ms_min"] <= row["step_ms"] <= row["step_ms_max"]
     assert report["modes"]["cached"]["cache_hit_rate"] == 1.0  # the timed cached steps never ran the teacher
@@ -91,20 +91,38 @@ def test_bench_json_reports_every_mode_the_ratios_the_machine_and_the_loader(
     assert (
         b["step_ms_min"] / d["step_ms_max"] <= report["ratios"]["b/d"] <= b["step_ms_max"] / d["step_ms_min"]
     )
-    assert set(report["ratios"]) == {"b/d", "c/a", "b/a"}
+    assert set(report["ratios"]) == {"b/d", "c/a", "b/a", "b/e"}
     assert report["batch"] == 8 and report["input"] == [1, 16, 16]
     assert report["machine"]["torch_threads"] >= 1 and report["machine"]["torch"] == torch.__version__
     loader = report["loader"]
     assert 0 <= loader["wait_share"] <= 1 and loader["steps"] == 2
+    assert loader["worker_img_per_s"] > 0 and loader["served_from_store"] == 0
     # Model FLOPs: the student's forward + backward (3 forwards), plus the teacher's forward where it runs.
     flops = report["forward_gflops_per_image"]
     assert flops["teacher"] > flops["student"] > 0  # the tiny teacher is the wider one
-    for mode, teacher_runs in (("student", False), ("distill", True), ("cached", False), ("reference", True)):
+    modes = (
+        ("student", False),
+        ("distill", True),
+        ("cached", False),
+        ("reference", True),
+        ("compiled", True),
+    )
+    for mode, teacher_runs in modes:
         row = report["modes"][mode]
         per_image = 3 * flops["student"] + (flops["teacher"] if teacher_runs else 0.0)
         assert row["tflops_per_s"] == pytest.approx(per_image * row["img_per_s"] / 1000)
         assert row["mfu"] == pytest.approx(row["tflops_per_s"] / 0.5)
     assert report["peak_tflops"] == 0.5
+
+
+def test_bench_modes_choose_what_is_measured(tiny_recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", str(tiny_recipe), "--steps", "1", "--repeats", "1", "--warmup", "1", "--batch", "4"]
+    assert main([*argv, "--modes", "student,distill", "--no-data", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["modes"]) == {"student", "distill"} and report["ratios"]["b/d"] is None
+    assert report["ratios"]["b/a"] > 0
+    assert main([*argv, "--modes", "student,warp"]) == 2
+    assert "--modes student,warp: expected some of student, distill" in capsys.readouterr().err
 
 
 def test_bench_needs_a_distill_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

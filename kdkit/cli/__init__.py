@@ -1,5 +1,5 @@
 """The `kdkit` command line: one module per group of commands (run.py: run, validate, info;
-discover.py: taps, plugins; export.py, predict.py, evaluate.py, ablate.py, bench.py), their shared
+discover.py: taps, plugins; export.py, predict.py, evaluate.py, ablate.py, bench.py, store.py), their shared
 arguments (arguments.py) and the parser and exit codes (entry.py). The library never imports it.
 
 Exit status: 0 success, 1 a run failed (diverged, data/model problem found while running),

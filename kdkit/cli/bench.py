@@ -7,12 +7,16 @@ no data root or weight files are needed):
     (b) distill     the recipe's distill stage with the live teacher, through kdkit's Trainer
     (c) cached      the same with every teacher output read from the teacher-output cache
     (d) reference   benchmarks/reference_loop.py: (b)'s computation by hand, no kdkit code
+    (e) compiled    (b) with `train.compile` (torch.compile of student and teacher)
 
 and prints images/s, step time and peak memory of each, and the step-time ratios (b)/(d)
-(kdkit's overhead), (c)/(a) and (b)/(a) (what distillation costs). Warm-up steps are excluded;
+(kdkit's overhead), (c)/(a) and (b)/(a) (what distillation costs) and (b)/(e) (what compiling
+saves; compilation happens in the untimed warm-up). Warm-up steps are excluded;
 every mode is timed `repeats` times, interleaved (so drift on a shared machine hits all modes
 alike), and the median is reported. When the recipe's data is available, one more measurement
-runs (b) on the real training loader and reports the time spent waiting for it.
+runs (b) on the real training loader and reports the time spent waiting for it, and the images/s
+one loader worker makes (`kdkit.throughput`), from a frame store and from the files when a store
+serves the data.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from kdkit.distiller import Distiller, SupervisedTask
 from kdkit.info import forward_gflops
 from kdkit.recipe import Recipe, RecipeError, StageSpec, TrainSpec, load_recipe
 from kdkit.runlog import output
+from kdkit.throughput import innermost, loader_throughput
 from kdkit.trainer import Trainer, autocast, resolve_device
 
 MODES = {
@@ -52,6 +57,7 @@ MODES = {
     "distill": "(b) distill, live teacher",
     "cached": "(c) distill, teacher cache",
     "reference": "(d) hand-written loop of (b)",
+    "compiled": "(e) (b) with train.compile",
 }
 REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "reference_loop.py"
 POOL = 4  # distinct synthetic batches, cycled
@@ -80,7 +86,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first (default 3)")
     p.add_argument("--repeats", type=int, default=5, help="measurements per mode; the median counts")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--no-data", action="store_true", help="skip the loader-wait measurement")
+    p.add_argument("--no-data", action="store_true", help="skip the loader measurements")
+    p.add_argument("--no-compile", action="store_true", help="skip mode (e), torch.compile")
+    p.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"the modes to measure, comma-separated (default: all, {','.join(MODES)})",
+    )
     p.add_argument(
         "--peak-tflops",
         type=float,
@@ -97,6 +109,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise RecipeError(["--steps, --repeats and --batch must be positive, --warmup >= 0"], "kdkit bench")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise RecipeError([f"--peak-tflops {args.peak_tflops}: expected a positive number"], "kdkit bench")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise RecipeError([f"--modes {args.modes}: expected some of {', '.join(MODES)}"], "kdkit bench")
+    if args.no_compile and "compiled" in modes:
+        modes.remove("compiled")
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe, args.overrides)
@@ -108,6 +126,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
         loader=not args.no_data,
+        modes=modes,
         peak_tflops=args.peak_tflops,
     )
     report["recipe"] = str(args.recipe)
@@ -128,8 +147,10 @@ def run_bench(
     repeats: int = 5,
     loader: bool = True,
     peak_tflops: float | None = None,
+    modes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Measure the four modes; return the report (see the module docstring) as a dict."""
+    """Measure `modes` (default: all of `MODES`); return the report (see the module docstring)."""
+    modes = list(MODES) if modes is None else modes
     stage_spec = _distill_stage(recipe, stage)
     train = recipe.stage_train(stage_spec)
     # Random weights: the cost does not depend on them, and the bench needs no weight files.
@@ -152,6 +173,7 @@ def run_bench(
         "distill": 3 * gflops["student"] + gflops["teacher"],
         "cached": 3 * gflops["student"],
         "reference": 3 * gflops["student"] + gflops["teacher"],
+        "compiled": 3 * gflops["student"] + gflops["teacher"],
     }
     peak = peak_tflops or _known_peak(device, train.amp)
 
@@ -170,6 +192,9 @@ def run_bench(
             ),
             "reference": lambda: _reference_steps(distiller(), d, train, pool, steps, example.to(device)),
         }
+        compile_train = dataclasses.replace(train, compile=True)
+        builders["compiled"] = lambda: _trainer_steps(distiller(), compile_train, pool, steps)
+        builders = {mode: build for mode, build in builders.items() if mode in modes}
         runners, memory, unavailable = {}, {}, {}
         for mode, build in builders.items():  # one after the other: peak memory of each alone
             try:
@@ -180,11 +205,15 @@ def run_bench(
                 memory[mode] = probe.peak()
             except (ValueError, FileNotFoundError) as exc:
                 unavailable[mode] = str(exc)
+            except Exception as exc:  # torch.compile's failures (no C++ compiler, say) have many types
+                if mode != "compiled":
+                    raise
+                unavailable[mode] = f"torch.compile failed: {type(exc).__name__}: {exc}"[:300]
         seconds: dict[str, list[float]] = {mode: [] for mode in runners}
         cache.hits = cache.misses = 0  # count the timed steps only
         # Each round runs every mode once, the compared pairs (b, d) and (c, a) side by side; the order
         # rotates and reverses from round to round, so no mode always follows the same one.
-        order = [m for m in ("student", "cached", "distill", "reference") if m in runners]
+        order = [m for m in ("student", "cached", "distill", "reference", "compiled") if m in runners]
         for r in range(repeats):
             rotated = order[r % len(order) :] + order[: r % len(order)]
             for mode in rotated if r % 2 == 0 else rotated[::-1]:
@@ -195,14 +224,16 @@ def run_bench(
         cache_hits = cache.hits / max(cache.hits + cache.misses, 1)
         loader_report = _loader_wait(recipe, stage_spec, train, size, steps) if loader else None
 
-    modes = {}
+    rows: dict[str, dict[str, Any]] = {}
     for mode, label in MODES.items():
+        if mode not in modes:
+            continue
         if mode not in runners:
-            modes[mode] = {"label": label, "unavailable": unavailable.get(mode, "not run")}
+            rows[mode] = {"label": label, "unavailable": unavailable.get(mode, "not run")}
             continue
         times = sorted(t / steps for t in seconds[mode])
         median = statistics.median(times)
-        modes[mode] = {
+        rows[mode] = {
             "label": label,
             "img_per_s": size / median,
             "step_ms": 1000 * median,
@@ -212,9 +243,9 @@ def run_bench(
             "tflops_per_s": step_gflops[mode] * size / median / 1000,
         }
         if peak:
-            modes[mode]["mfu"] = modes[mode]["tflops_per_s"] / peak
-    if "img_per_s" in modes["cached"]:
-        modes["cached"]["cache_hit_rate"] = cache_hits
+            rows[mode]["mfu"] = rows[mode]["tflops_per_s"] / peak
+    if "img_per_s" in rows.get("cached", {}):
+        rows["cached"]["cache_hit_rate"] = cache_hits
 
     def ratio(a: str, b: str) -> float | None:
         """Median over the repeats of a/b measured in the same round (moments apart): robust to load
@@ -231,13 +262,15 @@ def run_bench(
         "warmup": warmup,
         "repeats": repeats,
         "amp": train.amp,
+        "compile": train.compile,
         "teacher_dtype": d.teacher_dtype,
         "machine": machine(device),
-        "modes": modes,
+        "modes": rows,
         "ratios": {
             "b/d": ratio("distill", "reference"),
             "c/a": ratio("cached", "student"),
             "b/a": ratio("distill", "student"),
+            "b/e": ratio("distill", "compiled"),
         },
         "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "rss_increase",
         "forward_gflops_per_image": gflops,
@@ -426,6 +459,7 @@ def _loader_wait(recipe: Recipe, stage: StageSpec, train: TrainSpec, size: int, 
         "wait_ms_per_step": 1000 * timing.data_seconds / timing.steps,
         "step_ms": 1000 * timing.seconds / timing.steps,
         "wait_share": timing.data_seconds / timing.seconds,
+        **loader_throughput(innermost(loader.dataset), items=min(256, 4 * size)),
     }
 
 
@@ -565,6 +599,13 @@ def print_report(report: dict[str, Any]) -> None:
         output.print(
             f"loader ({loader['num_workers']} workers): waits {loader['wait_ms_per_step']:.1f} ms of a "
             f"{loader['step_ms']:.1f} ms step ({100 * loader['wait_share']:.1f} %)",
+            markup=False,
+        )
+        files = loader.get("files_worker_img_per_s")
+        stored = f"; from its files: {files:.0f}" if files else " (no frame store: `kdkit store ROOT`)"
+        output.print(
+            f"one loader worker: {loader['worker_img_per_s']:.0f} images/s "
+            f"({loader['served_from_store']}/{loader['size']} frames from a frame store){stored}",
             markup=False,
         )
     elif loader:

@@ -33,6 +33,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "kdkit.cli.evaluate",
     "kdkit.cli.ablate",
     "kdkit.cli.bench",
+    "kdkit.cli.store",
 )
 
 

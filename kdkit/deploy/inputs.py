@@ -18,10 +18,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from kdkit.images import ImageError, read_rgb
+from kdkit.images import IMAGE_EXTS, ImageError, read_rgb
 from kdkit.registry import INPUT_PREPARERS
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTS = (".avi", ".mov", ".mp4", ".mkv", ".webm")
 Preparer = Callable[[np.ndarray], "np.ndarray | None"]
 

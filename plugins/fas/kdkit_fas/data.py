@@ -8,16 +8,18 @@ attack), attack_type and split.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
+from kdkit.augment import FrameTransform
 from kdkit.csvfile import CsvTable, read_csv
 from kdkit.data import DataError
+from kdkit.frame_store import STORE_DIR, FrameStore, StoreError, open_store
 from kdkit.images import read_rgb
 from kdkit_fas.layouts import LayoutError, canonical_split, image_files, index_dataset
 from kdkit_fas.prepare import MANIFEST_COLUMNS
@@ -27,23 +29,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 META_KEYS = ("video", "subject", "label", "attack_type")
 
 
-def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool) -> v2.Compose:
+def build_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float], train: bool
+) -> FrameTransform:
     """Train: reflect-padded random crop, horizontal flip, mild brightness/contrast jitter. Eval: resize.
 
     Spoof cues are high-frequency textures (halftone dots, moiré, screen sub-pixels); random
     *resized* crops resample them differently at every step and blur them, so training crops keep
-    the pixel scale of evaluation.
+    the pixel scale of evaluation. `kdkit.augment.FrameTransform` computes exactly what the
+    torchvision v2 pipeline of these steps computes, at a third of its cost.
     """
-    geometry: list = [v2.Resize((image_size, image_size), antialias=True)]
-    if train:
-        geometry += [
-            v2.RandomCrop(image_size, padding=max(1, image_size // 16), padding_mode="reflect"),
-            v2.RandomHorizontalFlip(),
-            v2.ColorJitter(brightness=0.1, contrast=0.1),
-        ]
-    return v2.Compose(
-        [v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    )
+    padding = max(1, image_size // 16)
+    return FrameTransform(image_size, mean, std, train, padding=padding, brightness=0.1, contrast=0.1)
 
 
 class FrameDataset(Dataset):
@@ -53,6 +50,11 @@ class FrameDataset(Dataset):
     per-attack-type evaluation, and its `domain` (the data set it came from) when the records give
     one. `groups` (domain, label) per item is what `data.balanced` balances; `origin` says which
     data the split holds (the evaluator records it as the source of its threshold).
+
+    `store_roots`: folders whose frame store (`<folder>/frames.kdstore`, written by `kdkit store`)
+    serves the frames under them with no image decoding; it must be up to date (a StoreError says
+    how to rewrite it) and hold the frames at `image_size` or unresized, so that its pixels are the
+    decoded files' pixels and nothing else changes: same images, same fingerprint, same cache keys.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class FrameDataset(Dataset):
         std: Sequence[float] = IMAGENET_STD,
         train: bool = False,
         origin: str = "",
+        store_roots: Sequence[str | Path] = (),
     ) -> None:
         self.root, self.origin = Path(root), origin
         self.paths: list[Path] = []
@@ -82,6 +85,39 @@ class FrameDataset(Dataset):
             domain = {"domain": record["domain"]} if "domain" in record else {}
             self.meta.append({key: record[key] for key in META_KEYS} | {"label": int(label)} | domain)
         self.transform = build_transform(image_size, mean, std, train)
+        self.stored: list[tuple[FrameStore, int] | None] = [None] * len(self.paths)
+        for folder in store_roots:
+            self._use_store(Path(folder), image_size)
+
+    def _use_store(self, folder: Path, image_size: int) -> None:
+        """Serve the frames under `folder` from its store, when it has one."""
+        if not (folder / STORE_DIR).is_dir():
+            return
+        under = {
+            i: path.relative_to(folder).as_posix()
+            for i, path in enumerate(self.paths)
+            if path.is_relative_to(folder)
+        }
+        store = open_store(folder / STORE_DIR, folder, list(under.values()))
+        if store.size not in (None, image_size):
+            raise StoreError(
+                f"{folder / STORE_DIR}: holds frames resized to {store.size} px, but data.image_size is "
+                f"{image_size}: rewrite it with `kdkit store {folder} --size {image_size}` "
+                "(or without --size)"
+            )
+        for i, relative in under.items():
+            self.stored[i] = (store, store.row(relative))
+
+    def without_store(self) -> FrameDataset:
+        """The same data set decoding every frame from its file (what a store saves, measured)."""
+        files = copy.copy(self)
+        files.stored = [None] * len(self.paths)
+        return files
+
+    @property
+    def served_from_store(self) -> int:
+        """How many of the frames a frame store serves (the rest are decoded from their files)."""
+        return sum(source is not None for source in self.stored)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -101,7 +137,26 @@ class FrameDataset(Dataset):
         return digest.hexdigest()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(read_rgb(self.paths[index])), self.labels[index]
+        source = self.stored[index]
+        rgb = read_rgb(self.paths[index]) if source is None else source[0].image(source[1])
+        return self.transform(rgb), self.labels[index]
+
+
+def store_roots(options: dict, roots: Sequence[Path]) -> list[Path]:
+    """The folders whose frame stores a data set reads: `roots`, unless `data.options.store` is off.
+
+    `store: auto` (the default) reads `<root>/frames.kdstore` wherever `kdkit store` wrote one;
+    `store: off` decodes the image files (YAML reads a bare `off` as false, so false works too).
+    """
+    value = options.get("store", "auto")
+    if value in ("auto", True):
+        return list(roots)
+    if value in ("off", False):
+        return []
+    raise DataError(
+        f"data.options.store: expected auto (read a folder's {STORE_DIR} when it has one) or off, "
+        f"got {value!r}"
+    )
 
 
 def _split_rows(rows: list[dict], root: Path, split: str) -> list[dict]:

@@ -29,7 +29,7 @@ from typing import Any
 
 from kdkit.data import DataError
 from kdkit.recipe import DataSpec
-from kdkit_fas.data import FrameDataset, frames_from_manifest
+from kdkit_fas.data import FrameDataset, frames_from_manifest, store_roots
 from kdkit_fas.prepare import SETTINGS_FILE
 
 # letter -> (`kdkit fas prepare` layout, data set name, has an official dev split)
@@ -54,7 +54,7 @@ SPLIT_TABLE = {
     "val": ("sources", ("dev",)),
     "test": ("target", ("train", "test")),
 }
-OPTIONS = {"protocol", "roots"}
+OPTIONS = {"protocol", "roots", "store"}
 
 
 def parse_protocol(name: Any) -> str:
@@ -169,4 +169,7 @@ def fas_domains(split: str, spec: DataSpec) -> FrameDataset:
     side = "target" if split == "test" else "source"
     origin = f"{side} {'+'.join(sets[0][1])}: {', '.join(letter for letter, _ in sets)}"
     common = Path(os.path.commonpath([str(roots[letter]) for letter, _ in sets]))
-    return FrameDataset(records, common, spec.image_size, spec.mean, spec.std, split == "train", origin)
+    stores = store_roots(spec.options, [roots[letter] for letter, _ in sets])
+    return FrameDataset(
+        records, common, spec.image_size, spec.mean, spec.std, split == "train", origin, store_roots=stores
+    )

@@ -8,9 +8,14 @@ import pytest
 import torch
 from fixtures import make_folder, make_oulu, write_image
 from kdkit_fas.data import FrameDataset, frames_from_folder, frames_from_manifest
+from kdkit_fas.plugin import fas_folder
 from kdkit_fas.prepare import prepare, write_manifest
 
+from kdkit.cli.entry import run
 from kdkit.data import DataError
+from kdkit.frame_store import StoreError
+from kdkit.recipe import DataSpec
+from kdkit.throughput import loader_throughput
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -100,3 +105,37 @@ def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
         dataset[0]
     with pytest.raises(DataError, match="label 0 or 1"):
         FrameDataset([record | {"label": "2"}], tmp_path, image_size=8)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_frame_store_serves_the_same_items_as_the_files(tmp_path: Path, train: bool) -> None:
+    root = make_folder(tmp_path)
+    records = frames_from_folder(root, "train")
+    files = FrameDataset(records, root, image_size=24, mean=MEAN, std=STD, train=train)
+    assert run(["store", str(root)]) == 0
+    stored = FrameDataset(records, root, image_size=24, mean=MEAN, std=STD, train=train, store_roots=[root])
+    assert stored.served_from_store == len(stored) and files.served_from_store == 0
+    assert stored.fingerprint() == files.fingerprint()  # same pixels: same teacher-cache key
+    for index in range(len(files)):
+        torch.manual_seed(index)
+        expected = files[index]
+        torch.manual_seed(index)
+        got = stored[index]
+        assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
+    report = loader_throughput(stored, items=8)  # what `kdkit bench` reports of the training data
+    assert report["served_from_store"] == len(stored) and report["size"] == len(stored)
+    assert report["worker_img_per_s"] > 0 and report["files_worker_img_per_s"] > 0
+    assert stored.without_store().served_from_store == 0 and stored.served_from_store == len(stored)
+
+
+def test_store_option_and_a_store_of_another_size(tmp_path: Path) -> None:
+    root = make_folder(tmp_path)
+    spec = DataSpec(dataset="fas_folder", root=str(root), image_size=24)
+    assert run(["store", str(root), "--size", "16"]) == 0
+    with pytest.raises(StoreError, match=r"resized to 16 px, but data.image_size is 24.*--size 24"):
+        fas_folder("train", spec)
+    spec.options = {"store": False}  # YAML's bare `off`
+    assert fas_folder("train", spec).served_from_store == 0
+    spec.options = {"store": "sometimes"}
+    with pytest.raises(DataError, match="data.options.store: expected auto .* or off, got 'sometimes'"):
+        fas_folder("train", spec)
