@@ -61,7 +61,6 @@ def write_store(
     if need > free:
         raise StoreError(f"{out}: the store needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free")
     out.mkdir(parents=True, exist_ok=True)
-    (out / INDEX).unlink(missing_ok=True)  # from here on `out` is not a store until the new index exists
     files = []
     with atomic_path(out / IMAGES) as tmp:
         frames = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
@@ -79,6 +78,9 @@ def write_store(
                 advance()
         frames.flush()
         del frames
+        # Every frame is written: the old store (if any) stops being one just before its array is
+        # replaced, and the new one becomes one when its index exists.
+        (out / INDEX).unlink(missing_ok=True)
     index = {"format": FORMAT, "version": VERSION, "shape": list(shape), "size": size, "files": files}
     atomic_write_text(json.dumps(index), out / INDEX)
     return FrameStore(out)

@@ -59,6 +59,17 @@ def test_frames_of_different_sizes_need_a_size(tmp_path: Path) -> None:
     assert not (tmp_path / "store" / INDEX).exists()  # no half-written store that reads as one
 
 
+def test_a_failed_rewrite_keeps_the_store_that_was_there(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "frames")
+    write_store(image_files(root), root / STORE_DIR, root, show=False)
+    Image.new("RGB", (30, 30)).save(root / "b" / "big.png")
+    with pytest.raises(StoreError, match="give a size"):
+        write_store(image_files(root, exclude=root / STORE_DIR), root / STORE_DIR, root, show=False)
+    kept = FrameStore(root / STORE_DIR)
+    assert kept.shape == (4, 16, 20, 3)
+    np.testing.assert_array_equal(kept.image(kept.row("a/0.png")), read_rgb(root / "a/0.png"))
+
+
 def test_a_changed_file_or_a_missing_index_is_refused(tmp_path: Path) -> None:
     root = image_folder(tmp_path / "frames")
     paths = [p.relative_to(root).as_posix() for p in image_files(root)]
