@@ -5,7 +5,10 @@ a frame store of the PNGs (`kdkit store`), and times the FAS training data set o
 (`kdkit.throughput.worker_throughput`: `dataset[i]` in one thread, as in a DataLoader worker):
 decoding, the training augmentation (reflect-padded crop, flip, brightness/contrast jitter) and
 normalisation. For comparison it also times the torchvision v2 pipeline the augmentation
-replaces (`kdkit.augment.FrameTransform` computes the same pixels), on decoded PNG frames.
+replaces (`kdkit.augment.FrameTransform` computes the same pixels), on decoded PNG frames, and
+the store with `data.options.augment_on: device`: the worker hands over uint8 frames, and
+`finish_frames` (timed here on one CPU thread, batches of 128) jitters and normalises them on the
+training device.
 
     python benchmarks/loader_throughput.py --frames 512
 
@@ -20,14 +23,17 @@ import json
 import os
 import platform
 import tempfile
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 from kdkit_fas.data import FrameDataset, frames_from_folder
+from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
+from kdkit.augment import finish_frames
 from kdkit.frame_store import STORE_DIR, image_files, write_store
 from kdkit.images import read_rgb
 from kdkit.throughput import worker_throughput
@@ -89,7 +95,29 @@ def measure(size: int, frames: int, items: int, work: Path) -> dict[str, float]:
             stored = FrameDataset(records, root, size, MEAN, STD, train=True, store_roots=[root])
             assert stored.served_from_store == len(stored)
             rates["store"] = worker_throughput(stored, items)
+            handed_over = FrameDataset(
+                records, root, size, MEAN, STD, train=True, store_roots=[root], augment_on_device=True
+            )
+            rates["store_augment_on_device"] = worker_throughput(handed_over, items)
+            rates["finish_frames_one_cpu_thread"] = finish_rate(handed_over, items)
     return rates
+
+
+def finish_rate(dataset: FrameDataset, items: int, batch: int = 128) -> float:
+    """images/s of `finish_frames` (jitter and normalisation of handed-over uint8 frames) on one
+    CPU thread: what `augment_on: device` costs the training process when the device is a CPU."""
+    frames = default_collate([dataset[i % len(dataset)][0] for i in range(batch)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        finish_frames(frames)  # warm-up
+        start, done = time.perf_counter(), 0
+        while done < items:
+            finish_frames(frames)
+            done += batch
+        return done / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -12,11 +12,19 @@ so a seeded run draws the same crops, flips and jitters; the reflect padding, cr
 index gather (no padded copy), and the jitter works in float32 with the floor that v2's uint8
 arithmetic applies after each step, so the result matches v2's up to float rounding in the final
 normalisation (tests/test_augment.py checks it over many seeds).
+
+With `on_device=True` the transform stops before the float work: it returns `Frames`, the resized,
+cropped and flipped uint8 pixels with the jitter it drew (same draws, same order) and the mean/std.
+A DataLoader collates them into a batch of `Frames`; `device_images` moves that batch to the
+training device as uint8 (a quarter of float32's bytes) and finishes the jitter and normalisation
+there, batched (`finish_frames`). The worker then does only index gathers, and the cache, seeds and
+`aug_cycle` see the same augmentation as before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -49,10 +57,66 @@ def reflect_indices(start: int, length: int, size: int) -> np.ndarray:
     return np.where(index >= size, 2 * (size - 1) - index, index)
 
 
+class Frames(NamedTuple):
+    """Frames (one, or a collated batch with a leading dimension) whose augmentation ends on the
+    device: `finish_frames` turns them into the normalised float images `FrameTransform` makes."""
+
+    pixels: torch.Tensor  # uint8 (…, 3, S, S): resized, cropped and flipped
+    jitter: torch.Tensor  # float32 (…, 3): brightness factor, contrast factor, 1.0 if brightness goes first
+    mean: torch.Tensor  # float32 (…, 3)
+    std: torch.Tensor  # float32 (…, 3)
+
+
+NO_JITTER = (1.0, 1.0, 1.0)  # factors of 1 leave integer pixels exactly as they are
+
+
+def device_images(images: torch.Tensor | Frames, device: torch.device) -> torch.Tensor:
+    """The float images a model takes, on `device`: a tensor is moved there; `Frames` are moved as
+    uint8 and finished there (`finish_frames`). The trainer, `predict` and the bench call it."""
+    if isinstance(images, Frames):
+        return finish_frames(Frames(*(part.to(device, non_blocking=True) for part in images)))
+    return images.to(device, non_blocking=True)
+
+
+def finish_frames(frames: Frames) -> torch.Tensor:
+    """A batch of `Frames` → normalised float32 (B, 3, S, S), on the frames' device: each frame's
+    brightness and contrast jitter in its drawn order, then scaling to [0, 1] and mean/std. Equal to
+    `FrameTransform`'s per-frame result up to float rounding (where a rounding crosses an integer,
+    a pixel moves by one level before normalisation)."""
+    pixels = frames.pixels.to(torch.float32)
+    brightness, contrast, brightness_first = (frames.jitter[:, i].view(-1, 1, 1, 1) for i in range(3))
+    # Brightness before the contrast where it was drawn first, after it elsewhere; a factor of 1
+    # leaves integer pixels as they are, so each frame gets exactly its own order.
+    before = torch.where(brightness_first.bool(), brightness, 1.0)
+    after = torch.where(brightness_first.bool(), 1.0, brightness)
+    pixels = _brightness(_contrast(_brightness(pixels, before), contrast), after)
+    mean, std = frames.mean.view(-1, 3, 1, 1), frames.std.view(-1, 3, 1, 1)
+    return pixels.mul_(1.0 / 255).sub_(mean).div_(std)
+
+
+def _brightness(pixels: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
+    """ColorJitter's brightness on float pixels 0…255, in place, with uint8 arithmetic's floor."""
+    return pixels.mul_(factor).clamp_(0, 255).floor_()
+
+
+def _contrast(pixels: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
+    """ColorJitter's contrast on float pixels (…, 3, H, W) 0…255, in place: a blend with the mean
+    of the (floored) luma of each frame, then the floor."""
+    red, green, blue = pixels.unbind(-3)
+    gray = red.mul(GRAY_WEIGHTS[0]).add_(green, alpha=GRAY_WEIGHTS[1]).add_(blue, alpha=GRAY_WEIGHTS[2])
+    mean = gray.floor_().unsqueeze(-3).mean(dim=(-3, -2, -1), keepdim=True)
+    if isinstance(factor, float):  # v2's blend, operation for operation (alpha, not a product)
+        blended = pixels.mul_(factor).add_(mean, alpha=1.0 - factor)
+    else:
+        blended = pixels.mul_(factor).add_(mean * (1.0 - factor))
+    return blended.clamp_(0, 255).floor_()
+
+
 class FrameTransform:
     """Resize to S × S; when `train`, a reflect-padded random crop (padding `padding`, default
     max(1, S // 16)), a horizontal flip with probability 1/2 and a brightness/contrast jitter of
-    ±`brightness`/±`contrast` in random order; then scale to [0, 1] and normalise with mean/std."""
+    ±`brightness`/±`contrast` in random order; then scale to [0, 1] and normalise with mean/std.
+    `on_device`: return `Frames` and leave the jitter and normalisation to `device_images`."""
 
     def __init__(
         self,
@@ -63,8 +127,9 @@ class FrameTransform:
         padding: int | None = None,
         brightness: float = 0.1,
         contrast: float = 0.1,
+        on_device: bool = False,
     ) -> None:
-        self.size, self.train = size, train
+        self.size, self.train, self.on_device = size, train, on_device
         self.padding = max(1, size // 16) if padding is None else padding
         self.brightness = (1 - brightness, 1 + brightness)
         self.contrast = (1 - contrast, 1 + contrast)
@@ -75,17 +140,27 @@ class FrameTransform:
         jitter = f"brightness={self.brightness}, contrast={self.contrast}, " if self.train else ""
         return (
             f"FrameTransform(size={self.size}, train={self.train}, padding={self.padding}, {jitter}"
-            f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+            f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+            f"{', finished on the device' if self.on_device else ''})"
         )
 
-    def __call__(self, rgb: np.ndarray) -> torch.Tensor:
-        """The transformed frame `rgb` ((H, W, 3) uint8, e.g. `kdkit.images.read_rgb` or a store row)."""
+    def __call__(self, rgb: np.ndarray) -> torch.Tensor | Frames:
+        """The transformed frame `rgb` ((H, W, 3) uint8, e.g. `kdkit.images.read_rgb` or a store
+        row): a float tensor, or with `on_device` the `Frames` that `device_images` finishes."""
         rgb = resize_rgb(rgb, self.size)
         if self.train:
             rgb = self._crop_and_flip(rgb)
+        jitter = self._draw_jitter() if self.train else NO_JITTER
+        if self.on_device:
+            pixels = _channels_first(rgb).contiguous()
+            return Frames(pixels, torch.tensor(jitter), self.mean.flatten(), self.std.flatten())
         pixels = _channels_first(rgb).to(torch.float32, memory_format=torch.contiguous_format)
         if self.train:
-            pixels = self._jitter(pixels)
+            brightness, contrast, brightness_first = jitter
+            if brightness_first:
+                pixels = _contrast(_brightness(pixels, brightness), contrast)
+            else:
+                pixels = _brightness(_contrast(pixels, contrast), brightness)
         return pixels.mul_(1.0 / 255).sub_(self.mean).div_(self.std)
 
     def _crop_and_flip(self, rgb: np.ndarray) -> np.ndarray:
@@ -98,17 +173,10 @@ class FrameTransform:
             cols = cols[::-1]
         return rgb.take(rows, axis=0).take(cols, axis=1)  # two takes: faster than one 2-D gather
 
-    def _jitter(self, pixels: torch.Tensor) -> torch.Tensor:
-        order = torch.randperm(4)  # ColorJitter's order of brightness, contrast, saturation, hue
+    def _draw_jitter(self) -> tuple[float, float, float]:
+        """ColorJitter's draws in its order (the order of its four steps, then the brightness and
+        contrast factors): (brightness, contrast, 1.0 if brightness comes before contrast)."""
+        order = torch.randperm(4).tolist()  # brightness, contrast, saturation, hue
         brightness = float(torch.empty(1).uniform_(*self.brightness).item())
         contrast = float(torch.empty(1).uniform_(*self.contrast).item())
-        for step in order.tolist():
-            if step == 0:
-                pixels = pixels.mul_(brightness).clamp_(0, 255).floor_()
-            elif step == 1:
-                red, green, blue = pixels.unbind(0)
-                gray = red.mul(GRAY_WEIGHTS[0]).add_(green, alpha=GRAY_WEIGHTS[1])
-                gray = gray.add_(blue, alpha=GRAY_WEIGHTS[2])
-                mean = gray.floor_().unsqueeze(0).mean(dim=(-3, -2, -1), keepdim=True)
-                pixels = pixels.mul_(contrast).add_(mean, alpha=1.0 - contrast).clamp_(0, 255).floor_()
-        return pixels
+        return brightness, contrast, float(order.index(0) < order.index(1))

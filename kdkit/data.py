@@ -26,9 +26,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset, TensorDataset
+from torch.utils.data import (
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    Sampler,
+    Subset,
+    TensorDataset,
+    default_collate,
+)
 
 from kdkit import distributed
+from kdkit.augment import device_images
 from kdkit.recipe import DataSpec
 from kdkit.registry import DATASETS
 
@@ -376,9 +385,11 @@ def eval_loader(dataset: Dataset, spec: DataSpec) -> DataLoader:
 
 
 def example_batch(spec: DataSpec, n: int = 2) -> torch.Tensor:
-    """A few training images (for dry runs that size adapters and check shapes)."""
+    """A few training images (for dry runs that size adapters and check shapes), as a model takes
+    them (frames whose augmentation finishes on the device are finished, on the CPU)."""
     dataset = build_dataset(spec, "train")
-    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+    images = default_collate([dataset[i][0] for i in range(min(n, len(dataset)))])
+    return device_images(images, torch.device("cpu"))
 
 
 def example_input(spec: DataSpec, n: int = 1) -> torch.Tensor:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kdkit import distributed
+from kdkit.augment import Frames, device_images
 from kdkit.checkpoint import atomic_save, load_file, rng_state, set_rng_state
 from kdkit.evaluation import Evaluator, Predictions
 from kdkit.optim import build_optimizer
@@ -186,7 +187,7 @@ def predict(
     with progress(len(loader), description, unit="batches") as advance:
         for images, targets in loader:
             with autocast(device, amp):
-                out = model(images.to(device, non_blocking=True))
+                out = model(device_images(images, device))
             logits.append(out.float().cpu())
             labels.append(targets.cpu())
             advance()
@@ -433,10 +434,11 @@ class Trainer:
         )
 
     def train_step(
-        self, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor | None = None
+        self, images: torch.Tensor | Frames, labels: torch.Tensor, keys: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """One optimisation step on one batch; returns the task's outputs (loss terms and logits)."""
-        images = images.to(self.device, non_blocking=True)
+        """One optimisation step on one batch; returns the task's outputs (loss terms and logits).
+        `Frames` (augmentation finished on the device) are finished on the trainer's device."""
+        images = device_images(images, self.device)
         labels = labels.to(self.device, non_blocking=True)
         if self.scheduler is not None:
             self.scheduler.step_update(self.global_step)

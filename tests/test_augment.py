@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
-from kdkit.augment import FrameTransform, reflect_indices
+from kdkit.augment import Frames, FrameTransform, device_images, finish_frames, reflect_indices
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -62,3 +63,47 @@ def test_repr_names_settings_not_the_object() -> None:
     a, b = FrameTransform(32, MEAN, STD, train=True), FrameTransform(32, MEAN, STD, train=True)
     assert repr(a) == repr(b) and "0x" not in repr(a)  # a teacher-cache key part, stable across runs
     assert repr(a) != repr(FrameTransform(32, MEAN, STD, train=True, contrast=0.2))
+
+
+def _views(transform: FrameTransform, frames: list[np.ndarray]) -> list:
+    """`transform` of each frame, frame i drawn from seed i (as a seeded loader worker draws)."""
+    views = []
+    for seed, frame in enumerate(frames):
+        torch.manual_seed(seed)
+        views.append(transform(frame))
+    return views
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_frames_finished_on_the_device_equal_the_workers_images(train: bool) -> None:
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (40, 40 + i % 3, 3), dtype=np.uint8) for i in range(64)]
+    in_workers = torch.stack(_views(FrameTransform(32, MEAN, STD, train), frames))
+    handed_over = _views(FrameTransform(32, MEAN, STD, train, on_device=True), frames)
+    assert all(isinstance(view, Frames) and view.pixels.dtype == torch.uint8 for view in handed_over)
+    batch = default_collate(handed_over)  # what a DataLoader hands the trainer
+    assert isinstance(batch, Frames) and batch.pixels.shape == (64, 3, 32, 32)
+    finished = device_images(batch, torch.device("cpu"))
+    assert finished.dtype == torch.float32 and finished.shape == in_workers.shape
+    # In pixel levels 0…255: the same augmentation; a float rounding may move a level by one.
+    levels = (finished - in_workers) * torch.tensor(STD).view(1, 3, 1, 1) * 255
+    assert levels.abs().max() < 1.001
+    assert (levels.abs() > 1e-3).float().mean() < 1e-3
+
+
+def test_finish_frames_applies_each_frames_jitter_in_its_order() -> None:
+    pixels = torch.full((2, 3, 4, 4), 100, dtype=torch.uint8)
+    pixels[:, 0] = 200  # a red frame: contrast pulls towards its luma mean
+    # Same factors, opposite orders: brightness 1.5 first clamps red at 255 before the contrast.
+    jitter = torch.tensor([[1.5, 0.5, 1.0], [1.5, 0.5, 0.0]])
+    identity = torch.zeros(2, 3), torch.full((2, 3), 1 / 255)
+    out = finish_frames(Frames(pixels, jitter, *identity))
+    gray = np.floor(0.2989 * 200 + 0.587 * 100 + 0.114 * 100)
+    bright_gray = np.floor(0.2989 * 255 + 0.587 * 150 + 0.114 * 150)
+    assert out[0, 0, 0, 0] == np.floor(255 * 0.5 + bright_gray * 0.5)  # brightness, then contrast
+    assert out[1, 0, 0, 0] == min(255, np.floor(np.floor(200 * 0.5 + gray * 0.5) * 1.5))
+
+
+def test_device_images_moves_a_plain_tensor_unchanged() -> None:
+    images = torch.randn(2, 3, 8, 8)
+    assert torch.equal(device_images(images, torch.device("cpu")), images)

@@ -19,7 +19,7 @@ from kdkit.evaluation import Predictions
 from kdkit.evaluators import ClassificationEvaluator
 from kdkit.recipe import DataSpec, TrainSpec
 from kdkit.runlog import MetricsLog
-from kdkit.trainer import Trainer, TrainingDiverged, TrainingInterrupted
+from kdkit.trainer import Trainer, TrainingDiverged, TrainingInterrupted, predict
 
 DATA = DataSpec(dataset="digits", image_size=16, batch_size=32, mean=[0.5], std=[0.5])
 
@@ -256,3 +256,17 @@ def test_a_last_pt_of_the_previous_version_resumes(tmp_path: Path, monkeypatch: 
     assert (result.epochs, result.best_epoch) == (2, straight.best.epoch)
     assert same_state(straight.task.trainable_state_dict(), resumed.task.trainable_state_dict())
     assert epoch_records(tmp_path / "straight", 2)[-1] == epoch_records(tmp_path / "old", 2)[-1]
+
+
+def test_predict_returns_logits_in_order_without_a_graph_and_restores_train_mode() -> None:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(4, 3))
+    model.train()
+    images = torch.randn(10, 1, 2, 2)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, torch.arange(10) % 3), batch_size=4
+    )
+    out = predict(model, loader, torch.device("cpu"))
+    # Under no_grad (no graph kept for a whole split) and in eval mode (dropout off: exact logits).
+    assert not out.logits.requires_grad
+    torch.testing.assert_close(out.logits, model[2](images.flatten(1)).detach())
+    assert out.labels.tolist() == (torch.arange(10) % 3).tolist() and model.training

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from kdkit.augment import device_images
 from kdkit.build import build_distiller, build_recipe_model
 from kdkit.cache import TeacherCache
 from kdkit.cli.arguments import add_recipe_args
@@ -443,7 +444,7 @@ def _loader_wait(recipe: Recipe, stage: StageSpec, train: TrainSpec, size: int, 
     data = dataclasses.replace(recipe.data, batch_size=size)
     try:
         loader, _, set_epoch = build_loaders(data, recipe.seed, eval_splits=())
-        example = next(iter(loader))[0][:2]
+        example = device_images(next(iter(loader))[0], torch.device("cpu"))[:2]
     except (DataError, OSError, ValueError) as exc:
         return {"skipped": f"the recipe's data is not available ({exc})"}
     task = build_distiller(recipe, stage, example=example)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from kdkit.augment import FrameTransform
+from kdkit.augment import Frames, FrameTransform
 from kdkit.csvfile import CsvTable, read_csv
 from kdkit.data import DataError
 from kdkit.frame_store import STORE_DIR, FrameStore, StoreError, open_store
@@ -30,21 +30,25 @@ META_KEYS = ("video", "subject", "label", "attack_type")
 
 
 def build_transform(
-    image_size: int, mean: Sequence[float], std: Sequence[float], train: bool
+    image_size: int, mean: Sequence[float], std: Sequence[float], train: bool, on_device: bool = False
 ) -> FrameTransform:
     """Train: reflect-padded random crop, horizontal flip, mild brightness/contrast jitter. Eval: resize.
 
     Spoof cues are high-frequency textures (halftone dots, moiré, screen sub-pixels); random
     *resized* crops resample them differently at every step and blur them, so training crops keep
     the pixel scale of evaluation. `kdkit.augment.FrameTransform` computes exactly what the
-    torchvision v2 pipeline of these steps computes, at a third of its cost.
+    torchvision v2 pipeline of these steps computes, at a third of its cost. `on_device`: the
+    loader hands over uint8 `Frames`; the jitter and normalisation run on the training device.
     """
     padding = max(1, image_size // 16)
-    return FrameTransform(image_size, mean, std, train, padding=padding, brightness=0.1, contrast=0.1)
+    return FrameTransform(
+        image_size, mean, std, train, padding=padding, brightness=0.1, contrast=0.1, on_device=on_device
+    )
 
 
 class FrameDataset(Dataset):
-    """Face-crop frames → `(image: float tensor (3, S, S) normalised, label: int)`.
+    """Face-crop frames → `(image: float tensor (3, S, S) normalised, label: int)`; with
+    `augment_on_device`, `(kdkit.augment.Frames, label)`, finished on the device by the trainer.
 
     `meta[i]` holds video, subject, label and attack_type of item i, for video-level and
     per-attack-type evaluation, and its `domain` (the data set it came from) when the records give
@@ -67,6 +71,7 @@ class FrameDataset(Dataset):
         train: bool = False,
         origin: str = "",
         store_roots: Sequence[str | Path] = (),
+        augment_on_device: bool = False,
     ) -> None:
         self.root, self.origin = Path(root), origin
         self.paths: list[Path] = []
@@ -84,7 +89,7 @@ class FrameDataset(Dataset):
             self.labels.append(int(label))
             domain = {"domain": record["domain"]} if "domain" in record else {}
             self.meta.append({key: record[key] for key in META_KEYS} | {"label": int(label)} | domain)
-        self.transform = build_transform(image_size, mean, std, train)
+        self.transform = build_transform(image_size, mean, std, train, augment_on_device)
         self.stored: list[tuple[FrameStore, int] | None] = [None] * len(self.paths)
         for folder in store_roots:
             self._use_store(Path(folder), image_size)
@@ -136,7 +141,7 @@ class FrameDataset(Dataset):
             digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         return digest.hexdigest()
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Frames, int]:
         source = self.stored[index]
         rgb = read_rgb(self.paths[index]) if source is None else source[0].image(source[1])
         return self.transform(rgb), self.labels[index]
@@ -157,6 +162,19 @@ def store_roots(options: dict, roots: Sequence[Path]) -> list[Path]:
         f"data.options.store: expected auto (read a folder's {STORE_DIR} when it has one) or off, "
         f"got {value!r}"
     )
+
+
+def augment_on_device(options: dict) -> bool:
+    """Whether `data.options.augment_on` asks for the jitter and normalisation on the training
+    device (`device`: the loader workers hand over uint8 frames) or in the workers (`workers`, the
+    default). Same augmentation either way; `device` pays off when a GPU trains."""
+    value = options.get("augment_on", "workers")
+    if value not in ("workers", "device"):
+        raise DataError(
+            "data.options.augment_on: expected workers (augment in the loader workers) or device "
+            f"(hand over uint8 frames, jitter and normalise on the training device), got {value!r}"
+        )
+    return value == "device"
 
 
 def _split_rows(rows: list[dict], root: Path, split: str) -> list[dict]:

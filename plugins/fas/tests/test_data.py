@@ -11,11 +11,14 @@ from kdkit_fas.data import FrameDataset, frames_from_folder, frames_from_manifes
 from kdkit_fas.plugin import fas_folder
 from kdkit_fas.prepare import prepare, write_manifest
 
+from kdkit.augment import Frames
 from kdkit.cli.entry import run
-from kdkit.data import DataError
+from kdkit.data import DataError, build_loaders
+from kdkit.distiller import SupervisedTask
 from kdkit.frame_store import StoreError
-from kdkit.recipe import DataSpec
+from kdkit.recipe import DataSpec, TrainSpec
 from kdkit.throughput import loader_throughput
+from kdkit.trainer import EpochProgress, Trainer
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -138,4 +141,30 @@ def test_store_option_and_a_store_of_another_size(tmp_path: Path) -> None:
     assert fas_folder("train", spec).served_from_store == 0
     spec.options = {"store": "sometimes"}
     with pytest.raises(DataError, match="data.options.store: expected auto .* or off, got 'sometimes'"):
+        fas_folder("train", spec)
+
+
+def _trained(spec: DataSpec, steps: int = 3) -> tuple[torch.Tensor, dict]:
+    """Mean loss terms and weights of a linear model after `steps` steps on `spec`'s training loader."""
+    loader, _, _ = build_loaders(spec, seed=0, eval_splits=())
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 24 * 24, 2))
+    trainer = Trainer(SupervisedTask(model), TrainSpec(epochs=1, lr=0.1, device="cpu"), loader)
+    tally = EpochProgress()
+    trainer.train_steps(loader, steps, tally)
+    return tally.sums / tally.seen, model.state_dict()
+
+
+def test_augment_on_device_trains_exactly_as_augmenting_in_the_workers(tmp_path: Path) -> None:
+    root = make_folder(tmp_path)
+    spec = DataSpec(dataset="fas_folder", root=str(root), image_size=24, batch_size=4, num_workers=0)
+    spec.options = {"augment_on": "device"}
+    frames, label = fas_folder("train", spec)[0]
+    assert isinstance(frames, Frames) and frames.pixels.dtype == torch.uint8 and isinstance(label, int)
+    on_device = _trained(spec)
+    spec.options = {}  # `workers`, the default
+    in_workers = _trained(spec)
+    torch.testing.assert_close(on_device, in_workers, rtol=0, atol=0)
+    spec.options = {"augment_on": "gpu"}
+    with pytest.raises(DataError, match="data.options.augment_on: expected workers .* or device .*got 'gpu'"):
         fas_folder("train", spec)
