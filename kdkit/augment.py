@@ -17,8 +17,8 @@ With `on_device=True` the transform stops before the float work: it returns `Fra
 cropped and flipped uint8 pixels with the jitter it drew (same draws, same order) and the mean/std.
 A DataLoader collates them into a batch of `Frames`; `device_images` moves that batch to the
 training device as uint8 (a quarter of float32's bytes) and finishes the jitter and normalisation
-there, batched (`finish_frames`). The worker then does only index gathers, and the cache, seeds and
-`aug_cycle` see the same augmentation as before.
+there, batched (`finish_frames`). The worker then only resizes (when the frame is not S × S yet),
+crops and flips, and the cache, seeds and `aug_cycle` see the same augmentation as before.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def finish_frames(frames: Frames) -> torch.Tensor:
     brightness, contrast, brightness_first = (frames.jitter[:, i].view(-1, 1, 1, 1) for i in range(3))
     # Brightness before the contrast where it was drawn first, after it elsewhere; a factor of 1
     # leaves integer pixels as they are, so each frame gets exactly its own order.
-    before = torch.where(brightness_first.bool(), brightness, 1.0)
-    after = torch.where(brightness_first.bool(), 1.0, brightness)
+    first = brightness_first.bool()
+    before, after = torch.where(first, brightness, 1.0), torch.where(first, 1.0, brightness)
     pixels = _brightness(_contrast(_brightness(pixels, before), contrast), after)
     mean, std = frames.mean.view(-1, 3, 1, 1), frames.std.view(-1, 3, 1, 1)
     return pixels.mul_(1.0 / 255).sub_(mean).div_(std)
