@@ -7,8 +7,9 @@ decoding, the training augmentation (reflect-padded crop, flip, brightness/contr
 normalisation. For comparison it also times the torchvision v2 pipeline the augmentation
 replaces (`kdkit.augment.FrameTransform` computes the same pixels), on decoded PNG frames, and
 the store with `data.options.augment_on: device`: the worker hands over uint8 frames, and
-`finish_frames` (timed here on one CPU thread, batches of 128) jitters and normalises them on the
-training device.
+`finish_frames` (timed here on one CPU thread, batches of 128) crops, flips, jitters and normalises
+them on the training device; and the store with `data.options.crop: resized` (a random resized
+crop, resized in the worker), in the workers and on the device.
 
     python benchmarks/loader_throughput.py --frames 512
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from kdkit_fas.data import FrameDataset, frames_from_folder
+from kdkit_fas.data import Augmentation, FrameDataset, frames_from_folder
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
@@ -80,6 +81,15 @@ class V2Frames(torch.utils.data.Dataset):
         return self.transform(read_rgb(self.paths[index]))
 
 
+# The store, read with each augmentation setting (`data.options` augment_on and crop).
+STORE_VARIANTS = {
+    "store": Augmentation(),
+    "store_augment_on_device": Augmentation(on_device=True),
+    "store_resized_crop": Augmentation(crop="resized"),
+    "store_resized_crop_augment_on_device": Augmentation(on_device=True, crop="resized"),
+}
+
+
 def measure(size: int, frames: int, items: int, work: Path) -> dict[str, float]:
     """images/s per worker for each source at `size` px."""
     rates = {}
@@ -92,14 +102,14 @@ def measure(size: int, frames: int, items: int, work: Path) -> dict[str, float]:
         if name == "png":
             rates["png_torchvision_v2"] = worker_throughput(V2Frames(files.paths, size), items)
             write_store(image_files(root), root / STORE_DIR, root, show=False)
-            stored = FrameDataset(records, root, size, MEAN, STD, train=True, store_roots=[root])
-            assert stored.served_from_store == len(stored)
-            rates["store"] = worker_throughput(stored, items)
-            handed_over = FrameDataset(
-                records, root, size, MEAN, STD, train=True, store_roots=[root], augment_on_device=True
-            )
-            rates["store_augment_on_device"] = worker_throughput(handed_over, items)
-            rates["finish_frames_one_cpu_thread"] = finish_rate(handed_over, items)
+            for label, augment in STORE_VARIANTS.items():
+                stored = FrameDataset(
+                    records, root, size, MEAN, STD, train=True, store_roots=[root], augment=augment
+                )
+                assert stored.served_from_store == len(stored)
+                rates[label] = worker_throughput(stored, items)
+                if label == "store_augment_on_device":
+                    rates["finish_frames_one_cpu_thread"] = finish_rate(stored, items)
     return rates
 
 

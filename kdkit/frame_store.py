@@ -28,7 +28,7 @@ from kdkit.augment import resize_rgb
 from kdkit.checkpoint import atomic_path, atomic_write_text
 from kdkit.data import DataError
 from kdkit.images import IMAGE_EXTS, read_rgb
-from kdkit.runlog import progress
+from kdkit.runlog import console, progress
 
 FORMAT = "kdkit-frame-store"
 VERSION = 1
@@ -207,3 +207,44 @@ def image_files(root: str | Path, exclude: str | Path | None = None) -> list[Pat
         and path.is_file()
         and not (skip and path.resolve().is_relative_to(skip))
     )
+
+
+def update_store(
+    root: str | Path,
+    out: str | Path | None = None,
+    size: int | None = None,
+    force: bool = False,
+    show: bool = True,
+) -> tuple[FrameStore, bool]:
+    """The store of every image under `root` (at `out`, default `root/frames.kdstore`), written
+    unless one is there that holds exactly those files, unchanged, at `size` (or `force`).
+    Returns the store and whether it was written."""
+    root = Path(root)
+    out = Path(out) if out is not None else root / STORE_DIR
+    paths = image_files(root, exclude=out)
+    if not force:
+        current = _current_store(out, root, paths, size)
+        if current is not None:
+            return current, False
+    return write_store(paths, out, root, size=size, show=show), True
+
+
+def _current_store(out: Path, root: Path, paths: list[Path], size: int | None) -> FrameStore | None:
+    """The store at `out` when it holds exactly `paths`, unchanged, at `size`; else None."""
+    try:
+        store = FrameStore(out)
+    except StoreError as exc:
+        if out.exists():
+            console.print(f"[yellow]{exc}: writing it again[/yellow]")
+        return None
+    same_files = sorted(store.rows) == sorted(_relative(path, root) for path in paths)
+    return store if same_files and store.size == size and not store.stale(root) else None
+
+
+def store_summary(store: FrameStore, written: bool) -> str:
+    """One line on `store` for a command's output: its frames and size, or that it was up to date."""
+    if not written:
+        return f"{store.folder}: up to date ({len(store)} frames)"
+    height, width = store.shape[1:3]
+    gib = store.shape[0] * height * width * 3 / 2**30
+    return f"{store.folder}: {len(store)} frames of {width}×{height} px, {gib:.2f} GiB"

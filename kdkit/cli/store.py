@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from kdkit.errors import UsageError
-from kdkit.frame_store import STORE_DIR, FrameStore, StoreError, image_files, write_store
-from kdkit.runlog import console, output
+from kdkit.frame_store import STORE_DIR, store_summary, update_store
+from kdkit.runlog import output
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,25 +37,6 @@ def cmd_store(args: argparse.Namespace) -> int:
         raise UsageError(f"FOLDER: {args.folder} is not a folder")
     if args.size is not None and args.size < 1:
         raise UsageError(f"--size: expected a positive integer, got {args.size}")
-    out = args.out or args.folder / STORE_DIR
-    paths = image_files(args.folder, exclude=out)
-    if not args.force and _up_to_date(out, args.folder, paths, args.size):
-        output.print(f"{out}: up to date ({len(paths)} frames); --force rewrites it")
-        return 0
-    store = write_store(paths, out, args.folder, size=args.size)
-    height, width = store.shape[1:3]
-    gib = store.shape[0] * height * width * 3 / 2**30
-    output.print(f"{out}: {len(store)} frames of {width}×{height} px, {gib:.2f} GiB")
+    store, written = update_store(args.folder, args.out, size=args.size, force=args.force)
+    output.print(store_summary(store, written) + ("" if written else "; --force rewrites it"))
     return 0
-
-
-def _up_to_date(out: Path, root: Path, paths: list[Path], size: int | None) -> bool:
-    """Whether the store at `out` holds exactly `paths`, unchanged, at `size`."""
-    try:
-        store = FrameStore(out)
-    except StoreError as exc:
-        if out.exists():
-            console.print(f"[yellow]{exc}: writing it again[/yellow]")
-        return False
-    same_files = sorted(store.rows) == sorted(path.relative_to(root).as_posix() for path in paths)
-    return same_files and store.size == size and not store.stale(root)

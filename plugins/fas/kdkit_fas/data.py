@@ -12,11 +12,12 @@ import copy
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
 
-from kdkit.augment import Frames, FrameTransform
+from kdkit.augment import CROPS, Frames, FrameTransform
 from kdkit.csvfile import CsvTable, read_csv
 from kdkit.data import DataError
 from kdkit.frame_store import STORE_DIR, FrameStore, StoreError, open_store
@@ -29,26 +30,51 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 META_KEYS = ("video", "subject", "label", "attack_type")
 
 
+class Augmentation(NamedTuple):
+    """How training frames are augmented (`data.options` `augment_on`, `crop`, `crop_scale`)."""
+
+    on_device: bool = False  # hand uint8 frames over; crop, jitter and normalise on the training device
+    crop: str = "pad"  # pad: reflect-padded random crop; resized: random resized crop
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # the resized crop's share of the frame's area
+
+
+DEFAULT_AUGMENTATION = Augmentation()
+
+
 def build_transform(
-    image_size: int, mean: Sequence[float], std: Sequence[float], train: bool, on_device: bool = False
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool,
+    augment: Augmentation = DEFAULT_AUGMENTATION,
 ) -> FrameTransform:
     """Train: reflect-padded random crop, horizontal flip, mild brightness/contrast jitter. Eval: resize.
 
     Spoof cues are high-frequency textures (halftone dots, moiré, screen sub-pixels); random
-    *resized* crops resample them differently at every step and blur them, so training crops keep
-    the pixel scale of evaluation. `kdkit.augment.FrameTransform` computes exactly what the
-    torchvision v2 pipeline of these steps computes, at a third of its cost. `on_device`: the
-    loader hands over uint8 `Frames`; the jitter and normalisation run on the training device.
+    *resized* crops resample them differently at every step and blur them, so by default training
+    crops keep the pixel scale of evaluation (`augment.crop: resized` is there to measure that
+    choice). `kdkit.augment.FrameTransform` computes exactly what the torchvision v2 pipeline of
+    these steps computes, at a third of its cost. `augment.on_device`: the loader hands over uint8
+    `Frames`; the crop, jitter and normalisation run on the training device.
     """
     padding = max(1, image_size // 16)
     return FrameTransform(
-        image_size, mean, std, train, padding=padding, brightness=0.1, contrast=0.1, on_device=on_device
+        image_size,
+        mean,
+        std,
+        train,
+        padding=padding,
+        brightness=0.1,
+        contrast=0.1,
+        on_device=augment.on_device,
+        crop=augment.crop,
+        crop_scale=augment.crop_scale,
     )
 
 
 class FrameDataset(Dataset):
     """Face-crop frames → `(image: float tensor (3, S, S) normalised, label: int)`; with
-    `augment_on_device`, `(kdkit.augment.Frames, label)`, finished on the device by the trainer.
+    `augment.on_device`, `(kdkit.augment.Frames, label)`, finished on the device by the trainer.
 
     `meta[i]` holds video, subject, label and attack_type of item i, for video-level and
     per-attack-type evaluation, and its `domain` (the data set it came from) when the records give
@@ -71,7 +97,7 @@ class FrameDataset(Dataset):
         train: bool = False,
         origin: str = "",
         store_roots: Sequence[str | Path] = (),
-        augment_on_device: bool = False,
+        augment: Augmentation = DEFAULT_AUGMENTATION,
     ) -> None:
         self.root, self.origin = Path(root), origin
         self.paths: list[Path] = []
@@ -89,7 +115,7 @@ class FrameDataset(Dataset):
             self.labels.append(int(label))
             domain = {"domain": record["domain"]} if "domain" in record else {}
             self.meta.append({key: record[key] for key in META_KEYS} | {"label": int(label)} | domain)
-        self.transform = build_transform(image_size, mean, std, train, augment_on_device)
+        self.transform = build_transform(image_size, mean, std, train, augment)
         self.stored: list[tuple[FrameStore, int] | None] = [None] * len(self.paths)
         for folder in store_roots:
             self._use_store(Path(folder), image_size)
@@ -164,17 +190,39 @@ def store_roots(options: dict, roots: Sequence[Path]) -> list[Path]:
     )
 
 
-def augment_on_device(options: dict) -> bool:
-    """Whether `data.options.augment_on` asks for the jitter and normalisation on the training
-    device (`device`: the loader workers hand over uint8 frames) or in the workers (`workers`, the
-    default). Same augmentation either way; `device` pays off when a GPU trains."""
-    value = options.get("augment_on", "workers")
-    if value not in ("workers", "device"):
+AUGMENT_OPTIONS = {"augment_on", "crop", "crop_scale"}
+
+
+def augmentation(options: dict) -> Augmentation:
+    """The `Augmentation` that `data.options` ask for, checked: `augment_on` is `workers` (the
+    default) or `device` (same augmentation; pays off when a GPU trains), `crop` is `pad` (the
+    default) or `resized`, and `crop_scale` [low, high] with 0 < low <= high <= 1 (resized only)."""
+    on = options.get("augment_on", "workers")
+    if on not in ("workers", "device"):
         raise DataError(
             "data.options.augment_on: expected workers (augment in the loader workers) or device "
-            f"(hand over uint8 frames, jitter and normalise on the training device), got {value!r}"
+            f"(hand over uint8 frames, crop, jitter and normalise on the training device), got {on!r}"
         )
-    return value == "device"
+    crop = options.get("crop", "pad")
+    if crop not in CROPS:
+        raise DataError(
+            "data.options.crop: expected pad (a reflect-padded random crop, the pixel scale kept) or "
+            f"resized (a random resized crop), got {crop!r}"
+        )
+    scale = options.get("crop_scale", DEFAULT_AUGMENTATION.crop_scale)
+    if "crop_scale" in options and crop != "resized":
+        raise DataError(
+            "data.options.crop_scale: only a resized crop has a scale; set data.options.crop: resized"
+        )
+    numbers = isinstance(scale, list | tuple) and all(
+        isinstance(x, int | float) and not isinstance(x, bool) for x in scale
+    )
+    if not (numbers and len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise DataError(
+            f"data.options.crop_scale: expected [low, high] with 0 < low <= high <= 1 (the share of "
+            f"the frame's area a resized crop keeps), got {scale!r}"
+        )
+    return Augmentation(on == "device", crop, (float(scale[0]), float(scale[1])))
 
 
 def _split_rows(rows: list[dict], root: Path, split: str) -> list[dict]:

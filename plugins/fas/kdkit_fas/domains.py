@@ -29,7 +29,7 @@ from typing import Any
 
 from kdkit.data import DataError
 from kdkit.recipe import DataSpec
-from kdkit_fas.data import FrameDataset, augment_on_device, frames_from_manifest, store_roots
+from kdkit_fas.data import AUGMENT_OPTIONS, FrameDataset, augmentation, frames_from_manifest, store_roots
 from kdkit_fas.prepare import SETTINGS_FILE
 
 # letter -> (`kdkit fas prepare` layout, data set name, has an official dev split)
@@ -54,7 +54,7 @@ SPLIT_TABLE = {
     "val": ("sources", ("dev",)),
     "test": ("target", ("train", "test")),
 }
-OPTIONS = {"protocol", "roots", "store", "augment_on"}
+OPTIONS = {"protocol", "roots", "store", *AUGMENT_OPTIONS}
 
 
 def parse_protocol(name: Any) -> str:
@@ -179,5 +179,5 @@ def fas_domains(split: str, spec: DataSpec) -> FrameDataset:
         split == "train",
         origin,
         store_roots=stores,
-        augment_on_device=augment_on_device(spec.options),
+        augment=augmentation(spec.options),
     )

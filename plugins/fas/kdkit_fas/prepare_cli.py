@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from kdkit.data import DataError
+from kdkit.frame_store import store_summary, update_store
 from kdkit.workers import Interrupted
 from kdkit_fas.layouts import LAYOUTS, LayoutError
 from kdkit_fas.prepare import prepare
@@ -49,13 +50,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="--out holds frames prepared with other settings: delete them and prepare again",
     )
+    parser.add_argument(
+        "--store",
+        action="store_true",
+        help="also write the frames into OUT/frames.kdstore, which training reads with no decoding "
+        "(as `kdkit store OUT`; an up-to-date store is kept)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Prepare the data set: 0 when every video was prepared, 1 when some could not be read (the
-    report names them; the others are prepared). Bad input raises kdkit's errors (exit status 2)
-    and an interruption `Interrupted` (128 + signal); `kdkit.cli.main` reports them."""
+    """Prepare the data set (and with `--store` its frame store): 0 when every video was prepared,
+    1 when some could not be read (the report names them; the others are prepared and stored).
+    Bad input raises kdkit's errors (exit status 2) and an interruption `Interrupted` (128 +
+    signal); `kdkit.cli.main` reports them."""
     try:
         report = prepare(
             args.dataset,
@@ -77,4 +85,7 @@ def run(args: argparse.Namespace) -> int:
     except Interrupted as exc:
         raise Interrupted(f"{exc}; continue with: {args.command_line}", exc.signum) from None
     print(report.summary())
+    if args.store:
+        store, written = update_store(args.out, show=not args.no_progress)
+        print(store_summary(store, written))
     return 1 if report.failed else 0

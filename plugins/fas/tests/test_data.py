@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -155,16 +157,48 @@ def _trained(spec: DataSpec, steps: int = 3) -> tuple[torch.Tensor, dict]:
     return tally.sums / tally.seen, model.state_dict()
 
 
-def test_augment_on_device_trains_exactly_as_augmenting_in_the_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("crop", [{}, {"crop": "resized", "crop_scale": [0.5, 1.0]}])
+def test_augment_on_device_trains_exactly_as_augmenting_in_the_workers(tmp_path: Path, crop: dict) -> None:
     root = make_folder(tmp_path)
     spec = DataSpec(dataset="fas_folder", root=str(root), image_size=24, batch_size=4, num_workers=0)
-    spec.options = {"augment_on": "device"}
+    spec.options = {"augment_on": "device", **crop}
     frames, label = fas_folder("train", spec)[0]
     assert isinstance(frames, Frames) and frames.pixels.dtype == torch.uint8 and isinstance(label, int)
     on_device = _trained(spec)
-    spec.options = {}  # `workers`, the default
+    spec.options = crop  # `augment_on: workers`, the default
     in_workers = _trained(spec)
     torch.testing.assert_close(on_device, in_workers, rtol=0, atol=0)
     spec.options = {"augment_on": "gpu"}
     with pytest.raises(DataError, match="data.options.augment_on: expected workers .* or device .*got 'gpu'"):
         fas_folder("train", spec)
+
+
+def test_crop_options_choose_the_crop_and_bad_values_name_the_key(tmp_path: Path) -> None:
+    root = make_folder(tmp_path)
+    spec = DataSpec(dataset="fas_folder", root=str(root), image_size=24)
+    assert fas_folder("train", spec).transform.crop == "pad"  # the FAS default keeps the pixel scale
+    spec.options = {"crop": "resized", "crop_scale": [0.25, 1]}
+    transform = fas_folder("train", spec).transform
+    assert (transform.crop, transform.crop_scale) == ("resized", (0.25, 1.0))
+    bad = [
+        ({"crop": "center"}, "data.options.crop: expected pad .* or resized .*got 'center'"),
+        ({"crop_scale": [0.5, 1]}, "data.options.crop_scale: only a resized crop has a scale"),
+        ({"crop": "resized", "crop_scale": [0.5]}, r"crop_scale: expected \[low, high\] .*got \[0\.5\]"),
+        ({"crop": "resized", "crop_scale": [0.9, 0.5]}, "0 < low <= high <= 1"),
+        ({"crop": "resized", "crop_scale": "big"}, "got 'big'"),
+    ]
+    for options, message in bad:
+        spec.options = options
+        with pytest.raises(DataError, match=message):
+            fas_folder("train", spec)
+
+
+def test_the_loader_benchmark_runs_at_a_tiny_size(capsys: pytest.CaptureFixture[str]) -> None:
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "loader_throughput.py"
+    spec = importlib.util.spec_from_file_location("loader_throughput", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    benchmark.main(["--frames", "8", "--items", "8", "--sizes", "16"])
+    rates = json.loads(capsys.readouterr().out)["results"]["16px"]
+    sources = {"png", "jpeg", "png_torchvision_v2", "finish_frames_one_cpu_thread", *benchmark.STORE_VARIANTS}
+    assert set(rates) == sources and all(rate > 0 for rate in rates.values())

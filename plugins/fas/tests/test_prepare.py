@@ -27,10 +27,14 @@ from fixtures import (
 from kdkit_fas import faces, mtcnn, prepare_cli
 from kdkit_fas import prepare as prepare_module
 from kdkit_fas.layouts import index_dataset
+from kdkit_fas.plugin import fas_manifest
 from kdkit_fas.prepare import PrepareError, prepare
 
 from kdkit.cli import main
 from kdkit.deploy.inputs import sample_indices
+from kdkit.frame_store import STORE_DIR, FrameStore
+from kdkit.images import read_rgb
+from kdkit.recipe import DataSpec
 
 
 def manifest(out: Path) -> list[dict]:
@@ -270,6 +274,27 @@ def test_cli_prepares_a_data_set(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert prepare_cli.run(args) == 0
     assert "8 videos: 8 prepared" in capsys.readouterr().out
     assert len(manifest(tmp_path / "o")) == 8
+
+
+def test_cli_store_writes_the_frame_store_training_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    root, out = make_folder(tmp_path / "raw"), tmp_path / "o"
+    argv = ["fas", "prepare", "folder", "--root", str(root), "--out", str(out), "--frames-per-video", "1"]
+    argv += ["--size", "8", "--workers", "1", "--no-progress", "--store"]
+    assert main(argv) == 0
+    assert f"{out / STORE_DIR}: 8 frames of 8×8 px" in capsys.readouterr().out
+    spec = DataSpec(dataset="fas_manifest", root=str(out), image_size=8)
+    train = fas_manifest("train", spec)
+    assert train.served_from_store == len(train) > 0  # every frame, with no decoding
+    store = FrameStore(out / STORE_DIR)
+    for row in manifest(out):
+        assert np.array_equal(store.image(store.row(row["path"])), read_rgb(out / row["path"]))
+    assert main(argv) == 0  # resumed: nothing prepared, the store kept
+    assert f"{out / STORE_DIR}: up to date (8 frames)" in capsys.readouterr().out
+    assert main([*argv, "--size", "12", "--replace"]) == 0  # frames rewritten: so is the store
+    assert "8 frames of 12×12 px" in capsys.readouterr().out
+    assert fas_manifest("train", spec).served_from_store == len(train)
 
 
 def test_cli_refuses_other_settings_unless_replace_and_resumes_the_same(
