@@ -240,7 +240,8 @@ class FrameTransform:
 
 def _crop_window(rgb: np.ndarray, window: tuple[int, int, int]) -> np.ndarray:
     """The S × S crop of the square frame `rgb` at `window` (reflected at the edges), flipped when
-    it says so."""
+    it says so: in a worker, one frame at a time, where these NumPy takes on (H, W, 3) are twice
+    as fast as `_gather_windows` on a batch of one (188 against 406 µs at 224 px)."""
     size = rgb.shape[0]
     top, left, flip = window
     rows, cols = reflect_indices(top, size, size), reflect_indices(left, size, size)
