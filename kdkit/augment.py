@@ -142,6 +142,7 @@ def _contrast(pixels: torch.Tensor, factor: float | torch.Tensor) -> torch.Tenso
 
 
 CROPS = ("pad", "resized")
+CROP_SCALE = (0.08, 1.0)  # a resized crop's share of the frame's area, as torchvision's default
 
 
 class FrameTransform:
@@ -163,7 +164,7 @@ class FrameTransform:
         contrast: float = 0.1,
         on_device: bool = False,
         crop: str = "pad",
-        crop_scale: tuple[float, float] = (0.08, 1.0),
+        crop_scale: tuple[float, float] = CROP_SCALE,
     ) -> None:
         if crop not in CROPS:
             raise ValueError(f"crop: expected one of {', '.join(CROPS)}, got {crop!r}")

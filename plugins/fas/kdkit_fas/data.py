@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from kdkit.augment import CROPS, Frames, FrameTransform
+from kdkit.augment import CROP_SCALE, CROPS, Frames, FrameTransform
 from kdkit.csvfile import CsvTable, read_csv
 from kdkit.data import DataError
 from kdkit.frame_store import STORE_DIR, FrameStore, StoreError, open_store
@@ -35,7 +35,7 @@ class Augmentation(NamedTuple):
 
     on_device: bool = False  # hand uint8 frames over; crop, jitter and normalise on the training device
     crop: str = "pad"  # pad: reflect-padded random crop; resized: random resized crop
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # the resized crop's share of the frame's area
+    crop_scale: tuple[float, float] = CROP_SCALE  # the resized crop's share of the frame's area
 
 
 DEFAULT_AUGMENTATION = Augmentation()
