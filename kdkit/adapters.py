@@ -2,8 +2,9 @@
 
 `adapter(s, t)` takes student features `s` (B, Ds) or (B, N, Ds) and teacher features `t` (B, Dt) or
 (B, N, Dt) and returns `(s_mapped, t_target)` of equal shape, so `criterion(s_mapped, t_target)` is the
-feature loss. Adapters see both tensors, which is what lets `covariance` and `gram` map widths without
-parameters. They are plain `nn.Module`s: usable in any PyTorch loop with nothing else from kdkit.
+feature loss. Adapters see both tensors, which is what lets `procrustes`, `covariance`, `cka` and
+`gram` map widths without parameters. They are plain `nn.Module`s: usable in any PyTorch loop with
+nothing else from kdkit.
 See docs/adapters.md for formulas and when to choose which.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
@@ -72,7 +74,7 @@ class IdentityAdapter(Adapter):
         if student_dim != teacher_dim:
             raise ValueError(
                 f"identity adapter needs equal widths; got student_dim={student_dim}, "
-                f"teacher_dim={teacher_dim}. Use 'covariance', 'projection' or 'gram'."
+                f"teacher_dim={teacher_dim}. Use 'procrustes' (no parameters), 'projection' or 'cka'."
             )
         super().__init__(student_dim, teacher_dim)
 
@@ -179,19 +181,44 @@ class RawAdapter(Adapter):
         return s, t
 
 
+SCALES = ("element", "row")
+
+
+def _unit_rows(x: Tensor, eps: float) -> Tensor:
+    """`x` as rows (samples, or samples x tokens), each scaled to unit L2 norm."""
+    return F.normalize(x.reshape(-1, x.shape[-1]), dim=1, eps=eps)
+
+
+def _check_scale(scale: str) -> str:
+    if scale not in SCALES:
+        raise ValueError(f"scale: expected one of {list(SCALES)}, got {scale!r}")
+    return scale
+
+
+def _scaled(pair: tuple[Tensor, Tensor], scale: str) -> tuple[Tensor, Tensor]:
+    """`scale='row'` multiplies both outputs by sqrt(width), so a mean-reduced MSE on them is the mean
+    over rows of the squared distance ‖a - b‖² (a number in [0, 4] for unit rows) instead of that
+    divided by the width: the same β then weighs the term alike whatever the models' widths."""
+    if scale == "element":
+        return pair
+    factor = pair[0].shape[-1] ** 0.5
+    return pair[0] * factor, pair[1] * factor
+
+
 @ADAPTERS.register("covariance")
 class CovarianceAdapter(Adapter):
-    """KDFAS parameter-free mapping through the batch cross-covariance.
+    """KDFAS parameter-free mapping through the batch cross-covariance — kept faithful to the paper,
+    and degenerate by construction (docs/adapters.md; use `procrustes` for a sound bridge).
 
     ŝ, t̂ = rows of s, t L2-normalised (rows = samples, or samples x tokens for (B, N, D));
-    C = ŝᵀ t̂ (Ds x Dt); returns (ŝ C, t̂). C has rank at most the number of rows, so it depends on the
-    batch: under DDP each rank sees only its own batch.
+    C = ŝᵀ t̂ (Ds x Dt); returns (ŝ C, t̂). Since ŝ C = (ŝŝᵀ) t̂, the loss ‖(I - ŝŝᵀ) t̂‖² is zero
+    whenever the student's rows are orthonormal, whatever the teacher: its zero set ignores the
+    teacher. C depends on the batch: under DDP each rank sees only its own batch.
 
     `detach_covariance=True` (the default) stops the gradient through C; it flows only through the
-    left ŝ. `False` is the formula exactly as the KDFAS/HaTFAS code trains it: with the gradient
-    through C, `‖t̂ - ŝŝᵀt̂‖²` is also lowered by making the student's rows mutually orthogonal
-    (ŝŝᵀ → I), reachable whenever rows <= Ds, which pulls same-class samples apart;
-    docs/adapters.md shows the effect measured on the FAS demo.
+    left ŝ (Oja's subspace rule, also zero for orthonormal student rows). `False` is the formula
+    exactly as the KDFAS/HaTFAS code trains it. `scale` is 'element' (the authors' mean over
+    elements) or 'row' (see `_scaled`).
 
     One sample gives ŝ C = ŝŝᵀt̂ = t̂ exactly (a zero loss), hence `min_batch = 2`.
     """
@@ -199,18 +226,103 @@ class CovarianceAdapter(Adapter):
     min_batch = 2
 
     def __init__(
-        self, student_dim: int, teacher_dim: int, eps: float = 1e-12, detach_covariance: bool = True
+        self,
+        student_dim: int,
+        teacher_dim: int,
+        eps: float = 1e-12,
+        detach_covariance: bool = True,
+        scale: str = "element",
     ) -> None:
         super().__init__(student_dim, teacher_dim)
         self.eps = eps
         self.detach_covariance = detach_covariance
+        self.scale = _check_scale(scale)
 
     def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        s_hat = F.normalize(s.reshape(-1, s.shape[-1]), dim=1, eps=self.eps)
-        t_hat = F.normalize(t.reshape(-1, t.shape[-1]), dim=1, eps=self.eps)
+        s_hat, t_hat = _unit_rows(s, self.eps), _unit_rows(t, self.eps)
         cov = (s_hat.detach() if self.detach_covariance else s_hat).T @ t_hat
         mapped = s_hat @ cov
-        return mapped.reshape(t.shape), t_hat.reshape(t.shape)
+        return _scaled((mapped.reshape(t.shape), t_hat.reshape(t.shape)), self.scale)
+
+
+def polar_factor(c: Tensor) -> Tensor:
+    """The orthogonal polar factor U Vᵀ of `c` = U Σ Vᵀ: the (partial) isometry nearest to `c`.
+
+    Computed in float32 (float64 inputs stay float64; SVD has no bf16/fp16 kernels). Should the
+    SVD fail to converge, as GPU solvers can on ill-conditioned matrices, it is retried in float64
+    on the CPU; non-finite input is refused, since it means the features themselves are broken.
+    """
+    work = c if c.dtype == torch.float64 else c.float()
+    try:
+        u, _, vh = torch.linalg.svd(work, full_matrices=False)
+    except RuntimeError as error:  # torch.linalg.LinAlgError is a RuntimeError
+        if not torch.isfinite(work).all():
+            raise ValueError(
+                "procrustes: the cross-covariance of the features has non-finite values (NaN/inf); "
+                "the student or teacher features are broken (check the learning rate and the amp dtype)"
+            ) from error
+        u, _, vh = torch.linalg.svd(work.double().cpu(), full_matrices=False)
+        u, vh = u.to(device=work.device, dtype=work.dtype), vh.to(device=work.device, dtype=work.dtype)
+    return u @ vh
+
+
+@ADAPTERS.register("procrustes")
+class ProcrustesAdapter(Adapter):
+    """The sound parameter-free width bridge: orthogonal Procrustes on the batch.
+
+    ŝ, t̂ as for `covariance` (rows L2-normalised; `normalize='none'` keeps them as they are);
+    C = ŝᵀ t̂ = U Σ Vᵀ (the same Ds x Dt matrix); Q = U Vᵀ, the isometry that best aligns the
+    student's rows with the teacher's. The narrower side is mapped into the wider one: (ŝ Q, t̂) when
+    Ds <= Dt, (ŝ, t̂ Qᵀ) when Ds > Dt, both of width max(Ds, Dt). Either way the summed squared
+    distance is 2R - 2‖C‖_* (R rows, unit rows), zero only when ŝŝᵀ = t̂t̂ᵀ: the student must
+    reproduce the teacher's similarity structure, where `covariance` is satisfied by any student
+    with orthonormal rows.
+
+    `detach=True` (the default) computes Q without gradient; since Q minimises the distance over
+    isometries, that is the exact gradient of the Procrustes distance (Danskin's theorem), cheap and
+    stable. `detach=False` differentiates through the SVD too (for study; unstable where singular
+    values nearly coincide). `scale` defaults to 'row' (see `_scaled`): a mean-reduced MSE is then
+    2 - 2‖C‖_*/R, in [0, 4]. C is built from the batch: under DDP, from each rank's own rows.
+    """
+
+    min_batch = 2  # one row: ‖C‖_* = 1, a zero loss whatever the features
+    normalizations = ("row", "none")
+
+    def __init__(
+        self,
+        student_dim: int,
+        teacher_dim: int,
+        normalize: str = "row",
+        detach: bool = True,
+        scale: str = "row",
+        eps: float = 1e-12,
+    ) -> None:
+        super().__init__(student_dim, teacher_dim)
+        if normalize not in self.normalizations:
+            raise ValueError(f"normalize: expected one of {list(self.normalizations)}, got {normalize!r}")
+        self.normalize = normalize
+        self.detach = detach
+        self.scale = _check_scale(scale)
+        self.eps = eps
+
+    def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        s_rows, t_rows = (self._rows(x) for x in (s, t))
+        cov = s_rows.T @ t_rows
+        if self.detach:
+            with torch.no_grad():
+                q = polar_factor(cov.detach())
+        else:
+            q = polar_factor(cov)
+        if self.student_dim <= self.teacher_dim:
+            mapped, target = s_rows @ q, t_rows
+        else:
+            mapped, target = s_rows, t_rows @ q.T
+        shape = (*s.shape[:-1], mapped.shape[-1])
+        return _scaled((mapped.reshape(shape), target.reshape(shape)), self.scale)
+
+    def _rows(self, x: Tensor) -> Tensor:
+        x = x if x.dtype == torch.float64 else x.float()
+        return _unit_rows(x, self.eps) if self.normalize == "row" else x.reshape(-1, x.shape[-1])
 
 
 @ADAPTERS.register("gram")
@@ -239,6 +351,37 @@ class GramAdapter(Adapter):
     def _gram(self, x: Tensor) -> Tensor:
         z = x.flatten(1)
         return F.normalize(z @ z.T, p=self.p, dim=1)
+
+
+@ADAPTERS.register("cka")
+class CKAAdapter(Adapter):
+    """Linear centred kernel alignment (Kornblith et al., ICML 2019) as a parameter-free relation match.
+
+    Each sample is flattened to z ((B, D) or (B, N*D), as for `gram`); K = z zᵀ is centred on both
+    sides (K̃ = H K H, H = I - 11ᵀ/B) and scaled to unit Frobenius norm. Returns both matrices (B, B),
+    times B/√2, so that a mean-reduced MSE on them is exactly 1 - CKA(s, t) (and the cosine of the
+    flattened pair is CKA). CKA ignores rotations and the overall scale of either feature, so the
+    student must match how the teacher arranges the batch, not its coordinates. Widths and token
+    counts may differ.
+    """
+
+    same_tokens = False
+    min_batch = 3  # two samples give the same centred matrix for any features: CKA = 1, a zero loss
+
+    def __init__(self, student_dim: int, teacher_dim: int, eps: float = 1e-12) -> None:
+        super().__init__(student_dim, teacher_dim)
+        self.eps = eps
+
+    def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        factor = s.shape[0] / 2**0.5
+        return self._centred_gram(s) * factor, self._centred_gram(t) * factor
+
+    def _centred_gram(self, x: Tensor) -> Tensor:
+        z = x.flatten(1)
+        z = z if z.dtype == torch.float64 else z.float()
+        z = z - z.mean(0, keepdim=True)  # H z: centring the features centres K on both sides
+        k = z @ z.T
+        return k / k.norm().clamp_min(self.eps)
 
 
 def adapter_min_batch(name: str) -> int:

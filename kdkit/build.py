@@ -62,6 +62,11 @@ def distill_min_batch(d: DistillSpec) -> int:
     return max([*map(adapter_min_batch, d.adapter_names()), *map(criterion_min_batch, d.criterion_names())])
 
 
+def dry_run_size(d: DistillSpec) -> int:
+    """Images in the dry run that sizes the adapters: 2, or more where an adapter needs more (cka)."""
+    return max(2, distill_min_batch(d))
+
+
 def build_distiller(
     recipe: Recipe,
     stage: StageSpec,
@@ -100,6 +105,7 @@ def build_distiller(
     if cache_data is not None:
         taps = feature_taps(pairs, groups, "teacher")
         cache = open_teacher_cache(d, cache_data, teacher, taps, train.amp, teacher_input)
+    example = example_batch(recipe.stage_data(stage), dry_run_size(d)) if example is None else example
     try:
         return Distiller(
             teacher,
@@ -116,7 +122,7 @@ def build_distiller(
             logit_loss=d.logit_loss,
             logit_options=d.logit_options,
             label_smoothing=train.label_smoothing,
-            example_input=example_batch(recipe.stage_data(stage)) if example is None else example,
+            example_input=example,
             teacher_dtype=d.teacher_dtype,
             cache=cache,
             teacher_input=teacher_input,

@@ -329,7 +329,7 @@ class Distiller(nn.Module):
         self.group_shapes: list[tuple[list[tuple[int, ...]], list[tuple[int, ...]]]] = []
         if self.pairs or self.groups or example_input is not None:
             if example_input is None:
-                raise ValueError("example_input (a batch of 1-2 inputs) is needed to size the adapters")
+                raise ValueError("example_input (a batch of 2 or more inputs) is needed to size the adapters")
             self._dry_run(example_input)
 
     @property

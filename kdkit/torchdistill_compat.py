@@ -26,9 +26,10 @@ class KDKitFeatureLoss(nn.Module):
     kdkit feature `criterion`. `num_prefix_tokens` (class/register tokens, default 1) is used by the
     `patch` and `mean` selectors. Unknown keyword arguments are a TypeError, so YAML typos fail at build.
 
-    Only adapters without trainable parameters (identity, covariance, gram) are accepted. torchdistill's
-    `DistillationBox` builds its optimizer from the student model (or `module_wise_configs` paths inside
-    the student or teacher) and never from the criterion, nor does it move the criterion to the device,
+    Only adapters without trainable parameters (identity, procrustes, covariance, cka, gram) are
+    accepted. torchdistill's `DistillationBox` builds its optimizer from the student model (or
+    `module_wise_configs` paths inside the student or teacher) and never from the criterion, nor
+    does it move the criterion to the device,
     so a `projection` adapter here would stay at its random initialisation; it is refused rather than
     left silently untrained. For a learned projection, use kdkit's own distiller.
     """
@@ -55,7 +56,7 @@ class KDKitFeatureLoss(nn.Module):
         if any(p.requires_grad for p in self.adapter.parameters()):
             raise ValueError(
                 f"KDKitFeatureLoss: adapter {adapter!r} has trainable parameters, which "
-                "torchdistill's optimizer would never update; use 'covariance', 'gram' or "
+                "torchdistill's optimizer would never update; use 'procrustes', 'cka', 'gram' or "
                 "'identity'"
             )
         self.criterion = build_feature_criterion(criterion)

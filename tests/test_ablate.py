@@ -187,6 +187,31 @@ def test_the_baseline_is_added_unless_the_recipe_has_one() -> None:
     assert baseline_stage(without, "student_kd") is None and without.pipeline[-1].baseline is None
 
 
+def test_a_run_keeps_only_the_compared_distill_stage_and_refuses_a_shadowed_key() -> None:
+    """The demo distils two students; an ablation of one must not train the other in every run, and
+    a variant of `distill.adapter` compared on a stage that pins its own adapter would change nothing."""
+    base = small_recipe()
+    base["pipeline"].insert(1, {"name": "other", "do": "distill", "distill": {"adapter": "gram"}})
+    base["pipeline"][-1]["runs"] = ["teacher", "other", "student_kd"]
+    variant = expand_grid(["distill.adapter=projection"])[0]
+    recipe = resolve(base, variant, 0, "tiny.yaml")
+    assert [s.name for s in recipe.pipeline] == ["teacher", "student_alone", "student_kd", "test"]
+    assert recipe.pipeline[-1].runs == ["teacher", "student_alone", "student_kd"]
+    assert recipe.stage_distill(recipe.pipeline[2]).adapter == "projection"
+    alpha = expand_grid(["distill.alpha=0.5"])[0]
+    kept = resolve(base, alpha, 0, "tiny.yaml", stage="other", baseline=False)
+    assert [s.name for s in kept.pipeline] == ["teacher", "other", "test"]
+    with pytest.raises(
+        RecipeError,
+        match=r"distill.adapter: the compared stage 'other' sets "
+        r"pipeline.other.distill.adapter='gram' itself",
+    ):
+        resolve(base, variant, 0, "tiny.yaml", stage="other")
+    # a distill stage that teaches a later one stays
+    base["pipeline"].insert(2, {"name": "third", "do": "distill", "distill": {"teacher": "other"}})
+    assert "other" in [s.name for s in resolve(base, variant, 0, "tiny.yaml", stage="third").pipeline]
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

@@ -304,6 +304,41 @@ def _with_baseline(data: dict[str, Any], recipe: Recipe, compared: str) -> dict[
     return {**data, "pipeline": pipeline}
 
 
+def _refuse_shadowed(variant: Variant, recipe: Recipe, compared: str, label: str) -> None:
+    """A variant that sets a top-level `distill.KEY` which the compared stage overrides itself would
+    change nothing of what is compared: refused, naming the stage's own value."""
+    own = next(s for s in recipe.pipeline if s.name == compared).distill
+    keys = [o.partition("=")[0] for o in variant.overrides]
+    shadowed = [k for k in keys if k.startswith("distill.") and k.split(".")[1] in own]
+    if shadowed:
+        raise RecipeError(
+            [
+                f"{k}: the compared stage {compared!r} sets pipeline.{compared}.distill.{k.split('.')[1]}"
+                f"={own[k.split('.')[1]]!r} itself, so this variant would change nothing; vary "
+                f"pipeline.{compared}.distill.{k.split('.')[1]} or compare another stage (--stage)"
+                for k in shadowed
+            ],
+            label,
+        )
+
+
+def _without_other_distills(data: dict[str, Any], recipe: Recipe, compared: str) -> dict[str, Any]:
+    """`data` without the distill stages other than the compared one (unless a stage learns from
+    one as its teacher) and without them in evaluate stages' runs: each run of an ablation trains
+    and tests only what its comparison needs."""
+    teachers = {recipe.stage_distill(s).teacher for s in recipe.pipeline if s.do == "distill"}
+    dropped = {
+        s.name for s in recipe.pipeline if s.do == "distill" and s.name != compared and s.name not in teachers
+    }
+    if not dropped:
+        return data
+    pipeline = [dict(item) for item in data["pipeline"] if item.get("name") not in dropped]
+    for item in pipeline:
+        if item.get("do") == "evaluate":
+            item["runs"] = [run for run in item.get("runs", []) if run not in dropped]
+    return {**data, "pipeline": pipeline}
+
+
 def resolve(
     base: dict[str, Any],
     variant: Variant,
@@ -323,6 +358,9 @@ def resolve(
     data = apply_overrides(base, [*variant.overrides, f"seed={seed}"])
     recipe = parse_recipe(data, label)
     compared = target_stage(recipe, stage)
+    _refuse_shadowed(variant, recipe, compared, label)
+    data = _without_other_distills(data, recipe, compared)
+    recipe = parse_recipe(data, label)
     if baseline and recipe.pipeline[[s.name for s in recipe.pipeline].index(compared)].do == "distill":
         data = _with_baseline(data, recipe, compared)
         recipe = parse_recipe(data, label)

@@ -42,7 +42,7 @@ import torch
 from rich.table import Table
 
 from kdkit.augment import device_images
-from kdkit.build import build_distiller, build_recipe_model
+from kdkit.build import build_distiller, build_recipe_model, dry_run_size
 from kdkit.cache import TeacherCache
 from kdkit.cli.arguments import add_recipe_args
 from kdkit.data import DataError, build_loaders
@@ -161,7 +161,7 @@ def run_bench(
     device = resolve_device(train.device)
     size = batch or recipe.data.batch_size
     pool = _synthetic_batches(recipe, stage_spec, size, device)
-    example = pool[0][0][:2].cpu()
+    example = pool[0][0][: dry_run_size(d)].cpu()
 
     def distiller() -> Distiller:
         return build_distiller(recipe, stage_spec, example=example)
@@ -444,7 +444,8 @@ def _loader_wait(recipe: Recipe, stage: StageSpec, train: TrainSpec, size: int, 
     data = dataclasses.replace(recipe.data, batch_size=size)
     try:
         loader, _, set_epoch = build_loaders(data, recipe.seed, eval_splits=())
-        example = device_images(next(iter(loader))[0], torch.device("cpu"))[:2]
+        images = device_images(next(iter(loader))[0], torch.device("cpu"))
+        example = images[: dry_run_size(recipe.stage_distill(stage))]
     except (DataError, OSError, ValueError) as exc:
         return {"skipped": f"the recipe's data is not available ({exc})"}
     task = build_distiller(recipe, stage, example=example)

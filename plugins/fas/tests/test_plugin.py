@@ -18,6 +18,7 @@ from kdkit_fas import metrics_cli
 from kdkit_fas.evaluator import FasEvaluator
 from kdkit_fas.metrics import ScoreSet, eer_threshold, hter
 
+from kdkit import load_recipe
 from kdkit.cli import main
 from kdkit.evaluation import Predictions
 from kdkit.plugins import load_plugins
@@ -125,9 +126,16 @@ def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     out = tmp_path / "run"
     assert main(["run", str(DEMO), "--out", str(out), *_tiny_demo_args(tmp_path)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary) == ["teacher", "student_alone", "student_kd", "test"]
+    assert list(summary) == ["teacher", "student_alone", "student_procrustes", "student_kd", "test"]
+    # the demo's two bridges, each in its own stage
+    recipe = load_recipe(out / "recipe.yaml")
+    stages = {s.name: s for s in recipe.pipeline}
+    assert [recipe.stage_distill(stages[n]).adapter for n in ("student_procrustes", "student_kd")] == [
+        "procrustes",
+        "covariance",
+    ]
     results = summary["test"]["results"]
-    for run in ("teacher", "student_alone", "student_kd"):
+    for run in ("teacher", "student_alone", "student_kd", "student_procrustes"):
         assert 0.0 <= results[run]["test/hter"] <= 1.0
         assert (out / "test" / run / "roc_det_test.png").is_file()
         with open(out / "test" / run / "scores_test.csv", newline="") as handle:
@@ -152,7 +160,7 @@ def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     # Every run's difference to the student trained alone, paired on the same test subjects.
     assert summary["test"]["baseline"] == "student_alone"
     differences = summary["test"]["differences"]
-    assert set(differences) == {"teacher", "student_kd"}
+    assert set(differences) == {"teacher", "student_kd", "student_procrustes"}
     kd = differences["student_kd"]["test/hter"]
     assert kd["mean"] == pytest.approx(
         results["student_kd"]["test/hter"] - results["student_alone"]["test/hter"]

@@ -1,0 +1,79 @@
+"""Recipes that claim to follow a paper do what the authors' code does: batch, layers, tapped tensor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+
+from kdkit.distiller import layer_pairs
+from kdkit.recipe import load_recipe
+from kdkit.taps import TapRecorder
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+# HaTFAS's run: `--s-id 4 6 8 --t-id 4 6 8`, indices into a 0-based list with one class token per block
+HATFAS_AUTHORS_IDS = [4, 6, 8]
+
+
+def _twelve_block_vit(width: int) -> torch.nn.Module:
+    """The block layout of ViT-B/16 and DeiT-Ti/16 (12 blocks, one class token), at a tiny size."""
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        embed_dim=width,
+        depth=12,
+        num_heads=2,
+        num_classes=2,
+    ).eval()
+
+
+def test_hatfas_recipe_has_the_authors_batch_and_taps_the_blocks_their_indices_name() -> None:
+    recipe = load_recipe(RECIPES / "hatfas.yaml", ["data.root=/unused"])
+    assert recipe.data.batch_size == 128
+    assert recipe.train.lr == 5e-4 * 128 / 512  # main.py scales the lr by batch/512
+    distill = recipe.distill
+    teacher, student = _twelve_block_vit(48), _twelve_block_vit(32)
+    pairs = layer_pairs(teacher, student, distill.pairs, distill.point, distill.select)
+    assert [p.student.path for p in pairs] == [f"blocks.{i}.attn" for i in HATFAS_AUTHORS_IDS]
+    assert [p.teacher.path for p in pairs] == [f"blocks.{i}.attn" for i in HATFAS_AUTHORS_IDS]
+
+    # the tapped tensor: the class token of `blk.attn(blk.norm1(x))`, x being the block's real input
+    block_inputs: dict[int, torch.Tensor] = {}
+    hooks = [
+        student.blocks[i].register_forward_pre_hook(
+            lambda _m, args, i=i: block_inputs.__setitem__(i, args[0].detach())
+        )
+        for i in HATFAS_AUTHORS_IDS
+    ]
+    taps = {f"s{i}": pair.student for i, pair in zip(HATFAS_AUTHORS_IDS, pairs, strict=True)}
+    with TapRecorder(student, taps) as recorder, torch.no_grad():
+        student(torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+        captured = recorder.pop()
+        for i in HATFAS_AUTHORS_IDS:
+            block = student.blocks[i]
+            expected = block.attn(block.norm1(block_inputs[i]))[:, 0]
+            torch.testing.assert_close(captured[f"s{i}"], expected)
+    for hook in hooks:
+        hook.remove()
+
+
+def test_hatfas_recipe_uses_the_authors_feature_loss() -> None:
+    distill = load_recipe(RECIPES / "hatfas.yaml", ["data.root=/unused"]).distill
+    assert (distill.adapter, distill.criterion, distill.select) == ("covariance", "mse", "cls")
+    assert distill.adapter_options == {"detach_covariance": False}  # gradient through C, as theirs
+    assert (distill.alpha, distill.tau, distill.beta) == (0.7, 3.0, 1.0)
+
+
+def test_the_kdfas_recipe_with_the_documented_procrustes_overrides_changes_only_the_bridge() -> None:
+    """README and recipes/kdfas.yaml give two --set options for the paper's recipe with the sound bridge."""
+    paper = load_recipe(RECIPES / "kdfas.yaml", ["data.root=/unused"])
+    fixed = load_recipe(
+        RECIPES / "kdfas.yaml",
+        ["data.root=/unused", "distill.adapter=procrustes", "distill.adapter_options={}"],
+    )
+    assert (fixed.distill.adapter, fixed.distill.adapter_options) == ("procrustes", {})
+    assert fixed.distill.pairs == paper.distill.pairs == [[3, 6], [6, 12], [9, 18], [12, 24]]
+    assert (fixed.data, fixed.train, fixed.models) == (paper.data, paper.train, paper.models)
