@@ -29,11 +29,13 @@ test: install
 	$(BIN)/python -m pytest
 
 # Redraw docs/img/architecture.png from the code; copy the demo's ROC/DET plot and ablation chart
-# from a finished run and ablation folder (skipped, with a note, where they do not exist).
+# from a finished run and ablation folder, and draw the bridges chart from the bridge ablations
+# (each skipped, with a note, where its source does not exist).
 FIGURES_RUN ?= runs/kdfas-demo
 FIGURES_ABLATION ?= runs/ablation-kdfas-demo
+FIGURES_BRIDGES ?= runs/bridges
 figures: install
-	$(BIN)/python docs/figures.py --run $(FIGURES_RUN) --ablation $(FIGURES_ABLATION)
+	$(BIN)/python docs/figures.py --run $(FIGURES_RUN) --ablation $(FIGURES_ABLATION) --bridges $(FIGURES_BRIDGES)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -11,6 +11,9 @@
   (`--run`, default `runs/kdfas-demo`).
 - `docs/img/ablation-demo.png`: copied from a finished `kdkit ablate` folder (`--ablation`,
   default `runs/ablation-kdfas-demo`).
+- `docs/img/bridges.png`: every width bridge's paired difference to the student alone, drawn from
+  the `ablation.json` of the bridge ablations in `--bridges` (default `runs/bridges`; folders
+  `<demo|digits>-a<alpha>-b<batch>`, as docs/adapters.md's "Evidence" runs them).
 
 A copy whose source does not exist is skipped with a note; the architecture is always drawn.
 """
@@ -341,8 +344,71 @@ def copy_figure(source: Path, target: Path, made_by: str) -> None:
         print(f"skipped {target.relative_to(REPO)}: no {source} ({made_by} writes it)")
 
 
+BRIDGE_DATASETS = (
+    ("demo", "synthetic FAS demo: Δ HTER (points, lower is better)"),
+    ("digits", "digits, 10 % labels: Δ accuracy (points, higher is better)"),
+)
+
+
+def draw_bridges(folder: Path, path: Path) -> None:
+    """One panel per data set: each bridge's mean paired difference to the student alone with its
+    95 % interval, one marker per (alpha, batch) setting; skipped, with a note, without results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reports = {
+        d.name: json.loads((d / "ablation.json").read_text())
+        for d in sorted(folder.glob("*-a*-b*"))
+        if (d / "ablation.json").is_file()
+    }
+    if not reports:
+        print(f"skipped {path.name}: no ablation.json under {folder}")
+        return
+    fig, axes = plt.subplots(1, len(BRIDGE_DATASETS), figsize=(13, 5.2), sharey=True)
+    for ax, (name, title) in zip(axes, BRIDGE_DATASETS, strict=True):
+        settings = sorted(k for k in reports if k.startswith(f"{name}-"))
+        variants = [
+            v["variant"]
+            for r in (reports[k] for k in settings[:1])
+            for v in r["variants"]
+            if not v["baseline"]
+        ]
+        for j, key in enumerate(settings):
+            report = reports[key]
+            metric = report["main_metric"]
+            by_name = {v["variant"]: v["difference"].get(metric) for v in report["variants"]}
+            ys = [i + (j - (len(settings) - 1) / 2) * 0.18 for i in range(len(variants))]
+            diffs = [by_name.get(v) for v in variants]
+            shown = [(y, d) for y, d in zip(ys, diffs, strict=True) if d]
+            xs = [100 * d["mean"] for _, d in shown]
+            errors = [
+                [100 * (d["mean"] - d["low"]) for _, d in shown],
+                [100 * (d["high"] - d["mean"]) for _, d in shown],
+            ]
+            label = (
+                key.removeprefix(f"{name}-").replace("-", ", ").replace("a", "α=", 1).replace("b", "batch ")
+            )
+            ax.errorbar(xs, [y for y, _ in shown], xerr=errors, fmt="o", ms=4, capsize=2, label=label)
+        ax.axvline(0, color="grey", lw=1)
+        ax.set_yticks(range(len(variants)), variants)
+        ax.set_title(title, fontsize=10)
+        if settings:
+            ax.legend(fontsize=8, loc="best")
+    axes[0].invert_yaxis()  # the axes share y: invert once, the first variant on top
+    fig.suptitle(
+        "Each bridge minus the student trained alone: mean over 3 seeds, 95 % interval (seeds × test units)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"drew {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Draw the architecture; copy the ROC/DET plot and the ablation chart when they exist."""
+    """Draw the architecture and the bridges chart; copy the ROC/DET plot and the ablation chart
+    when they exist."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--run", type=Path, default=REPO / "runs" / "kdfas-demo", help="a finished kdfas-demo run"
@@ -353,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=REPO / "runs" / "ablation-kdfas-demo",
         help="a finished kdkit ablate folder",
+    )
+    parser.add_argument(
+        "--bridges",
+        type=Path,
+        default=REPO / "runs" / "bridges",
+        help="the folder of the bridge ablations (docs/adapters.md, Evidence)",
     )
     args = parser.parse_args(argv)
     graph = build_graph()
@@ -366,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"drew {ARCHITECTURE_PNG.relative_to(REPO)}")
     copy_figure(args.run / "test" / args.stage / "roc_det_test.png", IMG / "roc-det-demo.png", "make demo")
     copy_figure(args.ablation / "ablation.png", IMG / "ablation-demo.png", "kdkit ablate")
+    draw_bridges(args.bridges, IMG / "bridges.png")
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import re
 import shlex
 import sys
@@ -136,3 +137,33 @@ def test_every_documented_command_line_names_real_commands_and_options() -> None
             assert not unknown, f"{page.name}: `{line}`: {words[1]} has no option {sorted(unknown)}"
             checked += 1
     assert checked > 30  # the pages' code blocks were read
+
+
+def test_the_bridges_chart_is_drawn_from_ablation_reports(tmp_path: Path) -> None:
+    """docs/img/bridges.png comes from the bridge ablations' ablation.json; a folder without them is
+    skipped, not an error."""
+
+    def variant(name: str, mean: float | None) -> dict:
+        difference = (
+            {} if mean is None else {"test/hter": {"mean": mean, "low": mean - 0.02, "high": mean + 0.02}}
+        )
+        return {"variant": name, "baseline": mean is None, "difference": difference}
+
+    for setting, shift in (("demo-a0.7-b32", 0.0), ("demo-a0.0-b128", 0.01)):
+        (tmp_path / setting).mkdir()
+        report = {
+            "main_metric": "test/hter",
+            "variants": [
+                variant("alone", None),
+                variant("covariance", 0.1 + shift),
+                variant("procrustes", -0.05),
+            ],
+        }
+        (tmp_path / setting / "ablation.json").write_text(json.dumps(report))
+    chart = tmp_path / "bridges.png"
+    figures.draw_bridges(tmp_path, chart)
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    empty = tmp_path / "none"
+    empty.mkdir()
+    figures.draw_bridges(empty, tmp_path / "skipped.png")
+    assert not (tmp_path / "skipped.png").exists()
