@@ -279,7 +279,7 @@ def test_the_docs_pair_examples_are_valid(page: str) -> None:
     recipe = parse_recipe(data)
     if page == "adapters.md":  # its blocks exist in the digits models: build it
         task = build_distiller(recipe, recipe.pipeline[1], example=torch.zeros(2, 1, 16, 16))
-        assert [p.adapter for p in task.pairs] == ["covariance", "covariance", "projection"]
+        assert [p.adapter for p in task.pairs] == ["procrustes", "procrustes", "projection"]
         assert task.adapters[2].proj.bias is None
 
 
