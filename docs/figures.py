@@ -366,15 +366,11 @@ def draw_bridges(folder: Path, path: Path) -> None:
     if not reports:
         print(f"skipped {path.name}: no ablation.json under {folder}")
         return
-    fig, axes = plt.subplots(1, len(BRIDGE_DATASETS), figsize=(13, 5.2), sharey=True)
+    fig, axes = plt.subplots(1, len(BRIDGE_DATASETS), figsize=(13, 5.2))
     for ax, (name, title) in zip(axes, BRIDGE_DATASETS, strict=True):
         settings = sorted(k for k in reports if k.startswith(f"{name}-"))
-        variants = [
-            v["variant"]
-            for r in (reports[k] for k in settings[:1])
-            for v in r["variants"]
-            if not v["baseline"]
-        ]
+        first = reports[settings[0]]["variants"] if settings else []
+        variants = [v["variant"] for v in first if not v["baseline"]]
         for j, key in enumerate(settings):
             report = reports[key]
             metric = report["main_metric"]
@@ -393,12 +389,12 @@ def draw_bridges(folder: Path, path: Path) -> None:
             ax.errorbar(xs, [y for y, _ in shown], xerr=errors, fmt="o", ms=4, capsize=2, label=label)
         ax.axvline(0, color="grey", lw=1)
         ax.set_yticks(range(len(variants)), variants)
+        ax.invert_yaxis()  # the first variant on top
         ax.set_title(title, fontsize=10)
         if settings:
             ax.legend(fontsize=8, loc="best")
-    axes[0].invert_yaxis()  # the axes share y: invert once, the first variant on top
     fig.suptitle(
-        "Each bridge minus the student trained alone: mean over 3 seeds, 95 % interval (seeds × test units)"
+        "Each bridge minus the student trained alone: mean over seeds, 95 % interval (seeds × test units)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

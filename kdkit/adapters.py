@@ -189,6 +189,12 @@ def _unit_rows(x: Tensor, eps: float) -> Tensor:
     return F.normalize(x.reshape(-1, x.shape[-1]), dim=1, eps=eps)
 
 
+def _promoted(x: Tensor) -> Tensor:
+    """`x` in float32, or float64 when it is float64: SVD has no bf16/fp16 kernels, and the batch
+    statistics of these adapters lose too much in half precision."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _check_scale(scale: str) -> str:
     if scale not in SCALES:
         raise ValueError(f"scale: expected one of {list(SCALES)}, got {scale!r}")
@@ -252,7 +258,7 @@ def polar_factor(c: Tensor) -> Tensor:
     SVD fail to converge, as GPU solvers can on ill-conditioned matrices, it is retried in float64
     on the CPU; non-finite input is refused, since it means the features themselves are broken.
     """
-    work = c if c.dtype == torch.float64 else c.float()
+    work = _promoted(c)
     try:
         u, _, vh = torch.linalg.svd(work, full_matrices=False)
     except RuntimeError as error:  # torch.linalg.LinAlgError is a RuntimeError
@@ -321,7 +327,7 @@ class ProcrustesAdapter(Adapter):
         return _scaled((mapped.reshape(shape), target.reshape(shape)), self.scale)
 
     def _rows(self, x: Tensor) -> Tensor:
-        x = x if x.dtype == torch.float64 else x.float()
+        x = _promoted(x)
         return _unit_rows(x, self.eps) if self.normalize == "row" else x.reshape(-1, x.shape[-1])
 
 
@@ -377,8 +383,7 @@ class CKAAdapter(Adapter):
         return self._centred_gram(s) * factor, self._centred_gram(t) * factor
 
     def _centred_gram(self, x: Tensor) -> Tensor:
-        z = x.flatten(1)
-        z = z if z.dtype == torch.float64 else z.float()
+        z = _promoted(x.flatten(1))
         z = z - z.mean(0, keepdim=True)  # H z: centring the features centres K on both sides
         k = z @ z.T
         return k / k.norm().clamp_min(self.eps)

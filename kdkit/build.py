@@ -105,8 +105,9 @@ def build_distiller(
     if cache_data is not None:
         taps = feature_taps(pairs, groups, "teacher")
         cache = open_teacher_cache(d, cache_data, teacher, taps, train.amp, teacher_input)
-    example = example_batch(recipe.stage_data(stage), dry_run_size(d)) if example is None else example
     try:
+        if example is None:
+            example = example_batch(recipe.stage_data(stage), dry_run_size(d))
         return Distiller(
             teacher,
             student,

@@ -29,9 +29,9 @@ class KDKitFeatureLoss(nn.Module):
     Only adapters without trainable parameters (identity, procrustes, covariance, cka, gram) are
     accepted. torchdistill's `DistillationBox` builds its optimizer from the student model (or
     `module_wise_configs` paths inside the student or teacher) and never from the criterion, nor
-    does it move the criterion to the device,
-    so a `projection` adapter here would stay at its random initialisation; it is refused rather than
-    left silently untrained. For a learned projection, use kdkit's own distiller.
+    does it move the criterion to the device, so a `projection` adapter here would stay at its
+    random initialisation; it is refused rather than left silently untrained. For a learned
+    projection, use kdkit's own distiller.
     """
 
     def __init__(

@@ -176,7 +176,7 @@ def test_procrustes_handles_a_rank_deficient_covariance_and_a_failed_svd(monkeyp
 def test_procrustes_refuses_non_finite_features_with_a_clear_error() -> None:
     s = torch.randn(4, 8)
     s[1, 2] = float("nan")
-    with pytest.raises((ValueError, RuntimeError), match="non-finite|NaN"):
+    with pytest.raises(ValueError, match="procrustes: the cross-covariance of the features has non-finite"):
         build_adapter("procrustes", 8, 12, normalize="none")(s, torch.randn(4, 12))
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import timm
 import torch
+from conftest import tiny_vit
 
 from kdkit.distiller import layer_pairs
 from kdkit.recipe import load_recipe
@@ -17,25 +17,13 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 HATFAS_AUTHORS_IDS = [4, 6, 8]
 
 
-def _twelve_block_vit(width: int) -> torch.nn.Module:
-    """The block layout of ViT-B/16 and DeiT-Ti/16 (12 blocks, one class token), at a tiny size."""
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        img_size=32,
-        patch_size=8,
-        embed_dim=width,
-        depth=12,
-        num_heads=2,
-        num_classes=2,
-    ).eval()
-
-
 def test_hatfas_recipe_has_the_authors_batch_and_taps_the_blocks_their_indices_name() -> None:
     recipe = load_recipe(RECIPES / "hatfas.yaml", ["data.root=/unused"])
     assert recipe.data.batch_size == 128
     assert recipe.train.lr == 5e-4 * 128 / 512  # main.py scales the lr by batch/512
     distill = recipe.distill
-    teacher, student = _twelve_block_vit(48), _twelve_block_vit(32)
+    # the block layout of ViT-B/16 and DeiT-Ti/16 (12 blocks, one class token), at a tiny size
+    teacher, student = tiny_vit(embed_dim=48, depth=12).eval(), tiny_vit(embed_dim=32, depth=12).eval()
     pairs = layer_pairs(teacher, student, distill.pairs, distill.point, distill.select)
     assert [p.student.path for p in pairs] == [f"blocks.{i}.attn" for i in HATFAS_AUTHORS_IDS]
     assert [p.teacher.path for p in pairs] == [f"blocks.{i}.attn" for i in HATFAS_AUTHORS_IDS]
@@ -50,7 +38,7 @@ def test_hatfas_recipe_has_the_authors_batch_and_taps_the_blocks_their_indices_n
     ]
     taps = {f"s{i}": pair.student for i, pair in zip(HATFAS_AUTHORS_IDS, pairs, strict=True)}
     with TapRecorder(student, taps) as recorder, torch.no_grad():
-        student(torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+        student(torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
         captured = recorder.pop()
         for i in HATFAS_AUTHORS_IDS:
             block = student.blocks[i]

@@ -308,15 +308,15 @@ def _refuse_shadowed(variant: Variant, recipe: Recipe, compared: str, label: str
     """A variant that sets a top-level `distill.KEY` which the compared stage overrides itself would
     change nothing of what is compared: refused, naming the stage's own value."""
     own = next(s for s in recipe.pipeline if s.name == compared).distill
-    keys = [o.partition("=")[0] for o in variant.overrides]
-    shadowed = [k for k in keys if k.startswith("distill.") and k.split(".")[1] in own]
+    fields = [key.split(".")[1] for key, _ in variant.values if key.startswith("distill.")]
+    shadowed = [field for field in fields if field in own]
     if shadowed:
         raise RecipeError(
             [
-                f"{k}: the compared stage {compared!r} sets pipeline.{compared}.distill.{k.split('.')[1]}"
-                f"={own[k.split('.')[1]]!r} itself, so this variant would change nothing; vary "
-                f"pipeline.{compared}.distill.{k.split('.')[1]} or compare another stage (--stage)"
-                for k in shadowed
+                f"distill.{field}: the compared stage {compared!r} sets pipeline.{compared}.distill."
+                f"{field}={own[field]!r} itself, so this variant would change nothing; vary "
+                f"pipeline.{compared}.distill.{field} or compare another stage (--stage)"
+                for field in shadowed
             ],
             label,
         )
