@@ -11,6 +11,7 @@ See docs/adapters.md for formulas and when to choose which.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,20 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from kdkit.registry import ADAPTERS
+
+
+def _flag(option: str, value: object) -> bool:
+    """A true/false option: a recipe's `'false'` or `0` must not pass as a truthy value."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{option}: expected true or false, got {value!r}")
+    return value
+
+
+def _positive(option: str, value: object) -> float:
+    """A number > 0 (an eps or a norm order): a string fails here, not in the first step's arithmetic."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{option}: expected a number > 0, got {value!r}")
+    return float(value)
 
 
 class Adapter(nn.Module):
@@ -88,7 +103,7 @@ class ProjectionAdapter(Adapter):
 
     def __init__(self, student_dim: int, teacher_dim: int, bias: bool = True) -> None:
         super().__init__(student_dim, teacher_dim)
-        self.proj = nn.Linear(student_dim, teacher_dim, bias=bias)
+        self.proj = nn.Linear(student_dim, teacher_dim, bias=_flag("bias", bias))
 
     def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         return self.proj(s), t
@@ -107,6 +122,7 @@ class MLPAdapter(Adapter):
         hidden = teacher_dim if hidden_dim is None else hidden_dim
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"hidden_dim: expected a positive integer (or null), got {hidden_dim!r}")
+        bias = _flag("bias", bias)
         self.head = nn.Sequential(
             nn.Linear(student_dim, hidden, bias=bias), nn.GELU(), nn.Linear(hidden, teacher_dim, bias=bias)
         )
@@ -240,8 +256,8 @@ class CovarianceAdapter(Adapter):
         scale: str = "element",
     ) -> None:
         super().__init__(student_dim, teacher_dim)
-        self.eps = eps
-        self.detach_covariance = detach_covariance
+        self.eps = _positive("eps", eps)
+        self.detach_covariance = _flag("detach_covariance", detach_covariance)
         self.scale = _check_scale(scale)
 
     def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -307,9 +323,9 @@ class ProcrustesAdapter(Adapter):
         if normalize not in self.normalizations:
             raise ValueError(f"normalize: expected one of {list(self.normalizations)}, got {normalize!r}")
         self.normalize = normalize
-        self.detach = detach
+        self.detach = _flag("detach", detach)
         self.scale = _check_scale(scale)
-        self.eps = eps
+        self.eps = _positive("eps", eps)
 
     def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         s_rows, t_rows = (self._rows(x) for x in (s, t))
@@ -349,7 +365,7 @@ class GramAdapter(Adapter):
 
     def __init__(self, student_dim: int, teacher_dim: int, p: float = 2.0) -> None:
         super().__init__(student_dim, teacher_dim)
-        self.p = p
+        self.p = _positive("p", p)
 
     def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         return self._gram(s), self._gram(t)
@@ -376,7 +392,7 @@ class CKAAdapter(Adapter):
 
     def __init__(self, student_dim: int, teacher_dim: int, eps: float = 1e-12) -> None:
         super().__init__(student_dim, teacher_dim)
-        self.eps = eps
+        self.eps = _positive("eps", eps)
 
     def map(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         factor = s.shape[0] / 2**0.5
@@ -394,16 +410,31 @@ def adapter_min_batch(name: str) -> int:
     return 1 if name == "none" else getattr(ADAPTERS.get(name), "min_batch", 1)
 
 
+def adapter_options(name: str) -> list[str] | None:
+    """The options (keyword arguments besides the two widths) the adapter registered as `name`
+    takes; None when it takes any (**kwargs). An unknown name raises RegistryError."""
+    params = inspect.signature(ADAPTERS.get(name)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return [p for p in params if p not in ("student_dim", "teacher_dim")]
+
+
+def unknown_adapter_options(name: str, options: Mapping[str, object]) -> str:
+    """Why `options` do not suit the adapter registered as `name` ('' when they do): the names it
+    does not take, and the ones it does."""
+    valid = adapter_options(name)
+    unknown = [] if valid is None else sorted(set(options) - set(valid))
+    if not unknown:
+        return ""
+    return f"adapter {name!r} got unknown options {unknown}; valid options: {valid or 'none'}"
+
+
 def build_adapter(name: str, student_dim: int, teacher_dim: int, **options: object) -> nn.Module:
     """Build the adapter registered as `name` for student width `student_dim` and teacher width `teacher_dim`.
 
     `options` are the adapter's own keyword arguments (e.g. `bias=False` for `projection`).
     """
-    cls = ADAPTERS.get(name)
-    params = inspect.signature(cls).parameters
-    valid = [p for p in params if p not in ("student_dim", "teacher_dim")]
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    unknown = sorted(set(options) - set(valid))
-    if unknown and not takes_any:
-        raise ValueError(f"adapter {name!r} got unknown options {unknown}; valid options: {valid or 'none'}")
-    return cls(student_dim, teacher_dim, **options)
+    problem = unknown_adapter_options(name, options)
+    if problem:
+        raise ValueError(problem)
+    return ADAPTERS.get(name)(student_dim, teacher_dim, **options)

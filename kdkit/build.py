@@ -20,7 +20,7 @@ from kdkit.losses import criterion_min_batch
 from kdkit.models import ModelError, build_model, load_state_dict_checked
 from kdkit.recipe import DataSpec, DistillSpec, Recipe, RecipeError, StageSpec
 from kdkit.registry import EVALUATORS
-from kdkit.teacher_input import InputSpace, TeacherInput, input_space_from_pretrained_cfg
+from kdkit.teacher_input import InputSpace, TeacherInput, input_space_from_pretrained_cfg, size_problem
 
 
 def make_evaluator(recipe: Recipe) -> Any:
@@ -152,6 +152,9 @@ def make_teacher_input(d: DistillSpec, data: DataSpec, teacher: nn.Module) -> Te
         space, interpolation = found
     else:
         t = d.teacher_input
+        problem = "" if t.size is None else size_problem(t.size, teacher)
+        if problem:  # before converting: a huge size would fail allocating, far from its key
+            raise ValueError(f"teacher_input.size: {problem}")
         space = InputSpace(t.size, tuple(t.mean or data.mean), tuple(t.std or data.std))
         interpolation = t.interpolation
     try:
@@ -166,15 +169,18 @@ def _distill_error(where: str, exc: Exception) -> RecipeError:
     return RecipeError([f"{where}.{exc}" if isinstance(exc, PairError | GroupError) else f"{where}: {exc}"])
 
 
-def check_input(model: nn.Module, example: torch.Tensor, where: str) -> int:
+def check_input(
+    model: nn.Module, example: torch.Tensor, where: str, size_key: str = "data.image_size"
+) -> int:
     """Fail with a recipe error when `model` cannot take the data's images (size, patch, channels);
-    return the size of its output's last dimension (the number of classes of a classifier)."""
+    return the size of its output's last dimension (the number of classes of a classifier).
+    `size_key` names the setting the images' size comes from (a teacher's converted input has its own)."""
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     size = tuple(example.shape[-2:])
     if patch is not None and any(s % p for s, p in zip(size, patch, strict=True)):
         raise RecipeError(
             [
-                f"{where}: data.image_size {size[0]} is not divisible by the patch size "
+                f"{where}: {size_key} {size[0]} is not divisible by the patch size "
                 f"{patch[0]}; choose an image size that is a multiple of it"
             ]
         )
@@ -186,9 +192,9 @@ def check_input(model: nn.Module, example: torch.Tensor, where: str) -> int:
     except Exception as exc:  # any failure here is a model/data mismatch the user must fix
         raise RecipeError(
             [
-                f"{where}: cannot run on the data's {tuple(example.shape[1:])} images "
-                f"({type(exc).__name__}: {exc}); check the model options (img_size, in_chans) "
-                "against data.image_size and the data's channels"
+                f"{where}: cannot run on the data's {tuple(example.shape[1:])} images ({size_key} "
+                f"{size[0]}; {type(exc).__name__}: {exc}); check the model options (img_size, in_chans) "
+                f"against {size_key} and the data's channels"
             ]
         ) from None
     finally:

@@ -1,9 +1,13 @@
 """Everything `kdkit run` checks before any work, and `kdkit validate` reports.
 
-`check_recipe(recipe)` loads the plugins the recipe names, builds every model and runs it on the
-data's images, builds each stage's optimizer and scheduler, and dry-runs every distill stage on a
-real two-image batch (tap shapes, adapter sizes, class counts); any problem is a `RecipeError`
-naming its key. Nothing is written (except data a recipe asks to generate, with `generate`).
+`check_recipe(recipe)` loads the plugins the recipe names, builds every split each stage reads
+(a distill stage's unlabelled pool included), builds every model and runs it on the data's images
+(a teacher on its converted input), builds each stage's optimizer and scheduler, and dry-runs every
+distill stage on a real batch of 2-3 of its training images: tap shapes, adapter sizes, class
+counts, each pair's criterion on its adapter's outputs, and one training step's loss terms (no
+gradient). Any problem a stage would meet at its first step is a `RecipeError` naming the stage and
+key, before the first stage trains. Nothing is written (except data a recipe asks to generate, with
+`generate`).
 """
 
 from __future__ import annotations
@@ -14,20 +18,31 @@ from typing import Any
 import torch
 from rich.markup import escape
 from rich.table import Table
+from torch.utils.data import default_collate
 
 from kdkit import distributed
-from kdkit.adapters import adapter_min_batch
+from kdkit.adapters import adapter_min_batch, build_adapter, unknown_adapter_options
+from kdkit.augment import device_images
 from kdkit.build import (
     build_distiller,
     build_recipe_model,
     check_input,
+    dry_run_size,
     make_evaluator,
     make_teacher_input,
     teacher_model_key,
 )
 from kdkit.cache import teacher_cache_dir
 from kdkit.checkpoint import OutputDirError, check_output_dir
-from kdkit.data import build_dataset, example_batch, generate_data, sample_groups
+from kdkit.data import (
+    DataError,
+    PartlyLabeled,
+    build_dataset,
+    example_batch,
+    generate_data,
+    sample_groups,
+    training_set,
+)
 from kdkit.distiller import Distiller
 from kdkit.losses import OptionError, criterion_min_batch, resolve_feature_criterion, resolve_logit_loss
 from kdkit.optim import check_optimization
@@ -78,13 +93,94 @@ def check_recipe(recipe: Recipe, generate: bool = False) -> RecipeCheck:
             example_batch(r.stage_data(stage))
     _check_balanced(r)
     result = RecipeCheck(param_bytes=_check_models(r, example_batch(r.data), evaluator))
-    _check_training(r)
+    check_stage_settings(r)
     for stage in r.pipeline:
         if stage.do == "distill":
-            distiller = build_distiller(r, stage)
-            result.tables.append(tap_table(stage, distiller))
-            distiller.close()
+            result.tables.append(_check_distill_stage(r, stage))
     return result
+
+
+def _check_distill_stage(recipe: Recipe, stage: StageSpec) -> Table:
+    """Build a distill stage's Distiller on a batch of its training data and run one training
+    step's losses on it; return its tap table."""
+    images, labels = _training_batch(recipe, stage)
+    distiller = build_distiller(recipe, stage, example=images)
+    try:
+        _check_pair_criteria(stage, distiller)
+        _check_step(stage, distiller, images, labels)
+        return tap_table(stage, distiller)
+    finally:
+        distiller.close()
+
+
+def _training_batch(recipe: Recipe, stage: StageSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels of a few samples of a distill stage's training set (the dry run's size),
+    the last one from its unlabelled pool when it has one; a pool that cannot be built, or whose
+    images differ from the training images, is a recipe error naming `unlabeled`."""
+    spec = recipe.stage_data(stage)
+    key = f"pipeline.{stage.name}.data" if "unlabeled" in stage.data else "data"
+    n = dry_run_size(recipe.stage_distill(stage))
+    try:  # the labelled split was built before: a failure here is the pool's
+        dataset = training_set(spec, with_unlabeled=True)
+    except (DataError, RegistryError) as exc:
+        raise RecipeError([f"{key}.unlabeled: {exc}"]) from None
+    pool = dataset.datasets[1] if isinstance(dataset, PartlyLabeled) and len(dataset.datasets) > 1 else None
+    labeled = len(dataset) - (len(pool) if pool is not None else 0)
+    parts = [_collated(dataset, list(range(min(n - (pool is not None), labeled))))]
+    if pool is not None:  # the last sample: the pool's last
+        parts.append(_collated(dataset, [len(dataset) - 1]))
+        if parts[0][0].shape[1:] != parts[1][0].shape[1:]:
+            raise RecipeError(
+                [
+                    f"{key}.unlabeled: its images are {tuple(parts[1][0].shape[1:])}, the training "
+                    f"images {tuple(parts[0][0].shape[1:])}; a batch needs one size and channel count "
+                    f"(give the pool the training data's image_size, mean and std)"
+                ]
+            )
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _collated(dataset: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images (as a model takes them) and labels of `dataset[indices]`."""
+    images, labels = default_collate([dataset[i][:2] for i in indices])
+    return device_images(images, torch.device("cpu")), torch.as_tensor(labels)
+
+
+def _check_pair_criteria(stage: StageSpec, distiller: Distiller) -> None:
+    """Each pair's criterion takes its adapter's outputs for features of the real tap shapes
+    (the Distiller's dry run sized the adapters, but did not call the criteria)."""
+    where = f"pipeline.{stage.name}.distill"
+    generator = torch.Generator().manual_seed(0)
+    for i, (pair, (s_shape, t_shape)) in enumerate(zip(distiller.pairs, distiller.shapes, strict=True)):
+        s, t = (torch.randn(shape, generator=generator) for shape in (s_shape, t_shape))
+        with torch.no_grad():
+            s_out, t_out = distiller.adapters[i](s, t)
+            try:
+                distiller.criteria[i](s_out, t_out)
+            except (ValueError, TypeError) as exc:
+                raise RecipeError(
+                    [
+                        f"{where}.pairs[{i}]: criterion {pair.criterion!r} cannot compare the outputs "
+                        f"of adapter {pair.adapter!r}, {tuple(s_out.shape)} and {tuple(t_out.shape)} "
+                        f"(student {pair.student.path} [{pair.student.select}] {s_shape}, teacher "
+                        f"{pair.teacher.path} [{pair.teacher.select}] {t_shape}): {exc}"
+                    ]
+                ) from None
+
+
+def _check_step(stage: StageSpec, distiller: Distiller, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """One training step's loss terms on a real batch (no gradient): the teacher's converted input,
+    the logit loss on the real classes and labels (unlabelled samples too), every pair and group."""
+    try:
+        with torch.no_grad():
+            distiller(images, labels)
+    except Exception as exc:  # whatever fails here would fail the stage's first step
+        raise RecipeError(
+            [
+                f"pipeline.{stage.name}.distill: a training step on {len(images)} of the stage's "
+                f"training images fails ({type(exc).__name__}: {exc})"
+            ]
+        ) from None
 
 
 def _check_names(recipe: Recipe) -> None:
@@ -144,15 +240,16 @@ def _check_models(recipe: Recipe, example: torch.Tensor, evaluator: Any) -> dict
     sizes = {}
     for key in recipe.models:
         model = build_recipe_model(recipe, key, f"models.{key}")
-        given = example
+        given, size_key = example, "data.image_size"
         if key in converts:
             stage = converts[key]
             try:
                 conversion = make_teacher_input(recipe.stage_distill(stage), recipe.stage_data(stage), model)
             except ValueError as exc:
                 raise RecipeError([f"pipeline.{stage.name}.distill.{exc}"]) from None
-            given = example if conversion is None else conversion(example)
-        outputs = check_input(model, given, f"models.{key}")
+            if conversion is not None:
+                given, size_key = conversion(example), f"pipeline.{stage.name}.distill.teacher_input.size"
+        outputs = check_input(model, given, f"models.{key}", size_key)
         if classes is not None and outputs != classes:
             raise RecipeError(
                 [
@@ -165,9 +262,10 @@ def _check_models(recipe: Recipe, example: torch.Tensor, evaluator: Any) -> dict
     return sizes
 
 
-def _check_training(recipe: Recipe) -> None:
+def check_stage_settings(recipe: Recipe) -> None:
     """What each train/distill stage builds when it starts: optimizer, scheduler, autocast, the
-    logit loss and its options, the adapter's smallest batch, a writable teacher cache."""
+    logit loss, criteria and adapters with their options, their smallest batch, a writable teacher
+    cache. Needs neither data nor models (quick, e.g. for every variant of an ablation grid)."""
     r = recipe
     problems: list[str] = []
     for stage in r.pipeline:
@@ -187,6 +285,7 @@ def _check_training(recipe: Recipe) -> None:
             continue
         d, batch = r.stage_distill(stage), r.stage_data(stage).batch_size
         problems += _option_problems(d, stage, where)
+        problems += _adapter_option_problems(d, stage, where)
         for adapter_key, adapter, criterion_key, criterion in _feature_checks(d, stage, where):
             try:
                 need = criterion_min_batch(criterion)
@@ -235,6 +334,37 @@ def _option_problems(d: DistillSpec, stage: StageSpec, where: str) -> list[str]:
             problems.append(f"{options_key}.{exc}")
         except ValueError as exc:
             problems.append(f"{options_key}: {exc}")
+    return problems
+
+
+def _adapter_option_problems(d: DistillSpec, stage: StageSpec, where: str) -> list[str]:
+    """The adapter options of the distill section, and those a pair gives itself, suit their adapter
+    (names, then values, by building it for two small widths). Options left from another adapter
+    are the usual cause: the message says how to clear them."""
+    if d.adapter == "none":
+        return []
+    # options inherited from the top-level `distill` are reported once, under their own key
+    key = "distill.adapter_options"
+    key = f"{where}.{key}" if "adapter_options" in stage.distill else key
+    checks = [(key, d.adapter, d.adapter_options, f"clear them with --set {key}={{}}")]
+    for i, entry in enumerate([] if isinstance(d.pairs, str) else d.pairs):
+        spec = parse_pair(entry, "", [])  # not None: the recipe's pairs were checked when it was read
+        if spec is not None and spec.adapter_options is not None:
+            pair_key = f"{where}.distill.pairs[{i}].adapter_options"
+            adapter = spec.adapter or d.adapter
+            checks.append((pair_key, adapter, spec.adapter_options, "remove them from the pair"))
+    problems = []
+    for option_key, adapter, options, clear in checks:
+        try:
+            unknown = unknown_adapter_options(adapter, options)
+            if unknown:
+                problems.append(f"{option_key}: {unknown}; options of another adapter? {clear}")
+            else:
+                build_adapter(adapter, 4, 4, **options)  # a bad value fails here, before any work
+        except RegistryError:
+            continue  # an unknown adapter name is reported under its own key
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{option_key}: adapter {adapter!r}: {exc}")
     return problems
 
 

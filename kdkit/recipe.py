@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import re
 import reprlib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -582,31 +584,121 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     List items are addressed by index (`pipeline.0.train.epochs=2`) or, for lists of mappings
     with a `name`, by that name (`pipeline.teacher.train.epochs=2`). Old key names, in the data
     and in the overrides, are read as their current ones (`distill.stages` is `distill.pairs`).
+    Adapter options stay with their adapter: an override that changes a distill section's adapter
+    without setting its `adapter_options` drops the old adapter's options, with a note
+    (`_keep_options_with_their_adapter`).
     """
     data = copy.deepcopy(canonical_keys(data))
-    for text in overrides:
-        parts, value = parse_override(text)
-        parts = _canonical_path(parts)
-        node: Any = data
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            where = ".".join(parts[: depth + 1])
-            if isinstance(node, list):
-                index = _list_index(node, part, where, text)
-                if last:
-                    node[index] = value
-                else:
-                    node = node[index]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = value
-                else:
-                    if node.get(part) is None:
-                        node[part] = {}
-                    node = node[part]
-            else:
-                raise RecipeError([f"--set {text!r}: {'.'.join(parts[:depth])} is {node!r}, not a mapping"])
+    before = _adapter_settings(data)
+    changed = [_set_value(data, text) for text in overrides]
+    _keep_options_with_their_adapter(data, before, changed)
     return data
+
+
+def _set_value(data: dict[str, Any], text: str) -> tuple[str | int, ...]:
+    """Apply one 'a.b=c' override to `data` in place; return the key path it set, list items as
+    their index."""
+    parts, value = parse_override(text)
+    parts = _canonical_path(parts)
+    node: Any = data
+    path: list[str | int] = []
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            index = _list_index(node, part, where, text) % len(node)
+            path.append(index)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            path.append(part)
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise RecipeError([f"--set {text!r}: {'.'.join(parts[:depth])} is {node!r}, not a mapping"])
+    return tuple(path)
+
+
+Section = tuple[str | int, ...]  # the key path of a distill section: ('distill',), ('pipeline', i, 'distill')
+
+
+def _distill_sections(data: dict[str, Any]) -> dict[Section, dict[str, Any]]:
+    """The top-level distill section and each stage's own, by key path (a missing top one as {})."""
+    top = data.get("distill")
+    sections: dict[Section, dict[str, Any]] = {("distill",): top if isinstance(top, dict) else {}}
+    for i, stage in enumerate(_stages(data)):
+        if isinstance(stage, dict) and isinstance(stage.get("distill"), dict):
+            sections[("pipeline", i, "distill")] = stage["distill"]
+    return sections
+
+
+def _stages(data: dict[str, Any]) -> list[Any]:
+    stages = data.get("pipeline")
+    return stages if isinstance(stages, list) else []
+
+
+def _adapter_settings(data: dict[str, Any]) -> dict[Section, tuple[Any, dict[str, Any], bool]]:
+    """Per distill section, every stage's included (one it has not got inherits everything): the
+    adapter and adapter options it uses (its own, else the top-level section's), and whether the
+    options are its own."""
+    sections = _distill_sections(data)
+    top = sections[("distill",)]
+    inherited = (top.get("adapter", DistillSpec.adapter), top.get("adapter_options") or {})
+    settings = {}
+    for path in [("distill",), *(("pipeline", i, "distill") for i in range(len(_stages(data))))]:
+        own = sections.get(path, {})
+        options = (own["adapter_options"] or {}) if "adapter_options" in own else inherited[1]
+        settings[path] = (own.get("adapter", inherited[0]), options, "adapter_options" in own)
+    return settings
+
+
+def _keep_options_with_their_adapter(
+    data: dict[str, Any], before: dict[Section, tuple[Any, dict[str, Any], bool]], changed: list[Section]
+) -> None:
+    """Where the overrides (`changed`: the key paths they set) changed a section's adapter, drop the
+    old adapter's options that they did not set themselves, with a note: the new adapter would
+    refuse them, or read them as something else. A stage that keeps its adapter keeps the options
+    it had from the top-level section."""
+    for path in _distill_sections(data):  # the top-level section first: stages inherit from it
+        adapter, options, own = _adapter_settings(data)[path]
+        old_adapter, old_options, _ = before.get(path, (adapter, options, own))
+        keys = [(*path, "adapter_options")] + ([] if own else [("distill", "adapter_options")])
+        if any(c == key[: len(c)] for key in keys for c in changed):
+            continue  # the overrides gave these options (or everything around them) themselves
+        given = {c[len(key)] for key in keys for c in changed if c[: len(key)] == key and len(c) > len(key)}
+        dropped = {k: v for k, v in options.items() if k not in given}
+        section = _distill_sections(data)[path]
+        if adapter != old_adapter and dropped:
+            section["adapter_options"] = {k: v for k, v in options.items() if k in given}
+            where = _section_name(data, path)
+            _note_once(
+                f"note: {where}.adapter is now {adapter!r} (was {old_adapter!r}): dropped "
+                f"{where}.adapter_options {dropped}, options of {old_adapter!r}; set "
+                f"{where}.adapter_options to give the new adapter options"
+            )
+        elif adapter == old_adapter and options != old_options and not own:
+            section["adapter_options"] = copy.deepcopy(old_options)
+
+
+def _section_name(data: dict[str, Any], path: Section) -> str:
+    """A distill section's key as a recipe names it: `distill` or `pipeline.<stage>.distill`."""
+    if path == ("distill",):
+        return "distill"
+    stage = data["pipeline"][path[1]]
+    return f"pipeline.{stage.get('name', path[1])}.distill"
+
+
+@functools.cache
+def _note_once(text: str) -> None:
+    """Print a note on stderr, once per process (an ablation applies a variant's overrides per seed).
+    Plain `print`: kdkit.runlog's console imports this module, and no progress bar runs yet."""
+    print(text, file=sys.stderr)
 
 
 def _list_index(node: list[Any], part: str, where: str, text: str) -> int:

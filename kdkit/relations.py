@@ -177,8 +177,16 @@ def _check_at_shapes(a: Tensor, b: Tensor) -> None:
     """Both maps (B, C, H, W) with the same H, W, or both tokens (B, N, D) with the same N."""
     sa, sb = tuple(a.shape), tuple(b.shape)
     if a.dim() not in (3, 4) or a.dim() != b.dim():
+        # (B, D) features (a class token or a pooled feature, or a relation adapter's (B, B) matrices)
+        # have no positions to attend over: say what to tap instead
+        hint = (
+            "; (B, D) features have no positions or tokens (select cls or mean, or a relation adapter): "
+            "tap tokens (select: tokens, patch or all) with adapter raw"
+            if 2 in (a.dim(), b.dim())
+            else ""
+        )
         raise ValueError(
-            f"at: expected both CNN maps (B, C, H, W) or both ViT tokens (B, N, D); got {sa} and {sb}"
+            f"at: expected both CNN maps (B, C, H, W) or both ViT tokens (B, N, D); got {sa} and {sb}{hint}"
         )
     # torchdistill's ATLoss resizes neither map (its subtraction fails): refuse with both shapes, so
     # that the recipe taps layers of the same resolution (or pools one) instead

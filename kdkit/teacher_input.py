@@ -7,7 +7,8 @@ student's normalisation, resize, apply the teacher's), on the device, under infe
 
 `InputSpace` describes one side (size, mean, std); `input_space_from_pretrained_cfg` reads a timm
 model's (`distill.teacher_input: auto`); `check_input_space` checks a recipe's mapping and names
-each bad key. docs/methods.md ("Teachers that see the world differently") gives the conventions.
+each bad key, `size_problem` a side against the teacher. docs/methods.md ("Teachers that see the
+world differently") gives the conventions.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
 # averages whole input cells, so it needs none).
 _ANTIALIASED = ("bilinear", "bicubic")
 _KEYS = ("size", "mean", "std", "interpolation")
+# The largest side a batch is converted to: beyond the inputs of any image model in use (518 px
+# DINOv2, 1024 px SAM), and a batch of 64 RGB images of this side already takes 12 GiB in float32.
+MAX_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,26 @@ def _built_channels(model: nn.Module, cfg: Mapping[str, Any]) -> int | None:
         return getattr(model.get_submodule(first), "in_channels", None)
     except AttributeError:
         return None
+
+
+def size_problem(size: int, model: nn.Module) -> str:
+    """Why `model` cannot take square inputs of side `size` ('' when it can, as far as its patch
+    embedding tells): beyond `MAX_SIZE`, not a multiple of its patch size, or another size than
+    the one it was built for when it takes no other (timm's `strict_img_size`)."""
+    if size > MAX_SIZE:
+        gib = 3 * size * size * 4 / 2**30
+        return f"{size} px is beyond the {MAX_SIZE} px kdkit converts to ({gib:.1f} GiB per RGB image)"
+    embed = getattr(_unwrap(model), "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    if isinstance(patch, Sequence) and any(size % p for p in patch):
+        return f"{size} is not a multiple of the teacher's patch size {patch[0]}"
+    built = _built_size(model)
+    if built is not None and getattr(embed, "strict_img_size", False) and built != (size, size):
+        return (
+            f"{size} px, but the teacher was built for {built[0]} px inputs and takes no other "
+            "(its img_size option)"
+        )
+    return ""
 
 
 def input_space_from_pretrained_cfg(model: nn.Module) -> PretrainedInput | None:

@@ -192,6 +192,91 @@ RECIPE_CASES = [
         ["'nonexistent'", "not installed"],
     ),
     ("negative cache size", lambda d: d["distill"].update(cache_max_gb=-1), ["cache_max_gb", "positive"]),
+    # --- what `run` met only at a distill stage's first step, after training the stages before it
+    # (issue 26): each stage's data, models and a training step are now dry-run before any work
+    (
+        "at on class tokens",
+        lambda d: d["distill"].update(adapter="raw", criterion="at", select="cls"),
+        ["pipeline.student_kd.distill.pairs[0]", "criterion 'at'", "(2, 32) and (2, 48)", "select: tokens"],
+    ),
+    (
+        "at on a gram adapter's matrices",
+        lambda d: d["distill"].update(adapter="gram", criterion="at"),
+        ["pipeline.student_kd.distill.pairs[0]", "criterion 'at'", "adapter 'gram'", "(2, 2)"],
+    ),
+    (
+        "at on one pair's class tokens",
+        lambda d: d["distill"].update(
+            pairs=[[1, 1], {"student": 2, "teacher": 2, "adapter": "raw", "criterion": "at"}]
+        ),
+        ["pipeline.student_kd.distill.pairs[1]", "criterion 'at'", "blocks.1 [cls]"],
+    ),
+    (
+        "at across token counts",
+        lambda d: (
+            d["distill"].update(adapter="raw", criterion="at", select="tokens"),
+            _student(patch_size=2)(d),
+        ),
+        ["pipeline.student_kd.distill.pairs[0]", "token counts N differ", "(2, 65, 32)", "(2, 17, 48)"],
+    ),
+    (
+        "unknown unlabelled pool data set",
+        lambda d: d["data"].update(labeled_fraction=0.5, unlabeled={"dataset": "digitz"}),
+        ["data.unlabeled", "'digitz'", "Did you mean 'digits'"],
+    ),
+    (
+        "unlabelled pool of an unknown split",
+        lambda d: d["data"].update(labeled_fraction=0.5, unlabeled={"dataset": "digits", "split": "trainn"}),
+        ["data.unlabeled", "'trainn'"],
+    ),
+    (
+        "unlabelled pool with an unknown option",
+        lambda d: d["data"].update(
+            labeled_fraction=0.5, unlabeled={"dataset": "digits", "options": {"x": 1}}
+        ),
+        ["data.unlabeled", "['x']", "split_seed"],
+    ),
+    (
+        "adapter option of another adapter",
+        lambda d: d["distill"].update(adapter="projection", adapter_options={"detach_covariance": False}),
+        [
+            "distill.adapter_options",
+            "adapter 'projection' got unknown options ['detach_covariance']",
+            "--set distill.adapter_options={}",
+        ],
+    ),
+    (
+        "a pair's adapter option of another adapter",
+        lambda d: d["distill"].update(
+            pairs=[{"student": 1, "teacher": 1, "adapter": "projection", "adapter_options": {"p": 1}}]
+        ),
+        ["pipeline.student_kd.distill.pairs[0].adapter_options", "['p']", "remove them from the pair"],
+    ),
+    (
+        "adapter eps that is a string",
+        lambda d: d["distill"].update(adapter="cka", adapter_options={"eps": "tiny"}),
+        ["distill.adapter_options", "adapter 'cka'", "eps", "'tiny'"],
+    ),
+    (
+        "adapter flag that is a string",
+        lambda d: d["distill"].update(adapter_options={"detach_covariance": "no"}),
+        ["distill.adapter_options", "detach_covariance", "true or false", "'no'"],
+    ),
+    (
+        "teacher input not a multiple of the patch",
+        lambda d: d["distill"].update(teacher_input={"size": 33}),
+        ["distill.teacher_input.size", "33", "patch size 4"],
+    ),
+    (
+        "teacher input beside the teacher's built size",
+        lambda d: d["distill"].update(teacher_input={"size": 64}),
+        ["distill.teacher_input.size", "64", "built for 16 px"],
+    ),
+    (
+        "teacher input of 100000 px",
+        lambda d: d["distill"].update(teacher_input={"size": 100000}),
+        ["distill.teacher_input.size", "100000", "4096"],
+    ),
 ]
 
 

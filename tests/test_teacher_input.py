@@ -21,6 +21,7 @@ from kdkit.teacher_input import (
     TeacherInput,
     check_input_space,
     input_space_from_pretrained_cfg,
+    size_problem,
 )
 
 HALF = (0.5, 0.5, 0.5)
@@ -339,3 +340,20 @@ def test_auto_reads_the_teachers_pretrained_cfg_or_says_what_to_give() -> None:
     recipe = parse_recipe({**_recipe_with_a_32px_teacher(), "distill": {"teacher_input": "auto"}})
     with pytest.raises(RecipeError, match="teacher_input: .*channel"):
         build_distiller(recipe, recipe.pipeline[1], example=torch.zeros(2, 1, 16, 16))
+
+
+@pytest.mark.parametrize(
+    "size, options, expected",
+    [
+        (100000, {}, "100000 px is beyond the 4096 px"),
+        (40, {}, "40 is not a multiple of the teacher's patch size 16"),
+        (64, {}, "64 px, but the teacher was built for 32 px inputs"),
+        (32, {}, ""),
+        (64, {"dynamic_img_size": True}, ""),  # a ViT that takes any multiple of its patch
+    ],
+)
+def test_size_problem_names_the_limit_the_size_breaks(size: int, options: dict, expected: str) -> None:
+    """Checked before converting (issue 26): 100000 px failed allocating 80 GB, 33 and 64 were
+    reported against data.image_size."""
+    problem = size_problem(size, _tiny_vit(**options))
+    assert (expected in problem) if expected else problem == ""
