@@ -1,4 +1,5 @@
-"""Train stages shared between runs (`kdkit ablate`): an identical `train` stage is trained once.
+"""What a stage depends on (`stage_inputs`, `stage_upstream`), and train stages shared between runs
+(`kdkit ablate`): an identical `train` stage is trained once.
 
 A `train` stage is keyed by a hash of exactly what its model depends on (`train_stage_key`); the
 first run that needs it trains it and publishes ``DIR/<key>/{model.pt,done.json}`` in one folder
@@ -18,29 +19,66 @@ from pathlib import Path
 from typing import Any
 
 from kdkit import __version__
+from kdkit.build import teacher_model_key
 from kdkit.checkpoint import atomic_path, atomic_write_text, file_sha256
 from kdkit.lock import locked
 from kdkit.recipe import Recipe, StageSpec
 
 
-def train_stage_key(recipe: Recipe, stage: StageSpec) -> str:
-    """Hash of exactly what a `train` stage's model depends on.
+def stage_inputs(recipe: Recipe, stage: StageSpec) -> dict[str, Any]:
+    """What a stage's result depends on in the recipe, as a mapping whose key paths name it
+    (`distill.select`, `train.lr`, `models.student.options.depth`, ...).
 
-    Data, the model's spec (and its initial weights file), the merged training settings (with the
-    stage's seed), the evaluator (it picks the saved epoch) and the kdkit version; not the distill
-    section, other models or the stage's name.
-    """
-    spec = recipe.models[stage.model]
+    Not the results of earlier stages it reads (`stage_upstream`), nor files named by the recipe
+    (initial weights). Train: its data, model spec, merged training settings (with the stage's seed)
+    and the evaluator (it picks the saved epoch); distill: the same for its student, plus its
+    merged distill section and its teacher's spec; evaluate: its runs, split, baseline, the
+    top-level data and the device and precision it predicts with."""
+    evaluator = [recipe.evaluator, recipe.evaluator_options]
+    if stage.do == "evaluate":
+        return {
+            "do": stage.do,
+            "runs": stage.runs,
+            "split": stage.split,
+            "baseline": stage.baseline,
+            "data": dataclasses.asdict(recipe.data),
+            "train": {"device": recipe.train.device, "amp": recipe.train.amp},
+            "evaluator": evaluator,
+        }
     train = recipe.stage_train(stage)
-    parts = {
+    inputs = {
         "do": stage.do,
         "data": dataclasses.asdict(recipe.stage_data(stage)),
         # a tracked test split is the run's own (reported only; see Trainer.best_on_test)
         "test_data": dataclasses.asdict(recipe.data) if train.track_test else None,
-        "model": dataclasses.asdict(spec),
-        "weights_sha256": file_sha256(spec.weights) if spec.weights else None,
         "train": dataclasses.asdict(train),
-        "evaluator": [recipe.evaluator, recipe.evaluator_options],
+        "evaluator": evaluator,
+    }
+    if stage.do == "train":  # the key `model` (not `models`) keeps existing cache entries valid
+        return {**inputs, "model": dataclasses.asdict(recipe.models[stage.model])}
+    distill = recipe.stage_distill(stage)
+    teacher = teacher_model_key(recipe, stage)[0]
+    models = {key: dataclasses.asdict(recipe.models[key]) for key in (distill.student, teacher)}
+    return {**inputs, "distill": dataclasses.asdict(distill), "models": models}
+
+
+def stage_upstream(recipe: Recipe, stage: StageSpec) -> list[str]:
+    """The earlier stages whose results `stage` reads: a distill stage's teacher, when a stage trains
+    it, and an evaluate stage's runs."""
+    if stage.do == "evaluate":
+        return list(stage.runs)
+    trained_by = teacher_model_key(recipe, stage)[1] if stage.do == "distill" else None
+    return [trained_by] if trained_by else []
+
+
+def train_stage_key(recipe: Recipe, stage: StageSpec) -> str:
+    """Hash of exactly what a `train` stage's model depends on: its `stage_inputs`, the SHA-256 of
+    its model's initial weights file and the kdkit version; not the distill section, other models
+    or the stage's name."""
+    spec = recipe.models[stage.model]
+    parts = {
+        **stage_inputs(recipe, stage),
+        "weights_sha256": file_sha256(spec.weights) if spec.weights else None,
         "kdkit": __version__,
     }
     text = json.dumps(parts, sort_keys=True, default=str)

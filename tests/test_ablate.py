@@ -21,7 +21,15 @@ from torch.utils.data import Dataset
 
 from kdkit.checkpoint import load_file
 from kdkit.cli import main
-from kdkit.cli.ablate import baseline_stage, combine, expand_grid, read_variants, resolve, split_values
+from kdkit.cli.ablate import (
+    RunJob,
+    baseline_stage,
+    combine,
+    expand_grid,
+    read_variants,
+    resolve,
+    split_values,
+)
 from kdkit.cli.ablation_report import Group, Measured, csv_text, format_cell, markdown_tables, summarise
 from kdkit.comparison import direction, load_replicates
 from kdkit.data import digits
@@ -111,10 +119,23 @@ def test_named_variants_set_their_keys_and_combine_with_every_vary(tmp_path: Pat
     ]
 
 
+def test_variant_names_follow_the_stage_name_rule_underscores_included(tmp_path: Path) -> None:
+    """Issue 26, item 15: `_` was refused in variant names although stage names allow it."""
+    path = tmp_path / "v.yaml"
+    path.write_text("kd_covariance: {distill.adapter: covariance}\nlogit_only+ce=1: {}\n")
+    named = read_variants(path)
+    assert [v.slug for v in named] == ["kd_covariance", "logit_only+ce=1"]
+    job = RunJob(named[0], 0, resolve(small_recipe(), named[0], 0, "tiny.yaml"), tmp_path)
+    assert job.final == tmp_path / "runs" / "kd_covariance__seed0"
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("a b: {}\n", "'a b': a variant name uses only letters"),
+        ("a b: {}\n", "'a b': the variant name cannot be a folder name: use letters, digits and _ . + = -"),
+        (".hidden: {}\n", "'.hidden': the variant name cannot be a folder name"),
+        ("a/b: {}\n", "'a/b': the variant name cannot be a folder name"),
+        ("1: {}\n", "1: the variant name is not text"),
         ("kl: [1]\n", "kl: expected a mapping of recipe keys"),
         ("kl: {'distill..x': 1}\n", "kl.distill..x:"),
         ("{}\n", "expected at least one variant"),
@@ -547,6 +568,65 @@ def test_rerun_continues_an_interrupted_ablation(
     # The same folder with a changed recipe is refused, naming what differs.
     assert main(["ablate", "tiny.yaml", *GRID, "--out", "abl", "--set", "train.lr=0.001"]) == 2
     assert "holds a run of a different recipe (it differs at train.lr)" in capfd.readouterr().err
+
+
+def test_a_failed_variant_leaves_a_report_of_the_others_and_the_same_command_continues(
+    ablation: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 26: variants whose training diverges at run time (they pass every check) do not abort
+    the ablation; the command exits 1 naming them, the report covers the finished runs, marked
+    incomplete, and the same command continues once the cause is fixed. Variants named like the
+    fixture's folders reuse its seed-0 runs, so only the diverging ones train."""
+    shutil.copy(ablation.parent / "tiny.yaml", tmp_path / "tiny.yaml")
+    shutil.copytree(ablation, tmp_path / "abl")
+    monkeypatch.chdir(tmp_path)
+    variants: dict[str, dict[str, Any]] = {
+        "adapter-covariance": {"distill.adapter": "covariance"},
+        "adapter-projection": {"distill.adapter": "projection"},
+        # the feature term overflows float32 in the distill stage itself
+        "huge-beta": {"distill.adapter": "covariance", "distill.beta": 1.0e38},
+        # the compared stage's schedule is its baseline's too: that (shared) train stage diverges
+        "huge-lr": {"pipeline.student_kd.train.lr": 1.0e30},
+    }
+    Path("variants.yaml").write_text(yaml.safe_dump(variants))
+    command = ["ablate", "tiny.yaml", "--variants", "variants.yaml", "--seeds", "0", "--out", "abl"]
+    untouched = {run: (Path("abl/runs") / run / "summary.json").stat().st_mtime_ns for run in RUNS[:2]}
+
+    assert main(command) == 1
+    err = " ".join(capfd.readouterr().err.split())  # unwrapped
+    assert (
+        "[ablate] run huge-beta__seed0 FAILED: TrainingDiverged: [student_kd] the loss became non-finite"
+        in err
+    )
+    assert "ablation incomplete: 2 of 4 runs failed:" in err
+    assert "(log: abl/partial/huge-beta__seed0/error.log)" in err
+    assert (
+        "huge-lr__seed0 (huge-lr, seed 0): its train stages could not be trained (huge-lr__seed0): Training"
+        in err
+    )
+    assert "(log: abl/prepare/huge-lr__seed0/error.log)" in err
+    assert "continue with: kdkit ablate tiny.yaml --variants variants.yaml --seeds 0 --out abl" in err
+    assert "Traceback" not in err
+    assert "TrainingDiverged" in Path("abl/partial/huge-beta__seed0/error.log").read_text()
+    report = json.loads(Path("abl/ablation.json").read_text())
+    assert report["complete"] is False
+    assert [f["run"] for f in report["failed"]] == ["huge-beta__seed0", "huge-lr__seed0"]
+    assert [v["variant"] for v in report["variants"]][1:] == ["adapter-covariance", "adapter-projection"]
+    assert Path("abl/ablation.md").read_text().startswith("**Incomplete:** 2 run(s) failed")
+
+    # Fixed: the same command keeps the finished runs and redoes the failed one.
+    variants["huge-beta"]["distill.beta"] = 0.5
+    del variants["huge-lr"]
+    Path("variants.yaml").write_text(yaml.safe_dump(variants))
+    assert main(command) == 0
+    err = capfd.readouterr().err
+    assert f"{RUNS[0]}: complete, skipped" in err and f"{RUNS[1]}: complete, skipped" in err
+    assert {
+        run: (Path("abl/runs") / run / "summary.json").stat().st_mtime_ns for run in RUNS[:2]
+    } == untouched
+    report = json.loads(Path("abl/ablation.json").read_text())
+    assert report["complete"] is True and report["failed"] == [] and len(report["variants"]) == 4
+    assert not Path("abl/ablation.md").read_text().startswith("**Incomplete")
 
 
 # ------------------------------------------------------------------------------------ report functions

@@ -19,11 +19,10 @@ from kdkit.adapters import build_adapter
 from kdkit.build import build_distiller
 from kdkit.cache import teacher_cache_key, weights_digest
 from kdkit.checks import check_recipe
-from kdkit.cli.run import _check_same_recipe
 from kdkit.data import SeededAugmentation, build_loaders
 from kdkit.distiller import Distiller, LayerPair, layer_pairs
-from kdkit.errors import UsageError
 from kdkit.recipe import RecipeError, apply_overrides, diff_keys, parse_recipe
+from kdkit.resume import plan_resume
 from kdkit.taps import Tap
 
 LABELS = torch.tensor([0, 3, 7, 9])
@@ -84,11 +83,15 @@ def test_a_run_saved_with_stages_resumes(tmp_path: Path) -> None:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(saved, sort_keys=False))
     assert diff_keys(yaml.safe_load(path.read_text()), recipe.to_dict()) == []
-    _check_same_recipe(recipe.to_dict(), path)  # no UsageError
+    assert plan_resume(tmp_path, recipe).changed_keys == []  # nothing to run again
     saved["distill"]["stages"] = [[2, 2]]
     path.write_text(yaml.safe_dump(saved, sort_keys=False))
-    with pytest.raises(UsageError, match="distill.pairs"):
-        _check_same_recipe(recipe.to_dict(), path)
+    plan = plan_resume(tmp_path, recipe)
+    assert plan.changed_keys == ["distill.pairs"]
+    assert plan.rerun == {
+        "student_kd": "its inputs changed at distill.pairs",
+        "test": "it reads student_kd, which runs again",
+    }
 
 
 # ------------------------------------------------------------------------------ per-pair options

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from kdkit.checkpoint import file_sha256, load_file
 from kdkit.cli import main
 from kdkit.cli.run import _run_dir
 from kdkit.errors import UsageError
-from kdkit.recipe import load_recipe
+from kdkit.recipe import load_recipe, read_yaml
 from kdkit.runlog import console
 
 STAGES = ["teacher", "student_kd", "student_alone", "test"]
@@ -197,6 +198,68 @@ def test_resume_of_a_finished_run_skips_every_stage(
     assert {p: p.read_bytes() for p in run.glob("*/*.pt")} == before
     assert (run / "metrics.jsonl").read_text() == metrics
     assert json.loads((run / "summary.json").read_text()) == json.loads(summary)
+
+
+def test_resume_with_a_changed_stage_keeps_the_others_and_reruns_what_reads_it(
+    finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 26: a fixed distill setting re-runs the distill stage and the evaluate stage that reads
+    it; the teacher and the student alone are kept; the old results are set aside, never mixed."""
+    shutil.copy(finished_run / "tiny.yaml", tmp_path / "tiny.yaml")
+    run = shutil.copytree(finished_run / "run", tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    before = {p: p.read_bytes() for p in run.glob("*/model.pt")}
+    old_summary = json.loads((run / "summary.json").read_text())
+    old_lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert (
+        main(["run", "tiny.yaml", "--out", "run", "--resume", *OVERRIDES, "--set", "distill.alpha=0.2"]) == 0
+    )
+    err = capsys.readouterr().err
+    assert "the recipe differs from the one this run started with at distill.alpha" in err
+    for kept in ("teacher", "student_alone"):
+        assert f"[{kept}] kept: finished, and nothing it depends on changed" in err
+        assert (run / kept / "model.pt").read_bytes() == before[run / kept / "model.pt"]
+    assert "[student_kd] runs again: its inputs changed at distill.alpha" in err
+    assert "[test] runs again: it reads student_kd, which runs again" in err
+    assert "[student_kd] resumed from" not in err  # trained from the start, not from the old last.pt
+    assert (run / "student_kd" / "model.pt").read_bytes() != before[run / "student_kd" / "model.pt"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["teacher"] == old_summary["teacher"]
+    assert summary["student_kd"]["last"] != old_summary["student_kd"]["last"]
+    tested = summary["test"]["results"]["student_kd"]
+    assert tested["test/loss"] != old_summary["test"]["results"]["student_kd"]["test/loss"]
+    # The metrics log holds the new student_kd epochs only; the old ones moved with its folder.
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in lines if r["stage"] != "student_kd"] == [
+        r for r in old_lines if r["stage"] != "student_kd"
+    ]
+    assert sum(r["stage"] == "student_kd" for r in lines) == sum(
+        r["stage"] == "student_kd" for r in old_lines
+    )
+    (aside,) = (run / ".superseded").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == [
+        "metrics.jsonl",
+        "recipe.yaml",
+        "student_kd",
+        "summary.json",
+        "test",
+    ]
+    assert (aside / "student_kd" / "model.pt").read_bytes() == before[run / "student_kd" / "model.pt"]
+    assert read_yaml(aside / "recipe.yaml")["distill"]["alpha"] == 0.7
+    assert read_yaml(run / "recipe.yaml")["distill"]["alpha"] == 0.2
+
+
+def test_resume_refuses_a_saved_recipe_it_cannot_read(
+    tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tiny_recipe.parent)
+    (tiny_recipe.parent / "old").mkdir()
+    (tiny_recipe.parent / "old" / "recipe.yaml").write_text("name: old\nmodels: 3\n")
+    assert main(["run", str(tiny_recipe), "--out", "old", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: the recipe this run started with (old/recipe.yaml) cannot be read" in err
+    assert "start a new run" in err and "Traceback" not in err
 
 
 def test_existing_out_without_resume_is_refused(

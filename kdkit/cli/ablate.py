@@ -20,7 +20,10 @@ Then every run, in a fresh process of its own, reuses them and does the same wor
 run, so runs cannot leak state into each other and their time and peak memory compare. Re-running
 the same command skips complete runs and continues interrupted ones.
 
-One ablation writes OUT at a time (`kdkit.lock.exclusive`). A Ctrl-C, a SIGTERM or a run process
+A run that fails (its error is caught in its process, the traceback kept in its folder's
+`error.log`) does not stop the others: the report is written from the complete runs, marked
+incomplete, and the command exits 1 naming the failed runs; the same command retries them. One
+ablation writes OUT at a time (`kdkit.lock.exclusive`). A Ctrl-C, a SIGTERM or a run process
 that dies stops every run process (`kdkit.workers.WorkerPool`) and ends the command with 128 +
 the signal and one line: what is complete, and the command (as typed) that continues.
 """
@@ -37,6 +40,7 @@ import resource
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,7 +53,7 @@ from kdkit.checkpoint import atomic_write_text
 from kdkit.checks import check_recipe
 from kdkit.cli.ablation_report import BASELINE_LABEL, Group, cache_use, measure, memory_measure, write_report
 from kdkit.cli.arguments import add_recipe_args
-from kdkit.errors import UsageError
+from kdkit.errors import RunFailed, UsageError
 from kdkit.lock import exclusive
 from kdkit.pipeline import RecipeRun
 from kdkit.plugins import load_plugins
@@ -58,6 +62,7 @@ from kdkit.recipe import (
     RecipeError,
     StageSpec,
     apply_overrides,
+    file_name_problem,
     parse_override,
     parse_recipe,
     read_yaml,
@@ -156,13 +161,14 @@ def expand_grid(varies: list[str]) -> list[Variant]:
 
 def read_variants(path: Path) -> list[Variant]:
     """Named variants from a YAML file, `NAME: {KEY: VALUE, ...}` with KEY a recipe key as for
-    `--set` (a variant with no keys is the recipe as it is); a `RecipeError` names the entry."""
+    `--set` (a variant with no keys is the recipe as it is) and NAME following the rule of stage
+    names (`file_name_problem`); a `RecipeError` names the entry."""
     variants, problems = [], []
     for name, overrides in read_yaml(path).items():
-        if not isinstance(name, str) or _safe(name) != name:
-            problems.append(
-                f"{name!r}: a variant name uses only letters, digits and . + - (it names its folder)"
-            )
+        # the rule of recipe and stage names: a variant's name names its folders (runs/<name>__seed<S>)
+        problem = file_name_problem(name) if isinstance(name, str) else "is not text"
+        if problem:
+            problems.append(f"{name!r}: the variant name {problem}")
             continue
         if not isinstance(overrides, dict | None):
             problems.append(f"{name}: expected a mapping of recipe keys to values, got {shorten(overrides)}")
@@ -384,11 +390,34 @@ def peak_memory() -> dict[str, Any]:
     return peak
 
 
-def execute(job: RunJob) -> str:
-    """Run one job in this (fresh worker) process, then move its directory into runs/ in one rename."""
+Outcome = tuple[str, str | None]  # (job name, None or the one-line error of a failed job)
+ERROR_LOG = "error.log"  # the traceback of a failed run, in its partial (or prepare) folder
+
+
+def attempt(job: RunJob, folder: Path, work: Callable[[RunJob], None]) -> Outcome:
+    """`work(job)`; an error becomes a one-line message, its traceback `folder/error.log`, so that the
+    other runs go on (an interruption is no error: it still stops every run)."""
+    (folder / ERROR_LOG).unlink(missing_ok=True)  # from an earlier try
+    try:
+        work(job)
+    except Exception as exc:  # any failure of the run itself: reported, the ablation goes on
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(traceback.format_exc(), folder / ERROR_LOG)
+        text = f"{type(exc).__name__}: {exc}"
+        return job.name, text if len(text) <= 600 else f"{text[:600]} ..."
+    return job.name, None
+
+
+def execute(job: RunJob) -> Outcome:
+    """Run one job in this (fresh worker) process (see `attempt`)."""
     load_plugins()
     torch.set_num_threads(job.threads)
     console.rule(f"run {job.name}")
+    return attempt(job, job.partial, _run_and_publish)
+
+
+def _run_and_publish(job: RunJob) -> None:
+    """Run the job's recipe in its partial folder, then move that into runs/ in one rename."""
     start = time.perf_counter()
     RecipeRun(job.recipe, job.partial, stage_cache=StageCache(job.out / "cache")).run(resume=True)
     record = {
@@ -402,7 +431,6 @@ def execute(job: RunJob) -> str:
     atomic_write_text(json.dumps(record, indent=2), job.partial / "run.json")
     job.final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(job.partial, job.final)
-    return job.name
 
 
 def _pending(jobs: list[RunJob]) -> list[RunJob]:
@@ -425,6 +453,10 @@ def _pending(jobs: list[RunJob]) -> list[RunJob]:
                     f"{job.name}: discarding an interrupted run of a different recipe", markup=False
                 )
                 shutil.rmtree(job.partial)
+            elif (job.partial / ERROR_LOG).exists():
+                console.print(
+                    f"{job.name}: retrying the run that failed (from its last checkpoint)", markup=False
+                )
             else:
                 console.print(f"{job.name}: continuing the interrupted run", markup=False)
         pending.append(job)
@@ -437,39 +469,55 @@ def _differences(job: RunJob, run_dir: Path) -> list[str]:
     return recipe_changes(read_yaml(saved), job.recipe.to_dict()) if saved.exists() else []
 
 
-def prepare(job: RunJob) -> str:
-    """Train (or finish training) the train stages of `job.recipe` into the stage cache, in this process."""
+def prepare(job: RunJob) -> Outcome:
+    """Train (or finish training) the train stages of `job.recipe` into the stage cache, in this
+    process (see `attempt`)."""
     load_plugins()
     torch.set_num_threads(job.threads)
     console.rule(f"train stages for {job.name}")
-    RecipeRun(job.recipe, job.preparing, stage_cache=StageCache(job.out / "cache")).run(resume=True)
-    return job.name
+
+    def train(job: RunJob) -> None:
+        RecipeRun(job.recipe, job.preparing, stage_cache=StageCache(job.out / "cache")).run(resume=True)
+
+    return attempt(job, job.preparing, train)
 
 
-def preparation(jobs: list[RunJob]) -> list[RunJob]:
-    """One job per distinct set of train stages missing from the cache: the runs' recipes cut to
-    their train stages."""
+def missing_train_stages(job: RunJob) -> tuple[str, ...]:
+    """The cache keys of the job's train stages that are not in the stage cache yet."""
+    keys = [train_stage_key(job.recipe, s) for s in job.recipe.pipeline if s.do == "train"]
+    return tuple(k for k in keys if not (job.out / "cache" / k / "done.json").exists())
+
+
+def preparation(jobs: list[RunJob]) -> dict[tuple[str, ...], RunJob]:
+    """One job per distinct set of train stages missing from the cache (`missing_train_stages` →
+    job): the runs' recipes cut to their train stages."""
     todo: dict[tuple[str, ...], RunJob] = {}
     for job in jobs:
-        train = [s for s in job.recipe.pipeline if s.do == "train"]
-        keys = [train_stage_key(job.recipe, s) for s in train]
-        missing = tuple(k for k in keys if not (job.out / "cache" / k / "done.json").exists())
+        missing = missing_train_stages(job)
         if missing and missing not in todo:
+            train = [s for s in job.recipe.pipeline if s.do == "train"]
             first = replace(job, recipe=replace(job.recipe, pipeline=train))
             if first.preparing.exists() and _differences(first, first.preparing):
                 shutil.rmtree(first.preparing)  # an interrupted training of another recipe
             todo[missing] = first
-    return list(todo.values())
+    return todo
 
 
-def run_jobs(function: Callable[[RunJob], str], jobs: list[RunJob], processes: int, what: str) -> None:
-    """`function(job)` for every job, each in a fresh worker process, `processes` at a time; an
-    interrupted or killed worker stops them all (`kdkit.workers`)."""
+def run_jobs(
+    function: Callable[[RunJob], Outcome], jobs: list[RunJob], processes: int, what: str
+) -> dict[str, str]:
+    """`function(job)` for every job, each in a fresh worker process, `processes` at a time; return
+    the failed jobs' errors by name. An interrupted or killed worker stops them all (`kdkit.workers`)."""
+    failed = {}
     with WorkerPool(
         function, min(processes, len(jobs)), fresh=True, describe=lambda j: f"{what} {j.name}"
     ) as pool:
-        for done, name in enumerate(pool.run(jobs), 1):
-            console.print(f"[ablate] {what} {name} complete ({done}/{len(jobs)})", markup=False)
+        for done, (name, error) in enumerate(pool.run(jobs), 1):
+            state = "complete" if error is None else f"FAILED: {error}"
+            console.print(f"[ablate] {what} {name} {state} ({done}/{len(jobs)})", markup=False)
+            if error is not None:
+                failed[name] = error
+    return failed
 
 
 def target_stage(recipe: Recipe, name: str | None) -> str:
@@ -532,7 +580,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    """`kdkit ablate`: check every variant, run what is not done yet, then write the report."""
+    """`kdkit ablate`: check every variant, run what is not done yet, then write the report (a
+    `RunFailed`, exit status 1, names the runs that failed)."""
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: expected at least 1")
     start = time.perf_counter()
@@ -604,13 +653,60 @@ def _run_grid(
     out = jobs[0].out
     console.print(f"{len(variants)} variants × {len(seeds)} seeds, checked; ablation folder: {out}")
     pending = _pending(jobs)
+    failures = _prepare_train_stages(pending, args.jobs)
+    runnable = [job for job in pending if job.name not in failures]
+    if runnable:
+        errors = run_jobs(execute, runnable, args.jobs, "run")
+        failures |= {
+            job.name: (errors[job.name], job.partial / ERROR_LOG) for job in runnable if job.name in errors
+        }
+    complete = [job for job in jobs if job.final.exists()]
+    failed = [_failure(job, *failures[job.name]) for job in jobs if job.name in failures]
+    if complete:
+        _report(args, complete, stage, time.perf_counter() - start, failed)
+    if failed:
+        raise RunFailed(_incomplete(failed, len(jobs), len(complete), out, args.command_line))
+
+
+def _prepare_train_stages(pending: list[RunJob], processes: int) -> dict[str, tuple[str, Path]]:
+    """Train the train stages the pending runs need; return the runs that cannot run because one of
+    theirs failed: run name → (error, log)."""
     first = preparation(pending)
-    if first:
-        console.print(f"train stages first: {len(first)} job(s), then the runs", markup=False)
-        run_jobs(prepare, first, args.jobs, "train stages for")
-    if pending:
-        run_jobs(execute, pending, args.jobs, "run")
-    _report(args, jobs, stage, time.perf_counter() - start)
+    if not first:
+        return {}
+    console.print(f"train stages first: {len(first)} job(s), then the runs", markup=False)
+    errors = run_jobs(prepare, list(first.values()), processes, "train stages for")
+    blocked = {}
+    for job in pending:
+        missing = set(missing_train_stages(job))
+        for keys, trainer in first.items():
+            if trainer.name in errors and missing & set(keys):
+                error = f"its train stages could not be trained ({trainer.name}): {errors[trainer.name]}"
+                blocked[job.name] = (error, trainer.preparing / ERROR_LOG)
+    return blocked
+
+
+def _failure(job: RunJob, error: str, log: Path) -> dict[str, Any]:
+    """A failed run as the report lists it."""
+    return {"run": job.name, "variant": job.variant.label, "seed": job.seed, "error": error, "log": str(log)}
+
+
+def _incomplete(failed: list[dict[str, Any]], total: int, complete: int, out: Path, command: str) -> str:
+    """The message of an ablation that ended with failed runs: which, why, and how to continue."""
+    lines = [f"ablation incomplete: {len(failed)} of {total} runs failed:"]
+    lines += [
+        f"  {f['run']} ({f['variant']}, seed {f['seed']}): {f['error']} (log: {f['log']})" for f in failed
+    ]
+    report = (
+        f"the report of the {complete} complete runs is in {out}/ablation.md, marked incomplete"
+        if complete
+        else "no run is complete, so no report was written"
+    )
+    lines.append(
+        f"{report}; fix the cause (or drop the variant) and continue with: {command} "
+        "(complete runs are kept, failed ones retried)"
+    )
+    return "\n".join(lines)
 
 
 def _groups(jobs: list[RunJob], stage: str, with_baseline: bool) -> list[Group]:
@@ -644,8 +740,11 @@ def _groups(jobs: list[RunJob], stage: str, with_baseline: bool) -> list[Group]:
     return first + groups
 
 
-def _report(args: argparse.Namespace, jobs: list[RunJob], stage: str, seconds: float) -> None:
-    """Read every run of the grid and write the report files."""
+def _report(
+    args: argparse.Namespace, jobs: list[RunJob], stage: str, seconds: float, failed: list[dict[str, Any]]
+) -> None:
+    """Read the complete runs of the grid (`jobs`) and write the report files; `failed` lists the
+    runs that are missing because they failed (the report is then marked incomplete)."""
     groups = _groups(jobs, stage, with_baseline=not args.no_baseline)
     rows = [row for g in groups for row in g.rows()]
     finals = [j.final for j in jobs]
@@ -663,6 +762,8 @@ def _report(args: argparse.Namespace, jobs: list[RunJob], stage: str, seconds: f
         "run_seconds": sum(row.get("wall_s", 0.0) for row in rows),
         "memory_measure": memory_measure(finals[0]),
         "stage_cache": cache_use(finals),
+        "complete": not failed,
+        "failed": failed,
     }
     for name, use in info["stage_cache"].items():
         console.print(

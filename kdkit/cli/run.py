@@ -18,7 +18,7 @@ from kdkit.errors import UsageError
 from kdkit.info import model_cost
 from kdkit.lock import exclusive
 from kdkit.models import build_model
-from kdkit.recipe import ModelSpec, load_recipe, read_yaml, recipe_changes
+from kdkit.recipe import ModelSpec, load_recipe
 from kdkit.runlog import console, output
 from kdkit.trainer import TrainingInterrupted
 from kdkit.workers import Interrupted
@@ -37,7 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--resume",
         action="store_true",
         help="continue the run in --out (default: the newest runs/<name> or runs/<name>-N) from its "
-        "checkpoints",
+        "checkpoints; with a changed recipe, the stages the change touches (and those reading them) "
+        "run again and the others are kept",
     )
     p.set_defaults(func=cmd_run)
 
@@ -59,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kdkit import distributed
     from kdkit.checks import check_recipe
     from kdkit.pipeline import RecipeRun
+    from kdkit.resume import plan_resume
 
     recipe = load_recipe(args.recipe, args.overrides)
     with distributed.session():
@@ -74,10 +76,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         # One writer per run directory: rank 0 alone writes it, so it alone holds the lock.
         with exclusive(out, args.command_line) if distributed.is_main() else contextlib.nullcontext():
             try:
-                if args.resume:
-                    _check_same_recipe(recipe.to_dict(), out / "recipe.yaml")
+                # Every rank reads the saved recipe before rank 0 replaces it (after main_first).
+                plan = plan_resume(out, recipe) if args.resume else None
                 with distributed.main_first():  # rank 0 first: checking may generate the data set
                     checked = check_recipe(recipe, generate=True)
+                    if plan is not None and distributed.is_main():  # before any rank looks for done.json
+                        plan.apply(out)
                 if distributed.is_main():
                     check_output_dir(out, checked.bytes_to_write(recipe))
                 console.print(f"run directory: {out}")
@@ -96,18 +100,6 @@ def _continue_run(exc: TrainingInterrupted | Interrupted, args: argparse.Namespa
     sets = [word for override in args.overrides for word in ("--set", override)]
     again = shlex.join(["kdkit", "run", str(args.recipe), *sets, "--out", str(out), "--resume"])
     return Interrupted(f"{saved}; completed stages are kept in {out}; continue with: {again}", exc.signum)
-
-
-def _check_same_recipe(resolved: dict, saved_path: Path) -> None:
-    """A resumed run must continue the same experiment: refuse a changed recipe."""
-    saved = read_yaml(saved_path)
-    changed = recipe_changes(saved, resolved)
-    if changed:
-        raise UsageError(
-            f"--resume: the recipe differs from the one this run started with ({saved_path}) at "
-            f"{', '.join(changed[:8])}; resume with the same recipe and --set options, e.g. "
-            f"kdkit run {saved_path} --out {saved_path.parent} --resume"
-        )
 
 
 def _run_dir(name: str, out: Path | None, resume: bool) -> Path:
