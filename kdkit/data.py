@@ -92,9 +92,12 @@ class PartlyLabeled(ConcatDataset):
         self.transform = getattr(_base(labeled), "transform", None)
 
     def fingerprint(self) -> Any:
-        """The fingerprints of the labelled data and the pool (what the images depend on)."""
+        """The fingerprints of the labelled data and the pool (what the images depend on), and a
+        hash of which samples are labelled (what decides which sample an index is)."""
         parts = [_base(d) for d in self.datasets]
-        return [getattr(p, "fingerprint", lambda: None)() for p in parts]
+        labeled = list(getattr(self.datasets[0], "indices", []))  # the pool of 'rest' is the others
+        digest = hashlib.sha256(repr(labeled).encode()).hexdigest()
+        return [getattr(p, "fingerprint", lambda: None)() for p in parts] + [digest]
 
 
 def _base(dataset: Dataset) -> Dataset:
@@ -121,11 +124,21 @@ def dataset_labels(dataset: Dataset) -> list[int]:
 def training_set(spec: DataSpec, with_unlabeled: bool) -> Dataset:
     """The training split as a stage trains on it: the samples whose labels
     `spec.labeled_fraction` keeps, then (for a distill stage, `with_unlabeled`) the
-    `spec.unlabeled` pool with the label `UNLABELED`."""
+    `spec.unlabeled` pool with the label `UNLABELED`.
+
+    Labels are kept per unit (the training set's `units`, e.g. a frame data set's videos, so that
+    no video is split between the labelled samples and the pool) and stratified by its `groups`
+    (e.g. (domain, label)), else by label; see `labeled_subset`."""
     train = build_dataset(spec, "train")
     if spec.labeled_fraction == 1.0 and (spec.unlabeled is None or not with_unlabeled):
         return train
-    keep, rest = labeled_subset(dataset_labels(train), spec.labeled_fraction, LABEL_SPLIT_SEED)
+    keep, rest = labeled_subset(
+        dataset_labels(train),
+        spec.labeled_fraction,
+        LABEL_SPLIT_SEED,
+        units=getattr(train, "units", None),
+        strata=getattr(train, "groups", None),
+    )
     labeled = Subset(train, keep)
     pool = None
     if with_unlabeled and spec.unlabeled == "rest":
@@ -413,17 +426,42 @@ def stratified_split(
     return {s: np.sort(np.array(v)) for s, v in parts.items()}
 
 
-def labeled_subset(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices of the samples whose labels are kept (`fraction` of each class, at least one) and of
-    the rest, both sorted; fixed by `seed`."""
+def labeled_subset(
+    labels: Sequence[int],
+    fraction: float,
+    seed: int,
+    units: Sequence[Hashable] | None = None,
+    strata: Sequence[Hashable] | None = None,
+) -> tuple[list[int], list[int]]:
+    """Indices of the samples whose labels are kept and of the rest, both sorted; fixed by `seed`.
+
+    The draw is per unit (`units`, one per sample, e.g. its video: a unit's samples are all kept or
+    all left; default: every sample is its own unit) within each stratum (`strata`, one per sample,
+    e.g. (domain, label); default: the label): `fraction` of the units of every stratum, at least
+    one. A unit found in two strata counts as one unit in each.
+    """
     rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
+    members: dict[Hashable, dict[Hashable, list[int]]] = {}
+    strata = labels if strata is None else strata
+    units = range(len(labels)) if units is None else units
+    for index, (stratum, unit) in enumerate(zip(strata, units, strict=True)):
+        members.setdefault(stratum, {}).setdefault(unit, []).append(index)
     keep: list[int] = []
-    for label in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == label))
-        keep += idx[: max(1, round(fraction * len(idx)))].tolist()
+    for stratum in _in_order(members):
+        groups = list(members[stratum].values())  # the stratum's units, in order of first sample
+        for unit in rng.permutation(len(groups))[: max(1, round(fraction * len(groups)))]:
+            keep += groups[unit]
     kept = set(keep)
     return sorted(keep), [i for i in range(len(labels)) if i not in kept]
+
+
+def _in_order(keys: dict[Hashable, Any]) -> list[Hashable]:
+    """`keys` sorted (so a draw does not depend on which stratum comes first in the data), or in
+    their order of first appearance when they cannot be compared."""
+    try:
+        return sorted(keys)  # type: ignore[type-var]
+    except TypeError:
+        return list(keys)
 
 
 @DATASETS.register("digits")

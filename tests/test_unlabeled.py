@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_vit
@@ -28,6 +29,35 @@ def test_labeled_subset_keeps_the_fraction_of_every_class_and_partitions_the_res
     assert sorted(keep + rest) == list(range(len(labels))) and not set(keep) & set(rest)
     assert labeled_subset(labels, 0.1, seed=0) == (keep, rest)  # the same labels in every run
     assert labeled_subset(labels, 0.1, seed=1)[0] != keep
+
+
+def test_labels_are_kept_per_unit_within_each_stratum() -> None:
+    """Units (videos) are kept or left whole; the fraction is of each stratum's units."""
+    units = [f"v{i // 3}" for i in range(60)]  # 20 videos of 3 frames
+    strata = [("A" if i < 30 else "B", i // 3 % 2) for i in range(60)]  # 2 domains x 2 labels
+    labels = [s[1] for s in strata]
+    keep, rest = labeled_subset(labels, 0.4, seed=0, units=units, strata=strata)
+    kept_units, rest_units = {units[i] for i in keep}, {units[i] for i in rest}
+    assert not kept_units & rest_units and sorted(keep + rest) == list(range(60))
+    assert Counter(strata[i] for i in keep) == {s: 2 * 3 for s in set(strata)}  # 40 % of 5 videos, 3 frames
+    assert labeled_subset(labels, 0.4, seed=0, units=units, strata=strata) == (keep, rest)
+
+
+def test_labels_of_single_samples_are_drawn_as_before() -> None:
+    """Without units every sample is its own: the draws of earlier versions (and the published
+    digits results) stay the same."""
+
+    def before(labels: list[int], fraction: float, seed: int) -> list[int]:
+        rng, labels_ = np.random.default_rng(seed), np.asarray(labels)
+        keep: list[int] = []
+        for label in np.unique(labels_):
+            idx = rng.permutation(np.flatnonzero(labels_ == label))
+            keep += idx[: max(1, round(fraction * len(idx)))].tolist()
+        return sorted(keep)
+
+    labels = np.random.default_rng(3).integers(0, 12, 300).tolist()
+    for fraction, seed in ((0.1, 0), (0.5, 1)):
+        assert labeled_subset(labels, fraction, seed)[0] == before(labels, fraction, seed)
 
 
 def test_a_distill_stage_trains_on_the_kept_labels_then_the_pool_without_labels(

@@ -23,7 +23,7 @@ from kdkit.data import DataError
 from kdkit.frame_store import STORE_DIR, FrameStore, StoreError, open_store
 from kdkit.images import read_rgb
 from kdkit_fas.layouts import LayoutError, canonical_split, image_files, index_dataset
-from kdkit_fas.prepare import MANIFEST_COLUMNS
+from kdkit_fas.prepare import MANIFEST_COLUMNS, SETTINGS_FILE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,7 +78,8 @@ class FrameDataset(Dataset):
 
     `meta[i]` holds video, subject, label and attack_type of item i, for video-level and
     per-attack-type evaluation, and its `domain` (the data set it came from) when the records give
-    one. `groups` (domain, label) per item is what `data.balanced` balances; `origin` says which
+    one. `groups` (domain, label) per item is what `data.balanced` balances (and what
+    `data.labeled_fraction` draws from equally, keeping `units`, the videos, whole); `origin` says which
     data the split holds (the evaluator records it as the source of its threshold).
 
     `store_roots`: folders whose frame store (`<folder>/frames.kdstore`, written by `kdkit store`)
@@ -157,6 +158,11 @@ class FrameDataset(Dataset):
     def groups(self) -> list[tuple[str | None, int]]:
         """(domain or None, label) of every item: the groups `data.balanced` draws equally from."""
         return [(m.get("domain"), m["label"]) for m in self.meta]
+
+    @property
+    def units(self) -> list[str]:
+        """The video of every item: `data.labeled_fraction` keeps or drops a video's labels whole."""
+        return [m["video"] for m in self.meta]
 
     def fingerprint(self) -> str:
         """SHA-256 of every frame's path, label, size and modification time: the data part of the
@@ -246,12 +252,32 @@ def _canonical(split: str) -> str:
         raise DataError(str(exc)) from None
 
 
+def missing_manifest(root: Path, dataset: str = "DATASET", key: str = "") -> str:
+    """Why `root` has no `manifest.csv`, and the `kdkit fas prepare` command that makes one: into
+    `root` when it does not exist or holds an unfinished preparation, else (a raw tree, most
+    likely) from `root` into a folder beside it. `key`: the recipe key to point at that folder."""
+    command = f"kdkit fas prepare {dataset}"
+    if not root.exists():
+        return f"{root} does not exist; create it with `{command} --root RAW --out {root}`"
+    if (root / SETTINGS_FILE).is_file():  # written first: a preparation into it did not finish
+        return (
+            f"{root} has no manifest.csv: preparing it did not finish; run `{command} --root RAW "
+            f"--out {root}` again (finished videos are skipped)"
+        )
+    out = root.with_name(f"{root.name}-prepared")
+    then = f"--set {key}={out}" if key else f"use {out}"
+    return (
+        f"{root} has no manifest.csv, so it is not a folder made by `kdkit fas prepare`; if it is the "
+        f"raw data set, prepare it with `{command} --root {root} --out {out}`, then {then}"
+    )
+
+
 def frames_from_manifest(root: str | Path, split: str) -> list[dict]:
     """Frame records of `split` ('train', 'dev'/'val', 'test') from `root/manifest.csv`."""
     root, split = Path(root), _canonical(split)
     manifest = root / "manifest.csv"
     if not manifest.is_file():
-        raise DataError(f"{manifest} does not exist; create it with `kdkit fas prepare DATASET --out {root}`")
+        raise DataError(missing_manifest(root))
     table = read_csv(manifest, required=MANIFEST_COLUMNS)
     try:
         records = _split_rows(table.rows, root, split)

@@ -17,6 +17,12 @@ is kept apart, in the evaluator's optimistic section.
 
 Every record gets its `domain` (the letter); video and subject ids are prefixed with it
 (`O:1_1_01_1`), so ids of different sets never merge.
+
+Every set the protocol uses must be prepared alike (`FRAME_SETTINGS` of its `prepare.json`: frame
+sampling, frames per video, crop size, scale, image format, detector): otherwise the domains differ
+by how kdkit made their frames as well as by their data, and a set tested at another crop size or
+frame count than the sources trained on measures that too. Sets prepared differently are refused,
+naming each one's settings, unless `data.options.mixed_preparation: true`.
 """
 
 from __future__ import annotations
@@ -29,8 +35,15 @@ from typing import Any
 
 from kdkit.data import DataError
 from kdkit.recipe import DataSpec
-from kdkit_fas.data import AUGMENT_OPTIONS, FrameDataset, augmentation, frames_from_manifest, store_roots
-from kdkit_fas.prepare import SETTINGS_FILE
+from kdkit_fas.data import (
+    AUGMENT_OPTIONS,
+    FrameDataset,
+    augmentation,
+    frames_from_manifest,
+    missing_manifest,
+    store_roots,
+)
+from kdkit_fas.prepare import SETTINGS_FILE, SINCE_0_2
 
 # letter -> (`kdkit fas prepare` layout, data set name, has an official dev split)
 SETS = {
@@ -54,7 +67,9 @@ SPLIT_TABLE = {
     "val": ("sources", ("dev",)),
     "test": ("target", ("train", "test")),
 }
-OPTIONS = {"protocol", "roots", "store", *AUGMENT_OPTIONS}
+OPTIONS = {"protocol", "roots", "store", "mixed_preparation", *AUGMENT_OPTIONS}
+# the `kdkit fas prepare` settings that decide what a set's frames look like and how many a video gives
+FRAME_SETTINGS = ("sampling", "frames_per_video", "size", "scale", "image_format", "detector")
 
 
 def parse_protocol(name: Any) -> str:
@@ -81,14 +96,25 @@ def split_sets(protocol: str, split: str) -> list[tuple[str, tuple[str, ...]]]:
     return [(letter, official) for letter in sources if SETS[letter][2] or "dev" not in official]
 
 
+def _letters() -> str:
+    """The letters and their data sets, for messages: 'O (OULU-NPU), C (CASIA-FASD), ...'."""
+    return ", ".join(f"{letter} ({name})" for letter, (_, name, _) in SETS.items())
+
+
 def _roots(spec: DataSpec, protocol: str) -> dict[str, Path]:
-    """The prepared folder of every set the protocol uses, checked to exist and match its letter."""
+    """The prepared folder of every set the protocol uses, checked to exist, match its letter and,
+    unless `data.options.mixed_preparation`, to be prepared alike."""
     roots = spec.options.get("roots") or {}
-    if not isinstance(roots, dict) or set(roots) - set(SETS):
+    if not isinstance(roots, dict):
         raise DataError(
-            f"data.options.roots: expected a mapping of the letters {', '.join(SETS)} to folders made by "
+            f"data.options.roots: expected a mapping of the letters {_letters()} to folders made by "
             f"`kdkit fas prepare`, got {roots!r}"
         )
+    for letter in roots:
+        if letter not in SETS:
+            raise DataError(
+                f"data.options.roots.{letter}: unknown letter {letter!r}; expected one of {_letters()}"
+            )
     needed = "".join(PROTOCOLS[protocol])
     missing = [letter for letter in needed if not roots.get(letter)]
     if missing:
@@ -100,34 +126,70 @@ def _roots(spec: DataSpec, protocol: str) -> dict[str, Path]:
             f"made by `kdkit fas prepare {layouts} --root RAW --out DIR`"
         )
     found = {letter: Path(str(roots[letter])).expanduser() for letter in needed}
-    for letter, root in found.items():
-        _check_prepared(letter, root)
+    settings = {letter: _check_prepared(letter, root) for letter, root in found.items()}
+    if not _mixed_preparation(spec.options):
+        _check_prepared_alike(protocol, found, settings)
     return found
 
 
-def _check_prepared(letter: str, root: Path) -> None:
-    """`root` exists and, where `kdkit fas prepare` recorded its settings, holds set `letter`
-    prepared with the default protocol (every video in its official splits)."""
+def _check_prepared(letter: str, root: Path) -> dict | None:
+    """`root` exists, holds a manifest and, where `kdkit fas prepare` recorded its settings, set
+    `letter` prepared with the default protocol (every video in its official splits); returns
+    those settings (None for a folder prepared before they were recorded)."""
     key, (layout, name, _) = f"data.options.roots.{letter}", SETS[letter]
     if not root.is_dir():
         raise DataError(
             f"{key}: {root} does not exist (expected {name} prepared by `kdkit fas prepare {layout}`)"
         )
+    if not (root / "manifest.csv").is_file():
+        raise DataError(f"{key}: {missing_manifest(root, layout, key)} ({letter} is {name})")
     settings_file = root / SETTINGS_FILE
     if not settings_file.is_file():
-        return  # prepared before settings were recorded: the manifest is all there is to check
+        return None  # prepared before settings were recorded: the manifest is all there is to check
     try:
         settings = json.loads(settings_file.read_text(encoding="utf-8"))
     except ValueError as exc:
+        settings = str(exc)
+    if not isinstance(settings, dict):
         raise DataError(
-            f"{key}: {settings_file} is not a readable `kdkit fas prepare` settings file ({exc})"
-        ) from None
+            f"{key}: {settings_file} is not a readable `kdkit fas prepare` settings file ({settings})"
+        )
     if settings.get("dataset") != layout or settings.get("protocol") not in (None, "official"):
         raise DataError(
             f"{key}: {root} holds {settings.get('dataset')!r} prepared with protocol "
             f"{settings.get('protocol')!r} ({settings_file}); the letter {letter} needs {name} prepared "
             f"with its default protocol: `kdkit fas prepare {layout} --root RAW --out DIR`"
         )
+    return {**SINCE_0_2, **settings}
+
+
+def _mixed_preparation(options: dict) -> bool:
+    """`data.options.mixed_preparation`, checked to be true or false (the default)."""
+    value = options.get("mixed_preparation", False)
+    if not isinstance(value, bool):
+        raise DataError(
+            "data.options.mixed_preparation: expected true (use sets prepared with different settings "
+            f"side by side) or false (the default: refuse them), got {value!r}"
+        )
+    return value
+
+
+def _check_prepared_alike(protocol: str, roots: dict[str, Path], settings: dict[str, dict | None]) -> None:
+    """Refuse sets whose recorded FRAME_SETTINGS differ, listing each set's differing settings."""
+    known = {letter: found for letter, found in settings.items() if found is not None}
+    differ = [key for key in FRAME_SETTINGS if len({found.get(key) for found in known.values()}) > 1]
+    if not differ:
+        return
+    each = "; ".join(
+        f"{letter} ({roots[letter]}): " + ", ".join(f"{key} {found.get(key)!r}" for key in differ)
+        for letter, found in known.items()
+    )
+    raise DataError(
+        f"data.options.roots: the sets of {protocol} were prepared with different {', '.join(differ)}: "
+        f"{each}. Domains should differ by their data, not by how their frames were made: prepare "
+        "every set with the same `kdkit fas prepare` settings (--sampling, --frames-per-video, --size, "
+        "--scale, --detector), or set data.options.mixed_preparation: true to use them as they are"
+    )
 
 
 def _records(letter: str, root: Path, official: tuple[str, ...]) -> list[dict]:

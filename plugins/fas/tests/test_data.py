@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,11 @@ from kdkit_fas.prepare import prepare, write_manifest
 
 from kdkit.augment import Frames
 from kdkit.cli.entry import run
-from kdkit.data import DataError, build_loaders
+from kdkit.data import UNLABELED, DataError, build_loaders, training_set
 from kdkit.distiller import SupervisedTask
 from kdkit.frame_store import StoreError
 from kdkit.recipe import DataSpec, TrainSpec
+from kdkit.registry import DATASETS
 from kdkit.throughput import loader_throughput
 from kdkit.trainer import EpochProgress, Trainer
 
@@ -202,3 +204,38 @@ def test_the_loader_benchmark_runs_at_a_tiny_size(capsys: pytest.CaptureFixture[
     rates = json.loads(capsys.readouterr().out)["results"]["16px"]
     sources = {"png", "jpeg", "png_torchvision_v2", "finish_frames_one_cpu_thread", *benchmark.STORE_VARIANTS}
     assert set(rates) == sources and all(rate > 0 for rate in rates.values())
+
+
+def _video_records(domains: str = "OCI", videos: int = 6) -> list[dict]:
+    """Frame records of `videos` videos per domain and class, 2-4 frames each (no image files)."""
+    return [
+        {
+            "path": f"{domain}/{label}/{v}/{k}.png",
+            "video": f"{domain}:{label}_{v}",
+            "subject": "",
+            "label": label,
+            "attack_type": "live" if label else "print",
+            "domain": domain,
+        }
+        for domain in domains
+        for label in (0, 1)
+        for v in range(videos)
+        for k in range(2 + v % 3)
+    ]
+
+
+def test_labeled_fraction_keeps_whole_videos_in_each_domain() -> None:
+    if "fas_video_records" not in DATASETS:
+        DATASETS.add("fas_video_records", lambda split, spec: FrameDataset(_video_records(), "/", 16))
+    spec = DataSpec("fas_video_records", image_size=16, labeled_fraction=0.5, unlabeled="rest")
+    data = training_set(spec, with_unlabeled=True)
+    frames = FrameDataset(_video_records(), "/", 16)
+    labeled_part, pool = data.datasets[0].indices, data.datasets[1].dataset.indices
+    kept = {frames.meta[i]["video"] for i in labeled_part}
+    left = {frames.meta[i]["video"] for i in pool}
+    assert not kept & left  # no video has labelled frames and unlabelled ones
+    per_group = Counter(video.split("_")[0] for video in kept)  # "O:0": domain O, label 0
+    assert per_group == {f"{d}:{label}": 3 for d in "OCI" for label in (0, 1)}  # half of each one's 6 videos
+    assert data.labels[: len(labeled_part)] == [frames.labels[i] for i in labeled_part]
+    assert set(data.labels[len(labeled_part) :]) == {UNLABELED}
+    assert training_set(spec, with_unlabeled=True).datasets[0].indices == labeled_part  # reproducible

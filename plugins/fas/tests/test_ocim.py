@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -162,6 +163,83 @@ def test_missing_or_wrong_roots_are_named(
         fas_domains("test", spec)
 
 
+def _settings_only(base: Path, frames: dict[str, tuple[str, int, int]]) -> dict[str, Path]:
+    """Folders holding only what the preparation checks read: a manifest header and `prepare.json`
+    with each letter's (sampling, frames per video, size)."""
+    roots = {}
+    for letter, (sampling, k, size) in frames.items():
+        roots[letter] = base / LAYOUTS[letter][1]
+        roots[letter].mkdir(parents=True)
+        (roots[letter] / "manifest.csv").write_text("path,video,subject,label,attack_type,split\n")
+        settings = {"dataset": LAYOUTS[letter][1], "protocol": None, "fold": None, "sampling": sampling}
+        settings |= {
+            "frames_per_video": k,
+            "size": size,
+            "detector": "mtcnn",
+            "scale": 1.2,
+            "image_format": "png",
+        }
+        (roots[letter] / "prepare.json").write_text(json.dumps(settings))
+    return roots
+
+
+def test_sets_prepared_differently_are_refused_naming_each_ones_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    roots = _settings_only(
+        tmp_path, {"O": ("flip", 2, 32), "C": ("flip", 2, 32), "I": ("flip", 2, 32), "M": ("uniform", 8, 64)}
+    )
+    assert main(["validate", str(RECIPE), *roots_args(roots)]) == 2
+    error = capsys.readouterr().err
+    assert (
+        "data.options.roots: the sets of O_C_I_to_M were prepared with different sampling, "
+        f"frames_per_video, size: O ({roots['O']}): sampling 'flip', frames_per_video 2, size 32; " in error
+    )
+    assert f"M ({roots['M']}): sampling 'uniform', frames_per_video 8, size 64. " in error
+    assert "or set data.options.mixed_preparation: true" in error and "Traceback" not in error
+    odd = roots_args(roots) + ["--set", "data.options.mixed_preparation=maybe"]
+    assert main(["validate", str(RECIPE), *odd]) == 2
+    assert "data.options.mixed_preparation: expected true " in capsys.readouterr().err
+
+
+def test_mixed_preparation_uses_sets_prepared_differently(prepared: dict[str, Path], tmp_path: Path) -> None:
+    larger = tmp_path / "msu-64"
+    shutil.copytree(prepared["M"], larger)
+    settings = json.loads((larger / "prepare.json").read_text())
+    (larger / "prepare.json").write_text(json.dumps(settings | {"size": 64}))
+    options = {"protocol": "O_C_I_to_M", "roots": {**prepared, "M": larger}}
+    spec = DataSpec("fas_domains", image_size=32, options=options)
+    with pytest.raises(
+        DataError, match=rf"different size: O \({prepared['O']}\): size 32; .* M \({larger}\): size 64"
+    ):
+        fas_domains("test", spec)
+    spec.options["mixed_preparation"] = True
+    assert len(fas_domains("test", spec)) == 24
+
+
+def test_a_raw_tree_or_an_unknown_letter_in_roots_is_named(
+    prepared: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = tmp_path / "OULU-NPU"
+    (raw / "Train_files").mkdir(parents=True)
+    assert main(["validate", str(RECIPE), *roots_args({**prepared, "O": raw})]) == 2
+    assert (
+        f"error: data.options.roots.O: {raw} has no manifest.csv, so it is not a folder made by "
+        f"`kdkit fas prepare`; if it is the raw data set, prepare it with `kdkit fas prepare oulu --root "
+        f"{raw} --out {raw}-prepared`, then --set data.options.roots.O={raw}-prepared (O is OULU-NPU)"
+    ) in capsys.readouterr().err
+    (raw / "prepare.json").write_text("{}")  # an interrupted `kdkit fas prepare --out` into it
+    assert main(["validate", str(RECIPE), *roots_args({**prepared, "O": raw})]) == 2
+    assert f"preparing it did not finish; run `kdkit fas prepare oulu --root RAW --out {raw}` again" in (
+        capsys.readouterr().err
+    )
+    assert main(["validate", str(RECIPE), *roots_args(prepared), "--set", f"data.options.roots.X={raw}"]) == 2
+    assert (
+        "error: data.options.roots.X: unknown letter 'X'; expected one of O (OULU-NPU), C (CASIA-FASD), "
+        "I (Replay-Attack), M (MSU-MFSD)\n"
+    ) in capsys.readouterr().err
+
+
 class _Meta:
     def __init__(self, meta: list[dict]) -> None:
         self.meta = meta
@@ -202,14 +280,14 @@ def test_metrics_are_reported_per_test_domain_at_the_dev_threshold() -> None:
 
 
 def test_predict_gets_the_sources_crop_settings_when_they_agree(tmp_path: Path) -> None:
-    """A cross-domain model records the face_crop settings of its training sets when they agree,
-    and none (the preparer's defaults) when they differ."""
+    """A cross-domain model records the face_crop settings of its data sets when they agree,
+    and each set's when they differ (`kdkit predict` then asks which)."""
     from kdkit_fas.plugin import domains_crop_options
 
     from kdkit.recipe import DataSpec
 
     roots = {}
-    for letter, size in (("M", 64), ("I", 64), ("C", 32)):
+    for letter, size in (("M", 64), ("I", 64), ("C", 64)):
         roots[letter] = tmp_path / letter
         roots[letter].mkdir()
         (roots[letter] / "prepare.json").write_text(
@@ -220,4 +298,4 @@ def test_predict_gets_the_sources_crop_settings_when_they_agree(tmp_path: Path) 
     )
     assert domains_crop_options(spec) == {"detector": "mtcnn", "scale": 1.2, "size": 64}
     (roots["I"] / "prepare.json").write_text(json.dumps({"detector": "haar", "scale": 1.2, "size": 64}))
-    assert domains_crop_options(spec) == {}
+    assert domains_crop_options(spec)["sources"]["I"] == {"detector": "haar", "scale": 1.2, "size": 64}
