@@ -1,4 +1,4 @@
-"""`kdkit store FOLDER`: decode a folder of same-size images once into a frame store."""
+"""`kdkit store FOLDER`: decode a folder of same-size images once into a frame store, or verify one."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from kdkit.errors import UsageError
-from kdkit.frame_store import STORE_DIR, store_summary, update_store
+from kdkit.frame_store import STORE_DIR, store_summary, update_store, verify_store
 from kdkit.runlog import output
+from kdkit.workers import Interrupted
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,15 +29,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--size", type=int, help="resize every image to SIZE × SIZE (the recipe's data.image_size)"
     )
     p.add_argument("--force", action="store_true", help="rewrite a store that is up to date")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="write nothing; read the whole store against the checksums written with it, and check "
+        "the images under FOLDER against its index (exit status 2 when it is damaged or out of date)",
+    )
     p.set_defaults(func=cmd_store)
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    """`kdkit store FOLDER`: write (or refresh) the folder's frame store."""
+    """`kdkit store FOLDER`: write (or refresh) the folder's frame store, or with --verify check it."""
     if not args.folder.is_dir():
         raise UsageError(f"FOLDER: {args.folder} is not a folder")
     if args.size is not None and args.size < 1:
         raise UsageError(f"--size: expected a positive integer, got {args.size}")
-    store, written = update_store(args.folder, args.out, size=args.size, force=args.force)
-    output.print(store_summary(store, written) + ("" if written else "; --force rewrites it"))
+    if args.verify:
+        if args.force or args.size is not None:
+            raise UsageError(
+                "--verify only reads the store: give it FOLDER (and --out), not --force or --size"
+            )
+        output.print(verify_store(args.folder, args.out), soft_wrap=True)
+        return 0
+    try:
+        store, written = update_store(args.folder, args.out, size=args.size, force=args.force)
+    except Interrupted as exc:
+        out = args.out or args.folder / STORE_DIR
+        raise Interrupted(
+            f"{exc}; {out} is as it was (no half-written store); write it with: {args.command_line}",
+            exc.signum,
+        ) from None
+    output.print(store_summary(store, written) + ("" if written else "; --force rewrites it"), soft_wrap=True)
     return 0
