@@ -5,7 +5,9 @@ pipeline's evaluate stage does (the dev split 'val' is always predicted too: eva
 thresholds there), and writes what that stage writes — the evaluator's files (scores, plots)
 plus `metrics.json` and `calibration.json` — into `--out` (default `RUN/<stage>/eval-<split>/`).
 Without `--recipe`, the recipe recorded in the checkpoint is used; `--set` overrides either,
-e.g. `--set data.root=/data/other-copy`.
+e.g. `--set data.root=/data/other-copy`. When the split holds data the model was trained on (a
+data set's `seen_in_training` hook says so, e.g. a cross-domain model tested on a protocol whose
+target was one of its sources), the results are labelled as not held out and a warning names why.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from kdkit.build import make_evaluator
 from kdkit.checkpoint import atomic_write_text
 from kdkit.cli.arguments import add_set_arg
 from kdkit.comparison import results_table
 from kdkit.deploy.modelfile import load_checkpoint
 from kdkit.errors import UsageError
-from kdkit.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
+from kdkit.recipe import Recipe, RecipeError, apply_overrides, load_recipe, parse_recipe
+from kdkit.registry import DATASETS
 from kdkit.runlog import console, output
 from kdkit.scoring import evaluate_model
 from kdkit.trainer import autocast, resolve_device
@@ -63,14 +68,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     results = evaluate_model(network, recipe, args.split, out, evaluator, name)
-    atomic_write_text(
-        json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, "metrics": results}, indent=2),
-        out / "metrics.json",
-    )
+    seen = _seen_in_training(recipe, ckpt, args.split)
+    record = {"checkpoint": str(args.checkpoint), "split": args.split, "metrics": results}
+    if seen:
+        record["not_held_out"] = seen
+    atomic_write_text(json.dumps(record, indent=2), out / "metrics.json")
     keys = getattr(evaluator, "summary_keys", None)
-    output.print(results_table({name: results}, args.split, keys, getattr(evaluator, "mode", "max")))
+    table = results_table({name: results}, args.split, keys, getattr(evaluator, "mode", "max"))
+    for reason in seen:
+        console.print(f"[yellow]warning:[/yellow] not a held-out result: {escape(reason)}", soft_wrap=True)
+    if seen:  # the table's "strict" claims held-out data
+        table.title = f"results on {args.split} — NOT HELD OUT: the model was trained on some of this data"
+    output.print(table)
     console.print(f"written: {out}", markup=False)
     return 0
+
+
+def _seen_in_training(recipe: Recipe, ckpt: dict[str, Any], split: str) -> list[str]:
+    """Why `split` of the recipe's data is not held out from the model (one reason per line, from
+    the data set's `seen_in_training(trained, evaluated, split)` hook); [] when it is, or when the
+    data set has no such hook or the checkpoint records no readable recipe."""
+    factory = DATASETS.get(recipe.data.dataset) if recipe.data.dataset in DATASETS else None
+    check = getattr(factory, "seen_in_training", None)
+    if check is None or not isinstance(ckpt.get("recipe"), dict):
+        return []
+    try:
+        trained = parse_recipe(ckpt["recipe"], "the checkpoint's recipe")
+    except RecipeError:  # written by another kdkit version: nothing to compare with
+        return []
+    stage = next((s for s in trained.pipeline if s.name == ckpt.get("stage")), None)
+    return check(trained.stage_data(stage) if stage else trained.data, recipe.data, split)
 
 
 def _check_same_input(recipe: Recipe, data: dict[str, Any], checkpoint: Path) -> None:

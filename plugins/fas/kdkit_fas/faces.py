@@ -262,6 +262,9 @@ def _corners(x1: float, y1: float, x2: float, y2: float) -> Box | None:
     return _box(x1, y1, x2 - x1, y2 - y1)
 
 
+# the `face_source` of frames a detector cropped (any other source is a data set's annotation file)
+DETECTOR_NAMES = frozenset(d.name for d in (FullFrameDetector, HaarDetector, YuNetDetector, MtcnnDetector))
+
 NO_DETECTOR = (
     "no face detector is available: install the MTCNN weights "
     f"(`{mtcnn.INSTALL}`), use an OpenCV 4.x that ships its Haar cascade, or pass a YuNet .onnx "

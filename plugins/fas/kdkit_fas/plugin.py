@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from kdkit.csvfile import read_csv
 from kdkit.data import DataError
 from kdkit.recipe import DataSpec
 from kdkit.registry import Registries
@@ -27,7 +29,7 @@ from kdkit_fas.data import (
     frames_from_manifest,
     store_roots,
 )
-from kdkit_fas.domains import fas_domains, parse_protocol, split_sets
+from kdkit_fas.domains import PROTOCOLS, SETS, SPLIT_TABLE, fas_domains, parse_protocol, split_sets
 from kdkit_fas.evaluator import FasEvaluator
 from kdkit_fas.prepare import SETTINGS_FILE
 from kdkit_fas.synth import generate
@@ -123,53 +125,143 @@ fas_domains.class_names = CLASS_NAMES  # type: ignore[attr-defined]
 fas_domains.input_preparer = "face_crop"  # type: ignore[attr-defined]
 
 
+CROP_DEFAULTS = {"detector": "auto", "scale": 1.2, "size": 224}  # `kdkit fas prepare`'s
+
+
 def face_crop(
-    detector: str = "auto", scale: float = 1.2, size: int = 224
+    detector: str | None = None,
+    scale: float | None = None,
+    size: int | None = None,
+    sources: dict[str, dict[str, Any]] | None = None,
+    source: str | None = None,
 ) -> Callable[[np.ndarray], np.ndarray | None]:
     """The face crop of `kdkit fas prepare` for `kdkit predict`: the same detector, eye levelling
     and square crop (`faces.align_and_crop`) with the same defaults. RGB frame → RGB face crop, or
-    None when no face is found; `detector='full'` keeps the whole frame. For a model trained on
-    prepared frames, pass the settings that `prepare` recorded (`prepared_crop_options`)."""
-    find = faces.make_detector(detector)
+    None when no face is found; `detector='full'` keeps the whole frame. A model records the
+    options its frames were prepared with (`prepared_crop_options`, `domains_crop_options`); a
+    cross-domain model whose sets were prepared differently records them per set in `sources`
+    ({letter: options}), and `source` (a letter) or the differing options must then be given."""
+    given = {"detector": detector, "scale": scale, "size": size}
+    chosen = _chosen_crop({k: v for k, v in given.items() if v is not None}, sources or {}, source)
+    find = faces.make_detector(chosen["detector"])
     if find is None:
         raise ValueError(faces.NO_DETECTOR)
 
     def prepare(rgb: np.ndarray) -> np.ndarray | None:
         face = find(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))  # the detectors take BGR, as prepare's frames
-        return None if face is None else faces.align_and_crop(rgb, face, float(scale), int(size))
+        if face is None:
+            return None
+        return faces.align_and_crop(rgb, face, float(chosen["scale"]), int(chosen["size"]))
 
     return prepare
 
 
-def _crop_options(root: Path) -> dict[str, Any]:
-    """The `face_crop` options (detector, scale, size) the frames under `root` were prepared with,
-    from `kdkit fas prepare`'s settings file; {} (the defaults) when it has none."""
+def _chosen_crop(
+    given: dict[str, Any], sources: dict[str, dict[str, Any]], source: str | None
+) -> dict[str, Any]:
+    """The crop options: those `given`, else set `source`'s (a key of `sources`), else the ones every
+    set shares, else prepare's defaults. A ValueError, naming each set's settings, when the sets
+    differ in an option that neither `given` nor `source` settles."""
+    if source is not None:
+        if source not in sources:
+            raise ValueError(f"source {source!r}: the model records {', '.join(sources) or 'no'} data sets")
+        return {**CROP_DEFAULTS, **sources[source], **given}
+    shared, differing = _agreement(sources)
+    undecided = sorted(differing - given.keys())
+    if undecided:
+        per_set = "; ".join(f"{name}: {_described(options)}" for name, options in sources.items())
+        raise ValueError(
+            f"the model's data sets were prepared with different face crops ({per_set}); choose a set's "
+            f"with --prepare-option source={'|'.join(sources)}, or give "
+            + ", ".join(f"--prepare-option {key}=..." for key in undecided)
+        )
+    return {**CROP_DEFAULTS, **shared, **given}
+
+
+def _agreement(sets: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], set[str]]:
+    """`(options on which the sets agree, keys on which they differ)`; a set without a key (no
+    detector: frames cropped from annotation files) agrees with any value of it."""
+    values: dict[str, set[str]] = {}
+    for options in sets.values():
+        for key, value in options.items():
+            values.setdefault(key, set()).add(json.dumps(value))
+    shared = {key: json.loads(next(iter(v))) for key, v in values.items() if len(v) == 1}
+    return shared, set(values) - shared.keys()
+
+
+def _described(options: dict[str, Any]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in options.items()) or "no face crop recorded"
+
+
+def _prepare_settings(root: Path) -> dict[str, Any]:
+    """`kdkit fas prepare`'s settings file under `root` ({} when it has none)."""
     path = root / SETTINGS_FILE
     try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except ValueError as exc:
         raise DataError(f"{path}: not a readable settings file of `kdkit fas prepare` ({exc})") from None
-    return {key: settings[key] for key in ("detector", "scale", "size") if key in settings}
+
+
+def _crop_options(root: Path) -> dict[str, Any]:
+    """The `face_crop` options that reproduce the frames under `root`: scale and size from
+    `kdkit fas prepare`'s settings file; the detector from what cropped the frames (the manifest's
+    `face_source` column, the most frequent detector there), not the detector the settings name,
+    which frames cropped from a data set's annotation files, or taken whole ('full'), never used.
+    No detector when only annotation files cropped them; {} without a settings file."""
+    settings = _prepare_settings(root)
+    options = {key: settings[key] for key in ("scale", "size") if key in settings}
+    manifest = root / "manifest.csv"
+    if not manifest.is_file():  # nothing says what cropped the frames but the settings
+        return {**options, **{key: v for key, v in settings.items() if key == "detector"}}
+    counts = Counter(row.get("face_source") for row in read_csv(manifest).rows)
+    detectors = [name for name, _ in counts.most_common() if name in faces.DETECTOR_NAMES]
+    if detectors:  # a YuNet source is the model file the settings name
+        options["detector"] = settings.get("detector") if detectors[0] == "yunet" else detectors[0]
+    return options
 
 
 def prepared_crop_options(spec: DataSpec) -> dict[str, Any]:
-    """The `face_crop` options of the frames under `data.root` (see `_crop_options`)."""
-    return _crop_options(_root(spec))
+    """The `face_crop` options of the frames under `data.root` (see `_crop_options`); frames
+    cropped from annotation files alone get the detector the settings name (prepare's choice for a
+    video without one)."""
+    root = _root(spec)
+    recorded = {key: v for key, v in _prepare_settings(root).items() if key == "detector"}
+    return {**recorded, **_crop_options(root)}
 
 
 def domains_crop_options(spec: DataSpec) -> dict[str, Any]:
-    """The `face_crop` options of a cross-domain recipe's training sets when they agree, else {}."""
+    """The `face_crop` options of a cross-domain recipe's data sets (sources and target: evaluation
+    scored the target's frames) when they agree (`_agreement`), else `{"sources": {letter:
+    options}}`, from which `face_crop` makes the user choose."""
     protocol = parse_protocol(spec.options.get("protocol"))
     roots = spec.options.get("roots") or {}
-    sources = [letter for letter, _ in split_sets(protocol, "train")]
-    found = [_crop_options(Path(str(roots[letter])).expanduser()) for letter in sources if roots.get(letter)]
-    return found[0] if found and all(f == found[0] for f in found) else {}
+    letters = [letter for letter in "".join(PROTOCOLS[protocol]) if roots.get(letter)]
+    found = {letter: _crop_options(Path(str(roots[letter])).expanduser()) for letter in letters}
+    shared, differing = _agreement(found)
+    return {"sources": found} if differing else shared
+
+
+def domains_seen_in_training(trained: DataSpec, evaluated: DataSpec, split: str) -> list[str]:
+    """Why `split` of a cross-domain recipe is not held out from a model trained on `trained`: one
+    line per set of the split whose frames (the same official splits) the model trained on, e.g. a
+    model of O_C_I_to_M tested on O_M_I_to_C, whose target C was one of its sources."""
+    if trained.dataset != "fas_domains" or split not in SPLIT_TABLE:
+        return []
+    trained_protocol = parse_protocol(trained.options.get("protocol"))
+    learned = dict(split_sets(trained_protocol, "train"))
+    return [
+        f"{split} domain {letter} ({SETS[letter][1]}) was a training source of this model "
+        f"(trained on {trained_protocol}: {', '.join(learned)})"
+        for letter, official in split_sets(parse_protocol(evaluated.options.get("protocol")), split)
+        if set(official) & set(learned.get(letter, ()))
+    ]
 
 
 fas_manifest.input_preparer_options = prepared_crop_options  # type: ignore[attr-defined]
 fas_domains.input_preparer_options = domains_crop_options  # type: ignore[attr-defined]
+fas_domains.seen_in_training = domains_seen_in_training  # type: ignore[attr-defined]
 
 
 def add_fas_command(subparsers: argparse._SubParsersAction) -> None:

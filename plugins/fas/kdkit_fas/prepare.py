@@ -53,6 +53,7 @@ FACE_COLUMNS = ("face_source", "face_score")
 FaceOf = Callable[[int, np.ndarray], "faces.Face | None"]
 MARKER = ".done.json"
 SETTINGS_FILE = "prepare.json"
+NO_FACE = "no face in any sampled frame"  # the failure of a video that was read
 # settings recorded since 0.2.0, with the value frames made before then were made with
 SINCE_0_2 = {"sampling": "uniform"}
 
@@ -85,6 +86,7 @@ class PrepareReport:
     frames: int = 0  # rows in the manifest
     no_face_frames: int = 0  # sampled frames dropped because no face was found
     failed: dict[str, str] = field(default_factory=dict)  # video id -> reason
+    faceless: dict[str, str] = field(default_factory=dict)  # failed for no face: video id -> face source
 
     def summary(self) -> str:
         """A few human-readable lines."""
@@ -94,12 +96,29 @@ class PrepareReport:
             f"{self.no_face_frames} sampled frames had no face and were dropped",
         ]
         lines += [f"failed: {video}: {reason}" for video, reason in sorted(self.failed.items())]
-        if self.failed:
+        unreadable = len(self.failed) - len(self.faceless)
+        if unreadable:
             lines.append(
-                f"{len(self.failed)} video(s) could not be read (named above); the others are prepared. "
+                f"{unreadable} video(s) could not be read (named above); the others are prepared. "
                 "Fix or remove them and run the same command again: prepared videos are skipped."
             )
+        if self.faceless:
+            lines.append(self._faceless_advice())
         return "\n".join(lines)
+
+    def _faceless_advice(self) -> str:
+        """Why videos that were read have no frame, and what to try (another detector)."""
+        sources = sorted(set(self.faceless.values()))
+        text = (
+            f"{len(self.faceless)} video(s) were read, but no face was found in any of their sampled "
+            f"frames (named above; faces from: {', '.join(sources)})."
+        )
+        if set(sources) & faces.DETECTOR_NAMES:  # annotation files win over any --detector
+            text += (
+                " Try another face detector: --detector mtcnn, a YuNet .onnx path, or full for frames "
+                "already cropped to the face (into a new --out, or with --replace)."
+            )
+        return text
 
 
 @dataclass
@@ -204,7 +223,7 @@ def _process(record: VideoRecord, out: Path, settings: _Settings) -> _Outcome:
     except (OSError, ValueError, cv2.error) as exc:
         return _Outcome(record.video, error=str(exc) or type(exc).__name__)
     if not outcome.frames:
-        return _Outcome(record.video, no_face=outcome.no_face, error="no face in any sampled frame")
+        return _Outcome(record.video, no_face=outcome.no_face, error=NO_FACE, face_source=outcome.face_source)
     atomic_write_text(json.dumps({"settings": asdict(settings), **asdict(outcome)}), folder / MARKER)
     return outcome
 
@@ -367,6 +386,8 @@ def prepare(
                 for outcome in results:
                     if outcome.error:
                         report.failed[outcome.video] = outcome.error
+                        if outcome.error == NO_FACE:
+                            report.faceless[outcome.video] = outcome.face_source
                         report.no_face_frames += outcome.no_face
                     else:
                         report.processed += 1

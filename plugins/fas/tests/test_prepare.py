@@ -317,3 +317,26 @@ def test_cli_refuses_other_settings_unless_replace_and_resumes_the_same(
     assert main([*argv, "--size", "12", "--replace"]) == 0
     assert "8 videos: 8 prepared" in capsys.readouterr().out
     assert manifest(out) == before and cv2.imread(str(out / before[0]["path"])).shape == (12, 12, 3)
+
+
+def test_videos_read_without_a_face_are_not_called_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A detector that finds no face (Haar on CASIA, say) fails readable videos: the report says so
+    and suggests another --detector, apart from the videos that could not be read."""
+    root = make_casia(tmp_path / "raw", train_subjects=1, face_locations=False)
+    corrupt(root / "test_release" / "1" / "HR_4.avi")
+
+    class Blind:
+        name = "haar"
+
+        def __call__(self, image: np.ndarray) -> None:
+            return None
+
+    monkeypatch.setattr(faces, "make_detector", lambda spec: Blind())
+    report = prepare("casia", root, tmp_path / "out", frames_per_video=1, size=16, workers=1, progress=False)
+    summary = report.summary()
+    assert len(report.failed) == 24 and len(report.faceless) == 23
+    assert "1 video(s) could not be read" in summary
+    assert "23 video(s) were read, but no face was found in any of their sampled frames" in summary
+    assert "(named above; faces from: haar). Try another face detector: --detector mtcnn" in summary
