@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Prepare the data set (and with `--store` its frame store): 0 when every video was prepared,
-    1 when some could not be read (the report names them; the others are prepared and stored).
+    1 when some could not be read or gave no face (the report names them; the others are prepared
+    and stored).
     Bad input raises kdkit's errors (exit status 2) and an interruption `Interrupted` (128 +
     signal); `kdkit.cli.main` reports them."""
     try:
