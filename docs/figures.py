@@ -11,6 +11,8 @@
   (`--run`, default `runs/kdfas-demo`).
 - `docs/img/ablation-demo.png`: copied from a finished `kdkit ablate` folder (`--ablation`,
   default `runs/ablation-kdfas-demo`).
+- `docs/img/methods-digits.png`: redrawn, with kdkit's current chart layout, from the
+  `ablation.json` of docs/methods.md's ablation (`--methods`, default `runs/ablation-digits-methods`).
 - `docs/img/bridges.png`: every width bridge's paired difference to the student alone, drawn from
   the `ablation.json` of the bridge ablations in `--bridges` (default `runs/bridges`; folders
   `<demo|digits>-a<alpha>-b<batch>`, as docs/adapters.md's "Evidence" runs them).
@@ -41,7 +43,7 @@ FLOW = [
     (
         "plan",
         "plan: check a recipe, build what it describes, run its stages",
-        ("pipeline", "build", "checks", "stage_cache", "scoring"),
+        ("pipeline", "build", "checks", "stage_cache", "resume", "scoring"),
     ),
     ("training", "training loop: steps, evaluation, checkpoints, resume", ("trainer",)),
     (
@@ -335,6 +337,24 @@ def _draw_runtime(ax, boxes: dict[str, Box]) -> None:
                 _arrow(ax, [(xa + wa * 0.7, ya), (xb + wb * 0.7, yb + hb)], label, dashed=True)
 
 
+def redraw_ablation(folder: Path, target: Path) -> None:
+    """Draw an ablation's chart into `target` from its `ablation.json`, with the layout of
+    `kdkit.cli.ablation_report.bar_chart` today (its own ablation.png keeps the layout it was drawn
+    with), or say why not."""
+    source = folder / "ablation.json"
+    if not source.is_file():
+        print(f"skipped {target.name}: no {source} (kdkit ablate writes it)")
+        return
+    from kdkit.cli.ablation_report import bar_chart  # only here: the architecture needs no kdkit
+
+    report = json.loads(source.read_text())
+    metric = report["main_metric"]
+    seeds = ", ".join(map(str, sorted({s for v in report["variants"] for s in v["seeds"]})))
+    title = f"{report['stage']}: {metric} (seeds {seeds})"
+    bar_chart(report["variants"], metric, report["direction"], target, title)
+    print(f"drew {target.name} from {source}")
+
+
 def copy_figure(source: Path, target: Path, made_by: str) -> None:
     """Copy one PNG a command wrote into docs/img/, or say why not."""
     if source.is_file():
@@ -377,7 +397,7 @@ def draw_bridges(folder: Path, path: Path) -> None:
             by_name = {v["variant"]: v["difference"].get(metric) for v in report["variants"]}
             ys = [i + (j - (len(settings) - 1) / 2) * 0.18 for i in range(len(variants))]
             diffs = [by_name.get(v) for v in variants]
-            shown = [(y, d) for y, d in zip(ys, diffs, strict=True) if d]
+            shown = [(y, d) for y, d in zip(ys, diffs, strict=True) if d and d["low"] is not None]
             xs = [100 * d["mean"] for _, d in shown]
             errors = [
                 [100 * (d["mean"] - d["low"]) for _, d in shown],
@@ -404,7 +424,7 @@ def draw_bridges(folder: Path, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Draw the architecture and the bridges chart; copy the ROC/DET plot and the ablation chart
-    when they exist."""
+    and redraw the methods chart when their sources exist."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--run", type=Path, default=REPO / "runs" / "kdfas-demo", help="a finished kdfas-demo run"
@@ -415,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=REPO / "runs" / "ablation-kdfas-demo",
         help="a finished kdkit ablate folder",
+    )
+    parser.add_argument(
+        "--methods",
+        type=Path,
+        default=REPO / "runs" / "ablation-digits-methods",
+        help="the kdkit ablate folder of docs/methods.md's comparison of the methods",
     )
     parser.add_argument(
         "--bridges",
@@ -434,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"drew {ARCHITECTURE_PNG.relative_to(REPO)}")
     copy_figure(args.run / "test" / args.stage / "roc_det_test.png", IMG / "roc-det-demo.png", "make demo")
     copy_figure(args.ablation / "ablation.png", IMG / "ablation-demo.png", "kdkit ablate")
+    redraw_ablation(args.methods, IMG / "methods-digits.png")
     draw_bridges(args.bridges, IMG / "bridges.png")
     return 0
 

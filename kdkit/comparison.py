@@ -3,7 +3,8 @@ baseline run (normally the student trained without a teacher), and the tables th
 
 Used by the pipeline's evaluate stage (one seed) and, through `kdkit.stats`, by `kdkit ablate`
 (several seeds). An interval needs the evaluator's bootstrap (`kdkit.evaluation`); without one,
-values and differences are shown without intervals.
+values and differences are shown without intervals; with fewer than `kdkit.stats.MIN_UNITS` test
+units, `NO_INTERVAL` stands where the interval would be.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from kdkit.stats import LEVEL, Replicates, paired_difference
+from kdkit.stats import LEVEL, MIN_UNITS, Replicates, enough_units, paired_difference
 
 _HIGHER_IS_BETTER = re.compile(r"acc|auc|tpr|precision|recall|f1|top[0-9]")
 _LOWER_IS_BETTER = re.compile(r"err|eer|loss|hter|acer|apcer|bpcer|far|frr|fpr|params|_s_|MiB|seconds")
 ARROWS = {"max": "↑", "min": "↓"}
 EXCLUDES_ZERO = "✓"  # marks a difference whose interval excludes 0
+NO_INTERVAL = f"n/a (n < {MIN_UNITS} units)"  # in place of an interval over too few test units
 
 
 def direction(key: str, evaluator_mode: str) -> str:
@@ -72,19 +74,29 @@ def differences(
 
 
 def value_cell(
-    value: float, interval: list[float] | tuple[float, float] | None = None, fmt: str = ".4f", sep: str = " "
+    value: float,
+    interval: list[float] | tuple[float, float] | None = None,
+    fmt: str = ".4f",
+    sep: str = " ",
+    n_units: int | None = None,
 ) -> str:
-    """`0.0833 [0.0510, 0.1190]` (`sep` between value and interval), or the value alone."""
+    """`0.0833 [0.0510, 0.1190]` (`sep` between value and interval), the value alone, or
+    `0.0833 n/a (n < 10 units)` when the interval was resampled over too few `n_units`."""
     text = f"{value:{fmt}}"
+    if interval is not None and n_units is not None and not enough_units(n_units):
+        return f"{text}{sep}{NO_INTERVAL}"
     if interval is not None and all(math.isfinite(v) for v in interval):
         text += f"{sep}[{interval[0]:{fmt}}, {interval[1]:{fmt}}]"
     return text
 
 
 def difference_cell(diff: dict[str, Any], sep: str = " ") -> str:
-    """`-0.0417 [-0.0800, -0.0100] ✓` (✓: the interval excludes 0; `sep` before the interval)."""
+    """`-0.0417 [-0.0800, -0.0100] ✓` (✓: the interval excludes 0; `sep` before the interval), or
+    `-0.0417 n/a (n < 10 units)`: too few test units for an interval, never marked."""
     text = f"{diff['mean']:+.4f}"
-    if diff.get("low") is not None:
+    if diff.get("n_units") is not None and not enough_units(diff["n_units"]):
+        text += f"{sep}{NO_INTERVAL}"
+    elif diff.get("low") is not None:
         text += f"{sep}[{diff['low']:+.4f}, {diff['high']:+.4f}]"
         text += f" {EXCLUDES_ZERO}" if diff["excludes_zero"] else ""
     return text
@@ -121,7 +133,11 @@ def results_table(
     table.add_column("MiB", justify="right")
     for run, metrics in results.items():
         intervals = metrics.get("intervals", {})
-        cells = [value_cell(metrics[k], intervals.get(k), sep="\n") if k in metrics else "-" for k in keys]
+        n_units = metrics.get("resampling", {}).get("n_units")
+        cells = [
+            value_cell(metrics[k], intervals.get(k), sep="\n", n_units=n_units) if k in metrics else "-"
+            for k in keys
+        ]
         table.add_row(escape(run), *cells, f"{metrics['params_M']:.3f}", f"{metrics['MiB']:.2f}")
     return table
 

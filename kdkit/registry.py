@@ -39,8 +39,9 @@ class Registry(Generic[T]):
     True
     """
 
-    def __init__(self, kind: str, builtins: str | tuple[str, ...] = ()) -> None:
+    def __init__(self, kind: str, builtins: str | tuple[str, ...] = (), plural: str | None = None) -> None:
         self.kind = kind
+        self.plural = plural or f"{kind}s"  # in messages: "logit losses", not "logit losss"
         self._entries: dict[str, T] = {}
         # the kdkit modules that register the built-in entries, imported on first use (so that
         # `import kdkit` stays light and a registry is never seen without its built-ins)
@@ -66,7 +67,7 @@ class Registry(Generic[T]):
         if name in self._entries:
             raise RegistryError(
                 f"{self.kind} {name!r} is already registered (by {self._entries[name]!r}); "
-                f"registered {self.kind}s: {', '.join(self.names())}"
+                f"registered {self.plural}: {', '.join(self.names())}"
             )
         self._entries[name] = obj
 
@@ -78,7 +79,7 @@ class Registry(Generic[T]):
         except KeyError:
             raise RegistryError(
                 f"unknown {self.kind} {name!r}.{did_you_mean(name, self.names())} "
-                f"Registered {self.kind}s: {', '.join(self.names()) or '(none)'}"
+                f"Registered {self.plural}: {', '.join(self.names()) or '(none)'}"
             ) from None
 
     def names(self) -> list[str]:
@@ -125,11 +126,13 @@ TAP_PRESETS: Registry[Any] = Registry("tap preset", builtins="kdkit.taps")
 # feature losses, `criterion(s_mapped, t_target, **options) -> scalar tensor` (built-ins in
 # kdkit.losses: mse, smooth_l1, cosine; kdkit.relations: rkd, at)
 FEATURE_CRITERIA: Registry[Callable[..., Any]] = Registry(
-    "feature criterion", builtins=("kdkit.losses", "kdkit.relations")
+    "feature criterion", builtins=("kdkit.losses", "kdkit.relations"), plural="feature criteria"
 )
 # logit losses, `fn(student_logits, teacher_logits, labels, tau, **options) -> scalar tensor`, options
 # keyword-only (built-ins in kdkit.losses: kl, dkd, dist)
-LOGIT_LOSSES: Registry[Callable[..., Any]] = Registry("logit loss", builtins="kdkit.losses")
+LOGIT_LOSSES: Registry[Callable[..., Any]] = Registry(
+    "logit loss", builtins="kdkit.losses", plural="logit losses"
+)
 # methods that compare several layers at once, `cls(student_shapes, teacher_shapes, **options)` ->
 # nn.Module, `module(student_feats, teacher_feats) -> scalar tensor` (built-ins in kdkit.groups: vitkd)
 GROUP_METHODS: Registry[Callable[..., Any]] = Registry("layer group method", builtins="kdkit.groups")

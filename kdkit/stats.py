@@ -12,6 +12,11 @@ test set, not the dev set's threshold estimate.
 Over several seeds (`over_seeds`, `paired_difference`) each replicate also redraws the seeds with
 replacement, so the interval covers both the seed-to-seed variation and the finite test set. With
 few seeds (3) that outer level is coarse: the interval is a guide, read it beside mean ± std.
+
+Fewer than `MIN_UNITS` independent test units give no interval at all: a percentile interval over
+one unit is a point (`[+0.25, +0.25]`), and over a handful it is far narrower than the truth. The
+interval and comparison functions then return ``None`` for its ends and for `excludes_zero`, with
+the `n_units` that were resampled, so that no table marks such a difference.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ from kdkit.checkpoint import atomic_open
 LEVEL = 0.95  # confidence level of every interval kdkit reports
 DRAWS = 2000  # bootstrap resamples per evaluated run
 SEED = 0  # the resampling seed: fixed, so that runs on one test split pair up
+MIN_UNITS = 10  # fewer distinct test units than this: no interval is reported
+
+
+def enough_units(n_units: int) -> bool:
+    """Whether `n_units` distinct test units are enough for an interval (`MIN_UNITS`)."""
+    return n_units >= MIN_UNITS
 
 
 def unit_counts(units: Sequence[str], draws: int = DRAWS, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
@@ -131,19 +142,28 @@ def _check_paired(replicates: Sequence[Replicates], key: str) -> np.ndarray:
     return np.stack([r.values[key] for r in replicates])
 
 
+def _interval_over_seeds(rows: np.ndarray, replicates: Sequence[Replicates]) -> dict[str, Any]:
+    """`low`, `high` of the seed-resampled means of `rows` and the fewest `n_units` among the
+    runs; both ends are None when those are too few (`enough_units`)."""
+    n_units = min(r.n_units for r in replicates)
+    if not enough_units(n_units):
+        return {"low": None, "high": None, "n_units": n_units}
+    low, high = percentile_interval(_seed_resampled_means(rows, SEED))
+    return {"low": low, "high": high, "n_units": n_units}
+
+
 def over_seeds(points: Sequence[float], replicates: Sequence[Replicates], key: str) -> dict[str, Any]:
     """Mean, sample std and the two-level bootstrap interval of metric `key` over seeds.
 
     `points[i]` is seed i's value and `replicates[i]` its bootstrap replicates (same test units).
+    `low` and `high` are None with fewer than `MIN_UNITS` test units.
     """
     values = np.asarray(points, dtype=np.float64)
     rows = _check_paired(replicates, key)
-    low, high = percentile_interval(_seed_resampled_means(rows, SEED))
     return {
         "mean": float(values.mean()),
         "std": float(values.std(ddof=1)) if values.size > 1 else None,
-        "low": low,
-        "high": high,
+        **_interval_over_seeds(rows, replicates),
         "n": int(values.size),
     }
 
@@ -158,16 +178,18 @@ def paired_difference(
     """Difference of metric `key` between runs and their baselines (same seed, same test units).
 
     Returns the mean difference over seeds, its two-level bootstrap interval, whether the interval
-    excludes 0, and the per-seed differences.
+    excludes 0, the fewest test units of the runs and the per-seed differences. With fewer than
+    `MIN_UNITS` test units there is no interval: `low`, `high` and `excludes_zero` are None.
     """
     differences = np.asarray(points, dtype=np.float64) - np.asarray(baseline_points, dtype=np.float64)
-    rows = _check_paired([*replicates, *baseline_replicates], key)
+    paired = [*replicates, *baseline_replicates]
+    rows = _check_paired(paired, key)
     n = len(replicates)
-    low, high = percentile_interval(_seed_resampled_means(rows[:n] - rows[n:], SEED))
+    interval = _interval_over_seeds(rows[:n] - rows[n:], paired)
+    low, high = interval["low"], interval["high"]
     return {
         "mean": float(differences.mean()),
-        "low": low,
-        "high": high,
-        "excludes_zero": bool(low > 0 or high < 0),
+        **interval,
+        "excludes_zero": None if low is None else bool(low > 0 or high < 0),
         "per_seed": differences.tolist(),
     }

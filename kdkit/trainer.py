@@ -394,7 +394,7 @@ class Trainer:
         means = self._gathered_means(tally)
         rate *= distributed.world_size()
         shown = " ".join(f"{k}={means[k]:.3f}" for k in main_terms(tally.names))
-        advance(0, info=f"{shown} {rate:.0f} img/s")
+        advance(0, info=f"{shown} {rate_text(rate)} img/s")
         if self.log is not None and distributed.is_main():
             self.log.write(
                 {
@@ -570,6 +570,12 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------------ the epoch line
+def rate_text(rate: float) -> str:
+    """A rate for people: `1234` from 10 up, two significant digits below (`3.4`, `0.42`), so that a
+    slow step shows as 0.42 img/s, not 0 img/s."""
+    return f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"
+
+
 def main_terms(names: list[str]) -> list[str]:
     """The loss and the terms it is made of, not their parts (`feat`, not `feat.0`, `feat.1`)."""
     return [name for name in dict.fromkeys(["loss", *names]) if name in names and "." not in name]

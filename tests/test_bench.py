@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, tiny_vit
 
 from kdkit.cli import main
-from kdkit.cli.bench import REFERENCE, reference_for
+from kdkit.cli.bench import REFERENCE, print_report, reference_for
 from kdkit.distiller import Distiller, layer_pairs
 from kdkit.recipe import DistillSpec, TrainSpec
 from kdkit.trainer import Trainer
@@ -115,17 +115,43 @@ def test_bench_json_reports_every_mode_the_ratios_the_machine_and_the_loader(
     assert report["peak_tflops"] == 0.5
 
 
-def test_bench_modes_choose_what_is_measured(tiny_recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_modes_choose_what_is_measured(
+    tiny_recipe: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KDKIT_PROGRESS_STEPS", "1")  # a plain progress line at every step
     argv = ["bench", str(tiny_recipe), "--steps", "1", "--repeats", "1", "--warmup", "1", "--batch", "4"]
     assert main([*argv, "--modes", "student,distill", "--no-data", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    report = json.loads(out)  # progress never mixes into the JSON on stdout
     assert set(report["modes"]) == {"student", "distill"} and report["ratios"]["b/d"] is None
     assert report["ratios"]["b/a"] > 0
-    assert main([*argv, "--modes", "student,warp"]) == 2
-    assert "--modes student,warp: expected some of student, distill" in capsys.readouterr().err
+    # Progress on stderr: each mode's warm-up, then the timed rounds naming the mode measured.
+    assert "bench (a) student alone: warm-up: 1/1 steps" in err
+    assert "bench (b) distill, live teacher: warm-up: 1/1 steps" in err
+    rounds = [line for line in err.splitlines() if line.startswith("bench: 1 timed rounds of 2 modes")]
+    measured = sorted(line.split(", ETA ")[1].split(", ", 1)[1] for line in rounds)
+    assert measured == ["(a) student alone", "(b) distill, live teacher"]
 
 
 def test_bench_needs_a_distill_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipe = REPO / "recipes" / "digits-kd.yaml"
     assert main(["bench", str(recipe), "--stage", "nope", "--json"]) == 2
     assert "needs a distill stage named 'nope'" in capsys.readouterr().err
+
+
+def test_the_bench_table_shows_slow_rates_with_two_significant_digits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    row = {"img_per_s": 0.42, "step_ms": 19047.6, "step_ms_min": 19000.0, "step_ms_max": 19100.0}
+    row |= {"label": "(b) distill, live teacher", "peak_mem_mib": None, "tflops_per_s": 0.001}
+    machine = {"cpu": "cpu", "cpus_usable": 2, "cpus": 2, "torch_threads": 2, "torch": "2", "device": "cpu"}
+    report = {
+        "machine": machine | {"load_average_1m": 1.0},
+        "stage": "kd",
+        "batch": 8,
+        "input": [3, 224, 224],
+    }
+    report |= {"amp": "none", "teacher_dtype": "float32", "repeats": 1, "steps": 1, "modes": {"distill": row}}
+    print_report(report | {"ratios": {}, "loader": None})
+    line = next(line for line in capsys.readouterr().out.splitlines() if "(b) distill" in line)
+    assert "│  0.42 │" in line  # not "0.4" (or "0" as the progress showed it)

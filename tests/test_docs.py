@@ -167,3 +167,40 @@ def test_the_bridges_chart_is_drawn_from_ablation_reports(tmp_path: Path) -> Non
     empty.mkdir()
     figures.draw_bridges(empty, tmp_path / "skipped.png")
     assert not (tmp_path / "skipped.png").exists()
+
+
+def test_the_methods_chart_is_redrawn_from_its_ablation_report(tmp_path: Path) -> None:
+    """docs/img/methods-digits.png is drawn from the ablation's numbers with today's layout: 13
+    methods fit in a bounded width (drawn by an older layout, it was 3,720 px wide)."""
+    from test_ablation_chart import METRIC, _summary
+
+    variants = [v | {"seeds": [0, 1, 2]} for v in _summary(13)]
+    report = {"main_metric": METRIC, "direction": "max", "stage": "student_kd", "variants": variants}
+    (tmp_path / "ablation.json").write_text(json.dumps(report))
+    chart = tmp_path / "methods.png"
+    figures.redraw_ablation(tmp_path, chart)
+    with Image.open(chart) as image:
+        assert image.size[0] <= 2000 and image.size[1] <= 2000
+    figures.redraw_ablation(tmp_path / "none", tmp_path / "skipped.png")
+    assert not (tmp_path / "skipped.png").exists()
+
+
+# A measured speed-up ("3× faster", "2.8 times the images/s") is stated once, in docs/performance.md
+# beside the command and machine that measured it; other pages link there. Restated, the copies
+# drifted apart (README 3×, CHANGELOG 3.3×, fas.md 2.8× for one measurement). A past release's
+# CHANGELOG entry may keep its figure, marked "(measured then; current: docs/performance.md#...)".
+SPEED_UP = re.compile(r"\d(?:\.\d+)?\s*(?:×|x|times)\s+(?:faster|the images|its speed|a worker's)")
+
+
+def test_measured_speed_ups_are_stated_only_in_performance_md() -> None:
+    restated = [
+        f"{page.name}: {line.strip()}"
+        for page in PAGES
+        if page.name != "performance.md"
+        for line in page.read_text().splitlines()
+        if SPEED_UP.search(line) and "measured then" not in line
+    ]
+    assert not restated, "link to docs/performance.md instead of restating its figures:\n" + "\n".join(
+        restated
+    )
+    assert SPEED_UP.search((REPO / "docs" / "performance.md").read_text())  # the one place has them

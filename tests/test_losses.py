@@ -73,7 +73,7 @@ def test_feature_criteria_values():
 
 def test_feature_criteria_registry_and_errors():
     assert FEATURE_CRITERIA.names() == ["at", "cosine", "mse", "rkd", "smooth_l1"]
-    with pytest.raises(RegistryError, match="Registered feature criterions: at, cosine, mse, rkd, smooth_l1"):
+    with pytest.raises(RegistryError, match="Registered feature criteria: at, cosine, mse, rkd, smooth_l1"):
         build_feature_criterion("l2")
     with pytest.raises(ValueError, match="shapes differ"):
         build_feature_criterion("mse")(randn(3, 4), randn(1, 4))

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
+from rich.table import Table
 
+from kdkit.cli.ablation_report import Group, Measured, markdown_tables, rich_table, summarise
+from kdkit.comparison import NO_INTERVAL, differences, differences_table, results_table
 from kdkit.stats import (
+    MIN_UNITS,
     Replicates,
     fingerprint,
     over_seeds,
@@ -96,3 +102,62 @@ def test_replicates_round_trip_through_a_file(tmp_path: Path) -> None:
         set(loaded.values) == {"test/hter", "test/auc"} and (loaded.values["test/hter"] == np.arange(5)).all()
     )
     assert [p.name for p in tmp_path.iterdir()] == ["r.npz"]  # written through a temporary file
+
+
+# ------------------------------------------------------------------------------------ too few units
+KEY = "test/accuracy"
+
+
+def _one_unit(value: float) -> Replicates:
+    """The issue's case: one test unit, so every resample is the same and the 'interval' a point."""
+    return Replicates({KEY: np.full(200, value)}, "video", 1, "one")
+
+
+def _text(table: Table) -> str:
+    console = Console(file=io.StringIO(), width=250)
+    console.print(table)
+    return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_fewer_than_min_units_give_no_interval_and_no_mark() -> None:
+    diff = paired_difference([0.75], [0.5], [_one_unit(0.75)], [_one_unit(0.5)], KEY)
+    assert diff["mean"] == pytest.approx(0.25) and diff["n_units"] == 1
+    assert (diff["low"], diff["high"], diff["excludes_zero"]) == (None, None, None)
+    spread = over_seeds([0.75], [_one_unit(0.75)], KEY)
+    assert (spread["low"], spread["high"], spread["n_units"]) == (None, None, 1)
+    enough = [Replicates({KEY: np.full(200, v)}, "video", MIN_UNITS, "one") for v in (0.75, 0.5)]
+    # The run with the fewest units decides.
+    assert paired_difference([0.75], [0.5], enough[:1], [_one_unit(0.5)], KEY)["low"] is None
+    assert paired_difference([0.75], [0.5], enough[:1], enough[1:], KEY)["excludes_zero"] is True
+
+
+def test_the_evaluate_stage_tables_say_n_a_over_too_few_units() -> None:
+    resampling = {"unit": "video", "n_units": 1}
+    results = {
+        run: {
+            KEY: value,
+            "intervals": {KEY: [value, value]},
+            "resampling": resampling,
+            "params_M": 1,
+            "MiB": 1,
+        }
+        for run, value in (("alone", 0.5), ("kd", 0.75))
+    }
+    diffs = differences(results, {"alone": _one_unit(0.5), "kd": _one_unit(0.75)}, "alone", [KEY])
+    shown = _text(differences_table(diffs, "alone"))
+    assert "+0.2500" in shown and NO_INTERVAL in shown and "✓" not in shown.split("excludes 0")[-1]
+    assert "[+0.2500, +0.2500]" not in shown
+    values = _text(results_table(results, "test", [KEY]))
+    assert NO_INTERVAL in values and "[0.7500, 0.7500]" not in values
+
+
+def test_the_ablation_report_says_n_a_over_too_few_units() -> None:
+    base = [Measured({"split": "test", KEY: 0.5}, _one_unit(0.5))]
+    group = Group("kd", [0], [Measured({"split": "test", KEY: 0.75}, _one_unit(0.75))], baseline=base)
+    summary = summarise(group, [KEY], [KEY])
+    assert summary["interval"][KEY] == [None, None] and summary["difference"][KEY]["excludes_zero"] is None
+    markdown = markdown_tables([summary], [KEY], [], "max")
+    assert f"| kd | 0.7500 {NO_INTERVAL} |" in markdown and f"| kd | +0.2500 {NO_INTERVAL} |" in markdown
+    assert "✓" not in markdown
+    terminal = _text(rich_table([summary], [KEY], [], "max", "ablation"))
+    assert NO_INTERVAL in terminal and "✓" not in terminal

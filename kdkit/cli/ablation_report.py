@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kdkit.checkpoint import atomic_open, atomic_write_text
-from kdkit.comparison import ARROWS, EXCLUDES_ZERO, difference_cell, direction, load_replicates
+from kdkit.comparison import ARROWS, EXCLUDES_ZERO, NO_INTERVAL, difference_cell, direction, load_replicates
 from kdkit.runlog import console, output
 from kdkit.stats import LEVEL, Replicates, over_seeds, paired_difference
 
@@ -204,7 +204,7 @@ def format_cell(summary: dict[str, Any], column: str) -> str:
         text += f" ± {summary['std'][column]:{spec}}"
     if column in summary["interval"]:
         low, high = summary["interval"][column]
-        text += f" [{low:{spec}}, {high:{spec}}]"
+        text += f" {NO_INTERVAL}" if low is None else f" [{low:{spec}}, {high:{spec}}]"  # None: too few units
     return text
 
 
@@ -298,27 +298,69 @@ def rich_table(
     return table
 
 
-def bar_chart(summary: list[dict[str, Any]], metric: str, mode: str, path: Path, title: str) -> None:
-    """Left: the main metric per group (mean over seeds, 95 % interval as error bars, each seed a
-    dot). Right, with a baseline: each variant's paired difference to it with its interval; green
-    where the interval excludes 0 in the better direction, red in the worse one."""
-    from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
+# The chart: one row per group down the y-axis (the first on top), so that its width is fixed and
+# its height grows with the number of groups; the names are shortened, the tables hold them in full.
+CHART_DPI = 120
+CHART_WIDTH = 11.0  # inches: 1,320 px whatever the number of groups
+CHART_ROW = 0.32  # inches per group
+CHART_MARGINS = 2.2  # inches of titles and axis labels above and below the rows
+CHART_LABEL_CHARS = 32  # longer names are cut with "…"
+CHART_TITLE_CHARS = 48  # panel titles wrap at this width (two panels side by side)
 
-    compared = [s for s in summary if metric in s["difference"]]
-    fig = Figure(figsize=(max(5.0, 0.9 * len(summary) + 2.0) * (2 if compared else 1), 4.4))
-    axes = fig.subplots(1, 2 if compared else 1, squeeze=False)[0]
+
+def chart_labels(summary: list[dict[str, Any]]) -> list[str]:
+    """The y-axis labels: a baseline as `baseline` (or `baseline for <its variants>`), every name
+    cut to `CHART_LABEL_CHARS`, all numbered when the cut leaves two alike."""
+    labels = []
+    for s in summary:
+        label = s["variant"]
+        if s["baseline"]:
+            label = label.replace(BASELINE_LABEL, "baseline", 1)
+        cut = len(label) > CHART_LABEL_CHARS
+        labels.append(f"{label[: CHART_LABEL_CHARS - 1]}…" if cut else label)
+    if len(set(labels)) < len(labels):
+        labels = [f"{i}. {label}" for i, label in enumerate(labels, 1)]
+    return labels
+
+
+def chart_figure(summary: list[dict[str, Any]], metric: str, mode: str, title: str) -> Any:
+    """The matplotlib Figure of `bar_chart` (an Agg canvas, no pyplot global state), laid out."""
+    import textwrap
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    compared = any(metric in s["difference"] for s in summary)
+    fig = Figure(figsize=(CHART_WIDTH, CHART_MARGINS + CHART_ROW * len(summary)), dpi=CHART_DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2 if compared else 1, squeeze=False, sharey=True)[0]
     _metric_panel(axes[0], summary, metric, mode)
     if compared:
-        _difference_panel(axes[1], compared, metric, mode)
-    fig.suptitle(title, fontsize=10)
+        _difference_panel(axes[1], summary, metric, mode)
+    axes[0].set_yticks(range(len(summary)), chart_labels(summary), fontsize=8)
+    axes[0].set_ylim(len(summary) - 0.5, -0.5)  # the first group on top
+    for ax in axes:
+        ax.set_title(textwrap.fill(ax.get_title(), CHART_TITLE_CHARS), fontsize=9)
+    fig.suptitle(textwrap.fill(title, 2 * CHART_TITLE_CHARS), fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def bar_chart(summary: list[dict[str, Any]], metric: str, mode: str, path: Path, title: str) -> None:
+    """Write `path` (PNG, atomically). Left: the main metric per group (mean over seeds, 95 %
+    interval as error bars, each seed a dot). Right, with a baseline: each variant's paired
+    difference to it with its interval, in the variant's row; green where the interval excludes 0
+    in the better direction, red in the worse one."""
+    fig = chart_figure(summary, metric, mode, title)
     with atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=120)
+        fig.savefig(handle, format="png")
 
 
 def _error_bars(centre: list[float], intervals: list[list[float] | None]) -> np.ndarray:
-    low = [c - i[0] if i else 0.0 for c, i in zip(centre, intervals, strict=True)]
-    high = [i[1] - c if i else 0.0 for c, i in zip(centre, intervals, strict=True)]
+    """Distances from `centre` to each interval's ends (0 where there is no interval)."""
+    shown = [i if i and i[0] is not None else None for i in intervals]  # None ends: too few units
+    low = [c - i[0] if i else 0.0 for c, i in zip(centre, shown, strict=True)]
+    high = [i[1] - c if i else 0.0 for c, i in zip(centre, shown, strict=True)]
     return np.array([low, high])
 
 
@@ -326,35 +368,28 @@ def _metric_panel(ax: Any, summary: list[dict[str, Any]], metric: str, mode: str
     means = [s["mean"][metric] for s in summary]
     colours = ["tab:grey" if s["baseline"] else "tab:blue" for s in summary]
     bars = _error_bars(means, [s["interval"].get(metric) for s in summary])
-    ax.bar(range(len(summary)), means, yerr=bars, capsize=5, color=colours, alpha=0.85)
+    ax.barh(range(len(summary)), means, xerr=bars, capsize=3, color=colours, alpha=0.85)
     for i, s in enumerate(summary):
-        ax.scatter([i] * len(s["per_seed"]), s["per_seed"], color="black", s=12, zorder=3)
-    ax.set_xticks(range(len(summary)), [s["variant"] for s in summary], rotation=20, ha="right")
+        ax.scatter(s["per_seed"], [i] * len(s["per_seed"]), color="black", s=10, zorder=3)
     better = "higher" if direction(metric, mode) == "max" else "lower"
-    ax.set_ylabel(f"{metric} ({better} is better)")
-    ax.set_title(f"mean over seeds, {LEVEL:.0%} interval (seeds and test units); dots: seeds", fontsize=9)
+    ax.set_xlabel(f"{metric} ({better} is better)")
+    ax.set_title(f"mean over seeds, {LEVEL:.0%} interval (seeds and test units); dots: seeds")
 
 
-def _difference_panel(ax: Any, compared: list[dict[str, Any]], metric: str, mode: str) -> None:
-    diffs = [s["difference"][metric] for s in compared]
-    means = [d["mean"] for d in diffs]
+def _difference_panel(ax: Any, summary: list[dict[str, Any]], metric: str, mode: str) -> None:
+    """Each compared variant's difference in its own row (a baseline's row stays empty)."""
+    rows = [(i, s["difference"][metric]) for i, s in enumerate(summary) if metric in s["difference"]]
+    means = [d["mean"] for _, d in rows]
     better = direction(metric, mode)
     colours = []
-    for d in diffs:
-        improved = d["high"] < 0 if better == "min" else d["low"] > 0
-        colours.append(
-            "tab:green"
-            if d["excludes_zero"] and improved
-            else "tab:red"
-            if d["excludes_zero"]
-            else "tab:blue"
-        )
-    bars = _error_bars(means, [[d["low"], d["high"]] for d in diffs])
-    ax.bar(range(len(compared)), means, yerr=bars, capsize=5, color=colours, alpha=0.85)
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(compared)), [s["variant"] for s in compared], rotation=20, ha="right")
-    ax.set_ylabel(f"Δ {metric} vs baseline")
-    ax.set_title(f"paired difference to the baseline, {LEVEL:.0%} interval", fontsize=9)
+    for _, d in rows:
+        improved = d["excludes_zero"] and (d["high"] < 0 if better == "min" else d["low"] > 0)
+        colours.append("tab:green" if improved else "tab:red" if d["excludes_zero"] else "tab:blue")
+    bars = _error_bars(means, [[d["low"], d["high"]] for _, d in rows])
+    ax.barh([i for i, _ in rows], means, xerr=bars, capsize=3, color=colours, alpha=0.85)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel(f"Δ {metric} vs baseline")
+    ax.set_title(f"paired difference to the baseline, {LEVEL:.0%} interval")
 
 
 def write_report(out: Path, groups: list[Group], evaluator: Any, info: dict[str, Any]) -> dict[str, Any]:
@@ -381,6 +416,8 @@ def write_report(out: Path, groups: list[Group], evaluator: Any, info: dict[str,
         f"seed and test unit; {EXCLUDES_ZERO} = the interval excludes 0 (↓ lower / ↑ higher is "
         f"better). Peak MiB: {info['memory_measure']}."
     )
+    if info.get("failed"):
+        caption = f"{incomplete_note(info['failed'])}\n\n{caption}"
     pairs = pairwise(groups, main)
     report = {
         **info,
@@ -397,6 +434,18 @@ def write_report(out: Path, groups: list[Group], evaluator: Any, info: dict[str,
     tables = markdown_tables(summary, keys, costs, mode, pairs)
     atomic_write_text(f"{caption}\n\n{tables}", out / "ablation.md")
     bar_chart(summary, main, mode, out / "ablation.png", f"{info['stage']}: {main} ({note})")
-    output.print(rich_table(summary, keys, costs, mode, f"ablation ({note}; [{LEVEL:.0%} interval])"))
+    title = f"ablation ({note}; [{LEVEL:.0%} interval])"
+    if info.get("failed"):
+        title = f"INCOMPLETE {title}: {len(info['failed'])} run(s) failed"
+    output.print(rich_table(summary, keys, costs, mode, title))
     console.print(f"wrote {out}/ablation.csv, .json, .md, .png", markup=False)
     return report
+
+
+def incomplete_note(failed: list[dict[str, Any]]) -> str:
+    """The line that marks a report of an ablation whose runs in `failed` did not finish."""
+    runs = ", ".join(f"{f['run']} ({f['variant']}, seed {f['seed']})" for f in failed)
+    return (
+        f"**Incomplete:** {len(failed)} run(s) failed and are not in these tables: {runs}. "
+        "`ablation.json` (`failed`) holds each error and its log; the same command again retries them."
+    )

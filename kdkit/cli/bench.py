@@ -13,7 +13,8 @@ and prints images/s, step time and peak memory of each, and the step-time ratios
 (kdkit's overhead), (c)/(a) and (b)/(a) (what distillation costs) and (b)/(e) (what compiling
 saves; compilation happens in the untimed warm-up). Warm-up steps are excluded;
 every mode is timed `repeats` times, interleaved (so drift on a shared machine hits all modes
-alike), and the median is reported. When the recipe's data is available, one more measurement
+alike), and the median is reported. Progress goes to stderr: each mode's warm-up, then the timed
+rounds naming the mode being measured. When the recipe's data is available, one more measurement
 runs (b) on the real training loader and reports the time spent waiting for it, and the images/s
 one loader worker makes (`kdkit.throughput`), from a frame store and from the files when a store
 serves the data.
@@ -49,9 +50,9 @@ from kdkit.data import DataError, build_loaders
 from kdkit.distiller import Distiller, SupervisedTask
 from kdkit.info import forward_gflops
 from kdkit.recipe import Recipe, RecipeError, StageSpec, TrainSpec, load_recipe
-from kdkit.runlog import output
+from kdkit.runlog import output, progress
 from kdkit.throughput import innermost, loader_throughput
-from kdkit.trainer import Trainer, autocast, resolve_device
+from kdkit.trainer import Trainer, autocast, rate_text, resolve_device
 
 MODES = {
     "student": "(a) student alone",
@@ -62,6 +63,8 @@ MODES = {
 }
 REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "reference_loop.py"
 POOL = 4  # distinct synthetic batches, cycled
+# runs n steps of one mode; the optional callable is a progress display's `advance`
+Runner = Callable[..., None]
 # Dense bf16/fp16 tensor-core peak TFLOP/s from NVIDIA's data sheets, by device-name fragment
 # (most specific first): the denominator of model FLOPs utilisation under amp. Others: --peak-tflops.
 PEAK_TFLOPS_16BIT = (
@@ -180,7 +183,7 @@ def run_bench(
 
     with tempfile.TemporaryDirectory(prefix="kdkit-bench-") as tmp:
         cache = TeacherCache(Path(tmp), {"bench": True}, len(pool) * size, max_bytes=1 << 62)
-        builders: dict[str, Callable[[], Callable[[int], None]]] = {
+        builders: dict[str, Callable[[], Runner]] = {
             "student": lambda: _trainer_steps(
                 SupervisedTask(build_recipe_model(recipe, d.student, "bench.student"), train.label_smoothing),
                 train,
@@ -202,7 +205,7 @@ def run_bench(
                 probe = _PeakMemory(device)  # baseline before the mode's models exist
                 runners[mode] = build()
                 probe.start()
-                runners[mode](max(warmup, 1))
+                _warm_up(mode, runners[mode], max(warmup, 1))
                 memory[mode] = probe.peak()
             except (ValueError, FileNotFoundError) as exc:
                 unavailable[mode] = str(exc)
@@ -215,13 +218,17 @@ def run_bench(
         # Each round runs every mode once, the compared pairs (b, d) and (c, a) side by side; the order
         # rotates and reverses from round to round, so no mode always follows the same one.
         order = [m for m in ("student", "cached", "distill", "reference", "compiled") if m in runners]
-        for r in range(repeats):
-            rotated = order[r % len(order) :] + order[: r % len(order)]
-            for mode in rotated if r % 2 == 0 else rotated[::-1]:
-                start = time.perf_counter()
-                runners[mode](steps)
-                _synchronize(device)
-                seconds[mode].append(time.perf_counter() - start)
+        rounds = f"bench: {repeats} timed rounds of {len(order)} modes × {steps} steps"
+        with progress(repeats * len(order), rounds, unit="measurements") as advance:
+            for r in range(repeats):
+                rotated = order[r % len(order) :] + order[: r % len(order)]
+                for mode in rotated if r % 2 == 0 else rotated[::-1]:
+                    advance(0, info=MODES[mode])
+                    start = time.perf_counter()
+                    runners[mode](steps)  # no per-step display inside the timed window
+                    _synchronize(device)
+                    seconds[mode].append(time.perf_counter() - start)
+                    advance()
         cache_hits = cache.hits / max(cache.hits + cache.misses, 1)
         loader_report = _loader_wait(recipe, stage_spec, train, size, steps) if loader else None
 
@@ -280,6 +287,13 @@ def run_bench(
     }
 
 
+def _warm_up(mode: str, runner: Runner, steps: int) -> None:
+    """The untimed first steps of `mode` (torch.compile compiles here), shown as progress."""
+    note = " (compiling: can take minutes)" if mode == "compiled" else ""
+    with progress(steps, f"bench {MODES[mode]}: warm-up{note}") as advance:
+        runner(steps, advance)
+
+
 def _forward_gflops(distiller: Distiller, example: torch.Tensor) -> dict[str, float]:
     """Forward GFLOPs per image of the distiller's student and teacher (PyTorch's FLOP counter)."""
     dtype = next(distiller.teacher.parameters()).dtype  # a half-precision teacher takes half inputs
@@ -331,14 +345,14 @@ def _trainer_steps(
     pool: list[tuple[torch.Tensor, ...]],
     steps: int,
     keys: bool = False,
-) -> Callable[[int], None]:
+) -> Runner:
     """A function that runs n steps of kdkit's own training loop (`Trainer.train_steps`)."""
     batches = [batch if keys else batch[:2] for batch in pool]
     epoch = [batches[i % len(batches)] for i in range(steps)]  # an epoch of `steps`: sizes the LR schedule
     trainer = Trainer(task, train, epoch, stage="bench")
 
-    def run(n: int) -> None:
-        trainer.train_steps(itertools.islice(itertools.cycle(batches), n), n)
+    def run(n: int, advance: Callable[..., None] | None = None) -> None:
+        trainer.train_steps(itertools.islice(itertools.cycle(batches), n), n, advance=advance)
 
     return run
 
@@ -427,14 +441,16 @@ def _reference_steps(
     pool: list[tuple[torch.Tensor, ...]],
     steps: int,
     example: torch.Tensor,
-) -> Callable[[int], None]:
+) -> Runner:
     loop = reference_for(distiller, d, train, steps, example)
     loop.student.train()
 
-    def run(n: int) -> None:
+    def run(n: int, advance: Callable[..., None] | None = None) -> None:
         for i in range(n):
             images, labels, _ = pool[i % len(pool)]
             loop.step(images, labels)
+            if advance is not None:
+                advance()
 
     return run
 
@@ -451,9 +467,10 @@ def _loader_wait(recipe: Recipe, stage: StageSpec, train: TrainSpec, size: int, 
     task = build_distiller(recipe, stage, example=example)
     trainer = Trainer(task, train, loader, stage="bench")
     steps = min(steps, len(loader))
-    trainer.train_steps(loader, steps)  # starts the workers (persistent ones stay)
-    set_epoch(1, 0)  # the timed pass: the next epoch's order and augmentation, as in training
-    timing = trainer.train_steps(loader, steps)
+    with progress(2 * steps, "bench: (b) on the recipe's training loader") as advance:
+        trainer.train_steps(loader, steps, advance=advance)  # starts the workers (persistent ones stay)
+        set_epoch(1, 0)  # the timed pass: the next epoch's order and augmentation, as in training
+        timing = trainer.train_steps(loader, steps, advance=advance)  # as in training: a display
     task.close()
     return {
         "num_workers": data.num_workers,
@@ -586,7 +603,7 @@ def print_report(report: dict[str, Any]) -> None:
         mem = row["peak_mem_mib"]
         table.add_row(
             row["label"],
-            f"{row['img_per_s']:.1f}",
+            rate_text(row["img_per_s"]),
             f"{row['step_ms']:.1f}",
             f"{row['step_ms_min']:.1f}–{row['step_ms_max']:.1f}",
             "-" if mem is None else f"{mem:.0f}",

@@ -165,7 +165,7 @@ def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert kd["mean"] == pytest.approx(
         results["student_kd"]["test/hter"] - results["student_alone"]["test/hter"]
     )
-    assert kd["low"] <= kd["mean"] <= kd["high"] and isinstance(kd["excludes_zero"], bool)
+    assert kd["n_units"] == 3 and kd["low"] is kd["excludes_zero"] is None  # too few subjects: no interval
     # The paper-comparable section: test-EER-threshold HTER and the epoch a test selection keeps.
     paper = summary["test"]["paper"]["student_kd"]
     assert paper["test/optimistic_hter"] == results["student_kd"]["test/eer"]
