@@ -25,8 +25,9 @@ demo: install
 digits: install
 	$(BIN)/kdkit run recipes/digits-kd.yaml
 
+# pytest-xdist: one worker per core (at most 8); the tests set torch to one thread each.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 8
 
 # Redraw docs/img/architecture.png from the code; copy the demo's ROC/DET plot and ablation chart
 # from a finished run and ablation folder, and draw the bridges chart from the bridge ablations

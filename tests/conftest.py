@@ -16,7 +16,7 @@ import kdkit.adapters  # noqa: F401  (registers the built-in adapters)
 import kdkit.data  # noqa: F401  (registers the digits data set)
 import kdkit.evaluators  # noqa: F401  (registers the classification evaluator)
 from kdkit.recipe import DataSpec
-from kdkit.runlog import console
+from kdkit.runlog import console, output
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's thread
 # hand-offs make every small matmul ~500x slower.
@@ -29,6 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
     """Wide enough that rich never wraps a file name or table cell the tests look for."""
     monkeypatch.setattr(console, "_width", 250)
+    # pytest-xdist's workers export COLUMNS=80, which rich read when `output` was made: without it
+    # `output` (and any kdkit subprocess) lays out a pipe as in a user's shell.
+    monkeypatch.setattr(output, "_width", None)
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("LINES", raising=False)
 
 
 @pytest.fixture(autouse=True, scope="session")
