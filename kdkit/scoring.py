@@ -14,7 +14,7 @@ from kdkit.comparison import replicates_path
 from kdkit.data import build_dataset, eval_loader
 from kdkit.info import model_size
 from kdkit.recipe import Recipe
-from kdkit.stats import LEVEL
+from kdkit.stats import LEVEL, enough_units
 from kdkit.trainer import predict, resolve_device
 
 
@@ -43,7 +43,8 @@ def evaluate_model(
     if bootstrap is not None:
         replicates = bootstrap(predictions, split)
         replicates.save(replicates_path(out_dir, split))
-        results["intervals"] = {key: list(replicates.interval(key)) for key in replicates.values}
+        if enough_units(replicates.n_units):  # else no interval: `resampling` says why
+            results["intervals"] = {key: list(replicates.interval(key)) for key in replicates.values}
         results["resampling"] = {
             "unit": replicates.unit,
             "n_units": replicates.n_units,

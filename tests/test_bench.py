@@ -155,3 +155,15 @@ def test_the_bench_table_shows_slow_rates_with_two_significant_digits(
     print_report(report | {"ratios": {}, "loader": None})
     line = next(line for line in capsys.readouterr().out.splitlines() if "(b) distill" in line)
     assert "│  0.42 │" in line  # not "0.4" (or "0" as the progress showed it)
+
+
+def test_the_loader_line_gives_the_store_command_for_the_data_root(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    machine = {"cpu": "cpu", "cpus_usable": 2, "cpus": 2, "torch_threads": 2, "torch": "2", "device": "cpu"}
+    report = {"machine": machine | {"load_average_1m": 1.0}, "stage": "kd", "batch": 8, "input": [3, 64, 64]}
+    report |= {"amp": "none", "teacher_dtype": "float32", "repeats": 1, "steps": 1, "modes": {}, "ratios": {}}
+    loader = {"num_workers": 2, "data_root": "data/my frames", "wait_ms_per_step": 1.0, "step_ms": 10.0}
+    loader |= {"wait_share": 0.1, "worker_img_per_s": 900.0, "served_from_store": 0, "size": 64}
+    print_report(report | {"loader": loader})
+    assert "(no frame store: `kdkit store 'data/my frames'`)" in capsys.readouterr().out

@@ -48,6 +48,7 @@ from kdkit.cache import TeacherCache
 from kdkit.cli.arguments import add_recipe_args
 from kdkit.data import DataError, build_loaders
 from kdkit.distiller import Distiller, SupervisedTask
+from kdkit.frame_store import STORE_DIR, store_command
 from kdkit.info import forward_gflops
 from kdkit.recipe import Recipe, RecipeError, StageSpec, TrainSpec, load_recipe
 from kdkit.runlog import output, progress
@@ -474,6 +475,7 @@ def _loader_wait(recipe: Recipe, stage: StageSpec, train: TrainSpec, size: int, 
     task.close()
     return {
         "num_workers": data.num_workers,
+        "data_root": None if data.root is None else str(data.root),
         "steps": timing.steps,
         "wait_ms_per_step": 1000 * timing.data_seconds / timing.steps,
         "step_ms": 1000 * timing.seconds / timing.steps,
@@ -621,7 +623,9 @@ def print_report(report: dict[str, Any]) -> None:
             markup=False,
         )
         files = loader.get("files_worker_img_per_s")
-        stored = f"; from its files: {files:.0f}" if files else " (no frame store: `kdkit store ROOT`)"
+        root = loader.get("data_root")
+        hint = f": `{store_command(root, Path(root) / STORE_DIR)}`" if root else ""
+        stored = f"; from its files: {files:.0f}" if files else f" (no frame store{hint})"
         output.print(
             f"one loader worker: {loader['worker_img_per_s']:.0f} images/s "
             f"({loader['served_from_store']}/{loader['size']} frames from a frame store){stored}",

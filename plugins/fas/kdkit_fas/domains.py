@@ -19,7 +19,8 @@ Every record gets its `domain` (the letter); video and subject ids are prefixed 
 (`O:1_1_01_1`), so ids of different sets never merge.
 
 Every set the protocol uses must be prepared alike (`FRAME_SETTINGS` of its `prepare.json`: frame
-sampling, frames per video, crop size, scale, image format, detector): otherwise the domains differ
+sampling, frames per video, crop size, scale, image format; the detector that cropped its frames,
+`prepare.cropping_detector`): otherwise the domains differ
 by how kdkit made their frames as well as by their data, and a set tested at another crop size or
 frame count than the sources trained on measures that too. Sets prepared differently are refused,
 naming each one's settings, unless `data.options.mixed_preparation: true`.
@@ -43,7 +44,7 @@ from kdkit_fas.data import (
     missing_manifest,
     store_roots,
 )
-from kdkit_fas.prepare import SETTINGS_FILE, SINCE_0_2
+from kdkit_fas.prepare import SETTINGS_FILE, SINCE_0_2, cropping_detector
 
 # letter -> (`kdkit fas prepare` layout, data set name, has an official dev split)
 SETS = {
@@ -160,7 +161,8 @@ def _check_prepared(letter: str, root: Path) -> dict | None:
             f"{settings.get('protocol')!r} ({settings_file}); the letter {letter} needs {name} prepared "
             f"with its default protocol: `kdkit fas prepare {layout} --root RAW --out DIR`"
         )
-    return {**SINCE_0_2, **settings}
+    # compare the detector that cropped the frames, not the one named for videos it never cropped
+    return {**SINCE_0_2, **settings, "detector": cropping_detector(root, settings)}
 
 
 def _mixed_preparation(options: dict) -> bool:
@@ -175,9 +177,14 @@ def _mixed_preparation(options: dict) -> bool:
 
 
 def _check_prepared_alike(protocol: str, roots: dict[str, Path], settings: dict[str, dict | None]) -> None:
-    """Refuse sets whose recorded FRAME_SETTINGS differ, listing each set's differing settings."""
+    """Refuse sets whose recorded FRAME_SETTINGS differ, listing each set's differing settings (a
+    set cropped from its annotation files alone, detector None, agrees with any detector)."""
     known = {letter: found for letter, found in settings.items() if found is not None}
-    differ = [key for key in FRAME_SETTINGS if len({found.get(key) for found in known.values()}) > 1]
+    differ = [
+        key
+        for key in FRAME_SETTINGS
+        if len({found.get(key) for found in known.values()} - ({None} if key == "detector" else set())) > 1
+    ]
     if not differ:
         return
     each = "; ".join(

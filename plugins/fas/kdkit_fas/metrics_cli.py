@@ -15,7 +15,7 @@ from rich.table import Table
 from kdkit.csvfile import read_csv
 from kdkit.data import DataError
 from kdkit.runlog import output
-from kdkit.stats import DRAWS, LEVEL
+from kdkit.stats import DRAWS, LEVEL, MIN_UNITS, enough_units
 
 from .metrics import (
     BPCER_AT_APCER_CONVENTION,
@@ -162,7 +162,9 @@ def _intervals(test: ScoreSet, result: dict[str, Any], draws: int) -> dict[str, 
         "draws": draws,
         "unit": replicates.unit,
         "n_units": replicates.n_units,
-        "metrics": {key: list(replicates.interval(key)) for key in replicates.values},
+        "metrics": {key: list(replicates.interval(key)) for key in replicates.values}
+        if enough_units(replicates.n_units)
+        else {},  # too few units for an interval (`kdkit.stats.MIN_UNITS`)
     }
 
 
@@ -204,6 +206,9 @@ def run(args: argparse.Namespace) -> int:
             output.print(
                 f"[...]: {i['confidence']:.0%} bootstrap intervals ({i['draws']} resamples of the "
                 f"{i['n_units']} test {i['unit']}s, threshold fixed)."
+                if i["metrics"]
+                else f"No intervals: {i['n_units']} test {i['unit']}(s), fewer than the {MIN_UNITS} an "
+                "interval needs."
             )
         output.print(
             f"Ties: {TIE_CONVENTION}.\nBPCER@APCER=1%: {BPCER_AT_APCER_CONVENTION}.\n"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ from typing import Any
 import cv2
 import numpy as np
 
-from kdkit.csvfile import read_csv
 from kdkit.data import DataError
 from kdkit.recipe import DataSpec
 from kdkit.registry import Registries
@@ -31,7 +29,7 @@ from kdkit_fas.data import (
 )
 from kdkit_fas.domains import PROTOCOLS, SETS, SPLIT_TABLE, fas_domains, parse_protocol, split_sets
 from kdkit_fas.evaluator import FasEvaluator
-from kdkit_fas.prepare import SETTINGS_FILE
+from kdkit_fas.prepare import SETTINGS_FILE, cropping_detector
 from kdkit_fas.synth import generate
 
 SUBCOMMANDS = {
@@ -206,20 +204,14 @@ def _prepare_settings(root: Path) -> dict[str, Any]:
 
 def _crop_options(root: Path) -> dict[str, Any]:
     """The `face_crop` options that reproduce the frames under `root`: scale and size from
-    `kdkit fas prepare`'s settings file; the detector from what cropped the frames (the manifest's
-    `face_source` column, the most frequent detector there), not the detector the settings name,
-    which frames cropped from a data set's annotation files, or taken whole ('full'), never used.
-    No detector when only annotation files cropped them; {} without a settings file."""
+    `kdkit fas prepare`'s settings file, the detector that cropped the frames (`cropping_detector`;
+    none when only annotation files cropped them); {} without a settings file."""
     settings = _prepare_settings(root)
     options = {key: settings[key] for key in ("scale", "size") if key in settings}
-    manifest = root / "manifest.csv"
-    if not manifest.is_file():  # nothing says what cropped the frames but the settings
+    if not (root / "manifest.csv").is_file():  # nothing says what cropped the frames but the settings
         return {**options, **{key: v for key, v in settings.items() if key == "detector"}}
-    counts = Counter(row.get("face_source") for row in read_csv(manifest).rows)
-    detectors = [name for name, _ in counts.most_common() if name in faces.DETECTOR_NAMES]
-    if detectors:  # a YuNet source is the model file the settings name
-        options["detector"] = settings.get("detector") if detectors[0] == "yunet" else detectors[0]
-    return options
+    detector = cropping_detector(root, settings)
+    return options if detector is None else {**options, "detector": detector}
 
 
 def prepared_crop_options(spec: DataSpec) -> dict[str, Any]:

@@ -26,15 +26,18 @@ import io
 import json
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
 from kdkit.checkpoint import atomic_write_text
+from kdkit.csvfile import read_csv
 from kdkit.data import DataError
 from kdkit.deploy.inputs import InputError, iter_video_frames
 from kdkit.images import read_rgb
@@ -290,6 +293,18 @@ def _run(
             for outcome in pool.run(todo):
                 yield outcome
                 advance()
+
+
+def cropping_detector(root: Path, settings: dict[str, Any]) -> str | None:
+    """The detector that cropped the frames under `root`: the most frequent detector in its
+    manifest's `face_source` column (for YuNet, the model file `settings` name), not the detector
+    `settings` name, which frames cropped from a data set's annotation files, or taken whole
+    ('full'), never used. None when annotation files cropped every frame."""
+    counts = Counter(row.get("face_source") for row in read_csv(root / "manifest.csv").rows)
+    detectors = [name for name, _ in counts.most_common() if name in faces.DETECTOR_NAMES]
+    if not detectors:
+        return None
+    return settings.get("detector") if detectors[0] == "yunet" else detectors[0]
 
 
 def _record_settings(out: Path, settings: dict[str, object], replace: bool) -> None:

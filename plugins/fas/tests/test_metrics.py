@@ -465,6 +465,20 @@ def test_cli_species_rows_subject_column_and_no_intervals(tmp_path, capsys):
     assert "--draws" in capsys.readouterr().err
 
 
+def test_cli_gives_no_interval_over_fewer_than_ten_subjects(tmp_path, capsys):
+    ts, tl = _tied_scores(4)
+    test_csv = tmp_path / "test.csv"
+    rows = [f"{s},{y},s{i % 3}" for i, (s, y) in enumerate(zip(ts, tl, strict=True))]
+    test_csv.write_text("score,label,subject\n" + "\n".join(rows) + "\n")
+    assert _cli("--scores", str(test_csv)) == 0
+    out = capsys.readouterr().out
+    assert "No intervals: 3 test subject(s), fewer than the 10 an interval needs." in out
+    assert not re.search(r"HTER +│ +\d+\.\d\d% \[", out), out  # a value, no interval after it
+    assert _cli("--scores", str(test_csv), "--json") == 0
+    intervals = json.loads(capsys.readouterr().out)["intervals"]
+    assert (intervals["n_units"], intervals["metrics"]) == (3, {})
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [

@@ -202,6 +202,34 @@ def test_sets_prepared_differently_are_refused_naming_each_ones_settings(
     assert "data.options.mixed_preparation: expected true " in capsys.readouterr().err
 
 
+def _cropped_by(root: Path, detector: str, sources: list[str]) -> None:
+    """Name `detector` in `root`'s settings and give its manifest rows whose faces came from `sources`."""
+    settings = json.loads((root / "prepare.json").read_text())
+    (root / "prepare.json").write_text(json.dumps(settings | {"detector": detector}))
+    rows = "".join(f"f{i}.png,v{i},s,live,,train,{source},\n" for i, source in enumerate(sources))
+    header = "path,video,subject,label,attack_type,split,face_source,face_score\n"
+    (root / "manifest.csv").write_text(header + rows)
+
+
+def test_sets_are_compared_by_the_detector_that_cropped_their_frames(tmp_path: Path) -> None:
+    """A set whose faces all came from its annotation files agrees with any detector, whatever its
+    prepare.json names; two sets cropped by different detectors differ."""
+    roots = _settings_only(tmp_path, {letter: ("flip", 2, 32) for letter in "OCIM"})
+    _cropped_by(roots["O"], "mtcnn", ["oulu_txt", "oulu_txt"])
+    _cropped_by(roots["C"], "haar", ["haar", "haar", "full"])
+    _cropped_by(roots["I"], "mtcnn", ["replay_face", "mtcnn"])  # a detector where the file had no face
+    _cropped_by(roots["M"], "auto", ["msu_face"])
+    spec = DataSpec("fas_domains", options={"protocol": "O_C_I_to_M", "roots": roots})
+    with pytest.raises(
+        DataError, match=r"different detector: O \(.*\): detector None; C \(.*\): detector 'haar'"
+    ):
+        fas_domains("test", spec)
+    _cropped_by(roots["I"], "mtcnn", ["replay_face"])
+    with pytest.raises(DataError) as past_the_check:  # C's haar beside sets no detector cropped
+        fas_domains("test", spec)
+    assert "has labels ['live']" in str(past_the_check.value)  # the next check: these rows are fake
+
+
 def test_mixed_preparation_uses_sets_prepared_differently(prepared: dict[str, Path], tmp_path: Path) -> None:
     larger = tmp_path / "msu-64"
     shutil.copytree(prepared["M"], larger)

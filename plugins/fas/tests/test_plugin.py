@@ -142,16 +142,15 @@ def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
             rows = list(csv.DictReader(handle))
         assert {r["attack_type"] for r in rows} == {"live", "print", "replay"}
         assert {r["subject"] for r in rows} and all(r["subject"] for r in rows)
-        # Intervals over the 3 test subjects hold the value; the replicates are kept for ablations.
+        # 3 test subjects are too few for an interval (kdkit.stats.MIN_UNITS): none is recorded;
+        # the replicates are kept for ablations (which also refuse intervals over 3 subjects).
         assert results[run]["resampling"] == {
             "unit": "subject",
             "n_units": 3,
             "draws": 2000,
             "confidence": 0.95,
         }
-        for key in ("test/hter", "test/acer", "test/eer", "test/auc"):
-            low, high = results[run]["intervals"][key]
-            assert low <= results[run][key] <= high
+        assert "intervals" not in results[run]
         assert (out / "test" / run / "bootstrap_test.npz").is_file()
         assert results[run]["test/apcer"] == max(
             v for k, v in results[run].items() if k.startswith("test/apcer_species.")
