@@ -59,7 +59,7 @@ FLOW = [
 ]
 # Everything else in kdkit/ is foundation; these sub-groups only arrange its listing.
 FOUNDATION = {
-    "recipes and registries": ("recipe", "registry", "plugins", "errors", "optim"),
+    "recipes and registries": ("recipe", "plan", "registry", "plugins", "errors", "optim"),
     "data and models": ("data", "models", "images", "augment", "frame_store", "csvfile", "hub", "info"),
     "evaluation and statistics": ("evaluators", "evaluation", "stats", "comparison", "calibration"),
     "files and processes": ("checkpoint", "lock", "workers", "runlog", "distributed", "throughput"),

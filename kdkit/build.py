@@ -18,6 +18,7 @@ from kdkit.data import example_batch
 from kdkit.distiller import Distiller, GroupError, PairError, feature_taps, layer_groups, layer_pairs
 from kdkit.losses import criterion_min_batch
 from kdkit.models import ModelError, build_model, load_state_dict_checked
+from kdkit.plan import StagePlan
 from kdkit.recipe import DataSpec, DistillSpec, Recipe, RecipeError, StageSpec
 from kdkit.registry import EVALUATORS
 from kdkit.teacher_input import InputSpace, TeacherInput, input_space_from_pretrained_cfg, size_problem
@@ -44,27 +45,16 @@ def build_recipe_model(recipe: Recipe, key: str, where: str) -> nn.Module:
         raise RecipeError([f"{where}: {exc}"]) from None
 
 
-def teacher_model_key(recipe: Recipe, stage: StageSpec) -> tuple[str, str | None]:
-    """The model key of a distill stage's teacher and, when an earlier stage trains it, that
-    stage's name (never a later stage)."""
-    d = recipe.stage_distill(stage)
-    earlier = recipe.pipeline[: recipe.pipeline.index(stage)]
-    trainer = next((s for s in earlier if s.name == d.teacher and s.do != "evaluate"), None)
-    if trainer is None:
-        return d.teacher, None
-    key = trainer.model if trainer.do == "train" else recipe.stage_distill(trainer).student
-    return key, trainer.name
-
-
-def distill_min_batch(d: DistillSpec) -> int:
-    """The smallest batch for which every adapter and feature criterion of a distill section gives a
+def distill_min_batch(stage: StagePlan) -> int:
+    """The smallest batch for which every adapter and feature criterion of a distill stage gives a
     non-zero loss (a trailing batch smaller than it is dropped)."""
-    return max([*map(adapter_min_batch, d.adapter_names()), *map(criterion_min_batch, d.criterion_names())])
+    adapters, criteria = stage.adapter_names(), stage.criterion_names()
+    return max([*map(adapter_min_batch, adapters), *map(criterion_min_batch, criteria)])
 
 
-def dry_run_size(d: DistillSpec) -> int:
+def dry_run_size(stage: StagePlan) -> int:
     """Images in the dry run that sizes the adapters: 2, or more where an adapter needs more (cka)."""
-    return max(2, distill_min_batch(d))
+    return max(2, distill_min_batch(stage))
 
 
 def build_distiller(
@@ -82,22 +72,22 @@ def build_distiller(
     (the training dataset) and `distill.cache` on, the teacher-output cache is opened for it.
     The student is built first, so that with the same seed it starts from the same weights as a
     `train` stage of the same model (the baseline trained without a teacher)."""
-    d = recipe.stage_distill(stage)
-    train = recipe.stage_train(stage)
-    where = f"pipeline.{stage.name}.distill"
+    plan = recipe.plan.of(stage)
+    d, train, where = plan.distill_spec(), plan.train, f"{plan.key}.distill"
     student = build_recipe_model(recipe, d.student, f"{where}.student")
-    key, trained_by = teacher_model_key(recipe, stage)
-    teacher = build_recipe_model(recipe, key, f"{where}.teacher")
+    teacher = build_recipe_model(recipe, plan.teacher or d.teacher, f"{where}.teacher")
+    trained_by = plan.teacher_stage
     if trained_by is not None and trained is not None:
         weights = trained[trained_by]
         load_state_dict_checked(teacher, load_file(weights)["model"], f"stage {trained_by!r} model.pt")
     try:
-        pairs = layer_pairs(teacher, student, d.pairs, d.point, d.select) if d.adapter != "none" else []
+        parsed = plan.pairs if isinstance(plan.pairs, str) else list(plan.pair_specs())
+        pairs = layer_pairs(teacher, student, parsed, d.point, d.select) if d.adapter != "none" else []
         groups = layer_groups(teacher, student, d.groups, d.point)
     except (ValueError, KeyError) as exc:
         raise _distill_error(where, exc) from None
     try:
-        teacher_input = make_teacher_input(d, recipe.stage_data(stage), teacher)
+        teacher_input = make_teacher_input(d, plan.data, teacher)
     except ValueError as exc:
         raise _distill_error(where, exc) from None
     # Keyed by what the Distiller is built from (the teacher as `teacher_dtype` will make it).
@@ -107,7 +97,7 @@ def build_distiller(
         cache = open_teacher_cache(d, cache_data, teacher, taps, train.amp, teacher_input)
     try:
         if example is None:
-            example = example_batch(recipe.stage_data(stage), dry_run_size(d))
+            example = example_batch(plan.data, dry_run_size(plan))
         return Distiller(
             teacher,
             student,

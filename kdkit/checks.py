@@ -30,7 +30,6 @@ from kdkit.build import (
     dry_run_size,
     make_evaluator,
     make_teacher_input,
-    teacher_model_key,
 )
 from kdkit.cache import teacher_cache_dir
 from kdkit.checkpoint import OutputDirError, check_output_dir
@@ -46,8 +45,9 @@ from kdkit.data import (
 from kdkit.distiller import Distiller
 from kdkit.losses import OptionError, criterion_min_batch, resolve_feature_criterion, resolve_logit_loss
 from kdkit.optim import check_optimization
+from kdkit.plan import StagePlan
 from kdkit.plugins import load_plugins
-from kdkit.recipe import DistillSpec, Recipe, RecipeError, StageSpec, parse_pair
+from kdkit.recipe import DistillSpec, Recipe, RecipeError, StageSpec
 from kdkit.registry import DATASETS, EVALUATORS, RegistryError
 from kdkit.trainer import autocast, resolve_device
 
@@ -63,12 +63,8 @@ class RecipeCheck:
         """A lower bound of the disk space the run's checkpoints take: per trained model,
         `model.pt` plus `last.pt` (weights and two optimizer moments), one of them written beside
         its old copy before the rename."""
-        fitted = [
-            s.model if s.do == "train" else recipe.stage_distill(s).student
-            for s in recipe.pipeline
-            if s.do != "evaluate"
-        ]
-        return sum(self.param_bytes.get(key or "", 0) * (1 + 3 + 3) for key in fitted)
+        fitted = [s.model for s in recipe.plan if s.model is not None]
+        return sum(self.param_bytes.get(key, 0) * (1 + 3 + 3) for key in fitted)
 
 
 def check_recipe(recipe: Recipe, generate: bool = False) -> RecipeCheck:
@@ -80,17 +76,16 @@ def check_recipe(recipe: Recipe, generate: bool = False) -> RecipeCheck:
     _check_names(r)
     evaluator = make_evaluator(r)
     if generate:
-        for spec in [r.data, *(r.stage_data(s) for s in r.pipeline if s.data and s.do != "evaluate")]:
+        for spec in [r.data, *(s.data for s in _own_data(r))]:
             generate_data(spec)
     # Every split the run reads, now: an empty or one-class split must not wait for epoch 1's end
     # (training splits are built by `example_batch`).
-    tracked = ["test"] if any(r.stage_train(s).track_test for s in r.pipeline if s.do != "evaluate") else []
+    tracked = ["test"] if any(s.train.track_test for s in r.plan if s.do != "evaluate") else []
     for split in dict.fromkeys(["val", *tracked, *(s.split for s in r.pipeline if s.do == "evaluate")]):
         build_dataset(r.data, split)
-    for stage in r.pipeline:
-        if stage.data and stage.do != "evaluate":
-            build_dataset(r.stage_data(stage), "val")
-            example_batch(r.stage_data(stage))
+    for stage in _own_data(r):
+        build_dataset(stage.data, "val")
+        example_batch(stage.data)
     _check_balanced(r)
     result = RecipeCheck(param_bytes=_check_models(r, example_batch(r.data), evaluator))
     check_stage_settings(r)
@@ -117,13 +112,13 @@ def _training_batch(recipe: Recipe, stage: StageSpec) -> tuple[torch.Tensor, tor
     """Images and labels of a few samples of a distill stage's training set (the dry run's size),
     the last one from its unlabelled pool when it has one; a pool that cannot be built, or whose
     images differ from the training images, is a recipe error naming `unlabeled`."""
-    spec = recipe.stage_data(stage)
-    key = f"pipeline.{stage.name}.data" if "unlabeled" in stage.data else "data"
-    n = dry_run_size(recipe.stage_distill(stage))
+    plan = recipe.plan.of(stage)
+    spec, key = plan.data, plan.origin("data", "unlabeled")
+    n = dry_run_size(plan)
     try:  # the labelled split was built before: a failure here is the pool's
         dataset = training_set(spec, with_unlabeled=True)
     except (DataError, RegistryError) as exc:
-        raise RecipeError([f"{key}.unlabeled: {exc}"]) from None
+        raise RecipeError([f"{key}: {exc}"]) from None
     pool = dataset.datasets[1] if isinstance(dataset, PartlyLabeled) and len(dataset.datasets) > 1 else None
     labeled = len(dataset) - (len(pool) if pool is not None else 0)
     parts = [_collated(dataset, list(range(min(n - (pool is not None), labeled))))]
@@ -132,7 +127,7 @@ def _training_batch(recipe: Recipe, stage: StageSpec) -> tuple[torch.Tensor, tor
         if parts[0][0].shape[1:] != parts[1][0].shape[1:]:
             raise RecipeError(
                 [
-                    f"{key}.unlabeled: its images are {tuple(parts[1][0].shape[1:])}, the training "
+                    f"{key}: its images are {tuple(parts[1][0].shape[1:])}, the training "
                     f"images {tuple(parts[0][0].shape[1:])}; a batch needs one size and channel count "
                     f"(give the pool the training data's image_size, mean and std)"
                 ]
@@ -204,13 +199,14 @@ def _check_names(recipe: Recipe) -> None:
         raise RecipeError(problems)
 
 
+def _own_data(recipe: Recipe) -> list[StagePlan]:
+    """The train/distill stages that override `data` (the others train on the top-level data)."""
+    return [s for s in recipe.plan if s.spec.data and s.do != "evaluate"]
+
+
 def _check_balanced(recipe: Recipe) -> None:
     """With `data.balanced`, the batch splits evenly between the training set's groups."""
-    specs = {"data": recipe.data} | {
-        f"pipeline.{s.name}.data": recipe.stage_data(s)
-        for s in recipe.pipeline
-        if s.data and s.do != "evaluate"
-    }
+    specs = {"data": recipe.data} | {s.origin("data"): s.data for s in _own_data(recipe)}
     problems = []
     for where, spec in specs.items():
         if not spec.balanced:
@@ -232,11 +228,7 @@ def _check_models(recipe: Recipe, example: torch.Tensor, evaluator: Any) -> dict
     returns the size of each model's weights in bytes."""
     classes = getattr(evaluator, "num_classes", None)
     # a teacher with its own input (distill.teacher_input) is checked on the batch converted for it
-    converts = {
-        teacher_model_key(recipe, s)[0]: s
-        for s in recipe.pipeline
-        if s.do == "distill" and recipe.stage_distill(s).teacher_input
-    }
+    converts = {s.teacher: s for s in recipe.plan if s.distill is not None and s.distill.teacher_input}
     sizes = {}
     for key in recipe.models:
         model = build_recipe_model(recipe, key, f"models.{key}")
@@ -244,11 +236,11 @@ def _check_models(recipe: Recipe, example: torch.Tensor, evaluator: Any) -> dict
         if key in converts:
             stage = converts[key]
             try:
-                conversion = make_teacher_input(recipe.stage_distill(stage), recipe.stage_data(stage), model)
+                conversion = make_teacher_input(stage.distill, stage.data, model)
             except ValueError as exc:
-                raise RecipeError([f"pipeline.{stage.name}.distill.{exc}"]) from None
+                raise RecipeError([f"{stage.key}.distill.{exc}"]) from None
             if conversion is not None:
-                given, size_key = conversion(example), f"pipeline.{stage.name}.distill.teacher_input.size"
+                given, size_key = conversion(example), f"{stage.key}.distill.teacher_input.size"
         outputs = check_input(model, given, f"models.{key}", size_key)
         if classes is not None and outputs != classes:
             raise RecipeError(
@@ -268,25 +260,25 @@ def check_stage_settings(recipe: Recipe) -> None:
     cache. Needs neither data nor models (quick, e.g. for every variant of an ablation grid)."""
     r = recipe
     problems: list[str] = []
-    for stage in r.pipeline:
+    for stage in r.plan:
         if stage.do == "evaluate":
             continue
-        where, train = f"pipeline.{stage.name}", r.stage_train(stage)
+        train = stage.train
         # a setting inherited from the top-level `train` is reported once, under its own key
-        own = {"optimizer", "scheduler"} & set(stage.train)
-        problems += check_optimization(train, f"{where}.train" if own else "train")
+        own = {"optimizer", "scheduler"} & set(stage.spec.train)
+        problems += check_optimization(train, f"{stage.key}.train" if own else "train")
         try:
             autocast(resolve_device(train.device), train.amp)
         except ValueError as exc:  # names train.device / train.amp
-            problems.append(
-                f"pipeline.{stage.name}.{exc}" if {"device", "amp"} & set(stage.train) else str(exc)
-            )
-        if stage.do != "distill":
+            own = {"device", "amp"} & set(stage.spec.train)
+            problems.append(f"{stage.key}.{exc}" if own else str(exc))
+        d = stage.distill
+        if d is None:
             continue
-        d, batch = r.stage_distill(stage), r.stage_data(stage).batch_size
-        problems += _option_problems(d, stage, where)
-        problems += _adapter_option_problems(d, stage, where)
-        for adapter_key, adapter, criterion_key, criterion in _feature_checks(d, stage, where):
+        batch = stage.data.batch_size
+        problems += _option_problems(stage, d)
+        problems += _adapter_option_problems(stage, d)
+        for adapter_key, adapter, criterion_key, criterion in _feature_checks(stage, d):
             try:
                 need = criterion_min_batch(criterion)
                 if batch // distributed.world_size() < need:
@@ -308,24 +300,21 @@ def check_stage_settings(recipe: Recipe) -> None:
                 )
         if d.cache:
             try:
-                key = f"{where}.distill.cache_dir" if "cache_dir" in stage.distill else "distill.cache_dir"
-                check_output_dir(teacher_cache_dir(d), option=key)
+                check_output_dir(teacher_cache_dir(d), option=stage.origin("distill", "cache_dir"))
             except OutputDirError as exc:
                 problems.append(f"{exc} (or set distill.cache: false)")
     if problems:
         raise RecipeError(list(dict.fromkeys(problems)))
 
 
-def _option_problems(d: DistillSpec, stage: StageSpec, where: str) -> list[str]:
+def _option_problems(stage: StagePlan, d: DistillSpec) -> list[str]:
     """A distill stage's logit loss and feature criterion are registered and take their options
     (names and values)."""
     problems = []
     for kind, resolve in (("logit_loss", resolve_logit_loss), ("criterion", resolve_feature_criterion)):
         options = "logit_options" if kind == "logit_loss" else "criterion_options"
         # a setting inherited from the top-level `distill` is reported once, under its own key
-        name_key, options_key = (
-            f"{where}.distill.{key}" if key in stage.distill else f"distill.{key}" for key in (kind, options)
-        )
+        name_key, options_key = stage.origin("distill", kind), stage.origin("distill", options)
         try:
             resolve(getattr(d, kind), getattr(d, options))
         except RegistryError as exc:
@@ -337,20 +326,18 @@ def _option_problems(d: DistillSpec, stage: StageSpec, where: str) -> list[str]:
     return problems
 
 
-def _adapter_option_problems(d: DistillSpec, stage: StageSpec, where: str) -> list[str]:
+def _adapter_option_problems(stage: StagePlan, d: DistillSpec) -> list[str]:
     """The adapter options of the distill section, and those a pair gives itself, suit their adapter
     (names, then values, by building it for two small widths). Options left from another adapter
     are the usual cause: the message says how to clear them."""
     if d.adapter == "none":
         return []
     # options inherited from the top-level `distill` are reported once, under their own key
-    key = "distill.adapter_options"
-    key = f"{where}.{key}" if "adapter_options" in stage.distill else key
+    key = stage.origin("distill", "adapter_options")
     checks = [(key, d.adapter, d.adapter_options, f"clear them with --set {key}={{}}")]
-    for i, entry in enumerate([] if isinstance(d.pairs, str) else d.pairs):
-        spec = parse_pair(entry, "", [])  # not None: the recipe's pairs were checked when it was read
-        if spec is not None and spec.adapter_options is not None:
-            pair_key = f"{where}.distill.pairs[{i}].adapter_options"
+    for i, spec in enumerate(stage.pair_specs()):
+        if spec.adapter_options is not None:
+            pair_key = f"{stage.key}.distill.pairs[{i}].adapter_options"
             adapter = spec.adapter or d.adapter
             checks.append((pair_key, adapter, spec.adapter_options, "remove them from the pair"))
     problems = []
@@ -368,18 +355,17 @@ def _adapter_option_problems(d: DistillSpec, stage: StageSpec, where: str) -> li
     return problems
 
 
-def _feature_checks(d: DistillSpec, stage: StageSpec, where: str) -> list[tuple[str, str, str, str]]:
+def _feature_checks(stage: StagePlan, d: DistillSpec) -> list[tuple[str, str, str, str]]:
     """(adapter key, adapter, criterion key, criterion) of the distill section and of each layer
     pair that names its own adapter or criterion; the keys say where to report a problem."""
     # a criterion inherited from the top-level `distill` is reported once, under its own key
-    criterion_key = f"{where}.distill.criterion" if "criterion" in stage.distill else "distill.criterion"
-    checks = [(f"{where}.distill.adapter", d.adapter, criterion_key, d.criterion)]
-    if d.adapter == "none" or isinstance(d.pairs, str):  # no pairs, or uniform:N (the section's settings)
+    criterion_key = stage.origin("distill", "criterion")
+    checks = [(f"{stage.key}.distill.adapter", d.adapter, criterion_key, d.criterion)]
+    if d.adapter == "none":
         return checks
-    for i, entry in enumerate(d.pairs):
-        spec = parse_pair(entry, "", [])  # not None: the recipe's pairs were checked when it was read
-        if spec is not None and (spec.adapter or spec.criterion):
-            key = f"{where}.distill.pairs[{i}]"
+    for i, spec in enumerate(stage.pair_specs()):
+        if spec.adapter or spec.criterion:
+            key = f"{stage.key}.distill.pairs[{i}]"
             checks.append(
                 (
                     f"{key}.adapter" if spec.adapter else checks[0][0],

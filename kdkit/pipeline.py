@@ -89,15 +89,15 @@ class RecipeRun:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def _remember(self, stage: StageSpec, stage_dir: Path) -> None:
-        if stage.do == "train":
+        key, path = self.recipe.plan.of(stage).model, stage_dir / "model.pt"
+        if key is None:  # an evaluate stage trains nothing
+            return
+        if stage.do == "train" and self.stage_cache is not None:
             # The cached copy outlives this directory (an ablation renames it): later stages and the
             # teacher reference in student checkpoints point there.
-            cached = self.stage_cache.entry(self.recipe, stage) / "model.pt" if self.stage_cache else None
-            path = cached if cached is not None and cached.exists() else stage_dir / "model.pt"
-            self.trained[stage.name] = (self.recipe.models[stage.model], path)
-        elif stage.do == "distill":
-            key = self.recipe.stage_distill(stage).student
-            self.trained[stage.name] = (self.recipe.models[key], stage_dir / "model.pt")
+            cached = self.stage_cache.entry(self.recipe, stage) / "model.pt"
+            path = cached if cached.exists() else path
+        self.trained[stage.name] = (self.recipe.models[key], path)
 
     def _run_stage(
         self, stage: StageSpec, stage_dir: Path, log: MetricsLog, resume: bool, summary: dict[str, Any]
@@ -129,13 +129,10 @@ class RecipeRun:
         return {**result, "cache": record}
 
     def _fit_stage(self, stage: StageSpec, stage_dir: Path, log: MetricsLog, resume: bool) -> dict[str, Any]:
-        r = self.recipe
-        train = r.stage_train(stage)
-        seed = r.stage_seed(stage)
-        data = r.stage_data(stage)
+        r, plan = self.recipe, self.recipe.plan.of(stage)
+        train, seed, data = plan.train, plan.seed, plan.data
         # a trailing batch too small for a batch-statistics adapter would give a zero feature loss
-        d = r.stage_distill(stage)
-        min_batch = distill_min_batch(d) if stage.do == "distill" else 1
+        min_batch = distill_min_batch(plan) if plan.distill is not None else 1
         train_loader, eval_loaders, set_epoch = build_loaders(
             data, seed, min_batch=min_batch, with_unlabeled=stage.do == "distill"
         )
@@ -151,7 +148,7 @@ class RecipeRun:
         else:
             trained = {name: path for name, (_, path) in self.trained.items()}
             task = build_distiller(r, stage, trained, cache_data=train_loader.dataset)
-            d = r.stage_distill(stage)
+            d = plan.distill_spec()
             meta["spec"] = _spec_for_checkpoint(r.models[d.student])
             meta["teacher"] = self._teacher_reference(d.teacher)
             extra = task.extra_parameters()

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
+from kdkit.plan import Plan, StagePlan
 from kdkit.registry import did_you_mean
 
 # A value pasted by mistake, or a file with thousands of bad keys, must not flood the terminal.
@@ -189,23 +190,6 @@ class DistillSpec:
     cache_dir: str | None = None  # default: $KDKIT_CACHE_DIR or ~/.cache/kdkit/teacher-outputs
     cache_max_gb: float = 20.0  # size bound of cache_dir; beyond it the teacher runs live
 
-    def adapter_names(self) -> list[str]:
-        """Every adapter a stage with these settings builds: `adapter` and each pair's own
-        (`['none']`: no feature KD). What its smallest batch depends on."""
-        if self.adapter == "none" or isinstance(self.pairs, str):
-            return [self.adapter]
-        specs = [parse_pair(entry, "", []) for entry in self.pairs]
-        return list(dict.fromkeys([self.adapter, *(s.adapter for s in specs if s is not None and s.adapter)]))
-
-    def criterion_names(self) -> list[str]:
-        """Every feature criterion a stage with these settings uses (none without feature KD)."""
-        if self.adapter == "none":
-            return []
-        specs = [] if isinstance(self.pairs, str) else [parse_pair(entry, "", []) for entry in self.pairs]
-        return list(
-            dict.fromkeys([self.criterion, *(s.criterion for s in specs if s is not None and s.criterion)])
-        )
-
 
 @dataclass
 class TrainSpec:
@@ -271,26 +255,14 @@ class Recipe:
     evaluator: str = "classification"  # a registered evaluator
     evaluator_options: dict[str, Any] = field(default_factory=dict)
 
-    def stage_train(self, stage: StageSpec) -> TrainSpec:
-        """The stage's training settings: the top-level `train` with the stage's overrides."""
-        merged = {**dataclasses.asdict(self.train), **stage.train, "seed": self.stage_seed(stage)}
-        return _convert(TrainSpec, merged, f"pipeline.{stage.name}.train", [])
-
-    def stage_seed(self, stage: StageSpec) -> int:
-        """The stage's seed: its `train.seed` when it pins one, else the recipe's `seed`."""
-        seed = stage.train.get("seed", self.train.seed)
-        return self.seed if seed is None else int(seed)
-
-    def stage_data(self, stage: StageSpec) -> DataSpec:
-        """The data a stage trains on: the top-level `data` with the stage's overrides."""
-        return _convert(
-            DataSpec, {**dataclasses.asdict(self.data), **stage.data}, f"pipeline.{stage.name}.data", []
-        )
-
-    def stage_distill(self, stage: StageSpec) -> DistillSpec:
-        """The stage's distillation settings: the top-level `distill` with the stage's overrides."""
-        merged = {**dataclasses.asdict(self.distill), **stage.distill}
-        return _convert(DistillSpec, merged, f"pipeline.{stage.name}.distill", [])
+    @functools.cached_property
+    def plan(self) -> Plan:
+        """Every stage resolved once (`kdkit.plan`); `parse_recipe` builds it while checking."""
+        problems: list[str] = []
+        plan = _build_plan(self, problems)
+        if problems:
+            raise RecipeError(problems)
+        return plan
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (YAML/JSON-serialisable) of the resolved recipe."""
@@ -517,7 +489,10 @@ def canonical_keys(data: Any, problems: list[str] | None = None) -> Any:
         data["distill"] = _renamed(data["distill"], "distill", problems)
     if isinstance(data.get("pipeline"), list):
         data["pipeline"] = [
-            {**stage, "distill": _renamed(stage["distill"], f"pipeline[{i}].distill", problems)}
+            {
+                **stage,
+                "distill": _renamed(stage["distill"], f"pipeline.{stage.get('name', i)}.distill", problems),
+            }
             if isinstance(stage, dict) and isinstance(stage.get("distill"), dict)
             else stage
             for i, stage in enumerate(data["pipeline"])
@@ -719,7 +694,9 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     problems: list[str] = []
     recipe = _convert_dataclass(Recipe, canonical_keys(data, problems), "", problems)
     if recipe is not None and not problems:
-        _check_semantics(recipe, problems)
+        plan = _check_semantics(recipe, problems)
+        if not problems:
+            recipe.plan = plan  # the specs just checked are the ones every consumer reads
     if problems:
         raise RecipeError(problems, source)
     return recipe
@@ -731,8 +708,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return parse_recipe(data, str(path))
 
 
-def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
-    """Cross-field checks that the types alone cannot express."""
+def _check_semantics(recipe: Recipe, problems: list[str]) -> Plan:
+    """Cross-field checks that the types alone cannot express; returns the plan they checked."""
     names = [s.name for s in recipe.pipeline]
     for key, name in [("name", recipe.name), *((f"pipeline[{i}].name", n) for i, n in enumerate(names))]:
         problem = file_name_problem(name)
@@ -744,58 +721,89 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> None:
         problems.append(f"pipeline: stage name {dup!r} is used more than once")
     _check_data(recipe.data, "data", problems)
     _check_train(recipe.train, "train", problems)
-    trained: dict[str, str] = {}  # stage name -> model key it produced
-    for i, stage in enumerate(recipe.pipeline):
-        where = f"pipeline[{i}] ({stage.name})"
-        stage_problems: list[str] = []
-        train = _convert(
-            TrainSpec, {**dataclasses.asdict(recipe.train), **stage.train}, f"{where}.train", stage_problems
+    return _build_plan(recipe, problems)
+
+
+def _build_plan(recipe: Recipe, problems: list[str]) -> Plan:
+    """Resolve and check every stage in order (a stage may name only earlier ones)."""
+    planned: list[StagePlan] = []
+    trained: list[str] = []  # earlier train/distill stages, also those with problems (no follow-ons)
+    for stage in recipe.pipeline:
+        plan = _plan_stage(recipe, stage, planned, trained, problems)
+        if plan is not None:
+            planned.append(plan)
+        if stage.do != "evaluate":
+            trained.append(stage.name)
+    return Plan(tuple(planned))
+
+
+def _plan_stage(
+    recipe: Recipe, stage: StageSpec, earlier: list[StagePlan], trained: list[str], problems: list[str]
+) -> StagePlan | None:
+    """One stage merged with the top-level sections (the one merge rule) and checked; None when
+    its overrides do not convert (the problems are appended)."""
+    where = f"pipeline.{stage.name}"
+    found: list[str] = []
+    train = _convert(TrainSpec, {**dataclasses.asdict(recipe.train), **stage.train}, f"{where}.train", found)
+    distill = _convert(
+        DistillSpec, {**dataclasses.asdict(recipe.distill), **stage.distill}, f"{where}.distill", found
+    )
+    data = _convert(DataSpec, {**dataclasses.asdict(recipe.data), **stage.data}, f"{where}.data", found)
+    if stage.data and stage.do == "evaluate":
+        found.append(f"{where}.data: an evaluate stage reads the top-level data; remove it")
+    if stage.baseline is not None and stage.do != "evaluate":
+        found.append(f"{where}.baseline: only an evaluate stage compares with a baseline")
+    problems.extend(found)
+    if found:
+        return None
+    seed = recipe.seed if train.seed is None else train.seed
+    train = dataclasses.replace(train, seed=seed)
+    if stage.train:  # the top-level train is checked once, by the caller
+        _check_train(train, f"{where}.train", problems)
+    if stage.data:
+        _check_data(data, f"{where}.data", problems)
+    if stage.do == "train":
+        if stage.model not in recipe.models:
+            problems.append(f"{where}.model: expected one of {sorted(recipe.models)}, got {stage.model!r}")
+        return StagePlan(stage, seed, train, data, model=stage.model)
+    if stage.do == "distill":
+        _check_distill(distill, f"{where}.distill", recipe, trained, problems)
+        trainer = next((s for s in earlier if s.name == distill.teacher and s.do != "evaluate"), None)
+        return StagePlan(
+            stage,
+            seed,
+            train,
+            data,
+            distill,
+            pairs=_parsed_pairs(distill, f"{where}.distill", problems),
+            model=distill.student,
+            teacher=trainer.model if trainer else distill.teacher,
+            teacher_stage=trainer.name if trainer else None,
         )
-        distill = _convert(
-            DistillSpec,
-            {**dataclasses.asdict(recipe.distill), **stage.distill},
-            f"{where}.distill",
-            stage_problems,
+    _check_evaluate(stage, where, trained, problems)
+    return StagePlan(stage, seed, train, data)
+
+
+def _check_evaluate(stage: StageSpec, where: str, trained: list[str], problems: list[str]) -> None:
+    if not stage.runs:
+        problems.append(f"{where}.runs: expected the names of earlier train/distill stages")
+    for run in stage.runs:
+        if run not in trained:
+            problems.append(
+                f"{where}.runs: {run!r} is not an earlier train/distill stage.{did_you_mean(run, trained)}"
+            )
+    if stage.baseline is not None and stage.baseline not in stage.runs:
+        problems.append(
+            f"{where}.baseline: expected one of the stage's runs {stage.runs}, got {stage.baseline!r}"
         )
-        stage_data = _convert(
-            DataSpec, {**dataclasses.asdict(recipe.data), **stage.data}, f"{where}.data", stage_problems
-        )
-        if stage.data and stage.do == "evaluate":
-            stage_problems.append(f"{where}.data: an evaluate stage reads the top-level data; remove it")
-        if stage.baseline is not None and stage.do != "evaluate":
-            stage_problems.append(f"{where}.baseline: only an evaluate stage compares with a baseline")
-        problems.extend(stage_problems)
-        if stage_problems:
-            if stage.do != "evaluate":  # later stages may still name it: no follow-on errors
-                trained[stage.name] = stage.model or ""
-            continue
-        if stage.train:  # the top-level train is checked once, above
-            _check_train(train, f"{where}.train", problems)
-        if stage.data:
-            _check_data(stage_data, f"{where}.data", problems)
-        if stage.do == "train":
-            if stage.model not in recipe.models:
-                problems.append(
-                    f"{where}.model: expected one of {sorted(recipe.models)}, got {stage.model!r}"
-                )
-            else:
-                trained[stage.name] = stage.model
-        elif stage.do == "distill":
-            _check_distill(distill, f"{where}.distill", recipe, list(trained), problems)
-            trained[stage.name] = distill.student
-        elif stage.do == "evaluate":
-            if not stage.runs:
-                problems.append(f"{where}.runs: expected the names of earlier train/distill stages")
-            for run in stage.runs:
-                if run not in trained:
-                    problems.append(
-                        f"{where}.runs: {run!r} is not an earlier train/distill stage."
-                        f"{did_you_mean(run, list(trained))}"
-                    )
-            if stage.baseline is not None and stage.baseline not in stage.runs:
-                problems.append(
-                    f"{where}.baseline: expected one of the stage's runs {stage.runs}, got {stage.baseline!r}"
-                )
+
+
+def _parsed_pairs(d: DistillSpec, where: str, problems: list[str]) -> tuple[PairSpec, ...] | str:
+    """`distill.pairs` parsed once: a `PairSpec` per item ('uniform:N' is returned as it is)."""
+    if isinstance(d.pairs, str):
+        return d.pairs
+    parsed = [parse_pair(entry, f"{where}.pairs[{i}]", problems) for i, entry in enumerate(d.pairs)]
+    return tuple(p for p in parsed if p is not None)
 
 
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
@@ -916,12 +924,8 @@ def _check_distill(
             problems.append(
                 f"{where}.teacher_input: mean and std need as many values, got {t.mean} and {t.std}"
             )
-    if isinstance(d.pairs, str):
-        if not re.fullmatch(r"uniform:[1-9][0-9]*", d.pairs):
-            problems.append(f"{where}.pairs: expected a list of pairs or 'uniform:N', got {d.pairs!r}")
-        return
-    for i, entry in enumerate(d.pairs):
-        parse_pair(entry, f"{where}.pairs[{i}]", problems)
+    if isinstance(d.pairs, str) and not re.fullmatch(r"uniform:[1-9][0-9]*", d.pairs):
+        problems.append(f"{where}.pairs: expected a list of pairs or 'uniform:N', got {d.pairs!r}")
 
 
 def parse_pair(entry: Any, where: str, problems: list[str]) -> PairSpec | None:

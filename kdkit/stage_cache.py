@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from kdkit import __version__
-from kdkit.build import teacher_model_key
 from kdkit.checkpoint import atomic_path, atomic_write_text, file_sha256
 from kdkit.lock import locked
 from kdkit.recipe import Recipe, StageSpec
@@ -45,10 +44,11 @@ def stage_inputs(recipe: Recipe, stage: StageSpec) -> dict[str, Any]:
             "train": {"device": recipe.train.device, "amp": recipe.train.amp},
             "evaluator": evaluator,
         }
-    train = recipe.stage_train(stage)
+    plan = recipe.plan.of(stage)
+    train = plan.train
     inputs = {
         "do": stage.do,
-        "data": dataclasses.asdict(recipe.stage_data(stage)),
+        "data": dataclasses.asdict(plan.data),
         # a tracked test split is the run's own (reported only; see Trainer.best_on_test)
         "test_data": dataclasses.asdict(recipe.data) if train.track_test else None,
         "train": dataclasses.asdict(train),
@@ -56,8 +56,8 @@ def stage_inputs(recipe: Recipe, stage: StageSpec) -> dict[str, Any]:
     }
     if stage.do == "train":  # the key `model` (not `models`) keeps existing cache entries valid
         return {**inputs, "model": dataclasses.asdict(recipe.models[stage.model])}
-    distill = recipe.stage_distill(stage)
-    teacher = teacher_model_key(recipe, stage)[0]
+    distill = plan.distill_spec()
+    teacher = plan.teacher or distill.teacher
     models = {key: dataclasses.asdict(recipe.models[key]) for key in (distill.student, teacher)}
     return {**inputs, "distill": dataclasses.asdict(distill), "models": models}
 
@@ -67,7 +67,7 @@ def stage_upstream(recipe: Recipe, stage: StageSpec) -> list[str]:
     it, and an evaluate stage's runs."""
     if stage.do == "evaluate":
         return list(stage.runs)
-    trained_by = teacher_model_key(recipe, stage)[1] if stage.do == "distill" else None
+    trained_by = recipe.plan.of(stage).teacher_stage
     return [trained_by] if trained_by else []
 
 

@@ -161,7 +161,7 @@ def test_teacher_seed_pins_the_teacher_only_so_seeds_share_it() -> None:
     variant = expand_grid(["distill.adapter=covariance"])[0]
 
     def seeds(recipe: Recipe) -> dict[str, int]:
-        return {s.name: recipe.stage_seed(s) for s in recipe.pipeline}
+        return {s.name: recipe.plan.of(s).seed for s in recipe.pipeline}
 
     def teacher_key(recipe: Recipe) -> str:
         return train_stage_key(recipe, recipe.pipeline[0])
@@ -187,7 +187,7 @@ def test_the_baseline_is_added_unless_the_recipe_has_one() -> None:
     stages = {s.name: s for s in added.pipeline}
     assert [s.name for s in added.pipeline] == ["teacher", "student_alone", "student_kd", "test"]
     assert (stages["student_alone"].do, stages["student_alone"].model) == ("train", "student")
-    assert added.stage_seed(stages["student_alone"]) == added.stage_seed(stages["student_kd"]) == 3
+    assert added.plan.of(stages["student_alone"]).seed == added.plan.of(stages["student_kd"]).seed == 3
     assert (stages["test"].runs, stages["test"].baseline) == (
         ["teacher", "student_alone", "student_kd"],
         "student_alone",
@@ -218,7 +218,7 @@ def test_a_run_keeps_only_the_compared_distill_stage_and_refuses_a_shadowed_key(
     recipe = resolve(base, variant, 0, "tiny.yaml")
     assert [s.name for s in recipe.pipeline] == ["teacher", "student_alone", "student_kd", "test"]
     assert recipe.pipeline[-1].runs == ["teacher", "student_alone", "student_kd"]
-    assert recipe.stage_distill(recipe.pipeline[2]).adapter == "projection"
+    assert recipe.plan.of(recipe.pipeline[2]).distill.adapter == "projection"
     alpha = expand_grid(["distill.alpha=0.5"])[0]
     kept = resolve(base, alpha, 0, "tiny.yaml", stage="other", baseline=False)
     assert [s.name for s in kept.pipeline] == ["teacher", "other", "test"]
@@ -241,7 +241,7 @@ def test_a_run_keeps_only_the_compared_distill_stage_and_refuses_a_shadowed_key(
         (["--vary", "distill.stages=[[1,1]],[[1,1]"], "--vary distill.stages: unbalanced brackets"),
         (
             ["--vary", "distill.alpha=0.7,2"],
-            "with alpha=2, seed 0:\n  - pipeline[1] (student_kd).distill.alpha",
+            "with alpha=2, seed 0:\n  - pipeline.student_kd.distill.alpha",
         ),
         (
             ["--vary", "distill.adapter=foo"],

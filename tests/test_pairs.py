@@ -21,6 +21,7 @@ from kdkit.cache import teacher_cache_key, weights_digest
 from kdkit.checks import check_recipe
 from kdkit.data import SeededAugmentation, build_loaders
 from kdkit.distiller import Distiller, LayerPair, layer_pairs
+from kdkit.plan import StagePlan
 from kdkit.recipe import RecipeError, apply_overrides, diff_keys, parse_recipe
 from kdkit.resume import plan_resume
 from kdkit.taps import Tap
@@ -47,7 +48,7 @@ def test_stages_is_read_as_pairs_and_to_dict_writes_pairs() -> None:
     data["pipeline"][1]["distill"] = {"stages": [[2, 2]], "beta": 0.5}
     recipe = parse_recipe(data)
     assert recipe.distill.pairs == [[1, 1], [2, 2]]
-    assert recipe.stage_distill(recipe.pipeline[1]).pairs == [[2, 2]]
+    assert recipe.plan.of(recipe.pipeline[1]).distill.pairs == [[2, 2]]
     saved = recipe.to_dict()
     assert "stages" not in saved["distill"] and saved["distill"]["pairs"] == [[1, 1], [2, 2]]
     assert list(saved["pipeline"][1]["distill"]) == ["pairs", "beta"]  # renamed in place
@@ -62,7 +63,7 @@ def test_both_names_in_one_section_are_an_error_naming_both() -> None:
     data = tiny_recipe_dict()
     data["pipeline"][1]["distill"] = {"stages": [[1, 1]], "pairs": [[2, 2]]}
     (problem,) = problems_of(data)
-    assert problem.startswith("pipeline[1].distill: both 'pairs' and 'stages'")
+    assert problem.startswith("pipeline.student_kd.distill: both 'pairs' and 'stages'")
 
 
 def test_overrides_of_the_old_name_set_pairs() -> None:
@@ -189,7 +190,7 @@ def test_a_bad_pair_is_named_by_its_index() -> None:
 )
 def test_pair_entries_are_validated_with_their_key_path(entry: Any, expected: str) -> None:
     (problem,) = problems_of(recipe_with(pairs=[[1, 1], entry]))
-    assert problem.startswith("pipeline[1] (student_kd).distill.") and expected in problem, problem
+    assert problem.startswith("pipeline.student_kd.distill.") and expected in problem, problem
 
 
 def test_checks_name_each_pairs_adapter_and_criterion() -> None:
@@ -242,7 +243,7 @@ def test_build_distiller_passes_the_cache_keyed_by_what_it_is_built_from(tmp_pat
     data["data"]["aug_cycle"] = 1
     recipe = parse_recipe(data)
     stage = recipe.pipeline[1]
-    loader, _, _ = build_loaders(recipe.stage_data(stage), seed=0, eval_splits=())
+    loader, _, _ = build_loaders(recipe.plan.of(stage).data, seed=0, eval_splits=())
     assert isinstance(loader.dataset, SeededAugmentation)
     task = build_distiller(recipe, stage, cache_data=loader.dataset)
     assert task.cache is not None and task.cache.root == tmp_path
@@ -291,11 +292,15 @@ def test_layer_pair_defaults_leave_the_options_to_the_distiller() -> None:
     assert (pair.adapter, pair.adapter_options, pair.criterion, pair.weight) == (None, None, None, 1.0)
 
 
+def _kd_stage(**distill: Any) -> StagePlan:
+    return parse_recipe(recipe_with(**distill)).plan.stage("student_kd")
+
+
 def test_adapter_names_lists_every_adapter_a_stage_builds() -> None:
     pairs = [[1, 1], {"student": 2, "teacher": 2, "adapter": "gram"}, {"student": 2, "teacher": 1}]
-    assert parse_recipe(recipe_with(pairs=pairs)).distill.adapter_names() == ["covariance", "gram"]
-    assert parse_recipe(recipe_with(pairs=pairs, adapter="none")).distill.adapter_names() == ["none"]
-    assert parse_recipe(recipe_with(pairs="uniform:2", adapter="gram")).distill.adapter_names() == ["gram"]
+    assert _kd_stage(pairs=pairs).adapter_names() == ["covariance", "gram"]
+    assert _kd_stage(pairs=pairs, adapter="none").adapter_names() == ["none"]
+    assert _kd_stage(pairs="uniform:2", adapter="gram").adapter_names() == ["gram"]
 
 
 # ------------------------------------------------------------------------------ layer groups
@@ -334,7 +339,7 @@ def test_the_teacher_cache_serves_a_groups_features(tmp_path: Path) -> None:
     data["distill"].update(cache_dir=str(tmp_path), adapter="none")
     data["data"]["aug_cycle"] = 1
     recipe = parse_recipe(data)
-    loader, _, _ = build_loaders(recipe.stage_data(recipe.pipeline[1]), seed=0, eval_splits=())
+    loader, _, _ = build_loaders(recipe.plan.of(recipe.pipeline[1]).data, seed=0, eval_splits=())
     task = build_distiller(recipe, recipe.pipeline[1], cache_data=loader.dataset)
     assert task.cache.key["taps"] == [
         {"name": f"group.0.{k}", "path": f"blocks.{k}", "io": "output", "select": "patch"} for k in range(2)
@@ -453,9 +458,8 @@ def test_raw_features_need_a_criterion_that_compares_different_shapes(images: to
 def test_a_criterion_that_compares_samples_sets_the_smallest_batch() -> None:
     from kdkit.build import distill_min_batch
 
-    recipe = parse_recipe(recipe_with(adapter="raw", criterion="rkd"))
-    assert distill_min_batch(recipe.distill) == 3
-    assert distill_min_batch(parse_recipe(recipe_with(adapter="none", criterion="rkd")).distill) == 1
+    assert distill_min_batch(_kd_stage(adapter="raw", criterion="rkd")) == 3
+    assert distill_min_batch(_kd_stage(adapter="none", criterion="rkd")) == 1
     data = recipe_with(adapter="raw", criterion="rkd")
     data["data"]["batch_size"] = 2
     with pytest.raises(

@@ -159,7 +159,7 @@ def test_a_stage_trains_on_its_own_data_and_everything_is_tested_on_the_recipes(
     assert main(["run", str(tiny_recipe), "--out", "run", *args]) == 0
     recipe = load_recipe(Path("run/recipe.yaml"))
     teacher = recipe.pipeline[0]
-    assert recipe.stage_data(teacher).options == {"split_seed": 1} and recipe.data.options == {
+    assert recipe.plan.of(teacher).data.options == {"split_seed": 1} and recipe.data.options == {
         "split_seed": 0
     }
     assert ("train", 1) in calls and ("val", 1) in calls  # the teacher's own training and selection data
@@ -313,7 +313,7 @@ def test_resume_without_out_never_picks_another_recipes_run(
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["distill.alpha=2"], "pipeline[1] (student_kd).distill.alpha: expected a value in [0, 1], got 2.0"),
+        (["distill.alpha=2"], "pipeline.student_kd.distill.alpha: expected a value in [0, 1], got 2.0"),
         (["train.lrr=1"], "train.lrr: unknown key. Did you mean 'lr'?"),
         (["pipeline.nope.train.epochs=1"], "no list item named 'nope'"),
         (["models.student.name=vit_tiny_patch16_22"], "unknown model 'vit_tiny_patch16_22'"),
@@ -322,17 +322,17 @@ def test_resume_without_out_never_picks_another_recipes_run(
             "identity adapter needs equal widths; got student_dim=32, teacher_dim=48",
         ),
         (["data.dataset=digitz"], "data.dataset: unknown dataset 'digitz'. Did you mean 'digits'?"),
-        (["pipeline.test.baseline=student"], "pipeline[3] (test).baseline: expected one of the stage's runs"),
+        (["pipeline.test.baseline=student"], "pipeline.test.baseline: expected one of the stage's runs"),
         (
             ["pipeline.teacher.baseline=student_kd"],
             "baseline: only an evaluate stage compares with a baseline",
         ),
         (
             ["pipeline.test.data={batch_size: 8}"],
-            "pipeline[3] (test).data: an evaluate stage reads the top-level",
+            "pipeline.test.data: an evaluate stage reads the top-level",
         ),
-        (["pipeline.teacher.data={batch_size: 0}"], "pipeline[0] (teacher).data: image_size and batch_size"),
-        (["pipeline.teacher.data={batchsize: 8}"], "pipeline[0] (teacher).data.batchsize: unknown key"),
+        (["pipeline.teacher.data={batch_size: 0}"], "pipeline.teacher.data: image_size and batch_size"),
+        (["pipeline.teacher.data={batchsize: 8}"], "pipeline.teacher.data.batchsize: unknown key"),
     ],
 )
 def test_bad_recipe_exits_2_with_the_key_path(

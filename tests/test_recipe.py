@@ -127,7 +127,7 @@ def test_invalid_distill_settings(change: dict[str, Any], expected: str) -> None
     data = tiny_recipe_dict()
     data["distill"].update(change)
     (problem,) = problems_of(data)
-    assert problem.startswith("pipeline[1] (student_kd).distill.")
+    assert problem.startswith("pipeline.student_kd.distill.")
     assert expected in problem
 
 
@@ -136,11 +136,11 @@ def test_stage_overrides_are_checked_too() -> None:
     data["pipeline"][1]["distill"] = {"alpha": 2.0}
     data["pipeline"][0]["train"] = {"epochs": 0, "lrr": 1}
     problems = problems_of(data)
-    assert any(p.startswith("pipeline[0] (teacher).train.lrr: unknown key") for p in problems)
+    assert any(p.startswith("pipeline.teacher.train.lrr: unknown key") for p in problems)
     data["pipeline"][0]["train"] = {"epochs": 0}
     problems = problems_of(data)
-    assert "pipeline[0] (teacher).train.epochs: expected at least 1, got 0" in problems
-    assert "pipeline[1] (student_kd).distill.alpha: expected a value in [0, 1], got 2.0" in problems
+    assert "pipeline.teacher.train.epochs: expected at least 1, got 0" in problems
+    assert "pipeline.student_kd.distill.alpha: expected a value in [0, 1], got 2.0" in problems
 
 
 def test_evaluate_stage_must_name_earlier_train_or_distill_stages() -> None:
@@ -153,10 +153,10 @@ def test_evaluate_stage_must_name_earlier_train_or_distill_stages() -> None:
         {"name": "empty", "do": "evaluate"},
     ]
     problems = problems_of(data)
-    assert "pipeline[0] (test).runs: 'teacher' is not an earlier train/distill stage." in problems
+    assert "pipeline.test.runs: 'teacher' is not an earlier train/distill stage." in problems
     assert any("'studnet_kd' is not an earlier" in p for p in problems)
-    assert "pipeline[3] (again).runs: 'test' is not an earlier train/distill stage." in problems
-    assert any(p.startswith("pipeline[4] (empty).runs: expected the names") for p in problems)
+    assert "pipeline.again.runs: 'test' is not an earlier train/distill stage." in problems
+    assert any(p.startswith("pipeline.empty.runs: expected the names") for p in problems)
 
 
 def test_distill_teacher_may_name_an_earlier_stage_but_not_an_evaluate_stage() -> None:
@@ -171,8 +171,8 @@ def test_distill_teacher_may_name_an_earlier_stage_but_not_an_evaluate_stage() -
     ]
     problems = problems_of(data)
     assert len(problems) == 2, problems
-    assert problems[0].startswith("pipeline[3] (kd2).distill.teacher: expected a model key")
-    assert problems[1].startswith("pipeline[4] (kd3).distill.teacher:")
+    assert problems[0].startswith("pipeline.kd2.distill.teacher: expected a model key")
+    assert problems[1].startswith("pipeline.kd3.distill.teacher:")
 
 
 def test_duplicate_stage_names_and_empty_pipeline() -> None:
@@ -194,13 +194,13 @@ def test_stage_overrides_merge_over_top_level_settings() -> None:
     data["pipeline"][1]["distill"] = {"beta": 0.0, "adapter": "projection"}
     recipe = parse_recipe(data)
     kd_stage, teacher_stage = recipe.pipeline[1], recipe.pipeline[0]
-    train = recipe.stage_train(kd_stage)
+    train = recipe.plan.of(kd_stage).train
     assert isinstance(train, TrainSpec)
     assert train.lr == 0.01 and train.epochs == 2 and train.max_steps_per_epoch == 3
-    distill = recipe.stage_distill(kd_stage)
+    distill = recipe.plan.of(kd_stage).distill
     assert isinstance(distill, DistillSpec)
     assert (distill.beta, distill.adapter, distill.alpha) == (0.0, "projection", 0.7)
-    assert recipe.stage_train(teacher_stage).lr == recipe.train.lr == 2e-3
+    assert recipe.plan.of(teacher_stage).train.lr == recipe.train.lr == 2e-3
 
 
 def test_defaults_and_to_dict_round_trip() -> None:
@@ -259,8 +259,8 @@ def test_apply_overrides_by_index_and_by_stage_name() -> None:
     assert out["pipeline"][3]["split"] == "val"
     recipe = parse_recipe(out)
     assert recipe.train.lr == 0.01 and recipe.data.options == {"split_seed": 3}
-    assert recipe.stage_train(recipe.pipeline[0]).epochs == 5
-    assert recipe.stage_distill(recipe.pipeline[1]).alpha == 0.5
+    assert recipe.plan.of(recipe.pipeline[0]).train.epochs == 5
+    assert recipe.plan.of(recipe.pipeline[1]).distill.alpha == 0.5
 
 
 def test_apply_overrides_replaces_a_whole_list_item() -> None:
@@ -293,7 +293,7 @@ def test_overrides_of_unknown_keys_are_reported_by_validation(tiny_recipe: Path)
     with pytest.raises(RecipeError) as info:
         load_recipe(tiny_recipe, ["pipeline.teacher.train.epoch=2"])
     (problem,) = info.value.problems
-    assert "(teacher).train.epoch: unknown key" in problem and "'epochs'" in problem
+    assert "pipeline.teacher.train.epoch: unknown key" in problem and "'epochs'" in problem
 
 
 # ------------------------------------------------------------------------------------ YAML files
@@ -431,7 +431,7 @@ def test_valid_shapes_always_parse(epochs: int, lr: float, alpha: float, stage_e
     )
     recipe = parse_recipe(out)
     assert (recipe.train.epochs, recipe.train.lr, recipe.distill.alpha) == (epochs, lr, alpha)
-    assert recipe.stage_train(recipe.pipeline[2]).epochs == stage_epochs
+    assert recipe.plan.of(recipe.pipeline[2]).train.epochs == stage_epochs
 
 
 def test_the_recipe_reference_documents_every_key() -> None:

@@ -321,7 +321,7 @@ def test_a_recipe_teacher_gets_its_own_input_and_the_cache_key_names_it(tmp_path
     recipe = parse_recipe(data)
     check_recipe(recipe)  # the teacher is checked on the converted batch
     stage = recipe.pipeline[1]
-    loader, _, _ = build_loaders(recipe.stage_data(stage), seed=0, eval_splits=())
+    loader, _, _ = build_loaders(recipe.plan.of(stage).data, seed=0, eval_splits=())
     task = build_distiller(recipe, stage, cache_data=loader.dataset)
     images = next(iter(loader))[0][:4]
     pixels = images * 0.5 + 0.5  # the student's data: mean 0.5, std 0.5

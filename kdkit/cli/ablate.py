@@ -60,7 +60,6 @@ from kdkit.plugins import load_plugins
 from kdkit.recipe import (
     Recipe,
     RecipeError,
-    StageSpec,
     apply_overrides,
     file_name_problem,
     parse_override,
@@ -267,19 +266,14 @@ def baseline_stage(recipe: Recipe, compared: str) -> str | None:
     """The train stage that trains the compared distill stage's student without a teacher, with the
     same data, schedule and seed; None when there is none or the compared stage is not a distill
     stage."""
-    stage = next(s for s in recipe.pipeline if s.name == compared)
+    stage = recipe.plan.stage(compared)
     if stage.do != "distill":
         return None
-    student = recipe.stage_distill(stage).student
-
-    def schedule(s: StageSpec) -> tuple[Any, ...]:
-        return recipe.stage_train(s), recipe.stage_data(s)
-
     return next(
         (
             s.name
-            for s in recipe.pipeline
-            if s.do == "train" and s.model == student and schedule(s) == schedule(stage)
+            for s in recipe.plan
+            if s.do == "train" and s.model == stage.model and (s.train, s.data) == (stage.train, stage.data)
         ),
         None,
     )
@@ -297,7 +291,7 @@ def _with_baseline(data: dict[str, Any], recipe: Recipe, compared: str) -> dict[
             n for n in (BASELINE_STAGE, *(f"{BASELINE_STAGE}_{i}" for i in range(2, 99))) if n not in names
         )
         position = [s.name for s in recipe.pipeline].index(compared)
-        added = {"name": name, "do": "train", "model": recipe.stage_distill(stage).student}
+        added = {"name": name, "do": "train", "model": recipe.plan.of(stage).model}
         added |= {key: getattr(stage, key) for key in ("train", "data") if getattr(stage, key)}
         pipeline.insert(position, added)
     for item in pipeline:
@@ -332,7 +326,7 @@ def _without_other_distills(data: dict[str, Any], recipe: Recipe, compared: str)
     """`data` without the distill stages other than the compared one (unless a stage learns from
     one as its teacher) and without them in evaluate stages' runs: each run of an ablation trains
     and tests only what its comparison needs."""
-    teachers = {recipe.stage_distill(s).teacher for s in recipe.pipeline if s.do == "distill"}
+    teachers = {s.distill.teacher for s in recipe.plan if s.distill is not None}
     dropped = {
         s.name for s in recipe.pipeline if s.do == "distill" and s.name != compared and s.name not in teachers
     }
@@ -367,7 +361,7 @@ def resolve(
     _refuse_shadowed(variant, recipe, compared, label)
     data = _without_other_distills(data, recipe, compared)
     recipe = parse_recipe(data, label)
-    if baseline and recipe.pipeline[[s.name for s in recipe.pipeline].index(compared)].do == "distill":
+    if baseline and recipe.plan.stage(compared).do == "distill":
         data = _with_baseline(data, recipe, compared)
         recipe = parse_recipe(data, label)
     if teacher_seed is None:

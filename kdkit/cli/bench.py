@@ -50,6 +50,7 @@ from kdkit.data import DataError, build_loaders
 from kdkit.distiller import Distiller, SupervisedTask
 from kdkit.frame_store import STORE_DIR, store_command
 from kdkit.info import forward_gflops
+from kdkit.plan import StagePlan
 from kdkit.recipe import Recipe, RecipeError, StageSpec, TrainSpec, load_recipe
 from kdkit.runlog import output, progress
 from kdkit.throughput import innermost, loader_throughput
@@ -87,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_recipe_args(p)
     p.add_argument("--stage", help="the distill stage to measure (default: the first)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (default 10)")
-    p.add_argument("--batch", type=int, help="batch size (default: the recipe's data.batch_size)")
+    p.add_argument("--batch", type=int, help="batch size (default: the distill stage's data.batch_size)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first (default 3)")
     p.add_argument("--repeats", type=int, default=5, help="measurements per mode; the median counts")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
@@ -157,15 +158,15 @@ def run_bench(
     """Measure `modes` (default: all of `MODES`); return the report (see the module docstring)."""
     modes = list(MODES) if modes is None else modes
     stage_spec = _distill_stage(recipe, stage)
-    train = recipe.stage_train(stage_spec)
+    plan = recipe.plan.of(stage_spec)
+    train, d = plan.train, plan.distill_spec()
     # Random weights: the cost does not depend on them, and the bench needs no weight files.
     models = {k: dataclasses.replace(s, weights=None, pretrained=False) for k, s in recipe.models.items()}
     recipe = dataclasses.replace(recipe, models=models)
-    d = recipe.stage_distill(stage_spec)
     device = resolve_device(train.device)
-    size = batch or recipe.data.batch_size
-    pool = _synthetic_batches(recipe, stage_spec, size, device)
-    example = pool[0][0][: dry_run_size(d)].cpu()
+    size = batch or plan.data.batch_size  # the stage's own data: the shape it trains at
+    pool = _synthetic_batches(recipe, plan, size, device)
+    example = pool[0][0][: dry_run_size(plan)].cpu()
 
     def distiller() -> Distiller:
         return build_distiller(recipe, stage_spec, example=example)
@@ -323,11 +324,11 @@ def _distill_stage(recipe: Recipe, name: str | None) -> StageSpec:
 
 
 def _synthetic_batches(
-    recipe: Recipe, stage: StageSpec, size: int, device: torch.device
+    recipe: Recipe, stage: StagePlan, size: int, device: torch.device
 ) -> list[tuple[torch.Tensor, ...]]:
-    """`POOL` batches of random images and labels of the recipe's shape, with distinct sample keys."""
-    channels, side = len(recipe.data.mean), recipe.data.image_size
-    student = build_recipe_model(recipe, recipe.stage_distill(stage).student, "bench.student")
+    """`POOL` batches of random images and labels of the stage's data shape, with distinct sample keys."""
+    channels, side = len(stage.data.mean), stage.data.image_size
+    student = build_recipe_model(recipe, stage.distill_spec().student, "bench.student")
     with torch.no_grad():
         classes = student.eval()(torch.zeros(1, channels, side, side)).shape[-1]
     generator = torch.Generator().manual_seed(0)
@@ -458,11 +459,12 @@ def _reference_steps(
 
 def _loader_wait(recipe: Recipe, stage: StageSpec, train: TrainSpec, size: int, steps: int) -> dict[str, Any]:
     """(b) on the recipe's real training loader: how long each step waits for its batch."""
-    data = dataclasses.replace(recipe.data, batch_size=size)
+    plan = recipe.plan.of(stage)
+    data = dataclasses.replace(plan.data, batch_size=size)
     try:
-        loader, _, set_epoch = build_loaders(data, recipe.seed, eval_splits=())
+        loader, _, set_epoch = build_loaders(data, plan.seed, eval_splits=())
         images = device_images(next(iter(loader))[0], torch.device("cpu"))
-        example = images[: dry_run_size(recipe.stage_distill(stage))]
+        example = images[: dry_run_size(plan)]
     except (DataError, OSError, ValueError) as exc:
         return {"skipped": f"the recipe's data is not available ({exc})"}
     task = build_distiller(recipe, stage, example=example)

@@ -96,8 +96,8 @@ def _seen_in_training(recipe: Recipe, ckpt: dict[str, Any], split: str) -> list[
         trained = parse_recipe(ckpt["recipe"], "the checkpoint's recipe")
     except RecipeError:  # written by another kdkit version: nothing to compare with
         return []
-    stage = next((s for s in trained.pipeline if s.name == ckpt.get("stage")), None)
-    return check(trained.stage_data(stage) if stage else trained.data, recipe.data, split)
+    stage = next((s for s in trained.plan if s.name == ckpt.get("stage")), None)
+    return check(stage.data if stage else trained.data, recipe.data, split)
 
 
 def _check_same_input(recipe: Recipe, data: dict[str, Any], checkpoint: Path) -> None:

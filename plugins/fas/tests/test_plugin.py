@@ -130,7 +130,7 @@ def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     # the demo's two bridges, each in its own stage
     recipe = load_recipe(out / "recipe.yaml")
     stages = {s.name: s for s in recipe.pipeline}
-    assert [recipe.stage_distill(stages[n]).adapter for n in ("student_procrustes", "student_kd")] == [
+    assert [recipe.plan.of(stages[n]).distill.adapter for n in ("student_procrustes", "student_kd")] == [
         "procrustes",
         "covariance",
     ]
