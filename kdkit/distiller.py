@@ -39,7 +39,7 @@ from kdkit.losses import (
     resolve_feature_criterion,
     resolve_logit_loss,
 )
-from kdkit.recipe import GroupSpec, PairSpec, parse_pair
+from kdkit.recipe import DistillSpec, GroupSpec, PairSpec, TrainSpec, parse_pair
 from kdkit.registry import GROUP_METHODS
 from kdkit.taps import Tap, TapRecorder, block_taps, find_preset
 
@@ -296,19 +296,20 @@ class Distiller(nn.Module):
         teacher: nn.Module,
         student: nn.Module,
         pairs: list[LayerPair] | None = None,
-        adapter: str = "covariance",
+        # the defaults are the recipe's (`DistillSpec`, `TrainSpec`): one place for each
+        adapter: str = DistillSpec.adapter,
         adapter_options: dict[str, Any] | None = None,
-        criterion: str = "mse",
+        criterion: str = DistillSpec.criterion,
         criterion_options: dict[str, Any] | None = None,
         groups: list[LayerGroup] | None = None,
-        alpha: float = 0.7,
-        tau: float = 3.0,
-        beta: float = 1.0,
-        logit_loss: str = "kl",
+        alpha: float = DistillSpec.alpha,
+        tau: float = DistillSpec.tau,
+        beta: float = DistillSpec.beta,
+        logit_loss: str = DistillSpec.logit_loss,
         logit_options: dict[str, Any] | None = None,
-        label_smoothing: float = 0.0,
+        label_smoothing: float = TrainSpec.label_smoothing,
         example_input: torch.Tensor | None = None,
-        teacher_dtype: str = "float32",
+        teacher_dtype: str = DistillSpec.teacher_dtype,
         cache: TeacherCache | None = None,
         teacher_input: nn.Module | None = None,
     ) -> None:

@@ -14,6 +14,7 @@ from torchdistill.losses.registry import register_mid_level_loss
 
 from kdkit.adapters import build_adapter
 from kdkit.losses import build_feature_criterion
+from kdkit.recipe import DistillSpec
 from kdkit.taps import Tap, select_features
 
 
@@ -42,9 +43,9 @@ class KDKitFeatureLoss(nn.Module):
         teacher_dim: int,
         student_module_io: str = "output",
         teacher_module_io: str = "output",
-        adapter: str = "covariance",
+        adapter: str = DistillSpec.adapter,
         adapter_options: dict[str, Any] | None = None,
-        criterion: str = "mse",
+        criterion: str = DistillSpec.criterion,
         select: str = "all",
         num_prefix_tokens: int = 1,
     ) -> None:
