@@ -75,7 +75,7 @@ def build_distiller(
     plan = recipe.plan.of(stage)
     d, train, where = plan.distill_spec(), plan.train, f"{plan.key}.distill"
     student = build_recipe_model(recipe, d.student, f"{where}.student")
-    teacher = build_recipe_model(recipe, plan.teacher or d.teacher, f"{where}.teacher")
+    teacher = build_recipe_model(recipe, plan.teacher, f"{where}.teacher")
     trained_by = plan.teacher_stage
     if trained_by is not None and trained is not None:
         weights = trained[trained_by]

@@ -83,7 +83,7 @@ def value_cell(
     """`0.0833 [0.0510, 0.1190]` (`sep` between value and interval), the value alone, or
     `0.0833 n/a (n < 10 units)` when the interval was resampled over too few `n_units`."""
     text = f"{value:{fmt}}"
-    if interval is not None and n_units is not None and not enough_units(n_units):
+    if n_units is not None and not enough_units(n_units):  # whether or not an interval was kept
         return f"{text}{sep}{NO_INTERVAL}"
     if interval is not None and all(math.isfinite(v) for v in interval):
         text += f"{sep}[{interval[0]:{fmt}}, {interval[1]:{fmt}}]"

@@ -57,7 +57,7 @@ def stage_inputs(recipe: Recipe, stage: StageSpec) -> dict[str, Any]:
     if stage.do == "train":  # the key `model` (not `models`) keeps existing cache entries valid
         return {**inputs, "model": dataclasses.asdict(recipe.models[stage.model])}
     distill = plan.distill_spec()
-    teacher = plan.teacher or distill.teacher
+    teacher = plan.teacher  # set for every distill stage
     models = {key: dataclasses.asdict(recipe.models[key]) for key in (distill.student, teacher)}
     return {**inputs, "distill": dataclasses.asdict(distill), "models": models}
 

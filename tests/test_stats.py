@@ -134,9 +134,8 @@ def test_fewer_than_min_units_give_no_interval_and_no_mark() -> None:
 def test_the_evaluate_stage_tables_say_n_a_over_too_few_units() -> None:
     resampling = {"unit": "video", "n_units": 1}
     results = {
-        run: {
+        run: {  # as kdkit.scoring records them: no `intervals` over too few units
             KEY: value,
-            "intervals": {KEY: [value, value]},
             "resampling": resampling,
             "params_M": 1,
             "MiB": 1,
