@@ -67,11 +67,21 @@ class RecipeCheck:
         return sum(self.param_bytes.get(key, 0) * (1 + 3 + 3) for key in fitted)
 
 
-def check_recipe(recipe: Recipe, generate: bool = False) -> RecipeCheck:
-    """Build every model and dry-run every distill stage; raise RecipeError on any problem.
+def check_recipe(recipe: Recipe, generate: bool = False, source: str = "recipe") -> RecipeCheck:
+    """Build every model and dry-run every distill stage; raise RecipeError on any problem, naming
+    `source` (the recipe's file, as the errors found while loading it do).
 
     With `generate`, first generate the data sets the recipe asks to be generated
     (`kdkit.data.generate_data`; commands that create data for a run)."""
+    try:
+        return _check(recipe, generate)
+    except RecipeError as exc:
+        raise RecipeError(exc.problems, source) from None
+    except DataError as exc:  # a data set the recipe names cannot be used as configured
+        raise RecipeError([str(exc)], source) from None
+
+
+def _check(recipe: Recipe, generate: bool) -> RecipeCheck:
     r = recipe
     _check_names(r)
     evaluator = make_evaluator(r)

@@ -640,10 +640,7 @@ def _run_grid(
     variants = list(dict.fromkeys(job.variant for job in jobs))
     seeds = list(dict.fromkeys(job.seed for job in jobs))
     for variant in variants:  # everything `kdkit run` checks, once per variant; prepares the data
-        try:
-            check_recipe(recipes[variant, seeds[0]], generate=True)
-        except RecipeError as exc:
-            raise RecipeError(exc.problems, f"{args.recipe} with {variant.label}") from None
+        check_recipe(recipes[variant, seeds[0]], generate=True, source=f"{args.recipe} with {variant.label}")
     out = jobs[0].out
     console.print(f"{len(variants)} variants × {len(seeds)} seeds, checked; ablation folder: {out}")
     pending = _pending(jobs)

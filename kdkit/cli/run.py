@@ -79,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 # Every rank reads the saved recipe before rank 0 replaces it (after main_first).
                 plan = plan_resume(out, recipe) if args.resume else None
                 with distributed.main_first():  # rank 0 first: checking may generate the data set
-                    checked = check_recipe(recipe, generate=True)
+                    checked = check_recipe(recipe, generate=True, source=str(args.recipe))
                     if plan is not None and distributed.is_main():  # before any rank looks for done.json
                         plan.apply(out)
                 if distributed.is_main():
@@ -137,7 +137,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     # Generates the data set the recipe asks for, as `run` would: validate checks the data run reads.
-    for table in check_recipe(recipe, generate=True).tables:
+    for table in check_recipe(recipe, generate=True, source=str(args.recipe)).tables:
         output.print(table)
     output.print(f"[green]{args.recipe}: valid[/green] ({len(recipe.pipeline)} stages)")
     return 0

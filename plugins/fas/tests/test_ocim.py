@@ -252,7 +252,8 @@ def test_a_raw_tree_or_an_unknown_letter_in_roots_is_named(
     (raw / "Train_files").mkdir(parents=True)
     assert main(["validate", str(RECIPE), *roots_args({**prepared, "O": raw})]) == 2
     assert (
-        f"error: data.options.roots.O: {raw} has no manifest.csv, so it is not a folder made by "
+        f"error: invalid {RECIPE}:\n  - data.options.roots.O: {raw} has no manifest.csv, so it is not "
+        "a folder made by "
         f"`kdkit fas prepare`; if it is the raw data set, prepare it with `kdkit fas prepare oulu --root "
         f"{raw} --out {raw}-prepared`, then --set data.options.roots.O={raw}-prepared (O is OULU-NPU)"
     ) in capsys.readouterr().err
@@ -263,7 +264,7 @@ def test_a_raw_tree_or_an_unknown_letter_in_roots_is_named(
     )
     assert main(["validate", str(RECIPE), *roots_args(prepared), "--set", f"data.options.roots.X={raw}"]) == 2
     assert (
-        "error: data.options.roots.X: unknown letter 'X'; expected one of O (OULU-NPU), C (CASIA-FASD), "
+        "  - data.options.roots.X: unknown letter 'X'; expected one of O (OULU-NPU), C (CASIA-FASD), "
         "I (Replay-Attack), M (MSU-MFSD)\n"
     ) in capsys.readouterr().err
 
