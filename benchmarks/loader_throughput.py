@@ -2,10 +2,10 @@
 
 Writes N face-like frames of each size as PNG and as JPEG (quality 95) in the plain FAS layout,
 a frame store of the PNGs (`kdkit store`), and times the FAS training data set on each
-(`kdkit.throughput.worker_throughput`: `dataset[i]` in one thread, as in a DataLoader worker):
+(`kdkit.data.throughput.worker_throughput`: `dataset[i]` in one thread, as in a DataLoader worker):
 decoding, the training augmentation (reflect-padded crop, flip, brightness/contrast jitter) and
 normalisation. For comparison it also times the torchvision v2 pipeline the augmentation
-replaces (`kdkit.augment.FrameTransform` computes the same pixels), on decoded PNG frames, and
+replaces (`kdkit.data.augment.FrameTransform` computes the same pixels), on decoded PNG frames, and
 the store with `data.options.augment_on: device`: the worker hands over uint8 frames, and
 `finish_frames` (timed here on one CPU thread, batches of 128) crops, flips, jitters and normalises
 them on the training device; and the store with `data.options.crop: resized` (a random resized
@@ -34,10 +34,10 @@ from kdkit_fas.data import Augmentation, FrameDataset, frames_from_folder
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
-from kdkit.augment import finish_frames
-from kdkit.frame_store import STORE_DIR, image_files, write_store
-from kdkit.images import read_rgb
-from kdkit.throughput import worker_throughput
+from kdkit.data.augment import finish_frames
+from kdkit.data.frame_store import STORE_DIR, image_files, write_store
+from kdkit.data.images import read_rgb
+from kdkit.data.throughput import worker_throughput
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 

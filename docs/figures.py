@@ -36,39 +36,16 @@ IMG = REPO / "docs" / "img"
 ARCHITECTURE_PNG = IMG / "architecture.png"
 GRAPH_KEY = "kdkit-graph"  # PNG text chunk holding the drawn graph
 
-# The main flow, top to bottom: (group, title, core modules). Commands are every module of
-# kdkit/cli/; deployment every module of kdkit/deploy/; plugins every module of their package.
-FLOW = [
-    ("commands", "commands  kdkit/cli/  (parse arguments, print, decide exit codes)", ()),
-    (
-        "plan",
-        "plan: check a recipe, build what it describes, run its stages",
-        ("pipeline", "build", "checks", "stage_cache", "resume", "scoring"),
-    ),
-    ("training", "training loop: steps, evaluation, checkpoints, resume", ("trainer",)),
-    (
-        "distillation",
-        "distillation: teacher + student -> loss terms",
-        ("distiller", "cache", "torchdistill_compat"),
-    ),
-    (
-        "parts",
-        "parts: hook a layer, map features, compare them",
-        ("taps", "adapters", "losses", "relations", "groups", "teacher_input"),
-    ),
-]
-# Everything else in kdkit/ is foundation; these sub-groups only arrange its listing.
-FOUNDATION = {
-    "recipes and registries": ("recipe", "plan", "registry", "plugins", "errors", "optim"),
-    "data and models": ("data", "models", "images", "augment", "frame_store", "csvfile", "hub", "info"),
-    "evaluation and statistics": ("evaluators", "evaluation", "stats", "comparison", "calibration"),
-    "files and processes": ("checkpoint", "lock", "workers", "runlog", "distributed", "throughput"),
-}
+# The main flow, top to bottom: folders of kdkit/ whose modules import only folders below them.
+# Every other folder of kdkit/ (and its top-level modules) is the foundation; each box's title is
+# its folder's `__init__.py` docstring (up to a colon), so the folders say what the picture shows.
+FLOW = ("cli", "run", "training", "distill")
+FOLDERS = sorted(p.parent.name for p in (REPO / "kdkit").glob("*/__init__.py"))
 ENTRY_POINTS = {"kdkit", "kdkit.__main__"}  # the package facade and `python -m kdkit`: not drawn
 # Calls that are not imports: the trainer runs the task it is given (a Distiller), and kdkit
 # finds plugins through the `kdkit.plugins` entry-point group.
 RUNTIME = [
-    ("training", "distillation", "runs task(x, y)"),
+    ("training", "distill", "runs task(x, y)"),
     ("foundation", "plugin:*", "plugins.py finds it\nby entry point"),
 ]
 
@@ -118,17 +95,27 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     return {m for m in found & known if m != name}
 
 
+def folder_of(module: str) -> str:
+    """The folder of kdkit/ a module is in ('' for kdkit/'s own modules)."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "kdkit" and len(parts) > 1 and parts[1] in FOLDERS else ""
+
+
 def group_of(module: str) -> str:
-    """The group a module is drawn in."""
-    if module == "kdkit.cli" or module.startswith("kdkit.cli."):
-        return "commands"
-    if module == "kdkit.deploy" or module.startswith("kdkit.deploy."):
-        return "deployment"
+    """The group a module is drawn in: its flow folder, deployment, its plugin, or the foundation."""
     package = module.split(".")[0]
     if package != "kdkit":
         return f"plugin:{package}"
-    short = module.removeprefix("kdkit.")
-    return next((group for group, _, members in FLOW if short in members), "foundation")
+    folder = folder_of(module)
+    if folder == "deploy":
+        return "deployment"
+    return folder if folder in FLOW else "foundation"
+
+
+def purpose(folder: str, repo: Path = REPO) -> str:
+    """What a folder is for: its package docstring's first line up to a colon (the box title)."""
+    tree = ast.parse((repo / "kdkit" / folder / "__init__.py").read_text())
+    return (ast.get_docstring(tree) or folder).splitlines()[0].split(":")[0].rstrip(".")
 
 
 def build_graph(repo: Path = REPO) -> Graph:
@@ -150,22 +137,22 @@ def build_graph(repo: Path = REPO) -> Graph:
 
 def violations(graph: Graph) -> list[str]:
     """Every import that breaks a rule the picture shows (empty when the code keeps them all)."""
-    rank = {group: i for i, (group, _, _) in enumerate(FLOW)}
+    rank = {group: i for i, group in enumerate(FLOW)}
     problems = []
     for a, b in sorted(graph.module_edges):
         ga, gb = group_of(a), group_of(b)
-        if gb == "commands" and ga != "commands":
+        if gb == "cli" and ga != "cli":
             problems.append(f"{a} imports {b}: the library never imports the commands")
         elif gb.startswith("plugin:") and not ga.startswith("plugin:"):
             problems.append(f"{a} imports {b}: the core never imports a plugin")
-        elif gb == "deployment" and ga not in ("commands", "deployment") and not ga.startswith("plugin:"):
+        elif gb == "deployment" and ga not in ("cli", "deployment") and not ga.startswith("plugin:"):
             problems.append(f"{a} imports {b}: the core never imports the deployment package")
         elif ga in rank and gb in rank and rank[gb] < rank[ga]:
             problems.append(f"{a} ({ga}) imports {b} ({gb}): the flow only imports layers below it")
         elif ga == "foundation" and gb != "foundation":
             problems.append(
                 f"{a} imports {b} ({gb}): the foundation imports no other layer; "
-                f"place {a} in a layer of FLOW in docs/figures.py"
+                f"move {a} into a folder of the flow ({', '.join(FLOW)}) or stop the import"
             )
     return problems
 
@@ -179,11 +166,10 @@ LINE = 0.026  # height of one line of module names
 LANE = 0.022  # distance between the left-margin lanes of arrows that skip a layer
 CHAR = 0.0066  # width of one monospace character of the module lists
 COLORS = {
-    "commands": "#dbe9f6",
-    "plan": "#d5ecd4",
+    "cli": "#dbe9f6",
+    "run": "#d5ecd4",
     "training": "#fdebd0",
-    "distillation": "#fadbd8",
-    "parts": "#e8daef",
+    "distill": "#fadbd8",
     "deployment": "#d6eaf8",
     "plugin": "#fcf3cf",
     "foundation": "#eeeeee",
@@ -194,7 +180,7 @@ Box = tuple[float, float, float, float]  # x, y (bottom), width, height
 def _short(module: str) -> str:
     """A module as its file is named in its folder: `pipeline`, `__init__`."""
     parts = module.split(".")
-    return "__init__" if module in ("kdkit.cli", "kdkit.deploy") or len(parts) == 1 else parts[-1]
+    return "__init__" if len(parts) == 1 or module == f"kdkit.{folder_of(module)}" else parts[-1]
 
 
 def _listing(modules: list[str], width: float) -> list[str]:
@@ -251,8 +237,9 @@ def draw(graph: Graph, path: Path) -> None:
     title = "kdkit: its layers and the imports between them, read from the code (docs/figures.py)"
     ax.text(0.01, 0.985, title, fontsize=13, weight="bold", va="top")
     boxes: dict[str, Box] = {}
-    for i, (group, heading, _) in enumerate(FLOW):
+    for i, group in enumerate(FLOW):
         boxes[group] = (FLOW_X, TOP - (i + 1) * BOX_H - i * GAP, FLOW_W, BOX_H)
+        heading = f"kdkit/{group}/  {purpose(group)}"
         _box(ax, boxes[group], heading, _listing(graph.groups.get(group, []), FLOW_W), COLORS[group])
     _draw_side(ax, graph, boxes)
     _draw_foundation(ax, graph, boxes)
@@ -282,17 +269,18 @@ def _draw_side(ax, graph: Graph, boxes: dict[str, Box]) -> None:
 
 def _draw_foundation(ax, graph: Graph, boxes: dict[str, Box]) -> None:
     """The foundation across the bottom, its modules listed by sub-group."""
-    rest = set(graph.groups.get("foundation", []))
-    rows = []
-    for label, names in {**FOUNDATION, "other": ()}.items():
-        found = [f"kdkit.{n}" for n in names if f"kdkit.{n}" in rest] if names else sorted(rest)
-        rest -= set(found)
-        if found:
-            rows.append(f"{label + ':':<27}{'  '.join(_short(m) for m in found)}")
-    top = boxes[FLOW[-1][0]][1] - GAP
+    by_folder: dict[str, list[str]] = {}
+    for module in graph.groups.get("foundation", []):
+        by_folder.setdefault(folder_of(module), []).append(module)
+    rows = [
+        f"{'kdkit/' + (folder + '/' if folder else ''):<19}{purpose(folder) if folder else '':<16}"
+        + "  ".join(_short(m) for m in modules)
+        for folder, modules in sorted(by_folder.items())
+    ]
+    top = boxes[FLOW[-1]][1] - GAP
     height = 0.06 + LINE * len(rows)
     boxes["foundation"] = (0.01, top - height, 0.98, height)
-    heading = "foundation  kdkit/  (every box above imports it; it imports none of them)"
+    heading = "foundation  (every box above imports it; it imports none of them)"
     _box(ax, boxes["foundation"], heading, rows, COLORS["foundation"])
 
 
@@ -300,7 +288,7 @@ def _draw_imports(ax, graph: Graph, boxes: dict[str, Box]) -> None:
     """One arrow per group-level import edge (none into the foundation, which every box uses):
     down the middle between neighbouring layers, along the left margin where a layer is skipped
     (longer skips further out, so the lanes do not cross), straight across to the side column."""
-    rank = {group: i for i, (group, _, _) in enumerate(FLOW)}
+    rank = {group: i for i, group in enumerate(FLOW)}
     edges = [(a, b) for a, b in graph.edges if b != "foundation" and a in boxes and b in boxes]
     skips = sorted(
         ((a, b) for a, b in edges if a in rank and b in rank and rank[b] > rank[a] + 1),

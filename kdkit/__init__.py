@@ -8,10 +8,10 @@ Public API (everything a plugin or another project should import):
 - losses: `kd_loss`, `cross_entropy`, `build_feature_criterion`
 - `Distiller`, `SupervisedTask`, `layer_pairs`, `Trainer`, `Predictions`
 - recipes: `load_recipe`, `Recipe`, `RecipeError`; models: `build_model`
-- modules for plugins' own tools: `kdkit.images.read_rgb` (any image as 8-bit RGB),
-  `kdkit.csvfile.read_csv` (CSV as spreadsheets write it), `kdkit.lock.exclusive` (one writer per
-  output folder), `kdkit.workers.WorkerPool` / `stop_on_signals` (interruptible worker processes),
-  `kdkit.runlog.progress` / `output` (progress on stderr, results on stdout), `kdkit.checkpoint`'s
+- modules for plugins' own tools: `kdkit.data.images.read_rgb` (any image as 8-bit RGB),
+  `kdkit.data.csvfile.read_csv` (CSV as spreadsheets write it), `kdkit.utils.lock.exclusive` (one writer per
+  output folder), `kdkit.utils.workers.WorkerPool` / `stop_on_signals` (interruptible worker processes),
+  `kdkit.utils.runlog.progress` / `output` (progress on stderr, results on stdout), `kdkit.utils.checkpoint`'s
   atomic writers
 """
 
@@ -20,28 +20,36 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from kdkit import _moved
+
 __version__ = "0.2.0"
+# The release whose cache keys this code still derives (the "kdkit" field of the teacher-output and
+# stage cache keys). Raise it only when what a cache stores changes meaning: a new release alone
+# must not turn every stored teacher output and trained stage into a miss.
+CACHE_KEYS_VERSION = "0.2.0"
+
+_moved.install()  # the module paths of 0.2 (`kdkit.adapters`, `kdkit.trainer`, ...) keep working
 
 # Imported on first use (PEP 562): `kdkit --version`, or a Ctrl-C while the command line starts,
 # need neither torch nor timm.
 _EXPORTS = {
-    "build_adapter": "kdkit.adapters",
-    "build_dataset": "kdkit.data",
-    "build_loaders": "kdkit.data",
-    "Distiller": "kdkit.distiller",
-    "LayerPair": "kdkit.distiller",
-    "SupervisedTask": "kdkit.distiller",
-    "layer_pairs": "kdkit.distiller",
-    "Evaluator": "kdkit.evaluation",
-    "Predictions": "kdkit.evaluation",
-    "ClassificationEvaluator": "kdkit.evaluators",
-    "build_feature_criterion": "kdkit.losses",
-    "cross_entropy": "kdkit.losses",
-    "kd_loss": "kdkit.losses",
-    "build_model": "kdkit.models",
-    "Recipe": "kdkit.recipe",
-    "RecipeError": "kdkit.recipe",
-    "load_recipe": "kdkit.recipe",
+    "build_adapter": "kdkit.distill.adapters",
+    "build_dataset": "kdkit.data.datasets",
+    "build_loaders": "kdkit.data.datasets",
+    "Distiller": "kdkit.distill.distiller",
+    "LayerPair": "kdkit.distill.pairs",
+    "SupervisedTask": "kdkit.training.task",
+    "layer_pairs": "kdkit.distill.pairs",
+    "Evaluator": "kdkit.evaluation.protocol",
+    "Predictions": "kdkit.evaluation.protocol",
+    "ClassificationEvaluator": "kdkit.evaluation.classification",
+    "build_feature_criterion": "kdkit.distill.losses",
+    "cross_entropy": "kdkit.distill.losses",
+    "kd_loss": "kdkit.distill.losses",
+    "build_model": "kdkit.models.factory",
+    "Recipe": "kdkit.config.recipe",
+    "RecipeError": "kdkit.config.recipe",
+    "load_recipe": "kdkit.config.recipe",
     "ADAPTERS": "kdkit.registry",
     "COMMANDS": "kdkit.registry",
     "DATASETS": "kdkit.registry",
@@ -50,23 +58,25 @@ _EXPORTS = {
     "TAP_PRESETS": "kdkit.registry",
     "Registries": "kdkit.registry",
     "Registry": "kdkit.registry",
-    "Tap": "kdkit.taps",
-    "TapRecorder": "kdkit.taps",
-    "find_preset": "kdkit.taps",
-    "select_features": "kdkit.taps",
-    "block_taps": "kdkit.taps",
-    "Trainer": "kdkit.trainer",
+    "Tap": "kdkit.distill.taps",
+    "TapRecorder": "kdkit.distill.taps",
+    "find_preset": "kdkit.distill.taps",
+    "select_features": "kdkit.distill.taps",
+    "block_taps": "kdkit.distill.taps",
+    "Trainer": "kdkit.training.trainer",
 }
 
 if TYPE_CHECKING:
-    from kdkit.adapters import build_adapter
-    from kdkit.data import build_dataset, build_loaders
-    from kdkit.distiller import Distiller, LayerPair, SupervisedTask, layer_pairs
-    from kdkit.evaluation import Evaluator, Predictions
-    from kdkit.evaluators import ClassificationEvaluator
-    from kdkit.losses import build_feature_criterion, cross_entropy, kd_loss
-    from kdkit.models import build_model
-    from kdkit.recipe import Recipe, RecipeError, load_recipe
+    from kdkit.config.recipe import Recipe, RecipeError, load_recipe
+    from kdkit.data.datasets import build_dataset, build_loaders
+    from kdkit.distill.adapters import build_adapter
+    from kdkit.distill.distiller import Distiller
+    from kdkit.distill.losses import build_feature_criterion, cross_entropy, kd_loss
+    from kdkit.distill.pairs import LayerPair, layer_pairs
+    from kdkit.distill.taps import Tap, TapRecorder, block_taps, find_preset, select_features
+    from kdkit.evaluation.classification import ClassificationEvaluator
+    from kdkit.evaluation.protocol import Evaluator, Predictions
+    from kdkit.models.factory import build_model
     from kdkit.registry import (
         ADAPTERS,
         COMMANDS,
@@ -77,8 +87,8 @@ if TYPE_CHECKING:
         Registries,
         Registry,
     )
-    from kdkit.taps import Tap, TapRecorder, block_taps, find_preset, select_features
-    from kdkit.trainer import Trainer
+    from kdkit.training.task import SupervisedTask
+    from kdkit.training.trainer import Trainer
 
 
 def __getattr__(name: str) -> Any:

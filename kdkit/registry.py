@@ -119,23 +119,28 @@ class Registries:
 
 
 MODELS: Registry[Callable[..., Any]] = Registry("model")
-ADAPTERS: Registry[Callable[..., Any]] = Registry("adapter", builtins="kdkit.adapters")
-DATASETS: Registry[Callable[..., Any]] = Registry("dataset", builtins="kdkit.data")
-EVALUATORS: Registry[Callable[..., Any]] = Registry("evaluator", builtins="kdkit.evaluators")
-TAP_PRESETS: Registry[Any] = Registry("tap preset", builtins="kdkit.taps")
+ADAPTERS: Registry[Callable[..., Any]] = Registry("adapter", builtins="kdkit.distill.adapters")
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset", builtins="kdkit.data.datasets")
+EVALUATORS: Registry[Callable[..., Any]] = Registry("evaluator", builtins="kdkit.evaluation.classification")
+TAP_PRESETS: Registry[Any] = Registry("tap preset", builtins="kdkit.distill.taps")
 # feature losses, `criterion(s_mapped, t_target, **options) -> scalar tensor` (built-ins in
-# kdkit.losses: mse, smooth_l1, cosine; kdkit.relations: rkd, at)
+# kdkit.distill.losses: mse, smooth_l1, cosine; kdkit.distill.relations: rkd, at)
 FEATURE_CRITERIA: Registry[Callable[..., Any]] = Registry(
-    "feature criterion", builtins=("kdkit.losses", "kdkit.relations"), plural="feature criteria"
+    "feature criterion",
+    builtins=("kdkit.distill.losses", "kdkit.distill.relations"),
+    plural="feature criteria",
 )
 # logit losses, `fn(student_logits, teacher_logits, labels, tau, **options) -> scalar tensor`, options
-# keyword-only (built-ins in kdkit.losses: kl, dkd, dist)
+# keyword-only (built-ins in kdkit.distill.losses: kl, dkd, dist)
 LOGIT_LOSSES: Registry[Callable[..., Any]] = Registry(
-    "logit loss", builtins="kdkit.losses", plural="logit losses"
+    "logit loss", builtins="kdkit.distill.losses", plural="logit losses"
 )
 # methods that compare several layers at once, `cls(student_shapes, teacher_shapes, **options)` ->
-# nn.Module, `module(student_feats, teacher_feats) -> scalar tensor` (built-ins in kdkit.groups: vitkd)
-GROUP_METHODS: Registry[Callable[..., Any]] = Registry("layer group method", builtins="kdkit.groups")
+# nn.Module, `module(student_feats, teacher_feats) -> scalar tensor` (built-ins in
+# kdkit.distill.layer_groups: vitkd)
+GROUP_METHODS: Registry[Callable[..., Any]] = Registry(
+    "layer group method", builtins="kdkit.distill.layer_groups"
+)
 COMMANDS: Registry[Callable[..., Any]] = Registry("command")
 # `kdkit predict`: factory(**options) -> prepare(rgb: uint8 HxWx3 array) -> uint8 array, or None when
 # the frame holds nothing to score (e.g. no face). A data set factory names the preparer its frames

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,18 @@ import torch
 import yaml
 from torch import nn
 
-import kdkit.adapters  # noqa: F401  (registers the built-in adapters)
-import kdkit.data  # noqa: F401  (registers the digits data set)
-import kdkit.evaluators  # noqa: F401  (registers the classification evaluator)
-from kdkit.recipe import DataSpec
-from kdkit.runlog import console, output
+import kdkit.data.datasets  # noqa: F401  (registers the digits data set)
+import kdkit.distill.adapters  # noqa: F401  (registers the built-in adapters)
+import kdkit.evaluation.classification  # noqa: F401  (registers the classification evaluator)
+from kdkit.cli.ablation_report import BASELINE_LABEL
+from kdkit.config.recipe import DataSpec, TrainSpec
+from kdkit.data.datasets import build_loaders
+from kdkit.distill.distiller import Distiller
+from kdkit.distill.pairs import layer_pairs
+from kdkit.evaluation.classification import ClassificationEvaluator
+from kdkit.training.task import SupervisedTask
+from kdkit.training.trainer import Trainer
+from kdkit.utils.runlog import MetricsLog, console, output
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's thread
 # hand-offs make every small matmul ~500x slower.
@@ -100,3 +108,91 @@ def tiny_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe_dict(), sort_keys=False))
     return path
+
+
+# ------------------------------------------------------------ a tiny trainer (training, utils tests)
+TINY_DATA = DataSpec(dataset="digits", image_size=16, batch_size=32, mean=[0.5], std=[0.5])
+
+
+def tiny_train_spec(**changes: Any) -> TrainSpec:
+    """Two epochs of three steps on the CPU, with `changes`."""
+    base = {"epochs": 2, "max_steps_per_epoch": 3, "log_every": 2, "warmup_epochs": 1, "device": "cpu"}
+    return TrainSpec(**{**base, **changes})
+
+
+def tiny_supervised_task() -> SupervisedTask:
+    """A tiny ViT trained alone."""
+    return SupervisedTask(tiny_vit(seed=0, drop_rate=0.2))  # dropout: resume must restore the RNG
+
+
+def tiny_distill_task() -> Distiller:
+    """A tiny ViT distilled from a wider one through two projected layer pairs."""
+    teacher = tiny_vit(embed_dim=48, seed=1)
+    student = tiny_vit(embed_dim=32, seed=2, drop_rate=0.2)
+    pairs = layer_pairs(teacher, student, [[1, 1], [2, 2]])
+    return Distiller(teacher, student, pairs, adapter="projection", example_input=torch.zeros(2, 1, 16, 16))
+
+
+def tiny_trainer(out: Path, task: torch.nn.Module, train: TrainSpec, evaluator: Any = None) -> Trainer:
+    """A Trainer of `task` on 16 px digits, writing into `out`."""
+    train_loader, evals, set_epoch = build_loaders(TINY_DATA, seed=0)
+    return Trainer(
+        task,
+        train,
+        train_loader,
+        evals,
+        evaluator or ClassificationEvaluator(),
+        out,
+        MetricsLog(out),
+        "stage",
+        seed=0,
+        model_meta={"spec": {"name": "tiny"}},
+        set_epoch=set_epoch,
+    )
+
+
+# ------------------------------------------------------------ ablations (run, cli and docs tests)
+def small_ablation_recipe_dict() -> dict[str, Any]:
+    """The tiny digits recipe cut to teacher → student_kd → test, one epoch of two steps."""
+    data = tiny_recipe_dict()
+    data["train"].update(epochs=1, max_steps_per_epoch=2)
+    data["pipeline"] = [
+        {"name": "teacher", "do": "train", "model": "teacher"},
+        {"name": "student_kd", "do": "distill"},
+        {"name": "test", "do": "evaluate", "runs": ["teacher", "student_kd"], "split": "test"},
+    ]
+    return data
+
+
+ABLATION_METRIC = "test/accuracy"
+# The names of docs/methods.md's 13-method ablation; more variants repeat them with a suffix.
+ABLATION_METHODS = (
+    "kl kl-standardized dkd dist nkd kl-labels-only covariance projection mlp orthogonal rkd at vitkd"
+)
+
+
+def fake_ablation_variant(name: str, mean: float, baseline: bool = False) -> dict[str, Any]:
+    """One variant of an `ablation.json` report, its numbers made up around `mean`."""
+    difference = (
+        {} if baseline else {ABLATION_METRIC: {"mean": mean - 0.6, "low": mean - 0.65, "high": mean - 0.55}}
+    )
+    if difference:
+        difference[ABLATION_METRIC]["excludes_zero"] = True
+    return {
+        "variant": name,
+        "baseline": baseline,
+        "mean": {ABLATION_METRIC: mean},
+        "interval": {ABLATION_METRIC: [mean - 0.05, mean + 0.05]},
+        "difference": difference,
+        "per_seed": [mean - 0.02, mean, mean + 0.02],
+    }
+
+
+def fake_ablation_variants(n: int) -> list[dict[str, Any]]:
+    """Two baselines and `n` variants named after docs/methods.md's methods."""
+    names = [f"{m}-{k}" if k else m for k, m in itertools.product(range(3), ABLATION_METHODS.split())][:n]
+    baselines = [
+        fake_ablation_variant(f"{BASELINE_LABEL} for {', '.join(names[:-1])}", 0.63, baseline=True),
+        fake_ablation_variant(f"{BASELINE_LABEL} for {names[-1]}", 0.62, baseline=True),
+    ]
+    return baselines + [fake_ablation_variant(name, 0.8 + 0.01 * i) for i, name in enumerate(names)]

@@ -108,11 +108,11 @@ def assert_one_continue_line(err: str, command: str) -> None:
 
 
 class LockHolder:
-    """Another process holding the write locks of `folders` (`kdkit.lock.exclusive`)."""
+    """Another process holding the write locks of `folders` (`kdkit.utils.lock.exclusive`)."""
 
     CODE = (
         "import contextlib, sys, time\n"
-        "from kdkit.lock import exclusive\n"
+        "from kdkit.utils.lock import exclusive\n"
         "with contextlib.ExitStack() as stack:\n"
         "    for folder in sys.argv[1:]:\n"
         "        stack.enter_context(exclusive(folder, 'kdkit holder --out x'))\n"

@@ -39,34 +39,41 @@ figures = _figures()
 
 def test_the_code_keeps_the_rules_the_architecture_picture_draws() -> None:
     graph = figures.build_graph()
-    drawn = {
-        "commands",
-        "plan",
-        "training",
-        "distillation",
-        "parts",
-        "deployment",
-        "foundation",
-        "plugin:kdkit_fas",
-    }
+    drawn = {*figures.FLOW, "deployment", "foundation", "plugin:kdkit_fas"}
     assert drawn <= set(graph.groups)
-    assert "kdkit.trainer" in graph.groups["training"] and "kdkit.cli.run" in graph.groups["commands"]
-    assert ("commands", "plan") in graph.edges  # the walk sees the imports
+    assert "kdkit.training.trainer" in graph.groups["training"]
+    assert "kdkit.cli.run" in graph.groups["cli"]
+    assert ("cli", "run") in graph.edges  # the walk sees the imports
     assert figures.violations(graph) == []
+
+
+def test_the_layers_are_the_folders() -> None:
+    """Every folder of kdkit/ is drawn (in the flow, as deployment or in the foundation) under the
+    purpose its package docstring states, and every module is in its folder's group."""
+    graph = figures.build_graph()
+    folders = {p.parent.name for p in (REPO / "kdkit").glob("*/__init__.py")}
+    assert set(figures.FLOW) < folders and {"config", "data", "utils"} < folders
+    for folder in folders:
+        assert figures.purpose(folder) != folder, f"kdkit/{folder}/__init__.py states no purpose"
+        modules = {m for m in figures.module_files() if figures.folder_of(m) == folder}
+        group = {"deploy": "deployment"}.get(folder, folder if folder in figures.FLOW else "foundation")
+        assert modules <= set(graph.groups[group]), folder
 
 
 @pytest.mark.parametrize(
     ("edge", "rule"),
     [
-        (("kdkit.trainer", "kdkit.cli.run"), "never imports the commands"),
-        (("kdkit.taps", "kdkit.distiller"), "only imports layers below it"),
-        (("kdkit.recipe", "kdkit.trainer"), "place kdkit.recipe in a layer"),
-        (("kdkit.pipeline", "kdkit.deploy.modelfile"), "never imports the deployment package"),
-        (("kdkit.models", "kdkit_fas.plugin"), "never imports a plugin"),
+        (("kdkit.training.trainer", "kdkit.cli.run"), "never imports the commands"),
+        (("kdkit.distill.taps", "kdkit.training.trainer"), "only imports layers below it"),
+        (("kdkit.config.recipe", "kdkit.training.trainer"), "move kdkit.config.recipe into a folder"),
+        (("kdkit.run.pipeline", "kdkit.deploy.modelfile"), "never imports the deployment package"),
+        (("kdkit.models.factory", "kdkit_fas.plugin"), "never imports a plugin"),
     ],
 )
 def test_a_back_edge_is_named_with_the_rule_it_breaks(edge: tuple[str, str], rule: str) -> None:
-    graph = figures.Graph(groups={}, edges=set(), module_edges={edge, ("kdkit.cli.run", "kdkit.pipeline")})
+    graph = figures.Graph(
+        groups={}, edges=set(), module_edges={edge, ("kdkit.cli.run", "kdkit.run.pipeline")}
+    )
     (problem,) = figures.violations(graph)
     assert problem.startswith(f"{edge[0]}") and rule in problem
 
@@ -172,10 +179,10 @@ def test_the_bridges_chart_is_drawn_from_ablation_reports(tmp_path: Path) -> Non
 def test_the_methods_chart_is_redrawn_from_its_ablation_report(tmp_path: Path) -> None:
     """docs/img/methods-digits.png is drawn from the ablation's numbers with today's layout: 13
     methods fit in a bounded width (drawn by an older layout, it was 3,720 px wide)."""
-    from test_ablation_chart import METRIC, _summary
+    from conftest import ABLATION_METRIC, fake_ablation_variants
 
-    variants = [v | {"seeds": [0, 1, 2]} for v in _summary(13)]
-    report = {"main_metric": METRIC, "direction": "max", "stage": "student_kd", "variants": variants}
+    variants = [v | {"seeds": [0, 1, 2]} for v in fake_ablation_variants(13)]
+    report = {"main_metric": ABLATION_METRIC, "direction": "max", "stage": "student_kd", "variants": variants}
     (tmp_path / "ablation.json").write_text(json.dumps(report))
     chart = tmp_path / "methods.png"
     figures.redraw_ablation(tmp_path, chart)

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from conftest import tiny_vit
 
-from kdkit.distiller import layer_pairs
-from kdkit.recipe import load_recipe
-from kdkit.taps import TapRecorder
+from kdkit.config.recipe import load_recipe
+from kdkit.distill.pairs import layer_pairs
+from kdkit.distill.taps import TapRecorder
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -4,7 +4,7 @@ Output folder::
 
     OUT/runs/<variant>__seed<S>/   one complete `RecipeRun` per (variant, seed), plus run.json
     OUT/partial/<...>/             a run in progress (renamed into runs/ when complete)
-    OUT/cache/<model>-<hash>/      train stages shared by runs (see `kdkit.stage_cache`)
+    OUT/cache/<model>-<hash>/      train stages shared by runs (see `kdkit.run.stage_cache`)
     OUT/prepare/<run>/             where those train stages were trained, before the runs
     OUT/ablation.{csv,json,md,png} the results (`kdkit.cli.ablation_report`)
 
@@ -23,8 +23,8 @@ the same command skips complete runs and continues interrupted ones.
 A run that fails (its error is caught in its process, the traceback kept in its folder's
 `error.log`) does not stop the others: the report is written from the complete runs, marked
 incomplete, and the command exits 1 naming the failed runs; the same command retries them. One
-ablation writes OUT at a time (`kdkit.lock.exclusive`). A Ctrl-C, a SIGTERM or a run process
-that dies stops every run process (`kdkit.workers.WorkerPool`) and ends the command with 128 +
+ablation writes OUT at a time (`kdkit.utils.lock.exclusive`). A Ctrl-C, a SIGTERM or a run process
+that dies stops every run process (`kdkit.utils.workers.WorkerPool`) and ends the command with 128 +
 the signal and one line: what is complete, and the command (as typed) that continues.
 """
 
@@ -48,16 +48,9 @@ from typing import Any
 
 import torch
 
-from kdkit.build import make_evaluator
-from kdkit.checkpoint import atomic_write_text
-from kdkit.checks import check_recipe
 from kdkit.cli.ablation_report import BASELINE_LABEL, Group, cache_use, measure, memory_measure, write_report
 from kdkit.cli.arguments import add_recipe_args
-from kdkit.errors import RunFailed, UsageError
-from kdkit.lock import exclusive
-from kdkit.pipeline import RecipeRun
-from kdkit.plugins import load_plugins
-from kdkit.recipe import (
+from kdkit.config.recipe import (
     Recipe,
     RecipeError,
     apply_overrides,
@@ -68,9 +61,16 @@ from kdkit.recipe import (
     recipe_changes,
     shorten,
 )
-from kdkit.runlog import console
-from kdkit.stage_cache import StageCache, train_stage_key
-from kdkit.workers import Interrupted, WorkerPool
+from kdkit.errors import RunFailed, UsageError
+from kdkit.plugins import load_plugins
+from kdkit.run.build import make_evaluator
+from kdkit.run.checks import check_recipe
+from kdkit.run.pipeline import RecipeRun
+from kdkit.run.stage_cache import StageCache, train_stage_key
+from kdkit.utils.checkpoint import atomic_write_text
+from kdkit.utils.lock import exclusive
+from kdkit.utils.runlog import console
+from kdkit.utils.workers import Interrupted, WorkerPool
 
 _OPENERS, _CLOSERS = "[{(", "]})"
 
@@ -501,7 +501,8 @@ def run_jobs(
     function: Callable[[RunJob], Outcome], jobs: list[RunJob], processes: int, what: str
 ) -> dict[str, str]:
     """`function(job)` for every job, each in a fresh worker process, `processes` at a time; return
-    the failed jobs' errors by name. An interrupted or killed worker stops them all (`kdkit.workers`)."""
+    the failed jobs' errors by name. An interrupted or killed worker stops them all
+    (`kdkit.utils.workers`)."""
     failed = {}
     with WorkerPool(
         function, min(processes, len(jobs)), fresh=True, describe=lambda j: f"{what} {j.name}"

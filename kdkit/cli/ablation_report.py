@@ -5,7 +5,7 @@ the evaluator reported for the compared stage on the evaluate stage's split, plu
 (`COST_COLUMNS`). The baseline is the student trained without a teacher, in the same run directory
 (same seed, same data and schedule, `kdkit.cli.ablate.baseline_stage`). Per variant: mean ± sample std
 over seeds, a 95 % interval over seeds and test units, and the paired difference to the baseline
-with its interval (`kdkit.stats`).
+with its interval (`kdkit.evaluation.stats`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,17 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
-from kdkit.checkpoint import atomic_open, atomic_write_text
-from kdkit.comparison import ARROWS, EXCLUDES_ZERO, NO_INTERVAL, difference_cell, direction, load_replicates
-from kdkit.runlog import console, output
-from kdkit.stats import LEVEL, Replicates, over_seeds, paired_difference
+from kdkit.evaluation.comparison import (
+    ARROWS,
+    EXCLUDES_ZERO,
+    NO_INTERVAL,
+    difference_cell,
+    direction,
+    load_replicates,
+)
+from kdkit.evaluation.stats import LEVEL, Replicates, over_seeds, paired_difference
+from kdkit.utils.checkpoint import atomic_open, atomic_write_text
+from kdkit.utils.runlog import console, output
 
 COST_COLUMNS = ("adapter_params", "train_s_per_epoch", "peak_MiB")
 BASELINE_LABEL = "baseline: student alone (no teacher)"

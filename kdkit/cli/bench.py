@@ -16,7 +16,7 @@ every mode is timed `repeats` times, interleaved (so drift on a shared machine h
 alike), and the median is reported. Progress goes to stderr: each mode's warm-up, then the timed
 rounds naming the mode being measured. When the recipe's data is available, one more measurement
 runs (b) on the real training loader and reports the time spent waiting for it, and the images/s
-one loader worker makes (`kdkit.throughput`), from a frame store and from the files when a store
+one loader worker makes (`kdkit.data.throughput`), from a frame store and from the files when a store
 serves the data.
 """
 
@@ -42,19 +42,21 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from kdkit.augment import device_images
-from kdkit.build import build_distiller, build_recipe_model, dry_run_size
-from kdkit.cache import TeacherCache
 from kdkit.cli.arguments import add_recipe_args
-from kdkit.data import DataError, build_loaders
-from kdkit.distiller import Distiller, SupervisedTask
-from kdkit.frame_store import STORE_DIR, store_command
-from kdkit.info import forward_gflops
-from kdkit.plan import StagePlan
-from kdkit.recipe import Recipe, RecipeError, StageSpec, TrainSpec, load_recipe
-from kdkit.runlog import output, progress
-from kdkit.throughput import innermost, loader_throughput
-from kdkit.trainer import Trainer, autocast, rate_text, resolve_device
+from kdkit.config.plan import StagePlan
+from kdkit.config.recipe import Recipe, RecipeError, StageSpec, TrainSpec, load_recipe
+from kdkit.data.augment import device_images
+from kdkit.data.datasets import DataError, build_loaders
+from kdkit.data.frame_store import STORE_DIR, store_command
+from kdkit.data.throughput import innermost, loader_throughput
+from kdkit.distill.distiller import Distiller
+from kdkit.distill.teacher_cache import TeacherCache
+from kdkit.models.info import forward_gflops
+from kdkit.run.build import build_distiller, build_recipe_model, dry_run_size
+from kdkit.training.task import SupervisedTask
+from kdkit.training.trainer import Trainer, rate_text
+from kdkit.utils.device import autocast, resolve_device
+from kdkit.utils.runlog import output, progress
 
 MODES = {
     "student": "(a) student alone",

@@ -6,11 +6,11 @@ import argparse
 
 from rich.table import Table
 
+from kdkit.config.recipe import ModelSpec, parse_options
 from kdkit.errors import UsageError
-from kdkit.models import ModelError, build_model
+from kdkit.models.factory import ModelError, build_model
 from kdkit.plugins import load_plugins
-from kdkit.recipe import ModelSpec, parse_options
-from kdkit.runlog import output
+from kdkit.utils.runlog import output
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +36,7 @@ def cmd_taps(args: argparse.Namespace) -> int:
     """`kdkit taps MODEL`: hookable paths and output shapes for one forward pass."""
     import torch
 
-    from kdkit.taps import list_taps
+    from kdkit.distill.taps import list_taps
 
     for flag, value in (("--img-size", args.img_size), ("--in-chans", args.in_chans)):
         if value < 1:

@@ -13,16 +13,16 @@ import sys
 from rich.markup import escape
 
 from kdkit import __version__
-from kdkit.checkpoint import CheckpointError, OutputDirError
-from kdkit.data import DataError
+from kdkit.config.recipe import RecipeError
+from kdkit.data.datasets import DataError
 from kdkit.errors import RunFailed, UsageError
-from kdkit.models import ModelError
+from kdkit.models.factory import ModelError
 from kdkit.plugins import load_plugins
-from kdkit.recipe import RecipeError
 from kdkit.registry import COMMANDS, RegistryError
-from kdkit.runlog import console, progress_settings
-from kdkit.trainer import TrainingDiverged, TrainingInterrupted
-from kdkit.workers import Interrupted, WorkerError, stop_on_signals
+from kdkit.training.trainer import TrainingDiverged, TrainingInterrupted
+from kdkit.utils.checkpoint import CheckpointError, OutputDirError
+from kdkit.utils.runlog import console, progress_settings
+from kdkit.utils.workers import Interrupted, WorkerError, stop_on_signals
 
 # The core commands, one module per group; each module has `add_parser(subparsers)`.
 COMMAND_MODULES: tuple[str, ...] = (

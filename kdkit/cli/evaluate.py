@@ -19,17 +19,17 @@ from typing import Any
 
 from rich.markup import escape
 
-from kdkit.build import make_evaluator
-from kdkit.checkpoint import atomic_write_text
 from kdkit.cli.arguments import add_set_arg
-from kdkit.comparison import results_table
+from kdkit.config.recipe import Recipe, RecipeError, apply_overrides, load_recipe, parse_recipe
 from kdkit.deploy.modelfile import load_checkpoint
 from kdkit.errors import UsageError
-from kdkit.recipe import Recipe, RecipeError, apply_overrides, load_recipe, parse_recipe
+from kdkit.evaluation.comparison import results_table
+from kdkit.evaluation.scoring import evaluate_model
 from kdkit.registry import DATASETS
-from kdkit.runlog import console, output
-from kdkit.scoring import evaluate_model
-from kdkit.trainer import autocast, resolve_device
+from kdkit.run.build import make_evaluator
+from kdkit.utils.checkpoint import atomic_write_text
+from kdkit.utils.device import autocast, resolve_device
+from kdkit.utils.runlog import console, output
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -22,7 +22,7 @@ from rich.markup import escape
 from kdkit.deploy.export import FORMATS, TOLERANCE, VERIFY_BATCH_SIZES, export_model
 from kdkit.deploy.inputs import make_preparer
 from kdkit.registry import RegistryError
-from kdkit.runlog import console, output
+from kdkit.utils.runlog import console, output
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

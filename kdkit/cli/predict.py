@@ -20,13 +20,13 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from kdkit.config.recipe import parse_options
 from kdkit.deploy.inputs import Preparer, expand_inputs, make_preparer
 from kdkit.deploy.modelfile import open_model
 from kdkit.deploy.predict import Prediction, Predictor
 from kdkit.errors import UsageError
-from kdkit.recipe import parse_options
 from kdkit.registry import RegistryError
-from kdkit.runlog import console, output
+from kdkit.utils.runlog import console, output
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -11,17 +11,17 @@ from pathlib import Path
 
 from rich.table import Table
 
-from kdkit.checkpoint import check_output_dir
 from kdkit.cli.arguments import add_recipe_args
-from kdkit.data import example_input
+from kdkit.config.recipe import ModelSpec, load_recipe
+from kdkit.data.datasets import example_input
 from kdkit.errors import UsageError
-from kdkit.info import model_cost
-from kdkit.lock import exclusive
-from kdkit.models import build_model
-from kdkit.recipe import ModelSpec, load_recipe
-from kdkit.runlog import console, output
-from kdkit.trainer import TrainingInterrupted
-from kdkit.workers import Interrupted
+from kdkit.models.factory import build_model
+from kdkit.models.info import model_cost
+from kdkit.training.trainer import TrainingInterrupted
+from kdkit.utils.checkpoint import check_output_dir
+from kdkit.utils.lock import exclusive
+from kdkit.utils.runlog import console, output
+from kdkit.utils.workers import Interrupted
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -57,10 +57,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     Under `torchrun --nproc_per_node=N -m kdkit run ...` every process runs this with DDP
     (see docs/scaling.md); rank 0 picks the run directory and alone writes and prints."""
-    from kdkit import distributed
-    from kdkit.checks import check_recipe
-    from kdkit.pipeline import RecipeRun
-    from kdkit.resume import plan_resume
+    from kdkit.run.checks import check_recipe
+    from kdkit.run.pipeline import RecipeRun
+    from kdkit.run.resume import plan_resume
+    from kdkit.utils import distributed
 
     recipe = load_recipe(args.recipe, args.overrides)
     with distributed.session():
@@ -133,7 +133,7 @@ def _run_dir(name: str, out: Path | None, resume: bool) -> Path:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """`kdkit validate`: everything `run` checks before training, plus the tap/adapter tables."""
-    from kdkit.checks import check_recipe
+    from kdkit.run.checks import check_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     # Generates the data set the recipe asks for, as `run` would: validate checks the data run reads.

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kdkit.data.frame_store import STORE_DIR, store_summary, update_store, verify_store
 from kdkit.errors import UsageError
-from kdkit.frame_store import STORE_DIR, store_summary, update_store, verify_store
-from kdkit.runlog import output
-from kdkit.workers import Interrupted
+from kdkit.utils.runlog import output
+from kdkit.utils.workers import Interrupted
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit.checkpoint import atomic_path
 from kdkit.deploy.modelfile import (
     INPUT_NAME,
     OUTPUT_NAMES,
@@ -33,7 +32,8 @@ from kdkit.deploy.modelfile import (
     open_model,
 )
 from kdkit.errors import RunFailed, UsageError
-from kdkit.models import count_parameters
+from kdkit.models.factory import count_parameters
+from kdkit.utils.checkpoint import atomic_path
 
 FORMATS = ("onnx", "torchscript")
 # `kdkit predict` tells the formats apart by the extension (.onnx) and the archive's contents

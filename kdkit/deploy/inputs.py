@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from kdkit.images import IMAGE_EXTS, ImageError, read_rgb
+from kdkit.data.images import IMAGE_EXTS, ImageError, read_rgb
 from kdkit.registry import INPUT_PREPARERS
 
 VIDEO_EXTS = (".avi", ".mov", ".mp4", ".mkv", ".webm")
@@ -53,7 +53,7 @@ def sample_indices(count: int, k: int) -> list[int]:
 
 
 def read_frames(path: Path, k: int) -> list[np.ndarray]:
-    """RGB uint8 (H, W, 3) frames of an image (one, decoded by `kdkit.images.read_rgb`: every image
+    """RGB uint8 (H, W, 3) frames of an image (one, decoded by `kdkit.data.images.read_rgb`: every image
     mode, EXIF-upright) or a video (`k` evenly spaced ones)."""
     if path.is_dir():
         raise InputError("a folder without image or video files")

@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from kdkit import __version__
-from kdkit.calibration import find_calibration
-from kdkit.checkpoint import CheckpointError, file_sha256, load_file
-from kdkit.models import build_model, load_state_dict_checked
+from kdkit.config.recipe import ModelSpec
+from kdkit.evaluation.calibration import find_calibration
+from kdkit.models.factory import build_model, load_state_dict_checked
 from kdkit.plugins import load_plugins
-from kdkit.recipe import ModelSpec
 from kdkit.registry import DATASETS
+from kdkit.utils.checkpoint import CheckpointError, file_sha256, load_file
 
 METADATA_FORMAT = 1  # version of the metadata layout below
 TORCHSCRIPT_METADATA = "kdkit.json"  # the TorchScript `_extra_files` entry holding the metadata

@@ -17,11 +17,11 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from kdkit.augment import CROP_SCALE, CROPS, Frames, FrameTransform
-from kdkit.csvfile import CsvTable, read_csv
-from kdkit.data import DataError
-from kdkit.frame_store import STORE_DIR, FrameStore, StoreError, open_store
-from kdkit.images import read_rgb
+from kdkit.data.augment import CROP_SCALE, CROPS, Frames, FrameTransform
+from kdkit.data.csvfile import CsvTable, read_csv
+from kdkit.data.datasets import DataError
+from kdkit.data.frame_store import STORE_DIR, FrameStore, StoreError, open_store
+from kdkit.data.images import read_rgb
 from kdkit_fas.layouts import LayoutError, canonical_split, image_files, index_dataset
 from kdkit_fas.prepare import MANIFEST_COLUMNS, SETTINGS_FILE
 
@@ -53,7 +53,7 @@ def build_transform(
     Spoof cues are high-frequency textures (halftone dots, moiré, screen sub-pixels); random
     *resized* crops resample them differently at every step and blur them, so by default training
     crops keep the pixel scale of evaluation (`augment.crop: resized` is there to measure that
-    choice). `kdkit.augment.FrameTransform` computes exactly what the torchvision v2 pipeline of
+    choice). `kdkit.data.augment.FrameTransform` computes exactly what the torchvision v2 pipeline of
     these steps computes, at a third of its cost. `augment.on_device`: the loader hands over uint8
     `Frames`; the crop, jitter and normalisation run on the training device.
     """
@@ -74,7 +74,7 @@ def build_transform(
 
 class FrameDataset(Dataset):
     """Face-crop frames → `(image: float tensor (3, S, S) normalised, label: int)`; with
-    `augment.on_device`, `(kdkit.augment.Frames, label)`, finished on the device by the trainer.
+    `augment.on_device`, `(kdkit.data.augment.Frames, label)`, finished on the device by the trainer.
 
     `meta[i]` holds video, subject, label and attack_type of item i, for video-level and
     per-attack-type evaluation, and its `domain` (the data set it came from) when the records give

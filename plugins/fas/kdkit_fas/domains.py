@@ -34,8 +34,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kdkit.data import DataError
-from kdkit.recipe import DataSpec
+from kdkit.config.recipe import DataSpec
+from kdkit.data.datasets import DataError
 from kdkit_fas.data import (
     AUGMENT_OPTIONS,
     FrameDataset,

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdkit.checkpoint import atomic_write_text
-from kdkit.evaluation import Predictions
-from kdkit.stats import DRAWS, SEED, Replicates
+from kdkit.evaluation.protocol import Predictions
+from kdkit.evaluation.stats import DRAWS, SEED, Replicates
+from kdkit.utils.checkpoint import atomic_write_text
 from kdkit_fas.metrics import ScoreSet, bootstrap, eer_threshold, evaluate_scores, plot_roc_det
 
 HEADLINE = (

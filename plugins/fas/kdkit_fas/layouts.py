@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from kdkit.csvfile import read_csv, read_rows
-from kdkit.data import DataError
+from kdkit.data.csvfile import read_csv, read_rows
+from kdkit.data.datasets import DataError
 from kdkit.deploy.inputs import IMAGE_EXTS, VIDEO_EXTS  # the files `kdkit predict` reads too
 from kdkit.registry import did_you_mean
 from kdkit_fas import faces
@@ -88,7 +88,7 @@ def image_files(folder: Path) -> list[Path]:
 
 def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
     """`(line number, cells)` of the non-empty rows of a protocol or list file, however a spreadsheet
-    saved it (BOM, CRLF, `,`/`;`/tab, quotes; `kdkit.csvfile.read_rows`)."""
+    saved it (BOM, CRLF, `,`/`;`/tab, quotes; `kdkit.data.csvfile.read_rows`)."""
     try:
         return read_rows(path)
     except DataError as exc:

@@ -14,7 +14,7 @@ Conventions (docs/fas.md, "Metrics"):
 - TPR@FPR: bona fide is the positive class, FPR is the share of all attacks accepted (FLIP's
   convention; SSAN and CelebA-Spoof use the opposite one, see docs/fas.md).
 - Uncertainty: `resampled_metrics` recomputes HTER, ACER, APCER, BPCER, EER and AUC on bootstrap
-  resamples given as integer weights (see `kdkit.stats`), at the same fixed threshold.
+  resamples given as integer weights (see `kdkit.evaluation.stats`), at the same fixed threshold.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from kdkit.checkpoint import atomic_open
-from kdkit.stats import DRAWS, SEED, Replicates
-from kdkit.stats import bootstrap as resample
+from kdkit.evaluation.stats import DRAWS, SEED, Replicates
+from kdkit.evaluation.stats import bootstrap as resample
+from kdkit.utils.checkpoint import atomic_open
 
 TIE_CONVENTION = "score >= threshold is accepted as bona fide"
 BPCER_AT_APCER_CONVENTION = (
@@ -365,7 +365,7 @@ def resampled_metrics(
     every bootstrap resample; one ``(draws,)`` array each, NaN where a resample lacks a class.
 
     A resample is given as unit counts: ``counts[b, u]`` is how often unit u was drawn in resample
-    b and ``inverse[i]`` the unit of row i (``kdkit.stats.unit_counts``); row i then weighs
+    b and ``inverse[i]`` the unit of row i (``kdkit.evaluation.stats.unit_counts``); row i then weighs
     ``counts[b, inverse[i]]``. With every weight 1 the values equal the point metrics exactly.
     """
     counts = np.asarray(counts)

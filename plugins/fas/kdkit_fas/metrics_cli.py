@@ -12,10 +12,10 @@ from typing import Any
 
 from rich.table import Table
 
-from kdkit.csvfile import read_csv
-from kdkit.data import DataError
-from kdkit.runlog import output
-from kdkit.stats import DRAWS, LEVEL, MIN_UNITS, enough_units
+from kdkit.data.csvfile import read_csv
+from kdkit.data.datasets import DataError
+from kdkit.evaluation.stats import DRAWS, LEVEL, MIN_UNITS, enough_units
+from kdkit.utils.runlog import output
 
 from .metrics import (
     BPCER_AT_APCER_CONVENTION,
@@ -75,7 +75,7 @@ def _parse_row(row: dict[str, Any], path: Path, line: int) -> tuple[float, int]:
 
 def load_score_csv(path: Path) -> ScoreSet:
     """Read a score CSV (header required, extra columns ignored) into a validated ScoreSet; files
-    saved by spreadsheet programs are read too (`kdkit.csvfile`; a decimal comma in scores)."""
+    saved by spreadsheet programs are read too (`kdkit.data.csvfile`; a decimal comma in scores)."""
     table = read_csv(path, required=_REQUIRED)
     columns: dict[str, list[Any]] = {c: [] for c in (*_REQUIRED, *_OPTIONAL) if c in table.columns}
     for line, row in zip(table.lines, table.rows, strict=True):
@@ -164,7 +164,7 @@ def _intervals(test: ScoreSet, result: dict[str, Any], draws: int) -> dict[str, 
         "n_units": replicates.n_units,
         "metrics": {key: list(replicates.interval(key)) for key in replicates.values}
         if enough_units(replicates.n_units)
-        else {},  # too few units for an interval (`kdkit.stats.MIN_UNITS`)
+        else {},  # too few units for an interval (`kdkit.evaluation.stats.MIN_UNITS`)
     }
 
 

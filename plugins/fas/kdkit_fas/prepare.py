@@ -13,8 +13,9 @@ run.
 `out/prepare.json` records the settings the frames were made with (data set, protocol, fold,
 frames per video, size, detector, scale, image format, sampling): a re-run with the same settings
 continues, one with other settings is refused unless `replace` (then the earlier frames are
-deleted first). One process at a time writes `out` (`kdkit.lock.exclusive`). Videos are prepared in worker
-processes (`kdkit.workers.WorkerPool`); an interrupted run keeps every finished video.
+deleted first). One process at a time writes `out` (`kdkit.utils.lock.exclusive`). Videos are
+prepared in worker processes (`kdkit.utils.workers.WorkerPool`); an interrupted run keeps every
+finished video.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ import cv2
 import numpy as np
 import torch
 
-from kdkit.checkpoint import atomic_write_text
-from kdkit.csvfile import read_csv
-from kdkit.data import DataError
+from kdkit.data.csvfile import read_csv
+from kdkit.data.datasets import DataError
+from kdkit.data.images import read_rgb
 from kdkit.deploy.inputs import InputError, iter_video_frames
-from kdkit.images import read_rgb
-from kdkit.lock import exclusive
-from kdkit.runlog import progress as report_progress
-from kdkit.workers import Interrupted, WorkerPool
+from kdkit.utils.checkpoint import atomic_write_text
+from kdkit.utils.lock import exclusive
+from kdkit.utils.runlog import progress as report_progress
+from kdkit.utils.workers import Interrupted, WorkerPool
 from kdkit_fas import faces
 from kdkit_fas.layouts import IMAGE_EXTS, VideoRecord, image_files, index_dataset
 from kdkit_fas.sampling import frame_indices, resolve_frames
@@ -279,7 +280,7 @@ def _run(
     todo: list[VideoRecord], out: Path, settings: _Settings, workers: int, progress: bool
 ) -> Iterator[_Outcome]:
     """Process records in worker processes (in this one for one worker), reporting progress
-    (`kdkit.runlog.progress`: a bar on a terminal, plain lines in a log)."""
+    (`kdkit.utils.runlog.progress`: a bar on a terminal, plain lines in a log)."""
     with report_progress(len(todo), "fas prepare", unit="videos", show=progress) as advance:
         if workers == 1 or len(todo) <= 1:
             for record in todo:
@@ -359,8 +360,8 @@ def prepare(
     chose, so a re-run where it would choose another is refused like any other change of
     settings. `scale` is the crop's side over the face box's longer side. Raises `PrepareError`
     / `LayoutError` on bad input, `PrepareError` when `out` holds frames made with other
-    settings (unless `replace`), `kdkit.lock.OutputLocked` while another process writes `out`,
-    and `kdkit.workers.Interrupted` when stopped by a signal; unreadable videos are listed in the
+    settings (unless `replace`), `kdkit.utils.lock.OutputLocked` while another process writes `out`,
+    and `kdkit.utils.workers.Interrupted` when stopped by a signal; unreadable videos are listed in the
     report, not raised.
     """
     workers = (os.cpu_count() or 1) if workers is None else workers

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kdkit.data import DataError
-from kdkit.frame_store import store_summary, update_store
-from kdkit.workers import Interrupted
+from kdkit.data.datasets import DataError
+from kdkit.data.frame_store import store_summary, update_store
+from kdkit.utils.workers import Interrupted
 from kdkit_fas.layouts import LAYOUTS, LayoutError
 from kdkit_fas.prepare import prepare
 from kdkit_fas.sampling import CONVENTIONS

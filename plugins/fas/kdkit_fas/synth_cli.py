@@ -7,10 +7,10 @@ from pathlib import Path
 
 from rich.table import Table
 
-from kdkit.checkpoint import OutputDirError
 from kdkit.errors import UsageError
-from kdkit.runlog import output
-from kdkit.workers import Interrupted
+from kdkit.utils.checkpoint import OutputDirError
+from kdkit.utils.runlog import output
+from kdkit.utils.workers import Interrupted
 
 from .synth import SPLITS, VIDEOS_PER_SUBJECT, SynthSummary, generate
 
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileExistsError, NotADirectoryError) as exc:
         raise OutputDirError(str(exc)) from None
     except OutputDirError:
-        raise  # another process writes --out (kdkit.lock.OutputLocked)
+        raise  # another process writes --out (kdkit.utils.lock.OutputLocked)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     except Interrupted as exc:

@@ -14,15 +14,15 @@ from kdkit_fas.data import FrameDataset, frames_from_folder, frames_from_manifes
 from kdkit_fas.plugin import fas_folder
 from kdkit_fas.prepare import prepare, write_manifest
 
-from kdkit.augment import Frames
 from kdkit.cli.entry import run
-from kdkit.data import UNLABELED, DataError, build_loaders, training_set
-from kdkit.distiller import SupervisedTask
-from kdkit.frame_store import StoreError
-from kdkit.recipe import DataSpec, TrainSpec
+from kdkit.config.recipe import DataSpec, TrainSpec
+from kdkit.data.augment import Frames
+from kdkit.data.datasets import UNLABELED, DataError, build_loaders, training_set
+from kdkit.data.frame_store import StoreError
+from kdkit.data.throughput import loader_throughput
 from kdkit.registry import DATASETS
-from kdkit.throughput import loader_throughput
-from kdkit.trainer import EpochProgress, Trainer
+from kdkit.training.task import SupervisedTask
+from kdkit.training.trainer import EpochProgress, Trainer
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

@@ -22,7 +22,7 @@ from kdkit.cli import main
 from kdkit.deploy.inputs import sample_indices
 from kdkit.deploy.modelfile import open_model
 from kdkit.registry import DATASETS, INPUT_PREPARERS
-from kdkit.runlog import console
+from kdkit.utils.runlog import console
 
 
 @pytest.fixture(autouse=True)
@@ -197,9 +197,9 @@ def test_predict_prepares_files_with_the_settings_the_training_frames_were_prepa
     """A model trained on `kdkit fas prepare` output records its detector/scale/size; predict's
     preparer uses them, and --prepare-option overrides one."""
     from kdkit.cli.predict import _preparer
-    from kdkit.pipeline import _data_meta
+    from kdkit.config.recipe import DataSpec
     from kdkit.plugins import load_plugins
-    from kdkit.recipe import DataSpec
+    from kdkit.run.pipeline import _data_meta
 
     load_plugins()
     (tmp_path / "prepare.json").write_text(json.dumps({"detector": "full", "scale": 1.0, "size": 16}))

@@ -22,8 +22,8 @@ from kdkit_fas.prepare import MANIFEST_COLUMNS, prepare
 from skimage import data
 
 from kdkit.cli import main
+from kdkit.config.recipe import DataSpec
 from kdkit.deploy.inputs import iter_video_frames
-from kdkit.recipe import DataSpec
 
 # The astronaut's face, checked by hand on the 512x512 photograph: forehead to chin, ear to ear.
 ASTRONAUT_FACE = (181, 62, 268, 172)  # x1, y1, x2, y2

@@ -19,7 +19,7 @@ from kdkit_fas.synth import generate
 from PIL import Image
 
 from kdkit.cli import main
-from kdkit.data import DataError
+from kdkit.data.datasets import DataError
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -47,7 +47,7 @@ def test_frames_of_every_mode_reach_training_as_their_colours(tmp_path: Path) ->
     grey, red, clear = (dataset[i][0] for i in range(3))
     assert torch_close(grey[0] * 255, np.rint(values / 257)) and grey.min() == 0 and grey.max() == 1
     assert (red[0] > 0.94).all() and (red[1:] < 0.06).all()
-    assert (clear == 0).all()  # composited onto black, as kdkit.images documents
+    assert (clear == 0).all()  # composited onto black, as kdkit.data.images documents
 
 
 def torch_close(tensor: object, array: np.ndarray) -> bool:

@@ -30,7 +30,7 @@ from kdkit_fas.metrics import (
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from kdkit.cli import main
-from kdkit.stats import unit_counts
+from kdkit.evaluation.stats import unit_counts
 
 
 def _tied_scores(seed: int, n: int = 200) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ from kdkit_fas.metrics import ScoreSet, eer_threshold, hter
 
 from kdkit import load_recipe
 from kdkit.cli import main
-from kdkit.evaluation import Predictions
+from kdkit.evaluation.protocol import Predictions
 from kdkit.plugins import load_plugins
 from kdkit.registry import DATASETS, EVALUATORS
 
@@ -142,7 +142,7 @@ def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
             rows = list(csv.DictReader(handle))
         assert {r["attack_type"] for r in rows} == {"live", "print", "replay"}
         assert {r["subject"] for r in rows} and all(r["subject"] for r in rows)
-        # 3 test subjects are too few for an interval (kdkit.stats.MIN_UNITS): none is recorded;
+        # 3 test subjects are too few for an interval (kdkit.evaluation.stats.MIN_UNITS): none is recorded;
         # the replicates are kept for ablations (which also refuse intervals over 3 subjects).
         assert results[run]["resampling"] == {
             "unit": "subject",

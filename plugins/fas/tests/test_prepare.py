@@ -31,10 +31,10 @@ from kdkit_fas.plugin import fas_manifest
 from kdkit_fas.prepare import PrepareError, prepare
 
 from kdkit.cli import main
+from kdkit.config.recipe import DataSpec
+from kdkit.data.frame_store import STORE_DIR, FrameStore
+from kdkit.data.images import read_rgb
 from kdkit.deploy.inputs import sample_indices
-from kdkit.frame_store import STORE_DIR, FrameStore
-from kdkit.images import read_rgb
-from kdkit.recipe import DataSpec
 
 
 def manifest(out: Path) -> list[dict]:

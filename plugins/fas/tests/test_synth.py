@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 from pathlib import Path
 
 import cv2
@@ -215,3 +217,17 @@ def test_bad_split_sizes_are_named(tmp_path: Path, sizes: dict, match: str) -> N
     with pytest.raises(ValueError, match=match):
         synth.generate(tmp_path / "set", **{**SMALL, "n_subjects": 5}, **sizes, progress=False)
     assert not (tmp_path / "set").exists()
+
+
+def test_the_largest_size_the_memory_check_names_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a (pretended) 3 GiB machine the size the refusal proposes passes and the next one is refused,
+    its message naming the supersampled canvas the renderer draws on."""
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 3 * 2**30 // 4096}
+    real_sysconf = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: pages.get(name) or real_sysconf(name))
+    with pytest.raises(ValueError, match=r"the largest size that fits is \d+") as refused:
+        synth._check_memory(4096, workers=2)
+    largest = int(re.search(r"fits is (\d+)", str(refused.value))[1])
+    synth._check_memory(largest, workers=2)
+    with pytest.raises(ValueError, match=f"size {largest + 1} needs .* canvas {2 * (largest + 1)}² px each"):
+        synth._check_memory(largest + 1, workers=2)

@@ -1,0 +1,1 @@
+"""Recipes: the typed schema, loading YAML with overrides, the checks, and the plan each run follows."""

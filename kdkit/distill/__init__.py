@@ -1,0 +1,1 @@
+"""Distillation: taps, pairs, adapters, losses, layer groups, teacher input, Distiller, teacher cache."""

@@ -1,0 +1,1 @@
+"""Running recipes: checks before any work, building what a recipe describes, the stages, resume."""

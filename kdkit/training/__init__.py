@@ -1,0 +1,1 @@
+"""Training: the loop (`Trainer`), the supervised task, the device and precision, the optimizer."""

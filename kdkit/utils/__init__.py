@@ -1,0 +1,1 @@
+"""Utilities: checkpoints, locks, worker processes, run logging, devices, torch.distributed."""

@@ -1,0 +1,113 @@
+"""DDP with gloo on the CPU: two processes train exactly what one process trains at the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from conftest import tiny_recipe_dict, tiny_vit
+
+from kdkit.cli import main
+from kdkit.config.recipe import DataSpec, TrainSpec
+from kdkit.data.datasets import build_loaders
+from kdkit.distill.distiller import Distiller
+from kdkit.distill.pairs import layer_pairs
+from kdkit.evaluation.classification import ClassificationEvaluator
+from kdkit.training.trainer import Trainer
+from kdkit.utils import distributed
+from kdkit.utils.checkpoint import load_file, seed_everything
+from kdkit.utils.runlog import MetricsLog
+
+# Global batch 32: one process loads 32, each of two loads 16 of the same 32 samples.
+DATA = DataSpec(dataset="digits", image_size=16, batch_size=32, mean=[0.5], std=[0.5])
+TRAIN = TrainSpec(epochs=2, max_steps_per_epoch=3, warmup_epochs=1, clip_grad=1.0, log_every=2, device="cpu")
+
+
+def train(out: Path) -> dict[str, torch.Tensor]:
+    """Distil a tiny pair for 6 steps with a projection adapter (no batch statistics, no dropout)."""
+    seed_everything(0)
+    teacher, student = tiny_vit(embed_dim=48, seed=1), tiny_vit(embed_dim=32, seed=2)
+    pairs = layer_pairs(teacher, student, [[1, 1], [2, 2]])
+    task = Distiller(teacher, student, pairs, adapter="projection", example_input=torch.zeros(2, 1, 16, 16))
+    loader, evals, set_epoch = build_loaders(DATA, seed=0)
+    log = MetricsLog(out)
+    trainer = Trainer(
+        task, TRAIN, loader, evals, ClassificationEvaluator(), out, log, "s", set_epoch=set_epoch
+    )
+    seed_everything(0)
+    trainer.fit()
+    log.close()
+    return task.trainable_state_dict()
+
+
+def _worker(rank: int, init_file: str, out: Path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        assert (distributed.rank(), distributed.world_size()) == (rank, 2)
+        state = train(out)
+        torch.save(state, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path: Path) -> None:
+    single = train(tmp_path / "single")
+    (tmp_path / "ddp").mkdir()
+    mp.spawn(_worker, args=(str(tmp_path / "init"), tmp_path / "ddp"), nprocs=2, join=True)
+    ranks = [load_file(tmp_path / "ddp" / f"rank{r}.pt") for r in range(2)]
+    # Every rank ends with the same weights, and they are the single process's.
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in single)
+    initial = tiny_vit(embed_dim=32, seed=2).state_dict()["head.weight"]
+    assert not torch.equal(single["student.head.weight"], initial)  # training did change the weights
+    for key in single:
+        torch.testing.assert_close(ranks[0][key], single[key], rtol=0, atol=1e-6, msg=key)
+    # Rank 0 alone logged and checkpointed; its logged losses are the means over the global batch.
+    lines = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [r["step"] for r in expected]
+    for got, want in zip(lines, expected, strict=True):
+        for key in (k for k in want if k.startswith(("train/", "val/"))):
+            assert abs(got[key] - want[key]) <= 1e-5 * max(1.0, abs(want[key])), key
+    assert {p.name for p in (tmp_path / "ddp").iterdir()} >= {"last.pt", "model.pt", "rank0.pt", "rank1.pt"}
+
+
+def test_torchrun_kdkit_run_writes_one_run_directory_like_a_single_process(tmp_path: Path) -> None:
+    """`torchrun -m kdkit run`: rank 0 picks the directory and alone writes it; same model as one process."""
+    data = tiny_recipe_dict()
+    data["train"].update(epochs=1, max_steps_per_epoch=2)
+    data["distill"].update(adapter="projection", teacher="teacher", cache_dir=str(tmp_path / "cache"))
+    data["pipeline"] = [
+        {"name": "student_kd", "do": "distill"},
+        {"name": "test", "do": "evaluate", "runs": ["student_kd"], "split": "val"},
+    ]
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+    ]  # torchrun
+    subprocess.run(
+        [*command, "-m", "kdkit", "run", str(recipe), "--out", str(tmp_path / "ddp")], env=env, check=True
+    )
+    assert main(["run", str(recipe), "--out", str(tmp_path / "single")]) == 0
+    runs = {name: tmp_path / name for name in ("ddp", "single")}
+    lines = {name: (run / "metrics.jsonl").read_text().splitlines() for name, run in runs.items()}
+    assert len(lines["ddp"]) == len(lines["single"])  # rank 1 logged nothing
+    summary = json.loads((runs["ddp"] / "summary.json").read_text())
+    assert set(summary) == {"student_kd", "test"} and summary["test"]["results"]["student_kd"]
+    models = {name: load_file(run / "student_kd" / "model.pt")["model"] for name, run in runs.items()}
+    for key in models["single"]:
+        # Float rounding only (the teacher cache, filled by the two processes, served the single run).
+        torch.testing.assert_close(models["ddp"][key], models["single"][key], rtol=0, atol=1e-5, msg=key)
