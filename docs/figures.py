@@ -327,13 +327,13 @@ def _draw_runtime(ax, boxes: dict[str, Box]) -> None:
 
 def redraw_ablation(folder: Path, target: Path) -> None:
     """Draw an ablation's chart into `target` from its `ablation.json`, with the layout of
-    `kdkit.cli.ablation_report.bar_chart` today (its own ablation.png keeps the layout it was drawn
+    `kdkit.run.ablation_report.bar_chart` today (its own ablation.png keeps the layout it was drawn
     with), or say why not."""
     source = folder / "ablation.json"
     if not source.is_file():
         print(f"skipped {target.name}: no {source} (kdkit ablate writes it)")
         return
-    from kdkit.cli.ablation_report import bar_chart  # only here: the architecture needs no kdkit
+    from kdkit.run.ablation_report import bar_chart  # only here: the architecture needs no kdkit
 
     report = json.loads(source.read_text())
     metric = report["main_metric"]

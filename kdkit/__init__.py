@@ -47,9 +47,9 @@ _EXPORTS = {
     "cross_entropy": "kdkit.distill.losses",
     "kd_loss": "kdkit.distill.losses",
     "build_model": "kdkit.models.factory",
-    "Recipe": "kdkit.config.recipe",
-    "RecipeError": "kdkit.config.recipe",
-    "load_recipe": "kdkit.config.recipe",
+    "Recipe": "kdkit.config.schema",
+    "RecipeError": "kdkit.config.schema",
+    "load_recipe": "kdkit.config.loading",
     "ADAPTERS": "kdkit.registry",
     "COMMANDS": "kdkit.registry",
     "DATASETS": "kdkit.registry",
@@ -67,7 +67,8 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from kdkit.config.recipe import Recipe, RecipeError, load_recipe
+    from kdkit.config.loading import load_recipe
+    from kdkit.config.schema import Recipe, RecipeError
     from kdkit.data.datasets import build_dataset, build_loaders
     from kdkit.distill.adapters import build_adapter
     from kdkit.distill.distiller import Distiller

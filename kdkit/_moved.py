@@ -2,9 +2,10 @@
 
 `from kdkit.adapters import build_adapter` or `from kdkit.distiller import SupervisedTask` still
 work: importing a 0.2 path gives a small module that hands out the names of the module's new home
-(and of the few names that went to another module since), so code, plugins and torchdistill
-configs written against 0.2 keep working. To patch a function in tests, patch it at its new path.
-`kdkit.data`, `kdkit.models` and `kdkit.evaluation` became packages that re-export their 0.2 names.
+(and of the few names that went to another module or were renamed since), so code, plugins and
+torchdistill configs written against 0.2 keep working. To patch a function in tests, patch it at its
+new path. `kdkit.data`, `kdkit.models` and `kdkit.evaluation` became packages that re-export their
+0.2 names.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 # 0.2 path -> where the module lives now
 MOVED_MODULES = {
-    "kdkit.recipe": "kdkit.config.recipe",
+    "kdkit.recipe": "kdkit.config",
     "kdkit.plan": "kdkit.config.plan",
     "kdkit.adapters": "kdkit.distill.adapters",
     "kdkit.taps": "kdkit.distill.taps",
@@ -56,7 +57,8 @@ MOVED_MODULES = {
 }
 
 
-# names that left the module their 0.2 path now stands for: (0.2 path, name) -> module now
+# names that left the module their 0.2 path now stands for: (0.2 path, name) -> the module now,
+# or "module:name" for a name that was renamed as well
 MOVED_NAMES = {
     **{
         ("kdkit.distiller", name): "kdkit.distill.pairs"
@@ -69,6 +71,11 @@ MOVED_NAMES = {
     ("kdkit.trainer", "resolve_device"): "kdkit.utils.device",
     ("kdkit.trainer", "autocast"): "kdkit.utils.device",
     ("kdkit.trainer", "predict"): "kdkit.evaluation.predict",
+    **{
+        ("kdkit.trainer", name): "kdkit.training.display"
+        for name in ("EPOCH_LINE_WIDTH", "epoch_lines", "main_terms", "rate_text")
+    },
+    ("kdkit.build", "build_recipe_model"): "kdkit.run.build:model_from_recipe",
 }
 
 
@@ -93,8 +100,8 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         home = importlib.import_module(MOVED_MODULES[old])
 
         def __getattr__(name: str) -> Any:
-            moved_to = MOVED_NAMES.get((old, name))
-            return getattr(importlib.import_module(moved_to) if moved_to else home, name)
+            moved_to, _, renamed = MOVED_NAMES.get((old, name), "").partition(":")
+            return getattr(importlib.import_module(moved_to) if moved_to else home, renamed or name)
 
         module.__getattr__ = __getattr__  # type: ignore[method-assign]
 

@@ -120,7 +120,7 @@ class Registries:
 
 MODELS: Registry[Callable[..., Any]] = Registry("model")
 ADAPTERS: Registry[Callable[..., Any]] = Registry("adapter", builtins="kdkit.distill.adapters")
-DATASETS: Registry[Callable[..., Any]] = Registry("dataset", builtins="kdkit.data.datasets")
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset", builtins="kdkit.data.digits_set")
 EVALUATORS: Registry[Callable[..., Any]] = Registry("evaluator", builtins="kdkit.evaluation.classification")
 TAP_PRESETS: Registry[Any] = Registry("tap preset", builtins="kdkit.distill.taps")
 # feature losses, `criterion(s_mapped, t_target, **options) -> scalar tensor` (built-ins in

@@ -13,15 +13,16 @@ import torch
 import yaml
 from torch import nn
 
-import kdkit.data.datasets  # noqa: F401  (registers the digits data set)
+import kdkit.data.digits_set  # noqa: F401  (registers the digits data set)
 import kdkit.distill.adapters  # noqa: F401  (registers the built-in adapters)
 import kdkit.evaluation.classification  # noqa: F401  (registers the classification evaluator)
-from kdkit.cli.ablation_report import BASELINE_LABEL
-from kdkit.config.recipe import DataSpec, TrainSpec
+from kdkit.cli import main
+from kdkit.config.schema import DataSpec, TrainSpec
 from kdkit.data.datasets import build_loaders
 from kdkit.distill.distiller import Distiller
 from kdkit.distill.pairs import layer_pairs
 from kdkit.evaluation.classification import ClassificationEvaluator
+from kdkit.run.ablation_report import BASELINE_LABEL
 from kdkit.training.task import SupervisedTask
 from kdkit.training.trainer import Trainer
 from kdkit.utils.runlog import MetricsLog, console, output
@@ -31,6 +32,14 @@ from kdkit.utils.runlog import MetricsLog, console, output
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Test files holding a test marked `slow` first, each file's tests kept together. pytest-xdist
+    hands whole files to its workers in this order (`--dist loadfile`, pyproject.toml): the long
+    ones start first and the short ones fill in, so no worker is left running a long one alone."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture(autouse=True)
@@ -108,6 +117,33 @@ def tiny_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe_dict(), sort_keys=False))
     return path
+
+
+# ------------------------------------------------------------ one tiny finished run (cli tests)
+# Options as a user passes them: they must end up in the run's resolved recipe.yaml.
+TINY_RUN_OVERRIDES = ["--set", "pipeline.student_alone.train.epochs=1", "--set", "train.lr=1e-3"]
+
+
+def folder_contents(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (relative path -> bytes)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder holding tiny.yaml and `run/`, one complete `kdkit run tiny.yaml --out run` with
+    TINY_RUN_OVERRIDES: trained once for every test that reads it. A test that changes the run
+    (resumes it, evaluates into it) works on a copy; the session fails if one did not."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_recipe_dict(), sort_keys=False))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setattr(console, "_width", 250)
+        assert main(["run", "tiny.yaml", "--out", "run", *TINY_RUN_OVERRIDES]) == 0
+    made = folder_contents(root)
+    yield root
+    changed = sorted({name for name, _ in set(made.items()) ^ set(folder_contents(root).items())})
+    assert not changed, f"a test changed the shared tiny run (it should copy it first): {changed}"
 
 
 # ------------------------------------------------------------ a tiny trainer (training, utils tests)

@@ -65,7 +65,7 @@ def test_the_layers_are_the_folders() -> None:
     [
         (("kdkit.training.trainer", "kdkit.cli.run"), "never imports the commands"),
         (("kdkit.distill.taps", "kdkit.training.trainer"), "only imports layers below it"),
-        (("kdkit.config.recipe", "kdkit.training.trainer"), "move kdkit.config.recipe into a folder"),
+        (("kdkit.config.schema", "kdkit.training.trainer"), "move kdkit.config.schema into a folder"),
         (("kdkit.run.pipeline", "kdkit.deploy.modelfile"), "never imports the deployment package"),
         (("kdkit.models.factory", "kdkit_fas.plugin"), "never imports a plugin"),
     ],

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_runs_at_a_tiny_size_and_prints_one_json() -> None:
     kdkit = Path(sys.executable).parent / "kdkit"
     env = {**os.environ, "KDKIT": str(kdkit)}

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from conftest import tiny_vit
 
-from kdkit.config.recipe import load_recipe
+from kdkit.config.loading import load_recipe
 from kdkit.distill.pairs import layer_pairs
 from kdkit.distill.taps import TapRecorder
 

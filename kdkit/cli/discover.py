@@ -6,7 +6,8 @@ import argparse
 
 from rich.table import Table
 
-from kdkit.config.recipe import ModelSpec, parse_options
+from kdkit.config.loading import parse_options
+from kdkit.config.schema import ModelSpec
 from kdkit.errors import UsageError
 from kdkit.models.factory import ModelError, build_model
 from kdkit.plugins import load_plugins

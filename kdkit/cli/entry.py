@@ -13,9 +13,8 @@ import sys
 from rich.markup import escape
 
 from kdkit import __version__
-from kdkit.config.recipe import RecipeError
-from kdkit.data.datasets import DataError
-from kdkit.errors import RunFailed, UsageError
+from kdkit.config.schema import RecipeError
+from kdkit.errors import DataError, EnvironmentSettingError, RunFailed, UsageError
 from kdkit.models.factory import ModelError
 from kdkit.plugins import load_plugins
 from kdkit.registry import COMMANDS, RegistryError
@@ -76,6 +75,7 @@ def run(argv: list[str] | None = None) -> int:
         UsageError,
         ModelError,
         DataError,
+        EnvironmentSettingError,
         CheckpointError,
         OutputDirError,
         RegistryError,

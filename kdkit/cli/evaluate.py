@@ -20,7 +20,9 @@ from typing import Any
 from rich.markup import escape
 
 from kdkit.cli.arguments import add_set_arg
-from kdkit.config.recipe import Recipe, RecipeError, apply_overrides, load_recipe, parse_recipe
+from kdkit.config.loading import apply_overrides, load_recipe
+from kdkit.config.schema import Recipe, RecipeError
+from kdkit.config.validation import parse_recipe
 from kdkit.deploy.modelfile import load_checkpoint
 from kdkit.errors import UsageError
 from kdkit.evaluation.comparison import results_table

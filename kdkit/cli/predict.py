@@ -20,7 +20,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from kdkit.config.recipe import parse_options
+from kdkit.config.loading import parse_options
 from kdkit.deploy.inputs import Preparer, expand_inputs, make_preparer
 from kdkit.deploy.modelfile import open_model
 from kdkit.deploy.predict import Prediction, Predictor

@@ -12,7 +12,8 @@ from pathlib import Path
 from rich.table import Table
 
 from kdkit.cli.arguments import add_recipe_args
-from kdkit.config.recipe import ModelSpec, load_recipe
+from kdkit.config.loading import load_recipe
+from kdkit.config.schema import ModelSpec
 from kdkit.data.datasets import example_input
 from kdkit.errors import UsageError
 from kdkit.models.factory import build_model

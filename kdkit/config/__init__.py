@@ -1,1 +1,82 @@
-"""Recipes: the typed schema, loading YAML with overrides, the checks, and the plan each run follows."""
+"""Recipes: the typed schema, loading YAML with overrides, the checks, and the plan each run follows.
+
+`schema` (the dataclasses, typed conversion), `loading` (YAML, `--set` overrides, `load_recipe`),
+`validation` (`parse_recipe`: every check, and the plan built while checking), `plan` (`StagePlan`).
+The names below were `kdkit.recipe`'s in 0.2 and stay importable from here.
+"""
+
+from kdkit.config.loading import (
+    MAX_YAML_VALUES,
+    Section,
+    YamlTooLarge,
+    apply_overrides,
+    diff_keys,
+    load_recipe,
+    parse_options,
+    parse_override,
+    read_yaml,
+    recipe_changes,
+)
+from kdkit.config.schema import (
+    DISTILL_ALIASES,
+    MAX_PROBLEM_CHARS,
+    MAX_PROBLEMS,
+    DataSpec,
+    DistillSpec,
+    GroupSpec,
+    ModelSpec,
+    PairSpec,
+    Recipe,
+    RecipeError,
+    StageSpec,
+    TeacherInputSpec,
+    TrainSpec,
+    UnlabeledPool,
+    canonical_keys,
+    canonical_path,
+    convert,
+    convert_dataclass,
+    shorten,
+)
+from kdkit.config.validation import (
+    build_plan,
+    file_name_problem,
+    parse_pair,
+    parse_recipe,
+)
+
+__all__ = [
+    "DISTILL_ALIASES",
+    "DataSpec",
+    "DistillSpec",
+    "GroupSpec",
+    "MAX_PROBLEMS",
+    "MAX_PROBLEM_CHARS",
+    "ModelSpec",
+    "PairSpec",
+    "Recipe",
+    "RecipeError",
+    "StageSpec",
+    "TeacherInputSpec",
+    "TrainSpec",
+    "UnlabeledPool",
+    "canonical_keys",
+    "canonical_path",
+    "convert",
+    "convert_dataclass",
+    "shorten",
+    "MAX_YAML_VALUES",
+    "Section",
+    "YamlTooLarge",
+    "apply_overrides",
+    "diff_keys",
+    "load_recipe",
+    "parse_options",
+    "parse_override",
+    "read_yaml",
+    "recipe_changes",
+    "build_plan",
+    "file_name_problem",
+    "parse_pair",
+    "parse_recipe",
+]

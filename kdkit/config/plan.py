@@ -1,6 +1,6 @@
 """A recipe's plan: each stage resolved once, right after the recipe is loaded and checked.
 
-`kdkit.config.recipe.parse_recipe` merges every stage's overrides into the top-level `train`, `data` and
+`kdkit.config.validation.parse_recipe` merges every stage's overrides into the top-level `train`, `data` and
 `distill` sections (one rule, the stage's seed included), checks the merged specs and keeps them
 here; `Recipe.plan` hands them out. Checks, build, pipeline, stage cache, ablation and bench read
 these specs, so what was checked is what runs. Key paths in messages are `pipeline.<stage>.<key>`.
@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the specs are defined in kdkit.config.recipe, which builds the plan
-    from kdkit.config.recipe import DataSpec, DistillSpec, PairSpec, StageSpec, TrainSpec
+if TYPE_CHECKING:  # the specs are defined in kdkit.config.schema; validation builds the plan
+    from kdkit.config.schema import DataSpec, DistillSpec, PairSpec, StageSpec, TrainSpec
 
 
 @dataclass(frozen=True)

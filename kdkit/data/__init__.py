@@ -1,4 +1,5 @@
-"""Data: datasets and loaders, the built-in digits set, augmentation, frame stores, images, CSV files.
+"""Data: datasets and loaders, the training order (samplers), the built-in digits set, augmentation,
+frame stores, images, CSV files.
 
 The names below were `kdkit.data`'s in 0.2 and stay importable from here."""
 
@@ -6,9 +7,6 @@ from kdkit.data.datasets import (
     LABEL_SPLIT_SEED,
     SPLITS,
     UNLABELED,
-    BalancedSampler,
-    DataError,
-    EpochSampler,
     PartlyLabeled,
     SeededAugmentation,
     WithoutLabels,
@@ -16,17 +14,19 @@ from kdkit.data.datasets import (
     build_dataset,
     build_loaders,
     dataset_labels,
-    digits,
     eval_loader,
     example_batch,
     example_input,
     generate_data,
     labeled_subset,
-    sample_groups,
     seeded_rng,
-    stratified_split,
     training_set,
 )
+from kdkit.data.digits_set import digits, stratified_split
+from kdkit.data.samplers import BalancedSampler, EpochSampler, sample_strata
+from kdkit.errors import DataError
+
+sample_groups = sample_strata  # 0.2 name
 
 __all__ = [
     "augmentation_seed",
@@ -45,6 +45,7 @@ __all__ = [
     "labeled_subset",
     "PartlyLabeled",
     "sample_groups",
+    "sample_strata",
     "seeded_rng",
     "SeededAugmentation",
     "SPLITS",

@@ -2,8 +2,9 @@
 
 A dataset factory is registered in `DATASETS` and called as `factory(split, spec)` with split
 'train', 'val' or 'test' and the recipe's `DataSpec`; it returns a map-style dataset of
-`(image_tensor, label)` pairs. kdkit ships `digits` (scikit-learn's bundled 8×8 handwritten
-digits, no download); plugins add their own.
+`(image_tensor, label)` pairs. kdkit ships `digits` (`kdkit.data.digits_set`: scikit-learn's bundled
+8×8 handwritten digits, no download); plugins add their own. The training order comes from
+`kdkit.data.samplers`.
 
 A factory never creates data: a missing root is a `DataError`. A factory that can generate its
 data set when the recipe asks for it (e.g. `fas_folder` with `data.options.synth`) carries a
@@ -26,27 +27,23 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import (
     ConcatDataset,
     DataLoader,
     Dataset,
-    Sampler,
     Subset,
     TensorDataset,
     default_collate,
 )
 
-from kdkit.config.recipe import DataSpec
+from kdkit.config.schema import DataSpec
 from kdkit.data.augment import device_images
+from kdkit.data.samplers import BalancedSampler, EpochSampler, sample_strata
+from kdkit.errors import DataError
 from kdkit.registry import DATASETS
 from kdkit.utils import distributed
 
 SPLITS = ("train", "val", "test")
-
-
-class DataError(ValueError):
-    """A data set that cannot be used as configured (missing root, empty split, ...)."""
 
 
 def generate_data(spec: DataSpec) -> bool:
@@ -153,132 +150,6 @@ def training_set(spec: DataSpec, with_unlabeled: bool) -> Dataset:
     return PartlyLabeled(labeled, pool)
 
 
-class EpochSampler(Sampler[tuple[int, int]]):
-    """The training order: a permutation fixed by (seed, epoch), shared out between DDP ranks.
-
-    An epoch is `epoch_size` samples (default `size`): permutations of the data, concatenated and
-    cut (a sample may then repeat within an epoch, with the same key).
-    Yields `(sample index, augmentation slot)` pairs. The permutation of epoch e depends only on
-    (seed, e), so a resumed run, an ablation variant with the same seed and every rank of a
-    distributed run see the same order; rank r takes every `world`-th position (the list is padded
-    with its first items to a multiple of `world`), so with a per-rank batch of B / world each
-    global batch of B samples is exactly the one a single process would draw. The slot is
-    e mod `aug_cycle` (or e itself), which picks the sample's augmentation (see `SeededAugmentation`).
-    """
-
-    def __init__(
-        self,
-        size: int,
-        seed: int,
-        aug_cycle: int | None = None,
-        rank: int = 0,
-        world: int = 1,
-        epoch_size: int | None = None,
-    ) -> None:
-        self.size, self.seed, self.aug_cycle, self.rank, self.world = size, seed, aug_cycle, rank, world
-        self.epoch_size = epoch_size or size
-        self.epoch = self.skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Choose the epoch whose order (and augmentation slot) the next iteration yields, leaving
-        out this rank's first `skip` samples (already trained by a run resumed mid-epoch)."""
-        self.epoch, self.skip = epoch, skip
-
-    @property
-    def slot(self) -> int:
-        """The augmentation slot of the current epoch."""
-        return self.epoch % self.aug_cycle if self.aug_cycle else self.epoch
-
-    def __len__(self) -> int:
-        return -(-self.epoch_size // self.world)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        while len(order) < self.epoch_size:  # `epoch_size` beyond the data: more permutations
-            order += torch.randperm(self.size, generator=generator).tolist()
-        order = order[: self.epoch_size]
-        order += order[: len(self) * self.world - self.epoch_size]
-        slot = self.slot
-        return iter([(index, slot) for index in order[self.rank :: self.world][self.skip :]])
-
-
-class BalancedSampler(EpochSampler):
-    """`EpochSampler`'s order with every global batch drawing equally from each group (`data.balanced`).
-
-    `groups` holds one hashable per sample (e.g. (domain, label)); with G groups and a global
-    batch of B (a multiple of G), each batch holds B / G samples of every group. The epoch keeps
-    EpochSampler's number of steps, ceil(size / B), every batch full: each group contributes
-    steps × B / G draws, taken from permutations of its samples fixed by (seed, epoch) — a group
-    larger than that is subsampled, a smaller one repeats its samples only once its permutation is
-    used up. Ranks share out every global batch as EpochSampler does, and yield the same
-    `(sample index, augmentation slot)` pairs (a repeated sample has the same key in an epoch).
-    """
-
-    def __init__(
-        self,
-        groups: Sequence[Hashable],
-        batch_size: int,
-        seed: int,
-        aug_cycle: int | None = None,
-        rank: int = 0,
-        world: int = 1,
-    ) -> None:
-        super().__init__(len(groups), seed, aug_cycle, rank, world)
-        members: dict[Hashable, list[int]] = {}
-        for index, group in enumerate(groups):
-            members.setdefault(group, []).append(index)
-        self.members = list(members.values())  # in order of first appearance: fixed by the data
-        if batch_size % len(self.members) or batch_size % world:
-            raise DataError(
-                f"data.batch_size: {batch_size} must be a multiple of the {len(self.members)} groups "
-                f"data.balanced draws equally from ({', '.join(map(str, members))}) and divide "
-                f"evenly between the {world} processes"
-            )
-        self.batch_size = batch_size
-        self.steps = -(-self.size // batch_size)
-
-    def __len__(self) -> int:
-        return self.steps * self.batch_size // self.world
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        share = self.batch_size // len(self.members)
-        draws = [self._draws(indices, self.steps * share, generator) for indices in self.members]
-        order: list[int] = []
-        for step in range(self.steps):
-            batch = torch.tensor([i for d in draws for i in d[step * share : (step + 1) * share]])
-            order += batch[torch.randperm(len(batch), generator=generator)].tolist()
-        slot = self.slot
-        return iter([(index, slot) for index in order[self.rank :: self.world][self.skip :]])
-
-    @staticmethod
-    def _draws(indices: list[int], count: int, generator: torch.Generator) -> list[int]:
-        """`count` of `indices`: successive permutations of them, cut at `count`."""
-        drawn: list[int] = []
-        while len(drawn) < count:
-            drawn += [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
-        return drawn[:count]
-
-
-def sample_groups(dataset: Dataset) -> list[Hashable]:
-    """The group of every sample `data.balanced` balances: the dataset's `groups` attribute, else
-    its `labels`; a DataError when it has neither (or their length is not the dataset's)."""
-    groups = getattr(dataset, "groups", None)
-    groups = getattr(dataset, "labels", None) if groups is None else groups
-    if groups is None:
-        raise DataError(
-            f"data.balanced: the {type(dataset).__name__} training set has neither a `groups` nor a "
-            "`labels` attribute to balance batches by; set data.balanced: false"
-        )
-    groups = list(groups)
-    if len(groups) != len(dataset):  # type: ignore[arg-type]
-        raise DataError(
-            f"data.balanced: the training set has {len(dataset)} samples but {len(groups)} groups"  # type: ignore[arg-type]
-        )
-    return groups
-
-
 def augmentation_seed(seed: int, slot: int, index: int) -> int:
     """The seed of one sample's augmentation: a hash of (run seed, slot, sample index)."""
     digest = hashlib.blake2b(f"{seed}:{slot}:{index}".encode(), digest_size=8).digest()
@@ -367,7 +238,7 @@ def build_loaders(
     train_set = training_set(spec, with_unlabeled)
     dataset = SeededAugmentation(train_set, seed, identity)
     sampler = (
-        BalancedSampler(sample_groups(train_set), spec.batch_size, seed, spec.aug_cycle, rank, world)
+        BalancedSampler(sample_strata(train_set), spec.batch_size, seed, spec.aug_cycle, rank, world)
         if spec.balanced
         else EpochSampler(len(dataset), seed, spec.aug_cycle, rank, world, spec.epoch_size)
     )
@@ -411,22 +282,6 @@ def example_input(spec: DataSpec, n: int = 1) -> torch.Tensor:
     return torch.zeros(n, len(spec.mean), spec.image_size, spec.image_size)
 
 
-def stratified_split(
-    labels: np.ndarray, fractions: tuple[float, float, float], seed: int
-) -> dict[str, np.ndarray]:
-    """Indices of train/val/test, stratified by label, fixed by `seed`."""
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[int]] = {s: [] for s in SPLITS}
-    for label in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == label))
-        n_train = int(round(fractions[0] * len(idx)))
-        n_val = int(round(fractions[1] * len(idx)))
-        parts["train"] += idx[:n_train].tolist()
-        parts["val"] += idx[n_train : n_train + n_val].tolist()
-        parts["test"] += idx[n_train + n_val :].tolist()
-    return {s: np.sort(np.array(v)) for s, v in parts.items()}
-
-
 def labeled_subset(
     labels: Sequence[int],
     fraction: float,
@@ -449,9 +304,9 @@ def labeled_subset(
         members.setdefault(stratum, {}).setdefault(unit, []).append(index)
     keep: list[int] = []
     for stratum in _in_order(members):
-        groups = list(members[stratum].values())  # the stratum's units, in order of first sample
-        for unit in rng.permutation(len(groups))[: max(1, round(fraction * len(groups)))]:
-            keep += groups[unit]
+        stratum_units = list(members[stratum].values())  # its units' samples, in order of first sample
+        for unit in rng.permutation(len(stratum_units))[: max(1, round(fraction * len(stratum_units)))]:
+            keep += stratum_units[unit]
     kept = set(keep)
     return sorted(keep), [i for i in range(len(labels)) if i not in kept]
 
@@ -463,34 +318,3 @@ def _in_order(keys: dict[Hashable, Any]) -> list[Hashable]:
         return sorted(keys)  # type: ignore[type-var]
     except TypeError:
         return list(keys)
-
-
-@DATASETS.register("digits")
-def digits(split: str, spec: DataSpec) -> Dataset:
-    """scikit-learn's handwritten digits (1,797 8×8 grey images, 10 classes), resized to
-    `image_size`, split 60/20/20 (stratified, fixed by `options.split_seed`, default 0)."""
-    from sklearn.datasets import load_digits
-
-    if split not in SPLITS:
-        raise DataError(f"digits: unknown split {split!r}; expected one of {SPLITS}")
-    unknown = set(spec.options) - {"split_seed"}
-    if unknown:
-        raise DataError(
-            f"data.options: unknown option(s) {sorted(unknown)} for digits; valid: ['split_seed']"
-        )
-    if len(spec.mean) != 1:
-        raise DataError(
-            f"data.mean: digits images have 1 channel, so mean and std take one value each; got "
-            f"mean {spec.mean}"
-        )
-    bunch: Any = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = F.interpolate(
-        images, size=(spec.image_size, spec.image_size), mode="bilinear", align_corners=False
-    )
-    mean = torch.tensor(spec.mean).view(1, 1, 1, 1)
-    std = torch.tensor(spec.std).view(1, 1, 1, 1)
-    images = (images - mean) / std
-    labels = torch.tensor(bunch.target, dtype=torch.long)
-    index = stratified_split(bunch.target, (0.6, 0.2, 0.2), spec.options.get("split_seed", 0))[split]
-    return TensorDataset(images[index], labels[index])

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kdkit import __version__
-from kdkit.config.recipe import ModelSpec
+from kdkit.config.schema import ModelSpec
 from kdkit.evaluation.calibration import find_calibration
 from kdkit.models.factory import build_model, load_state_dict_checked
 from kdkit.plugins import load_plugins

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from kdkit.config.recipe import DistillSpec, TrainSpec
+from kdkit.config.schema import DistillSpec, TrainSpec
 from kdkit.data.datasets import UNLABELED
 from kdkit.distill.adapters import build_adapter
 from kdkit.distill.losses import (

@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from kdkit.config.recipe import GroupSpec, PairSpec, parse_pair
+from kdkit.config.schema import GroupSpec, PairSpec
+from kdkit.config.validation import parse_pair
 from kdkit.distill.taps import Tap, block_taps, find_preset
 from kdkit.registry import GROUP_METHODS
 
@@ -81,7 +82,7 @@ def layer_pairs(
     Each item is `[student_block, teacher_block]` (1-based block numbers of the architecture's tap
     preset, "the output of block k") or a mapping with `student` and `teacher` (a block number or
     a module path) and optionally `select`, `io`, `adapter`, `adapter_options`, `criterion`,
-    `weight` (`kdkit.config.recipe.PairSpec`); `'uniform:N'` spreads N pairs evenly over both models'
+    `weight` (`kdkit.config.schema.PairSpec`); `'uniform:N'` spreads N pairs evenly over both models'
     depths. A bad item raises `PairError` naming its index.
     """
     if isinstance(pairs, str):

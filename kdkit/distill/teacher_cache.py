@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from kdkit import CACHE_KEYS_VERSION
-from kdkit.config.recipe import DistillSpec
+from kdkit.config.schema import DistillSpec
 from kdkit.data.datasets import SeededAugmentation
 from kdkit.distill.taps import Tap, prefix_tokens
 from kdkit.utils import distributed

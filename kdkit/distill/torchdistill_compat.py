@@ -12,7 +12,7 @@ from typing import Any
 from torch import Tensor, nn
 from torchdistill.losses.registry import register_mid_level_loss
 
-from kdkit.config.recipe import DistillSpec
+from kdkit.config.schema import DistillSpec
 from kdkit.distill.adapters import build_adapter
 from kdkit.distill.losses import build_feature_criterion
 from kdkit.distill.taps import Tap, select_features

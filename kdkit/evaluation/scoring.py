@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from kdkit.config.recipe import Recipe
+from kdkit.config.schema import Recipe
 from kdkit.data.datasets import build_dataset, eval_loader
 from kdkit.evaluation.calibration import write_calibration
 from kdkit.evaluation.comparison import replicates_path

@@ -16,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-from kdkit.config.recipe import ModelSpec
+from kdkit.config.schema import ModelSpec
 from kdkit.models import hub
 from kdkit.registry import MODELS
 from kdkit.utils.checkpoint import CheckpointError, load_file
@@ -117,6 +117,11 @@ def _timm_with_weights(spec: ModelSpec, where: str) -> nn.Module:
 
 
 def _call_factory(factory: Any, spec: ModelSpec, where: str, *args: Any, **kwargs: Any) -> nn.Module:
+    # Bad option values: timm asserts its options' arithmetic, torch refuses negative sizes. With
+    # pretrained weights a RuntimeError is the weights' load failing, which the caller names.
+    bad_values = (AssertionError, ArithmeticError)
+    if not kwargs.get("pretrained"):
+        bad_values += (RuntimeError, ValueError)
     try:
         return factory(*args, **kwargs, **spec.options)
     except TypeError as exc:
@@ -124,7 +129,7 @@ def _call_factory(factory: Any, spec: ModelSpec, where: str, *args: Any, **kwarg
             f"{where}.options: {spec.name!r} does not accept these options "
             f"({exc}); options given: {sorted(spec.options)}"
         ) from None
-    except (AssertionError, ArithmeticError) as exc:  # timm asserts its options' arithmetic
+    except bad_values as exc:
         raise ModelError(
             f"{where}.options: {spec.name!r} cannot be built with these values ({type(exc).__name__}: "
             f"{exc or 'no detail'}); options given: {spec.options}. Check that widths divide by the "

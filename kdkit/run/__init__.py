@@ -1,1 +1,2 @@
-"""Running recipes: checks before any work, building what a recipe describes, the stages, resume."""
+"""Running recipes: checks before any work, building what a recipe describes, the stages, resume,
+ablations and benchmarks."""

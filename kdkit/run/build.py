@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kdkit.config.plan import StagePlan
-from kdkit.config.recipe import DataSpec, DistillSpec, Recipe, RecipeError, StageSpec
+from kdkit.config.schema import DataSpec, DistillSpec, Recipe, RecipeError, StageSpec
 from kdkit.data.datasets import example_batch
 from kdkit.distill.adapters import adapter_min_batch
 from kdkit.distill.distiller import Distiller
@@ -41,8 +41,9 @@ def make_evaluator(recipe: Recipe) -> Any:
         ) from None
 
 
-def build_recipe_model(recipe: Recipe, key: str, where: str) -> nn.Module:
-    """Build the model `recipe.models[key]`, re-raising build problems as recipe errors at `where`."""
+def model_from_recipe(recipe: Recipe, key: str, where: str) -> nn.Module:
+    """The model the recipe names `key` (`recipe.models[key]`, built by `kdkit.models.build_model`),
+    its build problems re-raised as recipe errors at `where`."""
     try:
         return build_model(recipe.models[key], where=f"models.{key}")
     except ModelError as exc:  # already names the model's key
@@ -80,8 +81,8 @@ def build_distiller(
     `train` stage of the same model (the baseline trained without a teacher)."""
     plan = recipe.plan.of(stage)
     d, train, where = plan.distill_spec(), plan.train, f"{plan.key}.distill"
-    student = build_recipe_model(recipe, d.student, f"{where}.student")
-    teacher = build_recipe_model(recipe, plan.teacher, f"{where}.teacher")
+    student = model_from_recipe(recipe, d.student, f"{where}.student")
+    teacher = model_from_recipe(recipe, plan.teacher, f"{where}.teacher")
     trained_by = plan.teacher_stage
     if trained_by is not None and trained is not None:
         weights = trained[trained_by]

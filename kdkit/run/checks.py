@@ -21,7 +21,7 @@ from rich.table import Table
 from torch.utils.data import default_collate
 
 from kdkit.config.plan import StagePlan
-from kdkit.config.recipe import DistillSpec, Recipe, RecipeError, StageSpec
+from kdkit.config.schema import DistillSpec, Recipe, RecipeError
 from kdkit.data.augment import device_images
 from kdkit.data.datasets import (
     DataError,
@@ -29,9 +29,9 @@ from kdkit.data.datasets import (
     build_dataset,
     example_batch,
     generate_data,
-    sample_groups,
     training_set,
 )
+from kdkit.data.samplers import sample_strata
 from kdkit.distill.adapters import adapter_min_batch, build_adapter, unknown_adapter_options
 from kdkit.distill.distiller import Distiller
 from kdkit.distill.losses import (
@@ -45,11 +45,11 @@ from kdkit.plugins import load_plugins
 from kdkit.registry import DATASETS, EVALUATORS, RegistryError
 from kdkit.run.build import (
     build_distiller,
-    build_recipe_model,
     check_input,
     dry_run_size,
     make_evaluator,
     make_teacher_input,
+    model_from_recipe,
 )
 from kdkit.training.optim import check_optimization
 from kdkit.utils import distributed
@@ -104,17 +104,17 @@ def _check(recipe: Recipe, generate: bool) -> RecipeCheck:
     _check_balanced(r)
     result = RecipeCheck(param_bytes=_check_models(r, example_batch(r.data), evaluator))
     check_stage_settings(r)
-    for stage in r.pipeline:
+    for stage in r.plan:
         if stage.do == "distill":
             result.tables.append(_check_distill_stage(r, stage))
     return result
 
 
-def _check_distill_stage(recipe: Recipe, stage: StageSpec) -> Table:
+def _check_distill_stage(recipe: Recipe, stage: StagePlan) -> Table:
     """Build a distill stage's Distiller on a batch of its training data and run one training
     step's losses on it; return its tap table."""
-    images, labels = _training_batch(recipe, stage)
-    distiller = build_distiller(recipe, stage, example=images)
+    images, labels = _training_batch(stage)
+    distiller = build_distiller(recipe, stage.spec, example=images)
     try:
         _check_pair_criteria(stage, distiller)
         _check_step(stage, distiller, images, labels)
@@ -123,13 +123,12 @@ def _check_distill_stage(recipe: Recipe, stage: StageSpec) -> Table:
         distiller.close()
 
 
-def _training_batch(recipe: Recipe, stage: StageSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _training_batch(stage: StagePlan) -> tuple[torch.Tensor, torch.Tensor]:
     """Images and labels of a few samples of a distill stage's training set (the dry run's size),
     the last one from its unlabelled pool when it has one; a pool that cannot be built, or whose
     images differ from the training images, is a recipe error naming `unlabeled`."""
-    plan = recipe.plan.of(stage)
-    spec, key = plan.data, plan.origin("data", "unlabeled")
-    n = dry_run_size(plan)
+    spec, key = stage.data, stage.origin("data", "unlabeled")
+    n = dry_run_size(stage)
     try:  # the labelled split was built before: a failure here is the pool's
         dataset = training_set(spec, with_unlabeled=True)
     except (DataError, RegistryError) as exc:
@@ -156,7 +155,7 @@ def _collated(dataset: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Ten
     return device_images(images, torch.device("cpu")), torch.as_tensor(labels)
 
 
-def _check_pair_criteria(stage: StageSpec, distiller: Distiller) -> None:
+def _check_pair_criteria(stage: StagePlan, distiller: Distiller) -> None:
     """Each pair's criterion takes its adapter's outputs for features of the real tap shapes
     (the Distiller's dry run sized the adapters, but did not call the criteria)."""
     where = f"pipeline.{stage.name}.distill"
@@ -178,7 +177,7 @@ def _check_pair_criteria(stage: StageSpec, distiller: Distiller) -> None:
                 ) from None
 
 
-def _check_step(stage: StageSpec, distiller: Distiller, images: torch.Tensor, labels: torch.Tensor) -> None:
+def _check_step(stage: StagePlan, distiller: Distiller, images: torch.Tensor, labels: torch.Tensor) -> None:
     """One training step's loss terms on a real batch (no gradient): the teacher's converted input,
     the logit loss on the real classes and labels (unlabelled samples too), every pair and group."""
     try:
@@ -226,7 +225,7 @@ def _check_balanced(recipe: Recipe) -> None:
     for where, spec in specs.items():
         if not spec.balanced:
             continue
-        groups = list(dict.fromkeys(sample_groups(build_dataset(spec, "train"))))
+        groups = list(dict.fromkeys(sample_strata(build_dataset(spec, "train"))))
         if spec.batch_size % len(groups):
             share = max(1, spec.batch_size // len(groups))
             problems.append(
@@ -246,7 +245,7 @@ def _check_models(recipe: Recipe, example: torch.Tensor, evaluator: Any) -> dict
     converts = {s.teacher: s for s in recipe.plan if s.distill is not None and s.distill.teacher_input}
     sizes = {}
     for key in recipe.models:
-        model = build_recipe_model(recipe, key, f"models.{key}")
+        model = model_from_recipe(recipe, key, f"models.{key}")
         given, size_key = example, "data.image_size"
         if key in converts:
             stage = converts[key]
@@ -392,7 +391,7 @@ def _feature_checks(stage: StagePlan, d: DistillSpec) -> list[tuple[str, str, st
     return checks
 
 
-def tap_table(stage: StageSpec, distiller: Distiller) -> Table:
+def tap_table(stage: StagePlan, distiller: Distiller) -> Table:
     """A table of layer pairs and groups: taps → shapes → each pair's adapter, criterion and weight
     (a group's method and weight)."""
     table = Table(title=f"stage {stage.name!r}: layer pairs (adapter params: {distiller.extra_parameters()})")

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from kdkit.config.recipe import DataSpec, ModelSpec, Recipe, StageSpec
+from kdkit.config.schema import DataSpec, ModelSpec, Recipe, StageSpec
 from kdkit.data.datasets import build_dataset, build_loaders, eval_loader
 from kdkit.distill.distiller import Distiller
 from kdkit.evaluation.comparison import (
@@ -40,7 +40,7 @@ from kdkit.evaluation.scoring import evaluate_model
 from kdkit.models.factory import build_model, load_state_dict_checked
 from kdkit.models.info import model_size
 from kdkit.registry import DATASETS
-from kdkit.run.build import build_distiller, build_recipe_model, distill_min_batch, make_evaluator
+from kdkit.run.build import build_distiller, distill_min_batch, make_evaluator, model_from_recipe
 from kdkit.run.stage_cache import StageCache
 from kdkit.training.task import SupervisedTask
 from kdkit.training.trainer import StageResult, Trainer
@@ -142,7 +142,7 @@ class RecipeRun:
         meta: dict[str, Any] = {"stage": stage.name, "recipe": r.to_dict(), "data": _data_meta(data)}
         seed_everything(seed)  # models are built right after seeding: same seed, same initial weights
         if stage.do == "train":
-            model = build_recipe_model(r, stage.model, f"pipeline.{stage.name}.model")
+            model = model_from_recipe(r, stage.model, f"pipeline.{stage.name}.model")
             task: nn.Module = SupervisedTask(model, train.label_smoothing)
             meta["spec"] = _spec_for_checkpoint(r.models[stage.model])
             extra = 0

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdkit.config.recipe import Recipe, RecipeError, diff_keys, parse_recipe, read_yaml, recipe_changes
+from kdkit.config.loading import diff_keys, read_yaml, recipe_changes
+from kdkit.config.schema import Recipe, RecipeError
+from kdkit.config.validation import parse_recipe
 from kdkit.errors import UsageError
 from kdkit.run.stage_cache import stage_inputs, stage_upstream
 from kdkit.utils.checkpoint import atomic_write_text

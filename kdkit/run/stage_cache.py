@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kdkit import CACHE_KEYS_VERSION
-from kdkit.config.recipe import Recipe, StageSpec
+from kdkit.config.schema import Recipe, StageSpec
 from kdkit.utils.checkpoint import atomic_path, atomic_write_text, file_sha256
 from kdkit.utils.lock import locked
 

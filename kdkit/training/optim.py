@@ -12,7 +12,7 @@ import torch
 from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 
-from kdkit.config.recipe import TrainSpec
+from kdkit.config.schema import TrainSpec
 from kdkit.registry import did_you_mean
 
 

@@ -8,7 +8,8 @@ pairs from `kdkit.data.datasets.build_loaders` (the teacher cache's key); loader
 `(images, labels)` batches work too.
 
 Under torchrun (see `kdkit.utils.distributed`) every rank runs this same loop on its share of each
-global batch through DDP; rank 0 alone evaluates, logs and writes checkpoints.
+global batch through DDP; rank 0 alone evaluates, logs and writes checkpoints. What it prints for
+people (the epoch lines, the progress bar's running terms) is laid out by `kdkit.training.display`.
 """
 
 from __future__ import annotations
@@ -29,17 +30,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kdkit.config.recipe import TrainSpec
+from kdkit.config.schema import TrainSpec
 from kdkit.data.augment import Frames, device_images
 from kdkit.evaluation.predict import predict
 from kdkit.evaluation.protocol import Evaluator
+from kdkit.training.display import EpochPrinter, step_info
 from kdkit.training.optim import build_optimizer
 from kdkit.utils import distributed
 from kdkit.utils.checkpoint import atomic_save, load_file, rng_state, set_rng_state
 from kdkit.utils.device import autocast, resolve_device
-from kdkit.utils.runlog import AlignedLines, Column, MetricsLog, console, progress
-
-EPOCH_LINE_WIDTH = 100  # the epoch line's most columns: less important columns go, never a wrap
+from kdkit.utils.runlog import MetricsLog, console, progress
 
 
 class TrainingDiverged(RuntimeError):
@@ -219,7 +219,6 @@ class Trainer:
         self.data_seconds = 0.0
         self.epoch_progress: EpochProgress | None = None  # where an interrupted epoch stopped
         self.stop = StopRequest()  # set by SIGINT/SIGTERM while `fit` runs
-        self._epoch_lines: AlignedLines | None = None  # the epoch line's columns, fixed at the first
 
     # ---------------------------------------------------------------- the loop
     def fit(self, resume: bool = False) -> StageResult:
@@ -236,10 +235,11 @@ class Trainer:
         distributed.decorrelate_rng()  # ranks share the seed; dropout must differ between them
         start = time.perf_counter()
         main = distributed.is_main()
-        self._epoch_lines = None  # a header again for each fit (a resumed run's log included)
+        # new for each fit, so that a resumed run's log has the header again
+        printer = EpochPrinter(self.stage, self.spec.epochs, self.evaluator.monitor)
         with _stop_requests() as self.stop:
             for epoch in range(self.epoch, self.spec.epochs):
-                self._fit_epoch(epoch, main)
+                self._fit_epoch(epoch, main, printer)
         if main and not (self.out_dir / "model.pt").exists():  # resumed after the last epoch, or no eval
             self._save_model(self.last_metrics)
         distributed.barrier()  # later stages on every rank read the files rank 0 wrote
@@ -254,8 +254,9 @@ class Trainer:
             data_wait_seconds_per_epoch=self.data_seconds / max(self.epoch, 1),
         )
 
-    def _fit_epoch(self, epoch: int, main: bool) -> None:
-        """Train one epoch, then (rank 0) evaluate when due, log and save `last.pt`."""
+    def _fit_epoch(self, epoch: int, main: bool, printer: EpochPrinter) -> None:
+        """Train one epoch, then (rank 0) evaluate when due, log, save `last.pt` and print the
+        epoch's line."""
         epoch_start = time.perf_counter()
         train_terms = self.train_one_epoch(epoch)
         self.train_seconds += time.perf_counter() - epoch_start
@@ -275,25 +276,9 @@ class Trainer:
             self._update_best_on_test(metrics)
         self.log.write(record)
         self._save_state()
-        self._print_epoch(record, time.perf_counter() - epoch_start)
+        printer.print(record, self.optimizer.param_groups[0]["lr"], time.perf_counter() - epoch_start)
         if self.stop.requested:  # also after the last epoch: the next stage must not start
             self._interrupted(f"after epoch {self.epoch}")
-
-    def _print_epoch(self, record: dict[str, Any], seconds: float) -> None:
-        """The epoch's line of aligned columns, under a header at the stage's first epoch."""
-        terms = {k.removeprefix("train/"): v for k, v in record.items() if k.startswith("train/")}
-        if self._epoch_lines is None:
-            monitors = [self.evaluator.monitor]
-            self._epoch_lines = epoch_lines(self.stage, self.spec.epochs, list(terms), monitors)
-            console.print(self._epoch_lines.header(), markup=False, highlight=False, soft_wrap=True)
-        values = {
-            **record,  # the metrics
-            **terms,
-            "epoch": f"{self.epoch}/{self.spec.epochs}",
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "sec": seconds,
-        }
-        console.print(self._epoch_lines.line(values), markup=False, highlight=False, soft_wrap=True)
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training loader (at most `steps_per_epoch` batches; the rest of an
@@ -352,8 +337,7 @@ class Trainer:
         and, on rank 0, in the metrics log (every term) with the learning rate and images/s."""
         means = self._gathered_means(tally)
         rate *= distributed.world_size()
-        shown = " ".join(f"{k}={means[k]:.3f}" for k in main_terms(tally.names))
-        advance(0, info=f"{shown} {rate_text(rate)} img/s")
+        advance(0, info=step_info(means, rate))
         if self.log is not None and distributed.is_main():
             self.log.write(
                 {
@@ -526,30 +510,3 @@ class Trainer:
         self.data_seconds = state.get("data_seconds", 0.0)
         progress_ = state.get("epoch_progress")
         self.epoch_progress = EpochProgress(**progress_) if progress_ else None
-
-
-# ------------------------------------------------------------------------------------ the epoch line
-def rate_text(rate: float) -> str:
-    """A rate for people: `1234` from 10 up, two significant digits below (`3.4`, `0.42`), so that a
-    slow step shows as 0.42 img/s, not 0 img/s."""
-    return f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"
-
-
-def main_terms(names: list[str]) -> list[str]:
-    """The loss and the terms it is made of, not their parts (`feat`, not `feat.0`, `feat.1`)."""
-    return [name for name in dict.fromkeys(["loss", *names]) if name in names and "." not in name]
-
-
-def epoch_lines(stage: str, epochs: int, terms: list[str], monitors: list[str]) -> AlignedLines:
-    """The columns of a stage's epoch lines: epoch k/N, the main loss terms, the monitored
-    metrics, the learning rate and the epoch's seconds, at most `EPOCH_LINE_WIDTH` (or the
-    console's) columns wide: the learning rate, the seconds and the last terms go first."""
-    shown = main_terms(terms)
-    columns = [
-        Column("epoch", spec="", width=2 * len(str(epochs)) + 1, rank=0),
-        *(Column(t, rank=1 if t == "loss" else 3) for t in shown),
-        *(Column(m, rank=2) for m in monitors),
-        Column("lr", spec=".2e", width=8, rank=5),
-        Column("sec", spec=".1f", width=7, rank=4),
-    ]
-    return AlignedLines(f"[{stage}]", columns, min(console.width, EPOCH_LINE_WIDTH))

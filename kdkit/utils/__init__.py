@@ -1,1 +1,1 @@
-"""Utilities: checkpoints, locks, worker processes, run logging, devices, torch.distributed."""
+"""Utilities: checkpoints, locks, worker processes, run logging, devices, peak memory, torch.distributed."""

@@ -27,7 +27,7 @@ from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from kdkit.config.recipe import RecipeError
+from kdkit.errors import EnvironmentSettingError
 from kdkit.utils.checkpoint import naming_the_file
 
 # Columns for output that is not going to a terminal: rich would use 80 (or the width of whichever
@@ -63,12 +63,13 @@ output = _Console(highlight=False)
 
 def progress_settings() -> tuple[int | None, float]:
     """`$KDKIT_PROGRESS_STEPS` (None: each quarter) and `$KDKIT_PROGRESS_SECONDS` (default 30),
-    checked: a RecipeError names a bad value."""
+    checked: an EnvironmentSettingError names a bad variable, its value and what is expected."""
     steps, seconds = os.environ.get("KDKIT_PROGRESS_STEPS", ""), os.environ.get("KDKIT_PROGRESS_SECONDS", "")
     problems = []
     if steps and not (steps.isdigit() and int(steps) > 0):
         problems.append(
-            f"KDKIT_PROGRESS_STEPS={steps!r}: expected a whole number of steps >= 1 (or unset it)"
+            f"environment variable KDKIT_PROGRESS_STEPS={steps!r}: expected a whole number of steps >= 1 "
+            "(or unset it)"
         )
     try:
         every_seconds = float(seconds) if seconds else PROGRESS_SECONDS
@@ -76,10 +77,11 @@ def progress_settings() -> tuple[int | None, float]:
         every_seconds = -1.0
     if not every_seconds >= 0:  # also NaN
         problems.append(
-            f"KDKIT_PROGRESS_SECONDS={seconds!r}: expected a number of seconds >= 0 (or unset it)"
+            f"environment variable KDKIT_PROGRESS_SECONDS={seconds!r}: expected a number of seconds >= 0 "
+            "(or unset it)"
         )
     if problems:
-        raise RecipeError(problems, "environment")
+        raise EnvironmentSettingError("; ".join(problems))
     return (int(steps) if steps else None), every_seconds
 
 

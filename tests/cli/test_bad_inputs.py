@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import tiny_recipe_dict, tiny_vit
+from conftest import folder_contents, tiny_recipe_dict, tiny_vit
 
 from kdkit.cli import main
 
@@ -345,12 +345,10 @@ def _teacher_only(steps: int) -> dict[str, Any]:
     return data
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished tiny run (one train stage): the checkpoint every command case must leave intact."""
-    root = tmp_path_factory.mktemp("trained")
-    assert main(["run", str(_write(root, _teacher_only(steps=2))), "--out", str(root / "run")]) == 0
-    return root / "run"
+@pytest.fixture
+def trained(tiny_run: Path) -> Path:
+    """The shared finished tiny run: the checkpoints every command case must leave intact."""
+    return tiny_run / "run"
 
 
 def _bomb(tmp: Path) -> list[str]:
@@ -487,13 +485,13 @@ COMMAND_CASES = [
 def test_bad_command(
     tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str], argv: Any, words: list[str]
 ) -> None:
-    before = {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()}
+    before = folder_contents(trained)
     assert main(argv(tmp_path, trained)) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err) < 4000
     for word in words:
         assert word in err, f"{word!r} not in:\n{err}"
-    assert {p: p.read_bytes() for p in trained.rglob("*") if p.is_file()} == before  # nothing lost
+    assert folder_contents(trained) == before  # nothing lost
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]  # nothing half-written
 
 

@@ -98,6 +98,7 @@ def reference(recipe: Path) -> dict[str, dict[str, torch.Tensor]]:
     return weights(recipe.parent / "reference")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(
     recipe: Path, tmp_path: Path, reference: dict[str, dict[str, torch.Tensor]]
 ) -> None:
@@ -116,6 +117,7 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(
     assert_same_weights(weights(run), reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "status"), [("SIGINT", 130), ("SIGTERM", 143)])
 def test_sigint_or_sigterm_saves_mid_epoch_and_resume_continues_exactly(
     recipe: Path, tmp_path: Path, reference: dict[str, dict[str, torch.Tensor]], name: str, status: int
@@ -161,7 +163,7 @@ def test_a_signal_in_the_last_epoch_still_stops_before_the_next_stage(
 
 
 def test_resumed_epoch_leaves_out_exactly_the_trained_samples() -> None:
-    from kdkit.data.datasets import EpochSampler
+    from kdkit.data.samplers import EpochSampler
 
     sampler = EpochSampler(10, seed=3)
     sampler.set_epoch(2)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-import yaml
-from conftest import tiny_recipe_dict
 from onnx import numpy_helper
 from PIL import Image
 
@@ -26,23 +24,15 @@ from kdkit.evaluation.calibration import find_calibration, thresholds_in, write_
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """`RUN/teacher/model.pt` of a tiny digits run (train + evaluate stages only)."""
-    root = tmp_path_factory.mktemp("deploy")
-    recipe = tiny_recipe_dict()
-    recipe["pipeline"] = [
-        {"name": "teacher", "do": "train", "model": "teacher"},
-        {"name": "test", "do": "evaluate", "runs": ["teacher"], "split": "test"},
-    ]
-    (root / "tiny.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    assert main(["run", str(root / "tiny.yaml"), "--out", str(root / "run")]) == 0
-    yield root / "run" / "teacher" / "model.pt"
+def checkpoint(tiny_run: Path) -> Path:
+    """`RUN/teacher/model.pt` of the shared tiny digits run."""
+    return tiny_run / "run" / "teacher" / "model.pt"
 
 
 @pytest.fixture(scope="module")
-def onnx_file(checkpoint: Path) -> Path:
+def onnx_file(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The checkpoint exported to ONNX once."""
-    out = checkpoint.parent.parent / "teacher.onnx"
+    out = tmp_path_factory.mktemp("onnx") / "teacher.onnx"
     assert main(["export", str(checkpoint), "--format", "onnx", "--out", str(out)]) == 0
     return out
 
@@ -198,7 +188,8 @@ def test_predict_bad_arguments_exit_2(
 def test_eval_rewrites_the_pipeline_metrics(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = checkpoint.parent.parent
+    run = shutil.copytree(checkpoint.parent.parent, tmp_path / "run")  # eval writes beside the checkpoint
+    checkpoint = run / "teacher" / "model.pt"
     assert main(["eval", str(checkpoint)]) == 0  # the recipe recorded in the checkpoint
     assert "results on test" in (printed := capsys.readouterr().out) and "accuracy ↑" in printed
     written = json.loads((checkpoint.parent / "eval-test" / "metrics.json").read_text())["metrics"]

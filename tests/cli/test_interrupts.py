@@ -31,6 +31,7 @@ def small_recipe(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes in /proc")
 def test_ablate_stops_cleanly_when_a_worker_dies_or_at_a_random_signal_and_the_same_command_finishes(
     small_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -5,46 +5,30 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import tiny_recipe_dict
+from conftest import TINY_RUN_OVERRIDES as OVERRIDES
 
 from kdkit.cli import main
 from kdkit.cli.run import _run_dir
-from kdkit.config.recipe import load_recipe, read_yaml
+from kdkit.config.loading import load_recipe, read_yaml
 from kdkit.errors import UsageError
 from kdkit.utils.checkpoint import file_sha256, load_file
-from kdkit.utils.runlog import console
 
 STAGES = ["teacher", "student_kd", "student_alone", "test"]
-OVERRIDES = ["--set", "pipeline.student_alone.train.epochs=1", "--set", "train.lr=1e-3"]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One complete `kdkit run` of the tiny digits recipe, shared by the tests that only read it."""
-    root = tmp_path_factory.mktemp("cli")
-    (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_recipe_dict(), sort_keys=False))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setattr(console, "_width", 250)
-        assert main(["run", "tiny.yaml", "--out", "run", *OVERRIDES]) == 0
-    yield root
-
-
-def test_run_writes_the_run_directory(finished_run: Path) -> None:
-    run = finished_run / "run"
+def test_run_writes_the_run_directory(tiny_run: Path) -> None:
+    run = tiny_run / "run"
     for stage in STAGES[:3]:
         assert {"model.pt", "last.pt", "done.json"} <= {p.name for p in (run / stage).iterdir()}, stage
     assert (run / "test" / "done.json").exists()
 
     # recipe.yaml is the resolved recipe, overrides included.
     resolved = load_recipe(run / "recipe.yaml")
-    assert resolved == load_recipe(finished_run / "tiny.yaml", OVERRIDES[1::2])
+    assert resolved == load_recipe(tiny_run / "tiny.yaml", OVERRIDES[1::2])
     assert resolved.train.lr == 1e-3
 
     lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -69,14 +53,14 @@ def test_run_writes_the_run_directory(finished_run: Path) -> None:
     assert all(0.0 <= r["test/accuracy"] <= 1.0 and "val/accuracy" in r for r in results.values())
 
 
-def test_the_evaluate_stage_gives_intervals_and_the_difference_to_the_baseline(finished_run: Path) -> None:
-    test = json.loads((finished_run / "run" / "summary.json").read_text())["test"]
+def test_the_evaluate_stage_gives_intervals_and_the_difference_to_the_baseline(tiny_run: Path) -> None:
+    test = json.loads((tiny_run / "run" / "summary.json").read_text())["test"]
     results = test["results"]
     for run, metrics in results.items():
         low, high = metrics["intervals"]["test/accuracy"]
         assert low <= metrics["test/accuracy"] <= high and high - low > 0
         assert metrics["resampling"]["unit"] == "sample" and metrics["resampling"]["n_units"] == 360
-        assert (finished_run / "run" / "test" / run / "bootstrap_test.npz").is_file()
+        assert (tiny_run / "run" / "test" / run / "bootstrap_test.npz").is_file()
     assert test["baseline"] == "student_alone" and set(test["differences"]) == {"teacher", "student_kd"}
     for run, per_key in test["differences"].items():
         diff = per_key["test/accuracy"]
@@ -140,7 +124,7 @@ def test_track_test_records_the_best_on_test_epoch_without_selecting_it(
 def test_a_stage_trains_on_its_own_data_and_everything_is_tested_on_the_recipes(
     tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kdkit.data.datasets import digits
+    from kdkit.data.digits_set import digits
     from kdkit.registry import DATASETS
 
     calls: list[tuple[str, int]] = []
@@ -170,8 +154,8 @@ def test_a_stage_trains_on_its_own_data_and_everything_is_tested_on_the_recipes(
     assert train_stage_key(recipe, teacher) != train_stage_key(other, other.pipeline[0])
 
 
-def test_checkpoints_are_weights_only_and_reference_the_teacher(finished_run: Path) -> None:
-    run = finished_run / "run"
+def test_checkpoints_are_weights_only_and_reference_the_teacher(tiny_run: Path) -> None:
+    run = tiny_run / "run"
     kd = torch.load(run / "student_kd" / "model.pt", map_location="cpu", weights_only=True)
     assert kd["kind"] == "model" and kd["stage"] == "student_kd"
     assert kd["spec"]["options"]["embed_dim"] == 32 and kd["spec"]["weights"] is None
@@ -184,10 +168,11 @@ def test_checkpoints_are_weights_only_and_reference_the_teacher(finished_run: Pa
 
 
 def test_resume_of_a_finished_run_skips_every_stage(
-    finished_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(finished_run)
-    run = finished_run / "run"
+    shutil.copy(tiny_run / "tiny.yaml", tmp_path / "tiny.yaml")
+    run = shutil.copytree(tiny_run / "run", tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
     before = {p: p.read_bytes() for p in run.glob("*/*.pt")}
     metrics = (run / "metrics.jsonl").read_text()
     summary = (run / "summary.json").read_text()
@@ -201,12 +186,12 @@ def test_resume_of_a_finished_run_skips_every_stage(
 
 
 def test_resume_with_a_changed_stage_keeps_the_others_and_reruns_what_reads_it(
-    finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Issue 26: a fixed distill setting re-runs the distill stage and the evaluate stage that reads
     it; the teacher and the student alone are kept; the old results are set aside, never mixed."""
-    shutil.copy(finished_run / "tiny.yaml", tmp_path / "tiny.yaml")
-    run = shutil.copytree(finished_run / "run", tmp_path / "run")
+    shutil.copy(tiny_run / "tiny.yaml", tmp_path / "tiny.yaml")
+    run = shutil.copytree(tiny_run / "run", tmp_path / "run")
     monkeypatch.chdir(tmp_path)
     before = {p: p.read_bytes() for p in run.glob("*/model.pt")}
     old_summary = json.loads((run / "summary.json").read_text())
@@ -263,9 +248,9 @@ def test_resume_refuses_a_saved_recipe_it_cannot_read(
 
 
 def test_existing_out_without_resume_is_refused(
-    finished_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(finished_run)
+    monkeypatch.chdir(tiny_run)
     assert main(["run", "tiny.yaml", "--out", "run"]) == 2
     err = capsys.readouterr().err
     assert "--out: run already holds a run; pass --resume" in err and "Traceback" not in err

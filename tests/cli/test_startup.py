@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import kdkit
 
 
@@ -35,6 +37,7 @@ def test_public_names_load_on_first_use() -> None:
         raise AssertionError("an unknown attribute must raise AttributeError")
 
 
+@pytest.mark.slow
 def test_registries_hold_their_builtins_without_importing_their_modules() -> None:
     code = (
         "from kdkit.registry import ADAPTERS, DATASETS, EVALUATORS, FEATURE_CRITERIA, TAP_PRESETS\n"
@@ -46,6 +49,7 @@ def test_registries_hold_their_builtins_without_importing_their_modules() -> Non
         assert f"'{name}'" in out
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_the_command_line_starts_is_one_line() -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "kdkit", "--version"],

@@ -10,7 +10,7 @@ import torch
 
 from kdkit.models.compile import compile_in_place
 from kdkit.registry import FEATURE_CRITERIA, LOGIT_LOSSES, Registry, RegistryError
-from kdkit.training.trainer import rate_text
+from kdkit.training.display import rate_text
 
 
 def test_registry_listings_use_the_right_plural() -> None:

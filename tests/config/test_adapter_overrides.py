@@ -13,13 +13,13 @@ import yaml
 from conftest import REPO, tiny_recipe_dict
 
 from kdkit.cli import main
-from kdkit.cli.ablate import expand_grid, resolve
-from kdkit.config import recipe as recipe_module
-from kdkit.config.recipe import apply_overrides, read_yaml
+from kdkit.config import loading
+from kdkit.config.loading import apply_overrides, read_yaml
 from kdkit.distill.adapters import build_adapter
 from kdkit.plugins import load_plugins
 from kdkit.registry import ADAPTERS
 from kdkit.run.checks import check_stage_settings
+from kdkit.run.variants import expand_grid, resolve
 
 PAPER_OPTIONS = {"detach_covariance": False}  # the shipped KDFAS recipes' covariance options
 
@@ -27,9 +27,9 @@ PAPER_OPTIONS = {"detach_covariance": False}  # the shipped KDFAS recipes' covar
 @pytest.fixture(autouse=True)
 def fresh_notes() -> Iterator[None]:
     """Each test sees its notes: they are printed once per process."""
-    recipe_module._note_once.cache_clear()
+    loading._note_once.cache_clear()
     yield
-    recipe_module._note_once.cache_clear()
+    loading._note_once.cache_clear()
 
 
 def _kdfas_like() -> dict[str, Any]:

@@ -12,7 +12,8 @@ import yaml
 from conftest import tiny_recipe_dict, vit_options
 
 from kdkit.cli import main
-from kdkit.config.recipe import RecipeError, TrainSpec, parse_recipe
+from kdkit.config.schema import RecipeError, TrainSpec
+from kdkit.config.validation import parse_recipe
 from kdkit.run.pipeline import RecipeRun
 from kdkit.run.stage_cache import stage_inputs
 
@@ -67,6 +68,16 @@ def test_a_bad_stage_seed_is_named_by_its_key_path() -> None:
     assert info.value.problems == [
         "pipeline.teacher.train.seed: expected a non-negative integer (or null), got -1"
     ]
+
+
+def test_a_negative_recipe_seed_is_refused_before_any_work() -> None:
+    """The recipe's own `seed` (every stage's default) is checked too: torch would refuse it only
+    when the first stage starts."""
+    data = _recipe_dict()
+    data["seed"] = -3
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(data)
+    assert info.value.problems == ["seed: expected a non-negative integer, got -3"]
 
 
 @pytest.mark.parametrize(

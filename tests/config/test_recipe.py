@@ -1,4 +1,4 @@
-"""Tests for kdkit.config.recipe: typed validation, error messages, --set overrides, YAML safety."""
+"""kdkit.config (schema, loading, validation): typed checks, messages, --set overrides, YAML safety."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from conftest import DIGITS_RECIPE, REPO, tiny_recipe_dict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kdkit.config.recipe import (
+from kdkit.config.loading import apply_overrides, load_recipe, parse_override, read_yaml
+from kdkit.config.schema import (
     DataSpec,
     DistillSpec,
     GroupSpec,
@@ -26,12 +27,8 @@ from kdkit.config.recipe import (
     TeacherInputSpec,
     TrainSpec,
     UnlabeledPool,
-    apply_overrides,
-    load_recipe,
-    parse_override,
-    parse_recipe,
-    read_yaml,
 )
+from kdkit.config.validation import parse_recipe
 
 
 def problems_of(data: dict[str, Any]) -> list[str]:
@@ -465,7 +462,7 @@ def test_list_items_by_name_in_mixed_lists() -> None:
 def test_a_saved_recipe_without_keys_added_since_is_the_same_recipe(tiny_recipe: Path) -> None:
     """`--resume` compares the saved recipe read as this version reads it: keys added since, at
     their defaults, are no change; a changed value still is."""
-    from kdkit.config.recipe import recipe_changes
+    from kdkit.config.loading import recipe_changes
 
     resolved = load_recipe(tiny_recipe).to_dict()
     saved = copy.deepcopy(resolved)

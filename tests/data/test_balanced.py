@@ -9,8 +9,11 @@ import torch
 from conftest import tiny_recipe_dict
 from torch.utils.data import Dataset
 
-from kdkit.config.recipe import DataSpec, RecipeError, parse_recipe
-from kdkit.data.datasets import BalancedSampler, DataError, EpochSampler, build_loaders, sample_groups
+from kdkit.config.schema import DataSpec, RecipeError
+from kdkit.config.validation import parse_recipe
+from kdkit.data.datasets import build_loaders
+from kdkit.data.samplers import BalancedSampler, EpochSampler, sample_strata
+from kdkit.errors import DataError
 from kdkit.registry import DATASETS
 from kdkit.run.checks import check_recipe
 
@@ -70,14 +73,14 @@ class Unlabelled(Dataset):
         return 3
 
 
-def test_groups_come_from_groups_else_labels_else_a_clear_error() -> None:
+def test_strata_come_from_groups_else_labels_else_a_clear_error() -> None:
     labelled = Unlabelled()
     labelled.labels = [0, 1, 1]
-    assert sample_groups(labelled) == [0, 1, 1]
+    assert sample_strata(labelled) == [0, 1, 1]
     labelled.groups = [("x", 0), ("x", 1), ("y", 1)]
-    assert sample_groups(labelled) == [("x", 0), ("x", 1), ("y", 1)]
+    assert sample_strata(labelled) == [("x", 0), ("x", 1), ("y", 1)]
     with pytest.raises(DataError, match="data.balanced: the Unlabelled training set has neither"):
-        sample_groups(Unlabelled())
+        sample_strata(Unlabelled())
 
 
 class Grouped(Dataset):

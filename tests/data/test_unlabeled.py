@@ -12,15 +12,16 @@ import pytest
 import torch
 from conftest import tiny_vit
 
-from kdkit.config.recipe import DataSpec, RecipeError, parse_recipe
+from kdkit.config.schema import DataSpec, RecipeError
+from kdkit.config.validation import parse_recipe
 from kdkit.data.datasets import (
     UNLABELED,
-    EpochSampler,
     build_dataset,
     build_loaders,
     labeled_subset,
     training_set,
 )
+from kdkit.data.samplers import EpochSampler
 from kdkit.distill.distiller import Distiller
 from kdkit.distill.losses import labeled_cross_entropy
 from kdkit.distill.pairs import layer_pairs

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchdistill.losses.mid_level import SPKDLoss
 
-from kdkit.config.recipe import DataSpec
+from kdkit.config.schema import DataSpec
 from kdkit.data.datasets import build_dataset, build_loaders
 from kdkit.distill.adapters import adapter_min_batch, build_adapter
 from kdkit.distill.losses import mse

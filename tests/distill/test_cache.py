@@ -11,8 +11,9 @@ import torch
 from conftest import tiny_vit
 from torch.utils.data import Dataset
 
-from kdkit.config.recipe import DataSpec, DistillSpec, TrainSpec
-from kdkit.data.datasets import EpochSampler, SeededAugmentation, build_loaders
+from kdkit.config.schema import DataSpec, DistillSpec, TrainSpec
+from kdkit.data.datasets import SeededAugmentation, build_loaders
+from kdkit.data.samplers import EpochSampler
 from kdkit.distill.distiller import Distiller
 from kdkit.distill.pairs import layer_pairs
 from kdkit.distill.teacher_cache import TeacherCache, open_teacher_cache

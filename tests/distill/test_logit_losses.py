@@ -18,7 +18,8 @@ from conftest import tiny_recipe_dict, tiny_vit
 from torchdistill.losses.mid_level import DISTLoss, LogitStdKDLoss
 
 from kdkit.cli import main
-from kdkit.config.recipe import RecipeError, parse_recipe
+from kdkit.config.schema import RecipeError
+from kdkit.config.validation import parse_recipe
 from kdkit.distill.distiller import Distiller
 from kdkit.distill.losses import (
     LOGIT_LOSSES,

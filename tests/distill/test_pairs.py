@@ -15,8 +15,10 @@ import yaml
 from conftest import DIGITS_RECIPE, REPO, tiny_recipe_dict, tiny_vit
 from rich.console import Console
 
+from kdkit.config.loading import apply_overrides, diff_keys
 from kdkit.config.plan import StagePlan
-from kdkit.config.recipe import RecipeError, apply_overrides, diff_keys, parse_recipe
+from kdkit.config.schema import RecipeError
+from kdkit.config.validation import parse_recipe
 from kdkit.data.datasets import SeededAugmentation, build_loaders
 from kdkit.distill.adapters import build_adapter
 from kdkit.distill.distiller import Distiller

@@ -309,7 +309,8 @@ def _recipe_with_a_32px_teacher(**teacher_input: object) -> dict:
 def test_a_recipe_teacher_gets_its_own_input_and_the_cache_key_names_it(tmp_path) -> None:
     import torch.nn.functional as F
 
-    from kdkit.config.recipe import RecipeError, parse_recipe
+    from kdkit.config.schema import RecipeError
+    from kdkit.config.validation import parse_recipe
     from kdkit.data.datasets import build_loaders
     from kdkit.run.build import build_distiller
     from kdkit.run.checks import check_recipe
@@ -334,7 +335,8 @@ def test_a_recipe_teacher_gets_its_own_input_and_the_cache_key_names_it(tmp_path
 
 
 def test_auto_reads_the_teachers_pretrained_cfg_or_says_what_to_give() -> None:
-    from kdkit.config.recipe import RecipeError, parse_recipe
+    from kdkit.config.schema import RecipeError
+    from kdkit.config.validation import parse_recipe
     from kdkit.run.build import build_distiller
 
     recipe = parse_recipe({**_recipe_with_a_32px_teacher(), "distill": {"teacher_input": "auto"}})

@@ -10,7 +10,6 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-from kdkit.cli.ablation_report import Group, Measured, markdown_tables, rich_table, summarise
 from kdkit.evaluation.comparison import NO_INTERVAL, differences, differences_table, results_table
 from kdkit.evaluation.stats import (
     MIN_UNITS,
@@ -21,6 +20,7 @@ from kdkit.evaluation.stats import (
     percentile_interval,
     unit_counts,
 )
+from kdkit.run.ablation_report import Group, Measured, markdown_tables, rich_table, summarise
 
 
 def test_unit_counts_resample_whole_units_and_depend_only_on_the_unit_set() -> None:

@@ -20,7 +20,7 @@ from huggingface_hub import constants
 from safetensors.torch import save_file
 
 from kdkit.cli import main
-from kdkit.config.recipe import ModelSpec
+from kdkit.config.schema import ModelSpec
 from kdkit.models import hub
 from kdkit.models.factory import ModelError, build_model
 

@@ -11,7 +11,7 @@ from conftest import tiny_vit, vit_options
 from safetensors.torch import save_file
 from torch import nn
 
-from kdkit.config.recipe import ModelSpec
+from kdkit.config.schema import ModelSpec
 from kdkit.models import hub
 from kdkit.models.factory import (
     ModelError,
@@ -51,6 +51,17 @@ def test_unknown_model_lists_close_names() -> None:
 def test_bad_options_name_the_options() -> None:
     with pytest.raises(ModelError, match=r"models.s.options: .*options given: \['not_an_option'\]"):
         build_model(ModelSpec(VIT, {"not_an_option": 1}), where="models.s")
+
+
+@pytest.mark.parametrize(
+    ("options", "error"), [({"depth": -1}, "RuntimeError"), ({"num_heads": 5}, "AssertionError")]
+)
+def test_impossible_option_values_name_the_options(options: dict, error: str) -> None:
+    """A negative depth (torch refuses it) or a width that the heads do not divide (timm asserts)
+    is a recipe error naming the options, not a traceback."""
+    spec = ModelSpec(VIT, vit_options(**options))
+    with pytest.raises(ModelError, match=rf"models.s.options: .*cannot be built with these values \({error}"):
+        build_model(spec, where="models.s")
 
 
 @pytest.mark.parametrize("layout", ["bare.pth", "wrapped.pth", "ddp.pt", "kdkit.pt", "file.safetensors"])

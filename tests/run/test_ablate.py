@@ -20,23 +20,18 @@ from conftest import small_ablation_recipe_dict
 from torch.utils.data import Dataset
 
 from kdkit.cli import main
-from kdkit.cli.ablate import (
-    RunJob,
-    baseline_stage,
-    combine,
-    expand_grid,
-    read_variants,
-    resolve,
-    split_values,
-)
-from kdkit.cli.ablation_report import Group, Measured, csv_text, format_cell, markdown_tables, summarise
-from kdkit.config.recipe import Recipe, RecipeError, apply_overrides, parse_recipe, read_yaml
-from kdkit.data.datasets import digits
+from kdkit.config.loading import apply_overrides, read_yaml
+from kdkit.config.schema import Recipe, RecipeError
+from kdkit.config.validation import parse_recipe
+from kdkit.data.digits_set import digits
 from kdkit.evaluation.comparison import direction, load_replicates
 from kdkit.evaluation.stats import Replicates, paired_difference
 from kdkit.registry import DATASETS
+from kdkit.run.ablation import RunJob
+from kdkit.run.ablation_report import Group, Measured, csv_text, format_cell, markdown_tables, summarise
 from kdkit.run.pipeline import RecipeRun
 from kdkit.run.stage_cache import StageCache, train_stage_key
+from kdkit.run.variants import baseline_stage, combine, expand_grid, read_variants, resolve, split_values
 from kdkit.utils.checkpoint import load_file
 from kdkit.utils.runlog import console
 
@@ -451,7 +446,7 @@ def test_csv_and_json_hold_every_run_and_mean_std_per_variant(ablation: Path) ->
     assert report["columns"] == ["test/accuracy", "adapter_params", "train_s_per_epoch", "peak_MiB"]
     assert [v["n"] for v in report["variants"]] == [2, 2, 2] and len(report["runs"]) == 6
     assert [v["baseline"] for v in report["variants"]] == [True, False, False]
-    assert "ru_maxrss" in report["memory_measure"]
+    assert "VmHWM" in report["memory_measure"]
 
 
 def test_the_paired_difference_is_each_runs_student_minus_its_own_baseline(ablation: Path) -> None:
@@ -509,6 +504,7 @@ def test_markdown_has_the_baseline_intervals_and_differences_and_the_png_is_writ
     assert (ablation / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_no_baseline_leaves_it_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     Path("tiny.yaml").write_text(yaml.safe_dump(small_ablation_recipe_dict(), sort_keys=False))
@@ -520,6 +516,7 @@ def test_no_baseline_leaves_it_out(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "variant − baseline" not in Path("abl/ablation.md").read_text()
 
 
+@pytest.mark.slow
 def test_rerun_continues_an_interrupted_ablation(
     ablation: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -561,6 +558,7 @@ def test_rerun_continues_an_interrupted_ablation(
     assert "holds a run of a different recipe (it differs at train.lr)" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_failed_variant_leaves_a_report_of_the_others_and_the_same_command_continues(
     ablation: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:

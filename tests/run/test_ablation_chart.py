@@ -1,4 +1,4 @@
-"""The ablation chart (`kdkit.cli.ablation_report.bar_chart`) stays readable for any number of
+"""The ablation chart (`kdkit.run.ablation_report.bar_chart`) stays readable for any number of
 variants: a bounded size, every text inside the figure, no two labels on top of each other."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from conftest import ABLATION_METHODS, ABLATION_METRIC, fake_ablation_variant, f
 from matplotlib.text import Text
 from PIL import Image
 
-from kdkit.cli.ablation_report import bar_chart, chart_figure, chart_labels
+from kdkit.run.ablation_report import bar_chart, chart_figure, chart_labels
 
 
 def _overlap(a: Any, b: Any) -> bool:

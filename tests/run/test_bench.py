@@ -12,10 +12,11 @@ import torch
 from conftest import REPO, tiny_vit
 
 from kdkit.cli import main
-from kdkit.cli.bench import REFERENCE, print_report, reference_for
-from kdkit.config.recipe import DistillSpec, TrainSpec
+from kdkit.cli.bench import print_report
+from kdkit.config.schema import DistillSpec, TrainSpec
 from kdkit.distill.distiller import Distiller
 from kdkit.distill.pairs import layer_pairs
+from kdkit.run.benchmark import REFERENCE, reference_for
 from kdkit.training.trainer import Trainer
 
 
@@ -78,6 +79,7 @@ def test_the_reference_loop_uses_no_kdkit_code() -> None:
     assert REFERENCE.parent == REPO / "benchmarks"
 
 
+@pytest.mark.slow
 def test_bench_json_reports_every_mode_the_ratios_the_machine_and_the_loader(
     tiny_recipe: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -8,7 +8,8 @@ import pytest
 import yaml
 from conftest import tiny_recipe_dict
 
-from kdkit.config.recipe import apply_overrides, parse_recipe
+from kdkit.config.loading import apply_overrides
+from kdkit.config.validation import parse_recipe
 from kdkit.run.resume import plan_resume, stages_to_rerun
 
 BASE = parse_recipe(tiny_recipe_dict())  # teacher → student_kd (learns from it) → student_alone → test

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_vit
 
-from kdkit.config.recipe import TrainSpec
+from kdkit.config.schema import TrainSpec
 from kdkit.distill.distiller import Distiller
 from kdkit.distill.pairs import layer_pairs
 from kdkit.training.task import SupervisedTask

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -15,7 +16,7 @@ import yaml
 from conftest import tiny_recipe_dict, tiny_vit
 
 from kdkit.cli import main
-from kdkit.config.recipe import DataSpec, TrainSpec
+from kdkit.config.schema import DataSpec, TrainSpec
 from kdkit.data.datasets import build_loaders
 from kdkit.distill.distiller import Distiller
 from kdkit.distill.pairs import layer_pairs
@@ -58,6 +59,7 @@ def _worker(rank: int, init_file: str, out: Path) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path: Path) -> None:
     single = train(tmp_path / "single")
     (tmp_path / "ddp").mkdir()
@@ -79,6 +81,7 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path:
     assert {p.name for p in (tmp_path / "ddp").iterdir()} >= {"last.pt", "model.pt", "rank0.pt", "rank1.pt"}
 
 
+@pytest.mark.slow
 def test_torchrun_kdkit_run_writes_one_run_directory_like_a_single_process(tmp_path: Path) -> None:
     """`torchrun -m kdkit run`: rank 0 picks the directory and alone writes it; same model as one process."""
     data = tiny_recipe_dict()

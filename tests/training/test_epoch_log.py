@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -10,7 +11,8 @@ import pytest
 import torch
 from conftest import tiny_distill_task, tiny_train_spec, tiny_trainer
 
-from kdkit.training.trainer import EPOCH_LINE_WIDTH, epoch_lines
+from kdkit.training import display
+from kdkit.training.display import EPOCH_LINE_WIDTH, EpochPrinter, epoch_lines, step_info
 from kdkit.utils.runlog import AlignedLines, Column
 
 
@@ -79,3 +81,29 @@ def test_columns_that_do_not_fit_are_dropped_least_important_first() -> None:
     }
     narrow = AlignedLines("[s]", columns, 45)
     assert len(narrow.header()) <= 45 and right_edges(narrow.line(values)) == right_edges(narrow.header())
+
+
+def test_the_epoch_printer_prints_a_header_then_a_line_per_epoch(capsys: pytest.CaptureFixture[str]) -> None:
+    printer = EpochPrinter("s", 12, "val/accuracy")
+    record = {"stage": "s", "epoch": 3, "step": 30, "train/loss": 0.5, "train/feat.0": 9.0}
+    printer.print(record, lr=1e-3, seconds=2.5)
+    printer.print({**record, "epoch": 4, "val/accuracy": 0.75}, lr=5e-4, seconds=2.0)
+    header, first, second = capsys.readouterr().err.splitlines()
+    assert header.split() == ["[s]", "epoch", "loss", "val/accuracy", "lr", "sec"]
+    assert first.split() == ["[s]", "3/12", "0.5000", "-", "1.00e-03", "2.5"]
+    assert second.split() == ["[s]", "4/12", "0.5000", "0.7500", "5.00e-04", "2.0"]
+
+
+def test_the_progress_bar_shows_the_main_terms_and_a_readable_rate() -> None:
+    means = {"ce": 0.5, "loss": 0.69314, "feat.0": 1.0, "feat": 2.0}
+    assert step_info(means, 0.4213) == "loss=0.693 ce=0.500 feat=2.000 0.42 img/s"
+
+
+def test_the_display_lives_apart_from_the_loop_and_keeps_its_0_2_names() -> None:
+    """kdkit.training.trainer is the loop; the epoch line's names still import from kdkit.trainer."""
+    from kdkit.training import trainer
+
+    path_0_2 = importlib.import_module("kdkit.trainer")
+    for name in ("EPOCH_LINE_WIDTH", "epoch_lines", "main_terms", "rate_text"):
+        assert getattr(path_0_2, name) is getattr(display, name)
+        assert name not in vars(trainer)

@@ -13,13 +13,14 @@ from conftest import tiny_supervised_task, tiny_train_spec, tiny_trainer
 from rich.table import Table
 
 from kdkit.cli import main
-from kdkit.config.recipe import RecipeError
+from kdkit.errors import EnvironmentSettingError
 from kdkit.utils import runlog
 from kdkit.utils.runlog import output, progress, progress_settings
 
 TAPS = ["taps", "vit_tiny_patch16_224", "--img-size", "32", "--option", "depth=2", "--option", "num_heads=2"]
 
 
+@pytest.mark.slow
 def test_taps_can_be_grepped_from_a_pipe() -> None:
     """`kdkit taps MODEL | grep attn`: the attention paths with their shapes, nothing on stderr."""
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR", "TTY_COMPATIBLE")}
@@ -113,10 +114,16 @@ def test_a_terminal_gets_the_bar(monkeypatch: pytest.MonkeyPatch, capsys: pytest
 @pytest.mark.parametrize(
     ("variable", "value"), [("KDKIT_PROGRESS_STEPS", "0"), ("KDKIT_PROGRESS_SECONDS", "soon")]
 )
-def test_bad_progress_settings_are_named(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+def test_bad_progress_settings_are_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str, value: str
+) -> None:
     monkeypatch.setenv(variable, value)
-    with pytest.raises(RecipeError, match=f"{variable}='{value}': expected"):
+    message = f"environment variable {variable}='{value}': expected a"
+    with pytest.raises(EnvironmentSettingError, match=message):
         progress_settings()
+    assert main(["plugins"]) == 2  # bad input, refused before the command runs
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and "Traceback" not in err
 
 
 def test_results_go_to_stdout_and_errors_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:

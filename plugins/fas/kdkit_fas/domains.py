@@ -34,7 +34,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kdkit.config.recipe import DataSpec
+from kdkit.config.schema import DataSpec
 from kdkit.data.datasets import DataError
 from kdkit_fas.data import (
     AUGMENT_OPTIONS,

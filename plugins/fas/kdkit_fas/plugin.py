@@ -15,7 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from kdkit.config.recipe import DataSpec
+from kdkit.config.schema import DataSpec
 from kdkit.data.datasets import DataError
 from kdkit.registry import Registries
 from kdkit_fas import faces, metrics_cli, prepare_cli, synth_cli

@@ -15,7 +15,7 @@ from kdkit_fas.plugin import fas_folder
 from kdkit_fas.prepare import prepare, write_manifest
 
 from kdkit.cli.entry import run
-from kdkit.config.recipe import DataSpec, TrainSpec
+from kdkit.config.schema import DataSpec, TrainSpec
 from kdkit.data.augment import Frames
 from kdkit.data.datasets import UNLABELED, DataError, build_loaders, training_set
 from kdkit.data.frame_store import StoreError
@@ -57,6 +57,7 @@ def test_frames_from_folder_split_aliases_and_single_images(tmp_path: Path) -> N
         frames_from_folder(root, "holdout")
 
 
+@pytest.mark.slow
 def test_frames_from_manifest_after_prepare(tmp_path: Path) -> None:
     out = tmp_path / "out"
     prepare(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+import shutil
 from pathlib import Path
 
 import cv2
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from kdkit_fas.data import frames_from_folder
 from kdkit_fas.plugin import face_crop
-from test_plugin import DEMO, _tiny_demo_args
+from test_plugin import DemoRun, tiny_demo_run
 
 from kdkit.cli import main
 from kdkit.deploy.inputs import sample_indices
@@ -32,17 +32,21 @@ def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A finished tiny kdfas-demo run (teacher, distilled student, test evaluation)."""
-    root = tmp_path_factory.mktemp("fas_deploy")
-    assert main(["run", str(DEMO), "--out", str(root / "run"), *_tiny_demo_args(root)]) == 0
-    yield root / "run"
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """The tiny kdfas-demo run test_plugin.py reads too."""
+    return tiny_demo_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def student_onnx(run: Path) -> Path:
+def run(demo_run: DemoRun) -> Path:
+    """Its run folder (teacher, distilled student, test evaluation); the data sets are beside it."""
+    return demo_run.root / "run"
+
+
+@pytest.fixture(scope="module")
+def student_onnx(tmp_path_factory: pytest.TempPathFactory, run: Path) -> Path:
     """The distilled student exported to ONNX."""
-    out = run.parent / "student.onnx"
+    out = tmp_path_factory.mktemp("fas-onnx") / "student.onnx"
     assert main(["export", str(run / "student_kd" / "model.pt"), "--out", str(out)]) == 0
     return out
 
@@ -159,7 +163,10 @@ def test_face_crop_preparer_is_what_prepared_data_asks_for(
     )
 
 
-def test_eval_reproduces_the_evaluate_stage(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_reproduces_the_evaluate_stage(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = shutil.copytree(run, tmp_path / "run")  # eval writes beside the checkpoint
     checkpoint = run / "student_kd" / "model.pt"
     assert main(["eval", str(checkpoint)]) == 0
     assert "results on test" in (printed := capsys.readouterr().out) and "hter ↓" in printed
@@ -179,13 +186,15 @@ def test_eval_reproduces_the_evaluate_stage(run: Path, capsys: pytest.CaptureFix
     assert calibration["thresholds"]["threshold"] == pytest.approx(stage["test/threshold"])
 
 
-def test_eval_on_the_dev_split_shows_the_dev_metrics(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_on_the_dev_split_shows_the_dev_metrics(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The evaluator's headline keys are written for 'test'; on another split the table shows that
     split's metrics (it used to print '-' in every metric cell)."""
     checkpoint = run / "student_kd" / "model.pt"
-    assert main(["eval", str(checkpoint), "--split", "val", "--out", str(run.parent / "eval-val")]) == 0
+    assert main(["eval", str(checkpoint), "--split", "val", "--out", str(tmp_path / "eval-val")]) == 0
     printed = capsys.readouterr().out
-    metrics = json.loads((run.parent / "eval-val" / "metrics.json").read_text())["metrics"]
+    metrics = json.loads((tmp_path / "eval-val" / "metrics.json").read_text())["metrics"]
     row = next(line for line in printed.splitlines() if "student_kd" in line)
     assert "results on val" in printed and "hter ↓" in printed
     assert f"{metrics['val/hter']:.4f}" in row and " - " not in row
@@ -197,7 +206,7 @@ def test_predict_prepares_files_with_the_settings_the_training_frames_were_prepa
     """A model trained on `kdkit fas prepare` output records its detector/scale/size; predict's
     preparer uses them, and --prepare-option overrides one."""
     from kdkit.cli.predict import _preparer
-    from kdkit.config.recipe import DataSpec
+    from kdkit.config.schema import DataSpec
     from kdkit.plugins import load_plugins
     from kdkit.run.pipeline import _data_meta
 

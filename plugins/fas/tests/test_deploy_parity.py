@@ -192,7 +192,7 @@ def test_the_recorded_detector_is_the_one_that_cropped_the_frames(tmp_path: Path
     cropped from annotation files fall back to it (prepare's choice for a video without one)."""
     from kdkit_fas.plugin import prepared_crop_options
 
-    from kdkit.config.recipe import DataSpec
+    from kdkit.config.schema import DataSpec
 
     def recorded(name: str, detector: str, sources: list[str]) -> dict:
         return prepared_crop_options(
@@ -210,7 +210,7 @@ def test_a_cross_domain_model_whose_sets_were_cropped_differently_asks_which(tmp
     from kdkit_fas.plugin import domains_crop_options
 
     from kdkit.cli.predict import _preparer
-    from kdkit.config.recipe import DataSpec
+    from kdkit.config.schema import DataSpec
     from kdkit.errors import UsageError
     from kdkit.plugins import load_plugins
 
@@ -254,7 +254,7 @@ def test_a_cross_domain_model_whose_sets_were_cropped_differently_asks_which(tmp
 def test_a_target_that_was_a_training_source_is_named() -> None:
     from kdkit_fas.plugin import domains_seen_in_training
 
-    from kdkit.config.recipe import DataSpec
+    from kdkit.config.schema import DataSpec
 
     def spec(protocol: str) -> DataSpec:
         return DataSpec("fas_domains", options={"protocol": protocol})

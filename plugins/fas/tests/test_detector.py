@@ -22,7 +22,7 @@ from kdkit_fas.prepare import MANIFEST_COLUMNS, prepare
 from skimage import data
 
 from kdkit.cli import main
-from kdkit.config.recipe import DataSpec
+from kdkit.config.schema import DataSpec
 from kdkit.deploy.inputs import iter_video_frames
 
 # The astronaut's face, checked by hand on the 512x512 photograph: forehead to chin, ear to ear.

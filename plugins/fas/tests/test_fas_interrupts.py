@@ -33,6 +33,7 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_prepare_interrupted_at_a_random_video_continues_to_the_same_frames(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -58,6 +59,7 @@ def test_prepare_interrupted_at_a_random_video_continues_to_the_same_frames(
     assert not (tmp_path / ".out.lock").exists()
 
 
+@pytest.mark.slow
 def test_synth_interrupted_at_a_random_video_continues_to_the_same_set(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

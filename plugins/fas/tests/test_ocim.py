@@ -20,7 +20,7 @@ from kdkit_fas.metrics import ScoreSet, evaluate_scores
 from kdkit_fas.prepare import prepare
 
 from kdkit.cli import main
-from kdkit.config.recipe import DataSpec
+from kdkit.config.schema import DataSpec
 from kdkit.data.datasets import DataError
 from kdkit.evaluation.protocol import Predictions
 
@@ -313,7 +313,7 @@ def test_predict_gets_the_sources_crop_settings_when_they_agree(tmp_path: Path) 
     and each set's when they differ (`kdkit predict` then asks which)."""
     from kdkit_fas.plugin import domains_crop_options
 
-    from kdkit.config.recipe import DataSpec
+    from kdkit.config.schema import DataSpec
 
     roots = {}
     for letter, size in (("M", 64), ("I", 64), ("C", 64)):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -122,9 +124,38 @@ def _tiny_demo_args(tmp_path: Path) -> list[str]:
     return [arg for text in overrides for arg in ("--set", text)]
 
 
-def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "run"
-    assert main(["run", str(DEMO), "--out", str(out), *_tiny_demo_args(tmp_path)]) == 0
+@dataclass(frozen=True)
+class DemoRun:
+    """A finished tiny demo run: `root/run`, beside its data sets `root/synth` and `root/pool`."""
+
+    root: Path
+    printed: str  # what the run wrote on stdout
+
+
+@functools.cache
+def _demo_run_in(basetemp: Path) -> DemoRun:
+    root = basetemp / "fas-demo"
+    root.mkdir()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", str(DEMO), "--out", str(root / "run"), *_tiny_demo_args(root)]) == 0
+    return DemoRun(root, printed.getvalue())
+
+
+def tiny_demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """`kdkit run recipes/kdfas-demo.yaml` at a tiny size, run once per test process (pytest-xdist
+    worker) for every test module that reads it. Tests that change the run work on a copy."""
+    return _demo_run_in(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """The shared tiny demo run."""
+    return tiny_demo_run(tmp_path_factory)
+
+
+def test_demo_pipeline_end_to_end(demo_run: DemoRun) -> None:
+    out = demo_run.root / "run"
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["teacher", "student_alone", "student_procrustes", "student_kd", "test"]
     # the demo's two bridges, each in its own stage
@@ -173,11 +204,12 @@ def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
         k: summary["student_kd"]["best_on_test"][k] for k in ("monitor", "epoch", "value")
     }
     # The teacher trained on its own pool (other subjects), and is tested on the student's test set.
-    assert (tmp_path / "pool" / "meta.csv").is_file() and not (tmp_path / "pool" / "test").exists()
+    pool = demo_run.root / "pool"
+    assert (pool / "meta.csv").is_file() and not (pool / "test").exists()
     # The student's checkpoint references the teacher instead of containing it.
     student = torch.load(out / "student_kd" / "model.pt", weights_only=True)
     assert student["teacher"]["sha256"] and not any(k.startswith("teacher") for k in student["model"])
-    printed = capsys.readouterr().out  # the evaluate stage's tables are results: on stdout
+    printed = demo_run.printed  # the evaluate stage's tables are results: on stdout
     assert "difference to student_alone" in printed
     assert "for comparison with published numbers only" in printed
 

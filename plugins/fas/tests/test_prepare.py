@@ -31,7 +31,7 @@ from kdkit_fas.plugin import fas_manifest
 from kdkit_fas.prepare import PrepareError, prepare
 
 from kdkit.cli import main
-from kdkit.config.recipe import DataSpec
+from kdkit.config.schema import DataSpec
 from kdkit.data.frame_store import STORE_DIR, FrameStore
 from kdkit.data.images import read_rgb
 from kdkit.deploy.inputs import sample_indices
@@ -102,6 +102,7 @@ def test_sample_indices_are_even_and_distinct() -> None:
 # --- prepare ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prepare_writes_frames_and_manifest_and_resumes(tmp_path: Path) -> None:
     root, out = make_oulu(tmp_path / "raw"), tmp_path / "out"
     report = prepare("oulu", root, out, protocol=4, fold=1, size=32, workers=2, progress=False)
@@ -229,6 +230,7 @@ def test_turn_box_180_maps_a_box_of_the_stored_frame() -> None:
     assert faces.turn_box_180(None, frame.shape) is None
 
 
+@pytest.mark.slow
 def test_prepare_image_sets(tmp_path: Path) -> None:
     report = prepare(
         "celeba_spoof", make_celeba_spoof(tmp_path / "c"), tmp_path / "co", size=16, workers=1, progress=False

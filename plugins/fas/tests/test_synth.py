@@ -79,6 +79,7 @@ def test_subjects_are_disjoint_across_splits(big_set: Path) -> None:
     assert not subjects["dev"] & subjects["test"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path: Path) -> None:
     synth.generate(tmp_path / "a", **SMALL, seed=3, workers=1, progress=False)
     synth.generate(tmp_path / "b", **SMALL, seed=3, workers=2, progress=False)

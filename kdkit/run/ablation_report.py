@@ -2,10 +2,10 @@
 
 A run row holds the run's identity (run, variant, the varied keys, seed) and numbers: every metric
 the evaluator reported for the compared stage on the evaluate stage's split, plus its cost columns
-(`COST_COLUMNS`). The baseline is the student trained without a teacher, in the same run directory
-(same seed, same data and schedule, `kdkit.cli.ablate.baseline_stage`). Per variant: mean ± sample std
-over seeds, a 95 % interval over seeds and test units, and the paired difference to the baseline
-with its interval (`kdkit.evaluation.stats`).
+(`COST_COLUMNS`). The baseline is the student trained without a teacher, in the same run
+directory (same seed, same data and schedule, `kdkit.run.variants.baseline_stage`). Per variant:
+mean ± sample std over seeds, a 95 % interval over seeds and test units, and the paired difference
+to the baseline with its interval (`kdkit.evaluation.stats`).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def memory_measure(run_dir: Path) -> str:
     """What `peak_MiB` means for this run."""
     if "peak_cuda_MiB" in _read(run_dir / "run.json"):
         return "peak CUDA memory allocated by torch (torch.cuda.max_memory_allocated)"
-    return "peak resident memory of the run's own process (ru_maxrss; includes Python and torch)"
+    return "peak resident memory of the run's own process (VmHWM; includes Python and torch)"
 
 
 def cache_use(run_dirs: list[Path]) -> dict[str, dict[str, int]]:

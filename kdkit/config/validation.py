@@ -1,0 +1,291 @@
+"""Checking a recipe: everything the types alone cannot say (ranges, names, which stage may read
+which), and the plan built while checking: each stage merged with the top-level sections once, so
+what is checked is what runs. Every problem is collected with its key path, `pipeline.<stage>.<key>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from kdkit.config.plan import Plan, StagePlan
+from kdkit.config.schema import (
+    DataSpec,
+    DistillSpec,
+    PairSpec,
+    Recipe,
+    RecipeError,
+    StageSpec,
+    TeacherInputSpec,
+    TrainSpec,
+    canonical_keys,
+    convert,
+    convert_dataclass,
+    shorten,
+)
+from kdkit.registry import did_you_mean
+
+
+def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping into a `Recipe`, or raise `RecipeError` listing every problem."""
+    problems: list[str] = []
+    recipe = convert_dataclass(Recipe, canonical_keys(data, problems), "", problems)
+    if recipe is not None and not problems:
+        plan = _check_semantics(recipe, problems)
+        if not problems:
+            recipe.plan = plan  # the specs just checked are the ones every consumer reads
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe
+
+
+def _check_semantics(recipe: Recipe, problems: list[str]) -> Plan:
+    """Cross-field checks that the types alone cannot express; returns the plan they checked."""
+    names = [s.name for s in recipe.pipeline]
+    for key, name in [("name", recipe.name), *((f"pipeline[{i}].name", n) for i, n in enumerate(names))]:
+        problem = file_name_problem(name)
+        if problem:
+            problems.append(f"{key}: {name!r} {problem}")
+    if recipe.seed < 0:  # torch and NumPy refuse negative seeds, and only once training starts
+        problems.append(f"seed: expected a non-negative integer, got {recipe.seed}")
+    if not recipe.pipeline:
+        problems.append("pipeline: expected at least one stage")
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"pipeline: stage name {dup!r} is used more than once")
+    _check_data(recipe.data, "data", problems)
+    _check_train(recipe.train, "train", problems)
+    return build_plan(recipe, problems)
+
+
+def build_plan(recipe: Recipe, problems: list[str]) -> Plan:
+    """Resolve and check every stage in order (a stage may name only earlier ones)."""
+    planned: list[StagePlan] = []
+    trained: list[str] = []  # earlier train/distill stages, also those with problems (no follow-ons)
+    for stage in recipe.pipeline:
+        plan = _plan_stage(recipe, stage, planned, trained, problems)
+        if plan is not None:
+            planned.append(plan)
+        if stage.do != "evaluate":
+            trained.append(stage.name)
+    return Plan(tuple(planned))
+
+
+def _plan_stage(
+    recipe: Recipe, stage: StageSpec, earlier: list[StagePlan], trained: list[str], problems: list[str]
+) -> StagePlan | None:
+    """One stage merged with the top-level sections (the one merge rule) and checked; None when
+    its overrides do not convert (the problems are appended)."""
+    where = f"pipeline.{stage.name}"
+    found: list[str] = []
+    train = convert(TrainSpec, {**dataclasses.asdict(recipe.train), **stage.train}, f"{where}.train", found)
+    distill = convert(
+        DistillSpec, {**dataclasses.asdict(recipe.distill), **stage.distill}, f"{where}.distill", found
+    )
+    data = convert(DataSpec, {**dataclasses.asdict(recipe.data), **stage.data}, f"{where}.data", found)
+    if stage.data and stage.do == "evaluate":
+        found.append(f"{where}.data: an evaluate stage reads the top-level data; remove it")
+    if stage.baseline is not None and stage.do != "evaluate":
+        found.append(f"{where}.baseline: only an evaluate stage compares with a baseline")
+    problems.extend(found)
+    if found:
+        return None
+    seed = recipe.seed if train.seed is None else train.seed
+    train = dataclasses.replace(train, seed=seed)
+    if stage.train:  # the top-level train is checked once, by the caller
+        _check_train(train, f"{where}.train", problems)
+    if stage.data:
+        _check_data(data, f"{where}.data", problems)
+    if stage.do == "train":
+        if stage.model not in recipe.models:
+            problems.append(f"{where}.model: expected one of {sorted(recipe.models)}, got {stage.model!r}")
+        return StagePlan(stage, seed, train, data, model=stage.model)
+    if stage.do == "distill":
+        _check_distill(distill, f"{where}.distill", recipe, trained, problems)
+        trainer = next((s for s in earlier if s.name == distill.teacher and s.do != "evaluate"), None)
+        return StagePlan(
+            stage,
+            seed,
+            train,
+            data,
+            distill,
+            pairs=_parsed_pairs(distill, f"{where}.distill", problems),
+            model=distill.student,
+            teacher=trainer.model if trainer else distill.teacher,
+            teacher_stage=trainer.name if trainer else None,
+        )
+    _check_evaluate(stage, where, trained, problems)
+    return StagePlan(stage, seed, train, data)
+
+
+def _check_evaluate(stage: StageSpec, where: str, trained: list[str], problems: list[str]) -> None:
+    if not stage.runs:
+        problems.append(f"{where}.runs: expected the names of earlier train/distill stages")
+    for run in stage.runs:
+        if run not in trained:
+            problems.append(
+                f"{where}.runs: {run!r} is not an earlier train/distill stage.{did_you_mean(run, trained)}"
+            )
+    if stage.baseline is not None and stage.baseline not in stage.runs:
+        problems.append(
+            f"{where}.baseline: expected one of the stage's runs {stage.runs}, got {stage.baseline!r}"
+        )
+
+
+def _parsed_pairs(d: DistillSpec, where: str, problems: list[str]) -> tuple[PairSpec, ...] | str:
+    """`distill.pairs` parsed once: a `PairSpec` per item ('uniform:N' is returned as it is)."""
+    if isinstance(d.pairs, str):
+        return d.pairs
+    parsed = [parse_pair(entry, f"{where}.pairs[{i}]", problems) for i, entry in enumerate(d.pairs)]
+    return tuple(p for p in parsed if p is not None)
+
+
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
+
+
+def file_name_problem(name: str) -> str:
+    """Why `name` cannot be used as one file or folder name ('' when it can): recipe and stage names
+    become folders (runs/<name>/<stage>/), so they must stay inside their parent."""
+    if not _FILE_NAME.fullmatch(name) or ".." in name:
+        return (
+            "cannot be a folder name: use letters, digits and _ . + = - (no path separators, no '..', "
+            "not starting with '.' or '-'), e.g. 'kdfas-demo'"
+        )
+    if len(name) > 100:
+        return f"is {len(name)} characters long; use at most 100"
+    return ""
+
+
+def _check_data(data: DataSpec, where: str, problems: list[str]) -> None:
+    if data.image_size <= 0 or data.batch_size <= 0:
+        problems.append(f"{where}: image_size and batch_size must be positive")
+    if data.eval_batch_size is not None and data.eval_batch_size <= 0:
+        problems.append(
+            f"{where}.eval_batch_size: expected a positive number (or null), got {data.eval_batch_size}"
+        )
+    if data.num_workers < 0:
+        problems.append(
+            f"{where}.num_workers: expected 0 (load in the training process) or more worker processes, "
+            f"got {data.num_workers}"
+        )
+    if len(data.mean) != len(data.std) or any(s <= 0 for s in data.std):
+        problems.append(f"{where}.std: expected as many positive values as {where}.mean")
+    if data.aug_cycle is not None and data.aug_cycle < 1:
+        problems.append(f"{where}.aug_cycle: expected at least 1 (or null), got {data.aug_cycle}")
+    if not 0.0 < data.labeled_fraction <= 1.0:
+        problems.append(f"{where}.labeled_fraction: expected a value in (0, 1], got {data.labeled_fraction}")
+    if data.unlabeled == "rest" and data.labeled_fraction == 1.0:
+        problems.append(
+            f"{where}.unlabeled: 'rest' is the training samples whose labels {where}.labeled_fraction "
+            "drops, and it is 1.0 (every label kept); lower it, or name another data set"
+        )
+    if data.epoch_size is not None and (data.epoch_size < 1 or data.balanced):
+        problems.append(
+            f"{where}.epoch_size: expected a positive number of samples (or null), without balanced "
+            f"batches (whose epoch is fixed by the groups); got {data.epoch_size}"
+        )
+    if data.unlabeled is not None and data.balanced:
+        problems.append(
+            f"{where}.balanced: balanced batches draw by label, which unlabeled samples lack; "
+            f"set balanced: false or drop {where}.unlabeled"
+        )
+
+
+def _check_train(train: TrainSpec, where: str, problems: list[str]) -> None:
+    if train.epochs < 1:
+        problems.append(f"{where}.epochs: expected at least 1, got {train.epochs}")
+    if train.lr <= 0:
+        problems.append(f"{where}.lr: expected a positive number, got {train.lr}")
+    for key, low in (
+        ("weight_decay", 0),
+        ("momentum", 0),
+        ("warmup_epochs", 0),
+        ("warmup_lr", 0),
+        ("min_lr", 0),
+    ):
+        if getattr(train, key) < low:
+            problems.append(f"{where}.{key}: expected a value >= {low}, got {getattr(train, key)}")
+    if not 0 <= train.label_smoothing < 1:
+        problems.append(f"{where}.label_smoothing: expected a value in [0, 1), got {train.label_smoothing}")
+    if train.clip_grad is not None and train.clip_grad <= 0:
+        problems.append(
+            f"{where}.clip_grad: expected a positive gradient norm (or null), got {train.clip_grad}"
+        )
+    if train.max_steps_per_epoch is not None and train.max_steps_per_epoch < 1:
+        problems.append(
+            f"{where}.max_steps_per_epoch: expected at least 1 (or null), got {train.max_steps_per_epoch}"
+        )
+    if train.eval_every < 1 or train.log_every < 1:
+        problems.append(f"{where}: eval_every and log_every must be at least 1")
+    if train.seed is not None and train.seed < 0:
+        problems.append(f"{where}.seed: expected a non-negative integer (or null), got {train.seed}")
+
+
+def _check_distill(
+    d: DistillSpec, where: str, recipe: Recipe, earlier: list[str], problems: list[str]
+) -> None:
+    if not 0.0 <= d.alpha <= 1.0:
+        problems.append(f"{where}.alpha: expected a value in [0, 1], got {d.alpha}")
+    if d.tau <= 0:
+        problems.append(f"{where}.tau: expected a positive temperature, got {d.tau}")
+    if d.beta < 0:
+        problems.append(f"{where}.beta: expected a value >= 0, got {d.beta}")
+    if d.cache_max_gb <= 0:
+        problems.append(f"{where}.cache_max_gb: expected a positive size in GB, got {d.cache_max_gb}")
+    if d.student not in recipe.models:
+        problems.append(f"{where}.student: expected one of {sorted(recipe.models)}, got {d.student!r}")
+    if d.teacher not in recipe.models and d.teacher not in earlier:
+        problems.append(
+            f"{where}.teacher: expected a model key {sorted(recipe.models)} or an earlier "
+            f"stage name {earlier}, got {d.teacher!r}"
+        )
+    for i, group in enumerate(d.groups):
+        at = f"{where}.groups[{i}]"
+        if len(group.student) != len(group.teacher) or not group.student:
+            problems.append(
+                f"{at}: expected as many student as teacher layers (at least one each), got "
+                f"{len(group.student)} and {len(group.teacher)}"
+            )
+        if group.weight < 0:
+            problems.append(f"{at}.weight: expected a value >= 0, got {group.weight}")
+    if isinstance(d.teacher_input, TeacherInputSpec):
+        t = d.teacher_input
+        if t.size is not None and t.size <= 0:
+            problems.append(f"{where}.teacher_input.size: expected a positive side in pixels, got {t.size}")
+        if t.std is not None and any(v <= 0 for v in t.std):
+            problems.append(f"{where}.teacher_input.std: expected positive numbers, got {t.std}")
+        if t.mean is not None and t.std is not None and len(t.mean) != len(t.std):
+            problems.append(
+                f"{where}.teacher_input: mean and std need as many values, got {t.mean} and {t.std}"
+            )
+    if isinstance(d.pairs, str) and not re.fullmatch(r"uniform:[1-9][0-9]*", d.pairs):
+        problems.append(f"{where}.pairs: expected a list of pairs or 'uniform:N', got {d.pairs!r}")
+
+
+def parse_pair(entry: Any, where: str, problems: list[str]) -> PairSpec | None:
+    """One item of `distill.pairs` as a `PairSpec`: `[student_block, teacher_block]` or a mapping
+    (`PairSpec`'s keys). Each problem is appended to `problems` with its key path under `where`."""
+    if isinstance(entry, list) and len(entry) == 2 and all(_is_int(v) for v in entry):
+        return PairSpec(*entry)
+    if not isinstance(entry, dict):
+        problems.append(
+            f"{where}: expected [student_block, teacher_block] or a mapping "
+            f"{{student: block or path, teacher: block or path, ...}}, got {shorten(entry)}"
+        )
+        return None
+    found: list[str] = []
+    spec = convert_dataclass(PairSpec, entry, where, found)
+    if spec is not None and not found:
+        if spec.weight < 0:
+            found.append(f"{where}.weight: expected a value >= 0, got {spec.weight}")
+        if spec.adapter == "none":
+            found.append(
+                f"{where}.adapter: 'none' is not an adapter of one pair; remove the pair to leave it "
+                "out (distill.adapter: none turns feature KD off)"
+            )
+    problems.extend(found)
+    return None if found else spec
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
