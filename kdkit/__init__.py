@@ -4,15 +4,19 @@ Public API (everything a plugin or another project should import):
 
 - `Registry` and the registries `MODELS`, `ADAPTERS`, `DATASETS`, `EVALUATORS`, `TAP_PRESETS`, `COMMANDS`
 - taps: `Tap`, `TapRecorder`, `select_features`, `block_taps`, `find_preset`
-- adapters: `build_adapter` (identity, projection, covariance, gram)
+- adapters: `build_adapter` (identity, projection, procrustes, covariance, cka, gram, ...)
 - losses: `kd_loss`, `cross_entropy`, `build_feature_criterion`
 - `Distiller`, `SupervisedTask`, `layer_pairs`, `Trainer`, `Predictions`
 - recipes: `load_recipe`, `Recipe`, `RecipeError`; models: `build_model`
 - modules for plugins' own tools: `kdkit.data.images.read_rgb` (any image as 8-bit RGB),
-  `kdkit.data.csvfile.read_csv` (CSV as spreadsheets write it), `kdkit.utils.lock.exclusive` (one writer per
-  output folder), `kdkit.utils.workers.WorkerPool` / `stop_on_signals` (interruptible worker processes),
-  `kdkit.utils.runlog.progress` / `output` (progress on stderr, results on stdout), `kdkit.utils.checkpoint`'s
-  atomic writers
+  `kdkit.data.csvfile.read_csv` (CSV as spreadsheets write it), `kdkit.utils.lock.exclusive` (one
+  writer per output folder), `kdkit.utils.workers.WorkerPool` / `stop_on_signals` (interruptible
+  worker processes), `kdkit.utils.runlog.progress` / `output` (progress on stderr, results on
+  stdout), `kdkit.utils.checkpoint`'s atomic writers
+
+The package's folders are its layers (docs/architecture.md): `cli/` → `run/` → `training/` →
+`distill/`, on `config/`, `data/`, `models/`, `evaluation/` and `utils/`. kdkit 0.2's flat module
+paths (`kdkit.adapters`, `kdkit.trainer`, ...) still import (`kdkit._moved`).
 """
 
 from __future__ import annotations

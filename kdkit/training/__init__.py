@@ -1,1 +1,1 @@
-"""Training: the loop (`Trainer`), the supervised task, the device and precision, the optimizer."""
+"""Training: the loop (`Trainer`), the supervised task, the optimizer and schedule, what the loop prints."""
