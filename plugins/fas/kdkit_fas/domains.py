@@ -28,7 +28,6 @@ naming each one's settings, unless `data.options.mixed_preparation: true`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -44,7 +43,7 @@ from kdkit_fas.data import (
     missing_manifest,
     store_roots,
 )
-from kdkit_fas.prepare import SETTINGS_FILE, SINCE_0_2, cropping_detector
+from kdkit_fas.prepare import SETTINGS_FILE, SINCE_0_2, cropping_detector, read_settings
 
 # letter -> (`kdkit fas prepare` layout, data set name, has an official dev split)
 SETS = {
@@ -144,22 +143,17 @@ def _check_prepared(letter: str, root: Path) -> dict | None:
         )
     if not (root / "manifest.csv").is_file():
         raise DataError(f"{key}: {missing_manifest(root, layout, key)} ({letter} is {name})")
-    settings_file = root / SETTINGS_FILE
-    if not settings_file.is_file():
-        return None  # prepared before settings were recorded: the manifest is all there is to check
     try:
-        settings = json.loads(settings_file.read_text(encoding="utf-8"))
+        settings = read_settings(root)
     except ValueError as exc:
-        settings = str(exc)
-    if not isinstance(settings, dict):
-        raise DataError(
-            f"{key}: {settings_file} is not a readable `kdkit fas prepare` settings file ({settings})"
-        )
+        raise DataError(f"{key}: {exc}") from None
+    if settings is None:
+        return None  # prepared before settings were recorded: the manifest is all there is to check
     if settings.get("dataset") != layout or settings.get("protocol") not in (None, "official"):
         raise DataError(
             f"{key}: {root} holds {settings.get('dataset')!r} prepared with protocol "
-            f"{settings.get('protocol')!r} ({settings_file}); the letter {letter} needs {name} prepared "
-            f"with its default protocol: `kdkit fas prepare {layout} --root RAW --out DIR`"
+            f"{settings.get('protocol')!r} ({root / SETTINGS_FILE}); the letter {letter} needs {name} "
+            f"prepared with its default protocol: `kdkit fas prepare {layout} --root RAW --out DIR`"
         )
     # compare the detector that cropped the frames, not the one named for videos it never cropped
     return {**SINCE_0_2, **settings, "detector": cropping_detector(root, settings)}

@@ -29,7 +29,7 @@ from kdkit_fas.data import (
 )
 from kdkit_fas.domains import PROTOCOLS, SETS, SPLIT_TABLE, fas_domains, parse_protocol, split_sets
 from kdkit_fas.evaluator import FasEvaluator
-from kdkit_fas.prepare import SETTINGS_FILE, cropping_detector
+from kdkit_fas.prepare import cropping_detector, read_settings
 from kdkit_fas.synth import generate
 
 SUBCOMMANDS = {
@@ -193,13 +193,10 @@ def _described(options: dict[str, Any]) -> str:
 
 def _prepare_settings(root: Path) -> dict[str, Any]:
     """`kdkit fas prepare`'s settings file under `root` ({} when it has none)."""
-    path = root / SETTINGS_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
+        return read_settings(root) or {}
     except ValueError as exc:
-        raise DataError(f"{path}: not a readable settings file of `kdkit fas prepare` ({exc})") from None
+        raise DataError(str(exc)) from None
 
 
 def _crop_options(root: Path) -> dict[str, Any]:

@@ -308,16 +308,31 @@ def cropping_detector(root: Path, settings: dict[str, Any]) -> str | None:
     return settings.get("detector") if detectors[0] == "yunet" else detectors[0]
 
 
+def read_settings(folder: Path) -> dict[str, Any] | None:
+    """The settings `kdkit fas prepare` recorded in `folder/prepare.json`; None when there are none
+    (a folder prepared before they were recorded, or not by it). An unreadable file is a
+    ValueError naming it."""
+    path = folder / SETTINGS_FILE
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        settings = exc
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: not a readable settings file of `kdkit fas prepare` ({settings})")
+    return settings
+
+
 def _record_settings(out: Path, settings: dict[str, object], replace: bool) -> None:
     """Write `settings` to `out/prepare.json`; refuse (or with `replace`, delete) frames made with others."""
     path = out / SETTINGS_FILE
     try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        found = settings  # a new folder, or one prepared before settings were recorded
+        found = read_settings(out)
     except ValueError:
         found = {}  # unreadable: every setting counts as changed
-    found = {**SINCE_0_2, **found} if isinstance(found, dict) else {}
+    # None: a new folder, or one prepared before settings were recorded
+    found = settings if found is None else {**SINCE_0_2, **found}
     if found != settings:
         if not replace:
             changed = [

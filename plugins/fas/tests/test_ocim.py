@@ -202,6 +202,24 @@ def test_sets_prepared_differently_are_refused_naming_each_ones_settings(
     assert "data.options.mixed_preparation: expected true " in capsys.readouterr().err
 
 
+def test_an_unreadable_prepare_json_is_named_by_every_reader(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One reader of `prepare.json` (`kdkit_fas.prepare.read_settings`): the cross-domain check names
+    the root's key and the file, and `kdkit fas prepare` into that folder treats every setting as
+    changed instead of crashing."""
+    roots = _settings_only(tmp_path, {letter: ("flip", 2, 32) for letter in "OCIM"})
+    for content in ("[1, 2]", "{not json"):
+        (roots["C"] / "prepare.json").write_text(content)
+        assert main(["validate", str(RECIPE), *roots_args(roots)]) == 2
+        error = capsys.readouterr().err
+        assert f"data.options.roots.C: {roots['C'] / 'prepare.json'}: not a readable settings file" in error
+        assert "Traceback" not in error
+    raw = make_replay(tmp_path / "raw")
+    with pytest.raises(ValueError, match=r"holds frames prepared with other settings \(dataset None"):
+        prepare("replay", raw, roots["C"], size=32, workers=1, progress=False)
+
+
 def _cropped_by(root: Path, detector: str, sources: list[str]) -> None:
     """Name `detector` in `root`'s settings and give its manifest rows whose faces came from `sources`."""
     settings = json.loads((root / "prepare.json").read_text())
