@@ -82,20 +82,13 @@ def build_distiller(
     plan = recipe.plan.of(stage)
     d, train, where = plan.distill_spec(), plan.train, f"{plan.key}.distill"
     student = model_from_recipe(recipe, d.student, f"{where}.student")
-    teacher = model_from_recipe(recipe, plan.teacher, f"{where}.teacher")
-    trained_by = plan.teacher_stage
-    if trained_by is not None and trained is not None:
-        weights = trained[trained_by]
-        load_state_dict_checked(teacher, load_file(weights)["model"], f"stage {trained_by!r} model.pt")
+    teacher = _teacher(recipe, plan, trained, where)
     try:
         parsed = plan.pairs if isinstance(plan.pairs, str) else list(plan.pair_specs())
         pairs = layer_pairs(teacher, student, parsed, d.point, d.select) if d.adapter != "none" else []
         groups = layer_groups(teacher, student, d.groups, d.point)
-    except (ValueError, KeyError) as exc:
-        raise _distill_error(where, exc) from None
-    try:
         teacher_input = make_teacher_input(d, plan.data, teacher)
-    except ValueError as exc:
+    except (ValueError, KeyError) as exc:
         raise _distill_error(where, exc) from None
     # Keyed by what the Distiller is built from (the teacher as `teacher_dtype` will make it).
     cache = None
@@ -127,6 +120,17 @@ def build_distiller(
         )
     except (ValueError, KeyError) as exc:
         raise _distill_error(where, exc) from None
+
+
+def _teacher(recipe: Recipe, plan: StagePlan, trained: Mapping[str, Path] | None, where: str) -> nn.Module:
+    """A distill stage's teacher: built from its model spec, with the weights of the earlier stage
+    that trained it when `trained` (stage name → model.pt) has them."""
+    teacher = model_from_recipe(recipe, plan.teacher, f"{where}.teacher")
+    trained_by = plan.teacher_stage
+    if trained_by is not None and trained is not None:
+        weights = trained[trained_by]
+        load_state_dict_checked(teacher, load_file(weights)["model"], f"stage {trained_by!r} model.pt")
+    return teacher
 
 
 def make_teacher_input(d: DistillSpec, data: DataSpec, teacher: nn.Module) -> TeacherInput | None:
