@@ -1,8 +1,8 @@
 """A tiny name → object registry, and the registries kdkit and its plugins fill.
 
 Everything a recipe can name by string (models, adapters, datasets, evaluators, tap presets,
-feature criteria, logit losses, CLI subcommands, `kdkit predict` input preparers) lives in one of
-these. Plugins add entries; the core never names a plugin.
+feature criteria, logit losses, teacher combiners, CLI subcommands, `kdkit predict` input
+preparers) lives in one of these. Plugins add entries; the core never names a plugin.
 """
 
 from __future__ import annotations
@@ -116,6 +116,7 @@ class Registries:
     feature_criteria: Registry[Callable[..., Any]] = field(default_factory=lambda: FEATURE_CRITERIA)
     logit_losses: Registry[Callable[..., Any]] = field(default_factory=lambda: LOGIT_LOSSES)
     group_methods: Registry[Callable[..., Any]] = field(default_factory=lambda: GROUP_METHODS)
+    teacher_combiners: Registry[Callable[..., Any]] = field(default_factory=lambda: TEACHER_COMBINERS)
 
 
 MODELS: Registry[Callable[..., Any]] = Registry("model")
@@ -140,6 +141,12 @@ LOGIT_LOSSES: Registry[Callable[..., Any]] = Registry(
 # kdkit.distill.layer_groups: vitkd)
 GROUP_METHODS: Registry[Callable[..., Any]] = Registry(
     "layer group method", builtins="kdkit.distill.layer_groups"
+)
+# how several teachers' logits combine into one KD term, `rule(student_logits, teacher_logits, labels,
+# tau, weights, term) -> CombinedKD` (built-ins in kdkit.distill.teacher_ensemble: ensemble, weighted,
+# ca_mkd)
+TEACHER_COMBINERS: Registry[Callable[..., Any]] = Registry(
+    "teacher combiner", builtins="kdkit.distill.teacher_ensemble"
 )
 COMMANDS: Registry[Callable[..., Any]] = Registry("command")
 # `kdkit predict`: factory(**options) -> prepare(rgb: uint8 HxWx3 array) -> uint8 array, or None when

@@ -88,6 +88,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         "adapters",
         "feature_criteria",
         "logit_losses",
+        "group_methods",
+        "teacher_combiners",
         "commands",
     ):
         output.print(f"{kind}: {', '.join(getattr(regs, kind).names())}", markup=False, soft_wrap=True)

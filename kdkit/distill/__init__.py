@@ -1,1 +1,1 @@
-"""Distillation: taps, pairs, adapters, losses, layer groups, teacher input, Distiller, teacher cache."""
+"""Distillation: taps, pairs, adapters, losses, layer groups, teacher input, ensembles, Distiller, cache."""

@@ -73,7 +73,11 @@ class Adapter(nn.Module):
                 f"got {ss[0]}"
             )
         if self.same_tokens and (s.ndim != t.ndim or s.shape[1:-1] != t.shape[1:-1]):
-            raise ValueError(f"{name}: student {ss} and teacher {ts} need the same rank and token count")
+            raise ValueError(
+                f"{name}: student {ss} and teacher {ts} need the same rank and token count; to compare "
+                "positions of different grids (a CNN map and ViT patch tokens), select 'grid:S' to "
+                "resample both to S x S, or compare vectors ('mean', 'cls') or relations ('gram', 'cka')"
+            )
         if s.shape[-1] != self.student_dim or t.shape[-1] != self.teacher_dim:
             raise ValueError(
                 f"{name}: built for student_dim={self.student_dim}, teacher_dim={self.teacher_dim}; "

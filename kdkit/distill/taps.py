@@ -3,7 +3,8 @@
 A `Tap` names a submodule by its dotted path (`blocks.7`), whether to take its input or output, and a
 selector that turns the captured tensor into the feature to distil (`cls` token, `mean` of patch
 tokens, ...). A `TapRecorder` attaches the hooks to one model and `pop()` returns the selected features
-of the last forward. Presets (`vit`, `resnet`, `convnext`) turn "after block k" into paths.
+of the last forward. Presets (`vit`, `resnet`, `convnext`, `efficientnet`) turn "after block k"
+into paths.
 
 Rules that keep feature losses honest:
 - one recorder per model: student and teacher taps on the same path must not share a buffer;
@@ -14,16 +15,20 @@ Rules that keep feature losses honest:
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchdistill.core.forward_hook import ForwardHookManager
 
 from kdkit.registry import TAP_PRESETS
 
-SELECTORS = ("cls", "patch", "mean", "tokens", "index:K", "all")
+SELECTORS = ("cls", "patch", "mean", "tokens", "grid", "grid:S", "index:K", "all")
+# the selectors that take a number after the colon, and what the number is called
+_NUMBERED = {"index": "K", "grid": "S"}
 
 
 class TapError(ValueError):
@@ -31,12 +36,18 @@ class TapError(ValueError):
 
 
 def _parse_select(select: str) -> tuple[str, int | None]:
-    """Split `index:K` into ('index', K); validate every other selector name."""
-    if select.startswith("index:"):
+    """Split `index:K` / `grid:S` into ('index', K) / ('grid', S); validate every other selector name."""
+    name, colon, number = select.partition(":")
+    if colon and name in _NUMBERED:
+        letter = _NUMBERED[name]
         try:
-            return "index", int(select[len("index:") :])
+            value = int(number)
         except ValueError:
-            raise ValueError(f"selector {select!r}: K in 'index:K' must be an integer") from None
+            problem = f"{letter} in '{name}:{letter}' must be an integer"
+            raise ValueError(f"selector {select!r}: {problem}") from None
+        if name == "grid" and value < 1:
+            raise ValueError(f"selector {select!r}: S in 'grid:S' (the side of the grid) must be >= 1")
+        return name, value
     if select not in SELECTORS:
         raise ValueError(f"unknown selector {select!r}; valid selectors: {', '.join(SELECTORS)}")
     return select, None
@@ -60,25 +71,21 @@ def select_features(x: Tensor, select: str, num_prefix_tokens: int = 1) -> Tenso
     """Reduce a captured tensor to the feature to distil.
 
     Token tensors (B, N, D), where the first `num_prefix_tokens` tokens are class/register tokens:
-    `cls` -> x[:, 0]; `patch` -> x[:, num_prefix_tokens:]; `mean` -> mean of the patch tokens;
-    `tokens` -> x; `index:K` -> x[:, K]; `all` -> x.
-    CNN maps (B, C, H, W): `mean` -> (B, C) global average; `tokens` -> (B, H*W, C); `all` -> x.
+    `cls` -> x[:, 0]; `patch` and `grid` -> x[:, num_prefix_tokens:]; `mean` -> mean of the patch
+    tokens; `tokens` -> x; `index:K` -> x[:, K]; `all` -> x.
+    CNN maps (B, C, H, W): `mean` -> (B, C) global average; `tokens` and `grid` -> (B, H*W, C), one
+    token per position, row by row; `all` -> x.
+    `grid:S` -> (B, S*S, D or C): the positions of either resampled to an S x S grid (see
+    `resample_grid`), so that a CNN map and a ViT's patch tokens line up position by position.
     Any other rank, e.g. already pooled (B, D) features: only `all`. Selectors that do not fit the shape
     raise ValueError rather than silently passing the tensor through.
     """
-    name, index = _parse_select(select)
+    name, number = _parse_select(select)
     if name == "all":
         return x
     shape = tuple(x.shape)
     if x.ndim == 4:
-        if name == "mean":
-            return x.mean(dim=(2, 3))
-        if name == "tokens":
-            return x.flatten(2).transpose(1, 2)
-        raise ValueError(
-            f"selector {select!r} needs (B, N, D) tokens; got a (B, C, H, W) map {shape}. "
-            "Use 'mean', 'tokens' or 'all'."
-        )
+        return _select_from_map(x, select, name, number)
     if x.ndim != 3:
         raise ValueError(
             f"selector {select!r} needs (B, N, D) tokens or a (B, C, H, W) map; got shape "
@@ -87,9 +94,10 @@ def select_features(x: Tensor, select: str, num_prefix_tokens: int = 1) -> Tenso
     if name == "tokens":
         return x
     if name == "index":
-        if not -x.shape[1] <= index < x.shape[1]:
+        assert number is not None  # _parse_select gives index its K
+        if not -x.shape[1] <= number < x.shape[1]:
             raise ValueError(f"selector {select!r}: index out of range for {x.shape[1]} tokens {shape}")
-        return x[:, index]
+        return x[:, number]
     if name == "cls":
         if num_prefix_tokens < 1:
             raise ValueError(
@@ -102,7 +110,53 @@ def select_features(x: Tensor, select: str, num_prefix_tokens: int = 1) -> Tenso
             f"selector {select!r}: shape {shape} has no tokens after the {num_prefix_tokens} prefix tokens"
         )
     patch = x[:, num_prefix_tokens:]
-    return patch if name == "patch" else patch.mean(dim=1)
+    if name == "mean":
+        return patch.mean(dim=1)
+    if number is None:  # patch, grid
+        return patch
+    return _map_as_tokens(resample_grid(_tokens_as_map(patch, select, shape), number))
+
+
+def _select_from_map(x: Tensor, select: str, name: str, number: int | None) -> Tensor:
+    """`select_features` of a CNN map (B, C, H, W); `name`, `number`: the parsed `select`."""
+    if name == "mean":
+        return x.mean(dim=(2, 3))
+    if name in ("tokens", "grid"):
+        return _map_as_tokens(x if number is None else resample_grid(x, number))
+    raise ValueError(
+        f"selector {select!r} needs (B, N, D) tokens; got a (B, C, H, W) map {tuple(x.shape)}, which has "
+        "no class or patch tokens. Use 'mean' (its global average: a vector, like a ViT's 'cls'), "
+        "'grid' or 'grid:S' (one token per position, like a ViT's patch tokens), 'tokens' or 'all'. "
+        "Leave select unset in a CNN-ViT pair for each model's own default (ViT 'cls', CNN 'mean')."
+    )
+
+
+def resample_grid(maps: Tensor, side: int) -> Tensor:
+    """Maps (B, C, H, W) resampled to (B, C, side, side), without parameters: by area (each new cell
+    the mean of the cells it covers; `F.adaptive_avg_pool2d`) when the grid shrinks or keeps its
+    size on both axes, else by bilinear interpolation (`align_corners=False`), which invents no
+    detail but blurs."""
+    if side <= min(maps.shape[-2:]):
+        return F.adaptive_avg_pool2d(maps, side)
+    return F.interpolate(maps, size=(side, side), mode="bilinear", align_corners=False)
+
+
+def _tokens_as_map(patch: Tensor, select: str, shape: tuple[int, ...]) -> Tensor:
+    """Patch tokens (B, N, D) laid out on their square grid as a map (B, D, √N, √N), row by row
+    (timm's patch order)."""
+    count = patch.shape[1]
+    side = math.isqrt(count)
+    if side * side != count:
+        raise ValueError(
+            f"selector {select!r}: the {count} patch tokens of {shape} form no square grid, so their "
+            "positions are unknown; use 'grid' (no resampling) or 'mean'"
+        )
+    return patch.transpose(1, 2).reshape(patch.shape[0], patch.shape[2], side, side)
+
+
+def _map_as_tokens(maps: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H*W, C): one token per position, row by row."""
+    return maps.flatten(2).transpose(1, 2)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -165,6 +219,9 @@ class TapRecorder:
                 root, path, requires_input="input" in wanted, requires_output="output" in wanted
             )
         self._removed = False
+        # each tap's tensor as captured, before its selector (what `kdkit validate` shows beside
+        # the selected feature), as of the last pop()
+        self.captured_shapes: dict[str, tuple[int, ...]] = {}
 
     def pop(self) -> dict[str, Tensor]:
         """Return {tap name: selected feature} of the last forward and clear the buffers.
@@ -198,7 +255,11 @@ class TapRecorder:
                     f"tap {name!r}: the {tap.io} of {tap.path!r} is {type(value).__name__}, not a "
                     "tensor (keyword-only inputs are not captured; tap the output instead)"
                 )
-            features[name] = select_features(value, tap.select, self.num_prefix_tokens)
+            self.captured_shapes[name] = tuple(value.shape)
+            try:
+                features[name] = select_features(value, tap.select, self.num_prefix_tokens)
+            except ValueError as exc:
+                raise TapError(f"tap {name!r} ({tap.path}, {tap.io}): {exc}") from None
         return features
 
     def remove(self) -> None:
@@ -302,10 +363,19 @@ def _convnext_stages(model: nn.Module) -> list[str]:
     return []
 
 
+def _efficientnet_stages(model: nn.Module) -> list[str]:
+    """timm's EfficientNet and MobileNetV3 classes: `blocks` holds one Sequential per stage."""
+    blocks = getattr(model, "blocks", None)
+    if type(model).__name__ in ("EfficientNet", "MobileNetV3") and isinstance(blocks, nn.Sequential):
+        return [f"blocks.{i}" for i in range(len(blocks))]
+    return []
+
+
 for _preset in (
     TapPreset("vit", _vit_stages, "cls", {"block": "", "attn": ".attn", "mlp": ".mlp"}),
     TapPreset("resnet", _resnet_stages, "mean"),
     TapPreset("convnext", _convnext_stages, "mean"),
+    TapPreset("efficientnet", _efficientnet_stages, "mean"),
 ):
     TAP_PRESETS.add(_preset.name, _preset)
 

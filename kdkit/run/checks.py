@@ -56,6 +56,8 @@ from kdkit.utils import distributed
 from kdkit.utils.checkpoint import OutputDirError, check_output_dir
 from kdkit.utils.device import autocast, resolve_device
 
+Shape = tuple[int, ...]  # a tensor's shape, as the tap table prints it
+
 
 @dataclass
 class RecipeCheck:
@@ -116,9 +118,9 @@ def _check_distill_stage(recipe: Recipe, stage: StagePlan) -> Table:
     images, labels = _training_batch(stage)
     distiller = build_distiller(recipe, stage.spec, example=images)
     try:
-        _check_pair_criteria(stage, distiller)
+        compared = _check_pair_criteria(stage, distiller)
         _check_step(stage, distiller, images, labels)
-        return tap_table(stage, distiller)
+        return tap_table(stage, distiller, compared)
     finally:
         distiller.close()
 
@@ -155,11 +157,13 @@ def _collated(dataset: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Ten
     return device_images(images, torch.device("cpu")), torch.as_tensor(labels)
 
 
-def _check_pair_criteria(stage: StagePlan, distiller: Distiller) -> None:
+def _check_pair_criteria(stage: StagePlan, distiller: Distiller) -> list[tuple[Shape, Shape]]:
     """Each pair's criterion takes its adapter's outputs for features of the real tap shapes
-    (the Distiller's dry run sized the adapters, but did not call the criteria)."""
+    (the Distiller's dry run sized the adapters, but did not call the criteria); returns the
+    shapes of each pair's adapter outputs, what its criterion compares."""
     where = f"pipeline.{stage.name}.distill"
     generator = torch.Generator().manual_seed(0)
+    compared = []
     for i, (pair, (s_shape, t_shape)) in enumerate(zip(distiller.pairs, distiller.shapes, strict=True)):
         s, t = (torch.randn(shape, generator=generator) for shape in (s_shape, t_shape))
         with torch.no_grad():
@@ -175,6 +179,8 @@ def _check_pair_criteria(stage: StagePlan, distiller: Distiller) -> None:
                         f"{pair.teacher.path} [{pair.teacher.select}] {t_shape}): {exc}"
                     ]
                 ) from None
+        compared.append((tuple(s_out.shape), tuple(t_out.shape)))
+    return compared
 
 
 def _check_step(stage: StagePlan, distiller: Distiller, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -391,19 +397,36 @@ def _feature_checks(stage: StagePlan, d: DistillSpec) -> list[tuple[str, str, st
     return checks
 
 
-def tap_table(stage: StagePlan, distiller: Distiller) -> Table:
-    """A table of layer pairs and groups: taps → shapes → each pair's adapter, criterion and weight
-    (a group's method and weight)."""
+# the shapes, then the pair's own settings (adapter, criterion, weight) last
+TAP_COLUMNS = (
+    "#",
+    "student tap",
+    "shape",
+    "teacher tap",
+    "shape",
+    "compared",
+    "adapter",
+    "criterion",
+    "weight",
+)
+
+
+def tap_table(stage: StagePlan, distiller: Distiller, compared: list[tuple[Shape, Shape]]) -> Table:
+    """A table of layer pairs and groups: taps → shapes (as captured → as selected) → what each
+    pair's adapter hands its criterion (`compared`: the shapes of its outputs, from
+    `_check_pair_criteria`) → adapter, criterion and weight (a group's method and weight)."""
     table = Table(title=f"stage {stage.name!r}: layer pairs (adapter params: {distiller.extra_parameters()})")
-    for col in ("#", "student tap", "shape", "teacher tap", "shape", "adapter", "criterion", "weight"):
+    for col in TAP_COLUMNS:
         table.add_column(col)
+    student, teacher = distiller.student_taps.captured_shapes, distiller.teacher_taps.captured_shapes
     for i, (pair, (s_shape, t_shape)) in enumerate(zip(distiller.pairs, distiller.shapes, strict=True)):
         table.add_row(
             str(i),
             escape(f"{pair.student.path} [{pair.student.select}]"),
-            str(s_shape),
+            _shape_cell(student.get(f"feat.{i}"), s_shape),
             escape(f"{pair.teacher.path} [{pair.teacher.select}]"),
-            str(t_shape),
+            _shape_cell(teacher.get(f"feat.{i}"), t_shape),
+            _compared_cell(*compared[i]),
             escape(str(pair.adapter)),
             escape(str(pair.criterion)),
             f"{pair.weight:g}",
@@ -415,13 +438,27 @@ def tap_table(stage: StagePlan, distiller: Distiller) -> Table:
             table.add_row(
                 f"group {j}.{k}",
                 escape(f"{s_tap.path} [{s_tap.select}]"),
-                str(s_shapes[k]),
+                _shape_cell(student.get(f"group.{j}.{k}"), s_shapes[k]),
                 escape(f"{t_tap.path} [{t_tap.select}]"),
-                str(t_shapes[k]),
+                _shape_cell(teacher.get(f"group.{j}.{k}"), t_shapes[k]),
+                "",
                 escape(group.method) if k == 0 else "",
                 "",
                 f"{group.weight:g}" if k == 0 else "",
             )
     if not distiller.pairs and not distiller.groups:
         table.caption = "no layer pairs: logit distillation only"
+    else:
+        table.caption = "shape: as captured → as selected; compared: the adapter's outputs"
     return table
+
+
+def _shape_cell(captured: Shape | None, selected: Shape) -> str:
+    """`captured → selected` where the selector changed the shape (a CNN map pooled or laid out
+    as tokens, a ViT's class token taken), else the one shape."""
+    return str(selected) if captured in (None, selected) else f"{captured} → {selected}"
+
+
+def _compared_cell(student: Shape, teacher: Shape) -> str:
+    """The shape both adapter outputs share, or both (relation criteria compare unequal shapes)."""
+    return str(student) if student == teacher else f"{student} / {teacher}"

@@ -379,6 +379,7 @@ def test_plugins_lists_fas(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "fas" in out and "kdkit_fas" in out
     assert "digits" in out and "covariance" in out and "classification" in out
+    assert "group_methods: vitkd" in out and "teacher_combiners: ca_mkd, ensemble, weighted" in out
 
 
 def test_taps_lists_block_paths(capsys: pytest.CaptureFixture[str]) -> None:
