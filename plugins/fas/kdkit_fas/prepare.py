@@ -386,18 +386,7 @@ def prepare(
         raise PrepareError(str(exc)) from None
     _check_settings(frames_per_video, size, workers, scale, image_format)
     records = index_dataset(dataset, root, protocol, fold)
-    try:
-        available = _detector(detector)
-    except ValueError as exc:
-        raise PrepareError(str(exc)) from None
-    needs_detector = [r for r in records if r.face_format == "detect"]
-    if needs_detector and available is None:
-        raise PrepareError(
-            f"{len(needs_detector)} video(s) (e.g. {needs_detector[0].path}) have no face-location "
-            f"file and {faces.NO_DETECTOR}"
-        )
-    if detector == "auto" and available is not None:
-        detector = available.name  # what 'auto' means here: MTCNN or Haar
+    detector = _chosen_detector(detector, records)
     out = Path(out).expanduser()
     settings = _Settings(frames_per_video, size, detector, scale, image_format, sampling=sampling)
     named = {
@@ -412,29 +401,59 @@ def prepare(
         report = PrepareReport(
             out, out / "manifest.csv", videos=len(records), skipped=len(records) - len(todo)
         )
-        try:
-            with contextlib.closing(_run(todo, out, settings, workers, progress)) as results:
-                for outcome in results:
-                    if outcome.error:
-                        report.failed[outcome.video] = outcome.error
-                        if outcome.error == NO_FACE:
-                            report.faceless[outcome.video] = outcome.face_source
-                        report.no_face_frames += outcome.no_face
-                    else:
-                        report.processed += 1
-                        outcomes[outcome.video] = outcome
-        except Interrupted as exc:
-            kept = report.skipped + report.processed
-            raise Interrupted(
-                f"{exc}; {kept} of {len(records)} videos are prepared in {out / 'frames'} and kept "
-                "(the manifest is written when every video is done)",
-                exc.signum,
-            ) from None
+        _prepare_videos(todo, settings, workers, progress, report, outcomes)
         rows = _manifest_rows(records, outcomes, out)
         write_manifest(report.manifest, rows)
     report.frames = len(rows)
     report.no_face_frames += sum(o.no_face for o in outcomes.values() if o is not None and not o.error)
     return report
+
+
+def _chosen_detector(detector: str, records: list[VideoRecord]) -> str:
+    """The detector for records without a face-location file ('auto' resolved to MTCNN or Haar);
+    a PrepareError when such records need one that is not available."""
+    try:
+        available = _detector(detector)
+    except ValueError as exc:
+        raise PrepareError(str(exc)) from None
+    needs_detector = [r for r in records if r.face_format == "detect"]
+    if needs_detector and available is None:
+        raise PrepareError(
+            f"{len(needs_detector)} video(s) (e.g. {needs_detector[0].path}) have no face-location "
+            f"file and {faces.NO_DETECTOR}"
+        )
+    return available.name if detector == "auto" and available is not None else detector
+
+
+def _prepare_videos(
+    todo: list[VideoRecord],
+    settings: _Settings,
+    workers: int,
+    progress: bool,
+    report: PrepareReport,
+    outcomes: dict[str, _Outcome | None],
+) -> None:
+    """Prepare the videos of `todo` in worker processes, recording each outcome in `outcomes` and
+    `report`; an interruption says what was kept."""
+    out = report.out
+    try:
+        with contextlib.closing(_run(todo, out, settings, workers, progress)) as results:
+            for outcome in results:
+                if outcome.error:
+                    report.failed[outcome.video] = outcome.error
+                    if outcome.error == NO_FACE:
+                        report.faceless[outcome.video] = outcome.face_source
+                    report.no_face_frames += outcome.no_face
+                else:
+                    report.processed += 1
+                    outcomes[outcome.video] = outcome
+    except Interrupted as exc:
+        kept = report.skipped + report.processed
+        raise Interrupted(
+            f"{exc}; {kept} of {report.videos} videos are prepared in {out / 'frames'} and kept "
+            "(the manifest is written when every video is done)",
+            exc.signum,
+        ) from None
 
 
 def _manifest_rows(records: list[VideoRecord], outcomes: dict[str, _Outcome | None], out: Path) -> list[dict]:
