@@ -17,6 +17,23 @@ if TYPE_CHECKING:  # the specs are defined in kdkit.config.schema; validation bu
 
 
 @dataclass(frozen=True)
+class TeacherPlan:
+    """One teacher of a distill stage as it runs: its model, the earlier stage that trains it (or
+    None), its weight, and the distill section with its own settings merged in (`teacher` set to it,
+    `teachers` empty): exactly the section a one-teacher stage of this teacher would have."""
+
+    model: str  # the teacher's model key
+    stage: str | None  # the earlier stage that trains it
+    weight: float
+    distill: DistillSpec
+    pairs: tuple[PairSpec, ...] | str  # `distill.pairs` parsed once ('uniform:N' stays a string)
+
+    def pair_specs(self) -> tuple[PairSpec, ...]:
+        """The parsed layer pairs; none for 'uniform:N' (whose pairs take the section's settings)."""
+        return self.pairs if isinstance(self.pairs, tuple) else ()
+
+
+@dataclass(frozen=True)
 class StagePlan:
     """One stage as it runs: its merged specs and the models it trains and learns from."""
 
@@ -28,8 +45,9 @@ class StagePlan:
     # distill stages: `distill.pairs` parsed once ('uniform:N' stays a string)
     pairs: tuple[PairSpec, ...] | str | None = None
     model: str | None = None  # the model key this stage trains (None for evaluate stages)
-    teacher: str | None = None  # distill stages: the teacher's model key
-    teacher_stage: str | None = None  # distill stages: the earlier stage that trains the teacher
+    teacher: str | None = None  # distill stages: the (first) teacher's model key
+    teacher_stage: str | None = None  # distill stages: the earlier stage that trains the (first) teacher
+    teachers: tuple[TeacherPlan, ...] = ()  # distill stages: every teacher (one without distill.teachers)
 
     @property
     def name(self) -> str:
@@ -59,17 +77,24 @@ class StagePlan:
     def adapter_names(self) -> list[str]:
         """Every adapter this distill stage builds: `distill.adapter` and each pair's own
         (`['none']`: no feature KD). What its smallest batch depends on."""
-        d = self.distill_spec()
-        if d.adapter == "none":
-            return [d.adapter]
-        return list(dict.fromkeys([d.adapter, *(p.adapter for p in self.pair_specs() if p.adapter)]))
+        names = []
+        for t in self.teachers:
+            d = t.distill
+            names += (
+                [d.adapter]
+                if d.adapter == "none"
+                else [d.adapter, *(p.adapter for p in t.pair_specs() if p.adapter)]
+            )
+        return list(dict.fromkeys(names))
 
     def criterion_names(self) -> list[str]:
         """Every feature criterion this distill stage uses (none without feature KD)."""
-        d = self.distill_spec()
-        if d.adapter == "none":
-            return []
-        return list(dict.fromkeys([d.criterion, *(p.criterion for p in self.pair_specs() if p.criterion)]))
+        names = []
+        for t in self.teachers:
+            d = t.distill
+            if d.adapter != "none":
+                names += [d.criterion, *(p.criterion for p in t.pair_specs() if p.criterion)]
+        return list(dict.fromkeys(names))
 
     def origin(self, section: str, key: str = "") -> str:
         """Where a setting of `section` (train, data or distill) comes from, as a key path: the

@@ -40,6 +40,7 @@ from kdkit.distill.losses import (
     resolve_feature_criterion,
     resolve_logit_loss,
 )
+from kdkit.distill.several_teachers import SeveralTeachers
 from kdkit.distill.teacher_cache import teacher_cache_dir
 from kdkit.plugins import load_plugins
 from kdkit.registry import DATASETS, EVALUATORS, RegistryError
@@ -108,19 +109,26 @@ def _check(recipe: Recipe, generate: bool) -> RecipeCheck:
     check_stage_settings(r)
     for stage in r.plan:
         if stage.do == "distill":
-            result.tables.append(_check_distill_stage(r, stage))
+            result.tables.extend(_check_distill_stage(r, stage))
     return result
 
 
-def _check_distill_stage(recipe: Recipe, stage: StagePlan) -> Table:
-    """Build a distill stage's Distiller on a batch of its training data and run one training
-    step's losses on it; return its tap table."""
+def _check_distill_stage(recipe: Recipe, stage: StagePlan) -> list[Table]:
+    """Build a distill stage's Distiller (every teacher's) on a batch of its training data and run
+    one training step's losses on it; return its tap table, one per teacher."""
     images, labels = _training_batch(stage)
     distiller = build_distiller(recipe, stage.spec, example=images)
+    several = isinstance(distiller, SeveralTeachers)
+    branches = list(distiller.branches) if several else [distiller]
     try:
-        compared = _check_pair_criteria(stage, distiller)
+        tables = []
+        for k, (branch, teacher) in enumerate(zip(branches, stage.teachers, strict=True)):
+            where = f"{stage.key}.distill" + (f".teachers[{k}]" if several else "")
+            compared = _check_pair_criteria(where, branch)
+            title = f"teacher {k} {teacher.distill.teacher!r}" if several else ""
+            tables.append(tap_table(stage, branch, compared, title))
         _check_step(stage, distiller, images, labels)
-        return tap_table(stage, distiller, compared)
+        return tables
     finally:
         distiller.close()
 
@@ -157,11 +165,11 @@ def _collated(dataset: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Ten
     return device_images(images, torch.device("cpu")), torch.as_tensor(labels)
 
 
-def _check_pair_criteria(stage: StagePlan, distiller: Distiller) -> list[tuple[Shape, Shape]]:
+def _check_pair_criteria(where: str, distiller: Distiller) -> list[tuple[Shape, Shape]]:
     """Each pair's criterion takes its adapter's outputs for features of the real tap shapes
     (the Distiller's dry run sized the adapters, but did not call the criteria); returns the
-    shapes of each pair's adapter outputs, what its criterion compares."""
-    where = f"pipeline.{stage.name}.distill"
+    shapes of each pair's adapter outputs, what its criterion compares. `where`: the pairs'
+    distill section's key path."""
     generator = torch.Generator().manual_seed(0)
     compared = []
     for i, (pair, (s_shape, t_shape)) in enumerate(zip(distiller.pairs, distiller.shapes, strict=True)):
@@ -183,7 +191,9 @@ def _check_pair_criteria(stage: StagePlan, distiller: Distiller) -> list[tuple[S
     return compared
 
 
-def _check_step(stage: StagePlan, distiller: Distiller, images: torch.Tensor, labels: torch.Tensor) -> None:
+def _check_step(
+    stage: StagePlan, distiller: Distiller | SeveralTeachers, images: torch.Tensor, labels: torch.Tensor
+) -> None:
     """One training step's loss terms on a real batch (no gradient): the teacher's converted input,
     the logit loss on the real classes and labels (unlabelled samples too), every pair and group."""
     try:
@@ -248,15 +258,15 @@ def _check_models(recipe: Recipe, example: torch.Tensor, evaluator: Any) -> dict
     returns the size of each model's weights in bytes."""
     classes = getattr(evaluator, "num_classes", None)
     # a teacher with its own input (distill.teacher_input) is checked on the batch converted for it
-    converts = {s.teacher: s for s in recipe.plan if s.distill is not None and s.distill.teacher_input}
+    converts = {t.model: (s, t.distill) for s in recipe.plan for t in s.teachers if t.distill.teacher_input}
     sizes = {}
     for key in recipe.models:
         model = model_from_recipe(recipe, key, f"models.{key}")
         given, size_key = example, "data.image_size"
         if key in converts:
-            stage = converts[key]
+            stage, distill = converts[key]
             try:
-                conversion = make_teacher_input(stage.distill, stage.data, model)
+                conversion = make_teacher_input(distill, stage.data, model)
             except ValueError as exc:
                 raise RecipeError([f"{stage.key}.distill.{exc}"]) from None
             if conversion is not None:
@@ -318,7 +328,7 @@ def check_stage_settings(recipe: Recipe) -> None:
                     f"{adapter_key}: {adapter!r} is computed from batch statistics and needs at least "
                     f"{need} samples per batch (per process); data.batch_size is {batch}"
                 )
-        if d.cache:
+        if any(t.distill.cache for t in stage.teachers):
             try:
                 check_output_dir(teacher_cache_dir(d), option=stage.origin("distill", "cache_dir"))
             except OutputDirError as exc:
@@ -411,11 +421,16 @@ TAP_COLUMNS = (
 )
 
 
-def tap_table(stage: StagePlan, distiller: Distiller, compared: list[tuple[Shape, Shape]]) -> Table:
+def tap_table(
+    stage: StagePlan, distiller: Distiller, compared: list[tuple[Shape, Shape]], teacher: str = ""
+) -> Table:
     """A table of layer pairs and groups: taps → shapes (as captured → as selected) → what each
     pair's adapter hands its criterion (`compared`: the shapes of its outputs, from
-    `_check_pair_criteria`) → adapter, criterion and weight (a group's method and weight)."""
-    table = Table(title=f"stage {stage.name!r}: layer pairs (adapter params: {distiller.extra_parameters()})")
+    `_check_pair_criteria`) → adapter, criterion and weight (a group's method and weight).
+    `teacher`: which teacher's pairs, in the title (a stage with several teachers has a table each)."""
+    whose = f", {teacher}" if teacher else ""
+    params = distiller.extra_parameters()
+    table = Table(title=f"stage {stage.name!r}{whose}: layer pairs (adapter params: {params})")
     for col in TAP_COLUMNS:
         table.add_column(col)
     student, teacher = distiller.student_taps.captured_shapes, distiller.teacher_taps.captured_shapes
