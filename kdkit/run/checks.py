@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 from torch.utils.data import default_collate
 
-from kdkit.config.plan import StagePlan
+from kdkit.config.plan import StagePlan, TeacherPlan
 from kdkit.config.schema import DistillSpec, Recipe, RecipeError
 from kdkit.data.augment import device_images
 from kdkit.data.datasets import (
@@ -305,10 +305,27 @@ def check_stage_settings(recipe: Recipe) -> None:
         d = stage.distill
         if d is None:
             continue
-        batch = stage.data.batch_size
-        problems += _option_problems(stage, d)
-        problems += _adapter_option_problems(stage, d)
-        for adapter_key, adapter, criterion_key, criterion in _feature_checks(stage, d):
+        problems += _distill_setting_problems(stage)
+        if any(t.distill.cache for t in stage.teachers):
+            try:
+                check_output_dir(teacher_cache_dir(d), option=stage.origin("distill", "cache_dir"))
+            except OutputDirError as exc:
+                problems.append(f"{exc} (or set distill.cache: false)")
+    if problems:
+        raise RecipeError(list(dict.fromkeys(problems)))
+
+
+def _distill_setting_problems(stage: StagePlan) -> list[str]:
+    """Each teacher's logit loss, criteria and adapters of a distill stage are registered, take
+    their options and suit the batch size; reported under the key each comes from."""
+    batch = stage.data.batch_size
+    several = bool(stage.distill_spec().teachers)
+    problems = []
+    for k, teacher in enumerate(stage.teachers):
+        index = k if several else None
+        problems += _option_problems(stage, teacher.distill, index)
+        problems += _adapter_option_problems(stage, teacher, index)
+        for adapter_key, adapter, criterion_key, criterion in _feature_checks(stage, teacher, index):
             try:
                 need = criterion_min_batch(criterion)
                 if batch // distributed.world_size() < need:
@@ -328,23 +345,31 @@ def check_stage_settings(recipe: Recipe) -> None:
                     f"{adapter_key}: {adapter!r} is computed from batch statistics and needs at least "
                     f"{need} samples per batch (per process); data.batch_size is {batch}"
                 )
-        if any(t.distill.cache for t in stage.teachers):
-            try:
-                check_output_dir(teacher_cache_dir(d), option=stage.origin("distill", "cache_dir"))
-            except OutputDirError as exc:
-                problems.append(f"{exc} (or set distill.cache: false)")
-    if problems:
-        raise RecipeError(list(dict.fromkeys(problems)))
+    return problems
 
 
-def _option_problems(stage: StagePlan, d: DistillSpec) -> list[str]:
-    """A distill stage's logit loss and feature criterion are registered and take their options
-    (names and values)."""
+def _own_key(stage: StagePlan, k: int | None, key: str) -> str | None:
+    """`pipeline.<stage>.distill.teachers[k].<key>` when teacher `k` of `distill.teachers` sets
+    `key` itself, else None (the setting is the distill section's)."""
+    if k is None or getattr(stage.distill_spec().teachers[k], key, None) is None:
+        return None
+    return f"{stage.key}.distill.teachers[{k}].{key}"
+
+
+def _section_key(stage: StagePlan, k: int | None) -> str:
+    """The key path of a teacher's distill settings: the section, or `distill.teachers[k]`."""
+    return f"{stage.key}.distill" + ("" if k is None else f".teachers[{k}]")
+
+
+def _option_problems(stage: StagePlan, d: DistillSpec, k: int | None) -> list[str]:
+    """A distill stage's logit loss and (teacher `k`'s) feature criterion are registered and take
+    their options (names and values)."""
     problems = []
     for kind, resolve in (("logit_loss", resolve_logit_loss), ("criterion", resolve_feature_criterion)):
         options = "logit_options" if kind == "logit_loss" else "criterion_options"
         # a setting inherited from the top-level `distill` is reported once, under its own key
-        name_key, options_key = stage.origin("distill", kind), stage.origin("distill", options)
+        name_key = _own_key(stage, k, kind) or stage.origin("distill", kind)
+        options_key = _own_key(stage, k, options) or stage.origin("distill", options)
         try:
             resolve(getattr(d, kind), getattr(d, options))
         except RegistryError as exc:
@@ -356,18 +381,19 @@ def _option_problems(stage: StagePlan, d: DistillSpec) -> list[str]:
     return problems
 
 
-def _adapter_option_problems(stage: StagePlan, d: DistillSpec) -> list[str]:
-    """The adapter options of the distill section, and those a pair gives itself, suit their adapter
-    (names, then values, by building it for two small widths). Options left from another adapter
+def _adapter_option_problems(stage: StagePlan, teacher: TeacherPlan, k: int | None) -> list[str]:
+    """The adapter options of (teacher `k`'s) distill section, and those a pair gives itself, suit
+    their adapter (names, then values, by building it for two small widths). Options left from another adapter
     are the usual cause: the message says how to clear them."""
+    d = teacher.distill
     if d.adapter == "none":
         return []
     # options inherited from the top-level `distill` are reported once, under their own key
-    key = stage.origin("distill", "adapter_options")
+    key = _own_key(stage, k, "adapter_options") or stage.origin("distill", "adapter_options")
     checks = [(key, d.adapter, d.adapter_options, f"clear them with --set {key}={{}}")]
-    for i, spec in enumerate(stage.pair_specs()):
+    for i, spec in enumerate(teacher.pair_specs()):
         if spec.adapter_options is not None:
-            pair_key = f"{stage.key}.distill.pairs[{i}].adapter_options"
+            pair_key = f"{_section_key(stage, k)}.pairs[{i}].adapter_options"
             adapter = spec.adapter or d.adapter
             checks.append((pair_key, adapter, spec.adapter_options, "remove them from the pair"))
     problems = []
@@ -385,17 +411,19 @@ def _adapter_option_problems(stage: StagePlan, d: DistillSpec) -> list[str]:
     return problems
 
 
-def _feature_checks(stage: StagePlan, d: DistillSpec) -> list[tuple[str, str, str, str]]:
-    """(adapter key, adapter, criterion key, criterion) of the distill section and of each layer
-    pair that names its own adapter or criterion; the keys say where to report a problem."""
+def _feature_checks(stage: StagePlan, teacher: TeacherPlan, k: int | None) -> list[tuple[str, str, str, str]]:
+    """(adapter key, adapter, criterion key, criterion) of (teacher `k`'s) distill section and of
+    each layer pair that names its own adapter or criterion; the keys say where to report a problem."""
+    d = teacher.distill
     # a criterion inherited from the top-level `distill` is reported once, under its own key
-    criterion_key = stage.origin("distill", "criterion")
-    checks = [(f"{stage.key}.distill.adapter", d.adapter, criterion_key, d.criterion)]
+    criterion_key = _own_key(stage, k, "criterion") or stage.origin("distill", "criterion")
+    adapter_key = _own_key(stage, k, "adapter") or f"{stage.key}.distill.adapter"
+    checks = [(adapter_key, d.adapter, criterion_key, d.criterion)]
     if d.adapter == "none":
         return checks
-    for i, spec in enumerate(stage.pair_specs()):
+    for i, spec in enumerate(teacher.pair_specs()):
         if spec.adapter or spec.criterion:
-            key = f"{stage.key}.distill.pairs[{i}]"
+            key = f"{_section_key(stage, k)}.pairs[{i}]"
             checks.append(
                 (
                     f"{key}.adapter" if spec.adapter else checks[0][0],
