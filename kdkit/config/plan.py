@@ -42,11 +42,11 @@ class StagePlan:
     train: TrainSpec  # the top-level `train` with the stage's overrides and its seed
     data: DataSpec  # the top-level `data` with the stage's overrides
     distill: DistillSpec | None = None  # distill stages: the top-level `distill` with the overrides
-    # distill stages: `distill.pairs` parsed once ('uniform:N' stays a string)
-    pairs: tuple[PairSpec, ...] | str | None = None
     model: str | None = None  # the model key this stage trains (None for evaluate stages)
     teacher: str | None = None  # distill stages: the (first) teacher's model key
     teacher_stage: str | None = None  # distill stages: the earlier stage that trains the (first) teacher
+    # distill stages: the (first) teacher's `distill.pairs` parsed once ('uniform:N' stays a string)
+    pairs: tuple[PairSpec, ...] | str | None = None
     teachers: tuple[TeacherPlan, ...] = ()  # distill stages: every teacher (one without distill.teachers)
 
     @property
@@ -69,10 +69,6 @@ class StagePlan:
         if self.distill is None:
             raise ValueError(f"{self.key} is a {self.do} stage, not a distill stage")
         return self.distill
-
-    def pair_specs(self) -> tuple[PairSpec, ...]:
-        """The parsed layer pairs; none for 'uniform:N' (whose pairs take the section's settings)."""
-        return self.pairs if isinstance(self.pairs, tuple) else ()
 
     def adapter_names(self) -> list[str]:
         """Every adapter this distill stage builds: `distill.adapter` and each pair's own

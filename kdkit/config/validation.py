@@ -109,10 +109,10 @@ def _plan_stage(
             train,
             data,
             distill,
-            pairs=first.pairs if first and not distill.teachers else None,
             model=distill.student,
             teacher=first.model if first else distill.teacher,
             teacher_stage=first.stage if first else None,
+            pairs=first.pairs if first else None,
             teachers=teachers,
         )
     _check_evaluate(stage, where, trained, problems)

@@ -178,11 +178,15 @@ def test_bad_teachers_are_reported_by_key_path(distill: dict[str, Any], expected
     assert expected in _problems(_distill_dict(**distill))
 
 
-def test_a_teachers_unknown_adapter_is_reported_under_its_key(tmp_path: Path) -> None:
+def test_a_teachers_unknown_adapter_is_reported_under_its_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = _distill_dict(teachers=[{"teacher": "teacher"}, {"teacher": "teacher2", "adapter": "linear"}])
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
     assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "pipeline.student_kd.distill.teachers[1].adapter: unknown adapter 'linear'" in err
 
 
 def test_validate_prints_a_tap_table_per_teacher(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -218,3 +222,15 @@ def test_a_two_teacher_recipe_runs_end_to_end_and_resumes(
     err = capsys.readouterr().err
     assert "[vit_teacher] complete, skipped (resume)" in err
     assert (run / "student_kd" / "model.pt").read_bytes() == before  # same seed, same teachers
+
+
+def test_bench_refuses_a_stage_with_several_teachers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(two_teacher_dict(), sort_keys=False))
+    assert main(["bench", str(path), "--steps", "1"]) == 2
+    assert (
+        "pipeline.student_kd.distill.teachers: kdkit bench times a stage with one teacher"
+        in capsys.readouterr().err
+    )
