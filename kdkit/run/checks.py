@@ -42,6 +42,7 @@ from kdkit.distill.losses import (
 )
 from kdkit.distill.several_teachers import SeveralTeachers
 from kdkit.distill.teacher_cache import teacher_cache_dir
+from kdkit.distill.teacher_ensemble import TeacherCombiner
 from kdkit.plugins import load_plugins
 from kdkit.registry import DATASETS, EVALUATORS, RegistryError
 from kdkit.run.build import (
@@ -320,7 +321,7 @@ def _distill_setting_problems(stage: StagePlan) -> list[str]:
     their options and suit the batch size; reported under the key each comes from."""
     batch = stage.data.batch_size
     several = bool(stage.distill_spec().teachers)
-    problems = []
+    problems = _combine_problems(stage) if several else []
     for k, teacher in enumerate(stage.teachers):
         index = k if several else None
         problems += _option_problems(stage, teacher.distill, index)
@@ -346,6 +347,22 @@ def _distill_setting_problems(stage: StagePlan) -> list[str]:
                     f"{need} samples per batch (per process); data.batch_size is {batch}"
                 )
     return problems
+
+
+def _combine_problems(stage: StagePlan) -> list[str]:
+    """The rule `distill.teacher_combine` works with the logit loss and the teachers' weights."""
+    d = stage.distill_spec()
+    try:
+        TeacherCombiner(d.teacher_combine, d.logit_loss, d.logit_options, [t.weight for t in stage.teachers])
+    except RegistryError:
+        return []  # an unknown rule or logit loss is reported under its own key
+    except OptionError as exc:
+        if exc.option != "weights":
+            return []  # a bad logit option is reported under logit_options
+        return [f"{stage.origin('distill', 'teachers')}: {exc}"]
+    except ValueError as exc:
+        return [f"{stage.origin('distill', 'teacher_combine')}: {exc}"]
+    return []
 
 
 def _own_key(stage: StagePlan, k: int | None, key: str) -> str | None:

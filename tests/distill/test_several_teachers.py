@@ -20,6 +20,7 @@ from kdkit.distill.distiller import Distiller
 from kdkit.distill.several_teachers import SeveralTeachers
 from kdkit.distill.teacher_ensemble import TeacherCombiner
 from kdkit.run.build import build_distiller
+from kdkit.run.checks import check_stage_settings
 from kdkit.run.stage_cache import stage_inputs, stage_upstream
 from kdkit.utils.checkpoint import load_file, seed_everything
 
@@ -187,6 +188,35 @@ def test_a_teachers_unknown_adapter_is_reported_under_its_key(
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "pipeline.student_kd.distill.teachers[1].adapter: unknown adapter 'linear'" in err
+
+
+@pytest.mark.parametrize(
+    ("distill", "expected"),
+    [
+        (
+            {
+                "teacher_combine": "ca_mkd",
+                "teachers": [{"teacher": "teacher", "weight": 2}, {"teacher": "teacher2"}],
+            },
+            "distill.teachers: weights: teacher combiner 'ca_mkd' computes each sample's teacher weights",
+        ),
+        (
+            {
+                "teacher_combine": "ca_mkd",
+                "logit_loss": "dkd",
+                "teachers": [{"teacher": "teacher"}, {"teacher": "teacher2"}],
+            },
+            "distill.teacher_combine: teacher combiner 'ca_mkd' works with logit loss 'kl' only, got 'dkd'",
+        ),
+    ],
+)
+def test_a_combiner_that_cannot_take_the_loss_or_weights_is_refused_before_any_work(
+    distill: dict[str, Any], expected: str
+) -> None:
+    recipe = parse_recipe(_distill_dict(**distill))
+    with pytest.raises(RecipeError) as info:
+        check_stage_settings(recipe)
+    assert any(expected in problem for problem in info.value.problems)
 
 
 def test_validate_prints_a_tap_table_per_teacher(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
