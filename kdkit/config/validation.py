@@ -133,7 +133,9 @@ def _plan_teachers(
     if not distill.teachers:
         _check_distill(distill, where, recipe, trained, problems)
         return (_teacher_plan(distill, 1.0, where, earlier, problems),)
-    if "teacher" in stage.distill or distill.teacher != DistillSpec.teacher:
+    # a stage's own `teachers` replace the one `teacher` it inherits; at one level, both is an error
+    inherits_teachers = "teachers" not in stage.distill
+    if "teacher" in stage.distill or (inherits_teachers and distill.teacher != DistillSpec.teacher):
         problems.append(
             f"{where}: give either teacher ({distill.teacher!r}) or teachers (a list), not both; "
             "remove distill.teacher"

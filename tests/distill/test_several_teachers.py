@@ -146,6 +146,15 @@ def test_two_teachers_train_student_and_adapters_only_and_their_state_round_trip
     task.eval()
 
 
+def test_a_stages_own_teachers_replace_the_top_level_teacher() -> None:
+    data = _distill_dict(teacher="teacher2")
+    data["pipeline"][1]["distill"] = {"teachers": [{"teacher": "teacher"}, {"teacher": "teacher2"}]}
+    stage = parse_recipe(data).plan.stage("student_kd")
+    assert [t.model for t in stage.teachers] == ["teacher", "teacher2"]
+    data["pipeline"][1]["distill"]["teacher"] = "teacher"
+    assert "pipeline.student_kd.distill: give either teacher ('teacher') or teachers" in _problems(data)
+
+
 @pytest.mark.parametrize(
     ("distill", "expected"),
     [
