@@ -4,7 +4,6 @@ loss terms against `TeacherCombiner`, errors by key path, validate's tables, a r
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -256,10 +255,15 @@ def test_a_two_teacher_recipe_runs_end_to_end_and_resumes(
     assert model["teachers"][1]["path"] == str((run / "cnn_teacher" / "model.pt").resolve())
     before = (run / "student_kd" / "model.pt").read_bytes()
     capsys.readouterr()
-    shutil.rmtree(run / "student_kd")  # the distill stage is lost: --resume trains it again
+    # as if interrupted after its last checkpoint: --resume loads last.pt (student, both teachers' adapters)
+    (run / "student_kd" / "done.json").unlink()
+    assert any(
+        k.startswith("teachers.0.adapters.") for k in load_file(run / "student_kd" / "last.pt")["trainable"]
+    )
     assert main(["run", "two.yaml", "--out", "run", "--resume"]) == 0
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
     assert "[vit_teacher] complete, skipped (resume)" in err
+    assert "[student_kd] resumed from run/student_kd/last.pt" in err
     assert (run / "student_kd" / "model.pt").read_bytes() == before  # same seed, same teachers
 
 
