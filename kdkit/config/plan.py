@@ -17,6 +17,23 @@ if TYPE_CHECKING:  # the specs are defined in kdkit.config.schema; validation bu
 
 
 @dataclass(frozen=True)
+class TeacherPlan:
+    """One teacher of a distill stage as it runs: its model, the earlier stage that trains it (or
+    None), its weight, and the distill section with its own settings merged in (`teacher` set to it,
+    `teachers` empty): exactly the section a one-teacher stage of this teacher would have."""
+
+    model: str  # the teacher's model key
+    stage: str | None  # the earlier stage that trains it
+    weight: float
+    distill: DistillSpec
+    pairs: tuple[PairSpec, ...] | str  # `distill.pairs` parsed once ('uniform:N' stays a string)
+
+    def pair_specs(self) -> tuple[PairSpec, ...]:
+        """The parsed layer pairs; none for 'uniform:N' (whose pairs take the section's settings)."""
+        return self.pairs if isinstance(self.pairs, tuple) else ()
+
+
+@dataclass(frozen=True)
 class StagePlan:
     """One stage as it runs: its merged specs and the models it trains and learns from."""
 
@@ -25,11 +42,12 @@ class StagePlan:
     train: TrainSpec  # the top-level `train` with the stage's overrides and its seed
     data: DataSpec  # the top-level `data` with the stage's overrides
     distill: DistillSpec | None = None  # distill stages: the top-level `distill` with the overrides
-    # distill stages: `distill.pairs` parsed once ('uniform:N' stays a string)
-    pairs: tuple[PairSpec, ...] | str | None = None
     model: str | None = None  # the model key this stage trains (None for evaluate stages)
-    teacher: str | None = None  # distill stages: the teacher's model key
-    teacher_stage: str | None = None  # distill stages: the earlier stage that trains the teacher
+    teacher: str | None = None  # distill stages: the (first) teacher's model key
+    teacher_stage: str | None = None  # distill stages: the earlier stage that trains the (first) teacher
+    # distill stages: the (first) teacher's `distill.pairs` parsed once ('uniform:N' stays a string)
+    pairs: tuple[PairSpec, ...] | str | None = None
+    teachers: tuple[TeacherPlan, ...] = ()  # distill stages: every teacher (one without distill.teachers)
 
     @property
     def name(self) -> str:
@@ -52,24 +70,27 @@ class StagePlan:
             raise ValueError(f"{self.key} is a {self.do} stage, not a distill stage")
         return self.distill
 
-    def pair_specs(self) -> tuple[PairSpec, ...]:
-        """The parsed layer pairs; none for 'uniform:N' (whose pairs take the section's settings)."""
-        return self.pairs if isinstance(self.pairs, tuple) else ()
-
     def adapter_names(self) -> list[str]:
         """Every adapter this distill stage builds: `distill.adapter` and each pair's own
         (`['none']`: no feature KD). What its smallest batch depends on."""
-        d = self.distill_spec()
-        if d.adapter == "none":
-            return [d.adapter]
-        return list(dict.fromkeys([d.adapter, *(p.adapter for p in self.pair_specs() if p.adapter)]))
+        names = []
+        for t in self.teachers:
+            d = t.distill
+            names += (
+                [d.adapter]
+                if d.adapter == "none"
+                else [d.adapter, *(p.adapter for p in t.pair_specs() if p.adapter)]
+            )
+        return list(dict.fromkeys(names))
 
     def criterion_names(self) -> list[str]:
         """Every feature criterion this distill stage uses (none without feature KD)."""
-        d = self.distill_spec()
-        if d.adapter == "none":
-            return []
-        return list(dict.fromkeys([d.criterion, *(p.criterion for p in self.pair_specs() if p.criterion)]))
+        names = []
+        for t in self.teachers:
+            d = t.distill
+            if d.adapter != "none":
+                names += [d.criterion, *(p.criterion for p in t.pair_specs() if p.criterion)]
+        return list(dict.fromkeys(names))
 
     def origin(self, section: str, key: str = "") -> str:
         """Where a setting of `section` (train, data or distill) comes from, as a key path: the

@@ -149,6 +149,24 @@ class TeacherInputSpec:
 
 
 @dataclass
+class TeacherSpec:
+    """One teacher of `distill.teachers`: a model key or an earlier stage, its weight in the
+    combination, and the distill settings it sets for itself (unset: the distill section's)."""
+
+    teacher: str  # a key of `models`, or the name of an earlier stage that trained it
+    weight: float = 1.0  # its share of the logit and feature terms (normalised over the teachers)
+    pairs: list[Any] | str | None = None
+    adapter: str | None = None
+    adapter_options: dict[str, Any] | None = None
+    criterion: str | None = None
+    criterion_options: dict[str, Any] | None = None
+    groups: list[GroupSpec] | None = None
+    teacher_input: Literal["auto"] | TeacherInputSpec | None = None
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    cache: bool | None = None
+
+
+@dataclass
 class DistillSpec:
     """How the student learns from the teacher (used by `distill` stages)."""
 
@@ -180,6 +198,10 @@ class DistillSpec:
     cache: bool = True  # store teacher outputs per (sample, augmentation) and reuse them
     cache_dir: str | None = None  # default: $KDKIT_CACHE_DIR or ~/.cache/kdkit/teacher-outputs
     cache_max_gb: float = 20.0  # size bound of cache_dir; beyond it the teacher runs live
+    # several teachers (`TeacherSpec`), instead of `teacher`; their logits combine by the rule
+    # `teacher_combine` of `kdkit.registry.TEACHER_COMBINERS`, their feature terms by weight
+    teachers: list[TeacherSpec] = field(default_factory=list)
+    teacher_combine: str = "ensemble"
 
 
 @dataclass

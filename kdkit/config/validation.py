@@ -9,7 +9,7 @@ import dataclasses
 import re
 from typing import Any
 
-from kdkit.config.plan import Plan, StagePlan
+from kdkit.config.plan import Plan, StagePlan, TeacherPlan
 from kdkit.config.schema import (
     DataSpec,
     DistillSpec,
@@ -24,7 +24,7 @@ from kdkit.config.schema import (
     convert_dataclass,
     shorten,
 )
-from kdkit.registry import did_you_mean
+from kdkit.registry import TEACHER_COMBINERS, did_you_mean
 
 
 def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
@@ -101,21 +101,79 @@ def _plan_stage(
             problems.append(f"{where}.model: expected one of {sorted(recipe.models)}, got {stage.model!r}")
         return StagePlan(stage, seed, train, data, model=stage.model)
     if stage.do == "distill":
-        _check_distill(distill, f"{where}.distill", recipe, trained, problems)
-        trainer = next((s for s in earlier if s.name == distill.teacher and s.do != "evaluate"), None)
+        teachers = _plan_teachers(stage, distill, f"{where}.distill", recipe, earlier, trained, problems)
+        first = teachers[0] if teachers else None
         return StagePlan(
             stage,
             seed,
             train,
             data,
             distill,
-            pairs=_parsed_pairs(distill, f"{where}.distill", problems),
             model=distill.student,
-            teacher=trainer.model if trainer else distill.teacher,
-            teacher_stage=trainer.name if trainer else None,
+            teacher=first.model if first else distill.teacher,
+            teacher_stage=first.stage if first else None,
+            pairs=first.pairs if first else None,
+            teachers=teachers,
         )
     _check_evaluate(stage, where, trained, problems)
     return StagePlan(stage, seed, train, data)
+
+
+def _plan_teachers(
+    stage: StageSpec,
+    distill: DistillSpec,
+    where: str,
+    recipe: Recipe,
+    earlier: list[StagePlan],
+    trained: list[str],
+    problems: list[str],
+) -> tuple[TeacherPlan, ...]:
+    """Every teacher of a distill stage: `distill.teacher`, or each of `distill.teachers` with the
+    section's settings it does not set itself; each one's section is checked under its key path."""
+    if not distill.teachers:
+        _check_distill(distill, where, recipe, trained, problems)
+        return (_teacher_plan(distill, 1.0, where, earlier, problems),)
+    # a stage's own `teachers` replace the one `teacher` it inherits; at one level, both is an error
+    inherits_teachers = "teachers" not in stage.distill
+    if "teacher" in stage.distill or (inherits_teachers and distill.teacher != DistillSpec.teacher):
+        problems.append(
+            f"{where}: give either teacher ({distill.teacher!r}) or teachers (a list), not both; "
+            "remove distill.teacher"
+        )
+    if distill.teacher_combine not in TEACHER_COMBINERS:
+        problems.append(
+            f"{where}.teacher_combine: expected one of {TEACHER_COMBINERS.names()}, got "
+            f"{distill.teacher_combine!r}.{did_you_mean(distill.teacher_combine, TEACHER_COMBINERS.names())}"
+        )
+    plans = []
+    for i, spec in enumerate(distill.teachers):
+        at = f"{where}.teachers[{i}]"
+        own = {k: v for k, v in dataclasses.asdict(spec).items() if v is not None and k != "weight"}
+        # through convert: the dataclass fields (groups, teacher_input) come back as specs
+        merged = convert(DistillSpec, {**dataclasses.asdict(distill), "teachers": [], **own}, at, problems)
+        if merged is None:
+            continue
+        if spec.weight < 0:
+            problems.append(f"{at}.weight: expected a value >= 0, got {spec.weight}")
+        _check_distill(merged, at, recipe, trained, problems)
+        plans.append(_teacher_plan(merged, spec.weight, at, earlier, problems))
+    if distill.teachers and not any(t.weight > 0 for t in distill.teachers):
+        problems.append(f"{where}.teachers: every weight is 0; at least one teacher needs a weight > 0")
+    return tuple(plans)
+
+
+def _teacher_plan(
+    d: DistillSpec, weight: float, where: str, earlier: list[StagePlan], problems: list[str]
+) -> TeacherPlan:
+    """One teacher's plan: its model key, the earlier stage that trains it, its parsed pairs."""
+    trainer = next((s for s in earlier if s.name == d.teacher and s.do != "evaluate"), None)
+    return TeacherPlan(
+        model=trainer.model if trainer and trainer.model else d.teacher,
+        stage=trainer.name if trainer else None,
+        weight=weight,
+        distill=d,
+        pairs=_parsed_pairs(d, where, problems),
+    )
 
 
 def _check_evaluate(stage: StageSpec, where: str, trained: list[str], problems: list[str]) -> None:

@@ -236,6 +236,19 @@ class Distiller(nn.Module):
             kd_labels = torch.where(labels == UNLABELED, t_logits.argmax(dim=-1), labels)
             out["kd"] = self._logit_loss(s_logits, t_logits, kd_labels, self.tau, **self.logit_options)
             loss = loss + self.alpha * out["kd"]
+        out.update(self.feature_terms(s_feats, teacher))
+        if "feat" in out:
+            loss = loss + self.beta * out["feat"]
+        out["loss"] = loss
+        out["logits"] = s_logits
+        return out
+
+    def feature_terms(
+        self, s_feats: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Each pair's (`feat.i`) and group's (`group.j`) term, and `feat`, their weighted mean
+        (absent without pairs and groups), from the student's tapped features and `teacher_outputs`."""
+        out: dict[str, torch.Tensor] = {}
         weighted = []
         for i, (adapter, criterion) in enumerate(zip(self.adapters, self.criteria, strict=True)):
             s_mapped, t_target = adapter(s_feats[f"feat.{i}"].float(), teacher[f"feat.{i}"].float())
@@ -248,9 +261,6 @@ class Distiller(nn.Module):
         if weighted:
             # sum w l / n over pairs and groups; with every w = 1 exactly the mean (x * 1.0 is exact)
             out["feat"] = torch.stack(weighted).mean()
-            loss = loss + self.beta * out["feat"]
-        out["loss"] = loss
-        out["logits"] = s_logits
         return out
 
     def no_weight_decay(self) -> set[str]:

@@ -100,6 +100,13 @@ def bench_setup(recipe: Recipe, stage: str | None = None, batch: int | None = No
     images per step (default: the stage's own batch size)."""
     stage_spec = _distill_stage(recipe, stage)
     plan = recipe.plan.of(stage_spec)
+    if len(plan.teachers) > 1:  # its modes (cached teacher, hand-written loop) time one teacher
+        raise RecipeError(
+            [
+                f"{plan.key}.distill.teachers: kdkit bench times a stage with one teacher; this one "
+                f"has {len(plan.teachers)}"
+            ]
+        )
     # Random weights: the cost does not depend on them, and the bench needs no weight files.
     models = {k: dataclasses.replace(s, weights=None, pretrained=False) for k, s in recipe.models.items()}
     recipe = dataclasses.replace(recipe, models=models)

@@ -11,13 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdkit.config.plan import StagePlan
+from kdkit.config.plan import StagePlan, TeacherPlan
 from kdkit.config.schema import DataSpec, DistillSpec, Recipe, RecipeError, StageSpec
 from kdkit.data.datasets import example_batch
 from kdkit.distill.adapters import adapter_min_batch
 from kdkit.distill.distiller import Distiller
 from kdkit.distill.losses import criterion_min_batch
 from kdkit.distill.pairs import GroupError, PairError, feature_taps, layer_groups, layer_pairs
+from kdkit.distill.several_teachers import SeveralTeachers
 from kdkit.distill.teacher_cache import open_teacher_cache
 from kdkit.distill.teacher_input import (
     InputSpace,
@@ -70,21 +71,66 @@ def build_distiller(
     trained: Mapping[str, Path] | None = None,
     example: torch.Tensor | None = None,
     cache_data: Any = None,
-) -> Distiller:
-    """Student, teacher, taps and adapters of a distill stage, sized by a dry run on `example`
-    (default: two of the stage's training images).
+) -> Distiller | SeveralTeachers:
+    """Student, teachers, taps and adapters of a distill stage, sized by a dry run on `example`
+    (default: two of the stage's training images): a `Distiller` for one teacher, `SeveralTeachers`
+    (a `Distiller` branch per teacher) for `distill.teachers` of two or more.
 
     A teacher trained by an earlier stage gets that stage's weights from `trained` (stage name →
     model.pt); without them (checks, benchmarks) it keeps its initial weights. With `cache_data`
-    (the training dataset) and `distill.cache` on, the teacher-output cache is opened for it.
+    (the training dataset) and a teacher's `cache` on, its teacher-output cache is opened.
     The student is built first, so that with the same seed it starts from the same weights as a
     `train` stage of the same model (the baseline trained without a teacher)."""
     plan = recipe.plan.of(stage)
-    d, train, where = plan.distill_spec(), plan.train, f"{plan.key}.distill"
+    d, where = plan.distill_spec(), f"{plan.key}.distill"
     student = model_from_recipe(recipe, d.student, f"{where}.student")
-    teacher = _teacher(recipe, plan, trained, where)
+    if len(plan.teachers) == 1 and not d.teachers:
+        return _branch(recipe, plan, plan.teachers[0], student, trained, example, cache_data, where)
+    if example is None:  # one batch sizes every teacher's adapters
+        try:
+            example = example_batch(plan.data, dry_run_size(plan))
+        except (ValueError, KeyError) as exc:
+            raise _distill_error(where, exc) from None
+    branches = [
+        _branch(recipe, plan, t, student, trained, example, cache_data, f"{where}.teachers[{k}]")
+        for k, t in enumerate(plan.teachers)
+    ]
+    if len(branches) == 1:  # `teachers` with one entry: that teacher alone
+        return branches[0]
     try:
-        parsed = plan.pairs if isinstance(plan.pairs, str) else list(plan.pair_specs())
+        return SeveralTeachers(
+            branches,
+            [t.weight for t in plan.teachers],
+            combine=d.teacher_combine,
+            alpha=d.alpha,
+            tau=d.tau,
+            beta=d.beta,
+            logit_loss=d.logit_loss,
+            logit_options=d.logit_options,
+            label_smoothing=plan.train.label_smoothing,
+        )
+    except (ValueError, KeyError) as exc:
+        raise _distill_error(where, exc) from None
+
+
+def _branch(
+    recipe: Recipe,
+    plan: StagePlan,
+    teacher_plan: TeacherPlan,
+    student: nn.Module,
+    trained: Mapping[str, Path] | None,
+    example: torch.Tensor | None,
+    cache_data: Any,
+    where: str,
+) -> Distiller:
+    """The `Distiller` of one teacher of a distill stage and `student`, from the teacher's merged
+    distill section (`TeacherPlan.distill`); its problems are recipe errors under `where`."""
+    d = teacher_plan.distill
+    teacher = _teacher(recipe, teacher_plan, trained, where)
+    try:
+        parsed = (
+            teacher_plan.pairs if isinstance(teacher_plan.pairs, str) else list(teacher_plan.pair_specs())
+        )
         pairs = layer_pairs(teacher, student, parsed, d.point, d.select) if d.adapter != "none" else []
         groups = layer_groups(teacher, student, d.groups, d.point)
         teacher_input = make_teacher_input(d, plan.data, teacher)
@@ -94,7 +140,7 @@ def build_distiller(
     cache = None
     if cache_data is not None:
         taps = feature_taps(pairs, groups, "teacher")
-        cache = open_teacher_cache(d, cache_data, teacher, taps, train.amp, teacher_input)
+        cache = open_teacher_cache(d, cache_data, teacher, taps, plan.train.amp, teacher_input)
     try:
         if example is None:
             example = example_batch(plan.data, dry_run_size(plan))
@@ -112,7 +158,7 @@ def build_distiller(
             beta=d.beta,
             logit_loss=d.logit_loss,
             logit_options=d.logit_options,
-            label_smoothing=train.label_smoothing,
+            label_smoothing=plan.train.label_smoothing,
             example_input=example,
             teacher_dtype=d.teacher_dtype,
             cache=cache,
@@ -122,11 +168,13 @@ def build_distiller(
         raise _distill_error(where, exc) from None
 
 
-def _teacher(recipe: Recipe, plan: StagePlan, trained: Mapping[str, Path] | None, where: str) -> nn.Module:
+def _teacher(
+    recipe: Recipe, teacher_plan: TeacherPlan, trained: Mapping[str, Path] | None, where: str
+) -> nn.Module:
     """A distill stage's teacher: built from its model spec, with the weights of the earlier stage
     that trained it when `trained` (stage name → model.pt) has them."""
-    teacher = model_from_recipe(recipe, plan.teacher, f"{where}.teacher")
-    trained_by = plan.teacher_stage
+    teacher = model_from_recipe(recipe, teacher_plan.model, f"{where}.teacher")
+    trained_by = teacher_plan.stage
     if trained_by is not None and trained is not None:
         weights = trained[trained_by]
         load_state_dict_checked(teacher, load_file(weights)["model"], f"stage {trained_by!r} model.pt")

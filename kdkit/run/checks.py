@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 from torch.utils.data import default_collate
 
-from kdkit.config.plan import StagePlan
+from kdkit.config.plan import StagePlan, TeacherPlan
 from kdkit.config.schema import DistillSpec, Recipe, RecipeError
 from kdkit.data.augment import device_images
 from kdkit.data.datasets import (
@@ -40,7 +40,9 @@ from kdkit.distill.losses import (
     resolve_feature_criterion,
     resolve_logit_loss,
 )
+from kdkit.distill.several_teachers import SeveralTeachers
 from kdkit.distill.teacher_cache import teacher_cache_dir
+from kdkit.distill.teacher_ensemble import TeacherCombiner
 from kdkit.plugins import load_plugins
 from kdkit.registry import DATASETS, EVALUATORS, RegistryError
 from kdkit.run.build import (
@@ -108,19 +110,26 @@ def _check(recipe: Recipe, generate: bool) -> RecipeCheck:
     check_stage_settings(r)
     for stage in r.plan:
         if stage.do == "distill":
-            result.tables.append(_check_distill_stage(r, stage))
+            result.tables.extend(_check_distill_stage(r, stage))
     return result
 
 
-def _check_distill_stage(recipe: Recipe, stage: StagePlan) -> Table:
-    """Build a distill stage's Distiller on a batch of its training data and run one training
-    step's losses on it; return its tap table."""
+def _check_distill_stage(recipe: Recipe, stage: StagePlan) -> list[Table]:
+    """Build a distill stage's Distiller (every teacher's) on a batch of its training data and run
+    one training step's losses on it; return its tap table, one per teacher."""
     images, labels = _training_batch(stage)
     distiller = build_distiller(recipe, stage.spec, example=images)
+    several = isinstance(distiller, SeveralTeachers)
+    branches = list(distiller.branches) if several else [distiller]
     try:
-        compared = _check_pair_criteria(stage, distiller)
+        tables = []
+        for k, (branch, teacher) in enumerate(zip(branches, stage.teachers, strict=True)):
+            where = f"{stage.key}.distill" + (f".teachers[{k}]" if several else "")
+            compared = _check_pair_criteria(where, branch)
+            title = f"teacher {k} {teacher.distill.teacher!r}" if several else ""
+            tables.append(tap_table(stage, branch, compared, title))
         _check_step(stage, distiller, images, labels)
-        return tap_table(stage, distiller, compared)
+        return tables
     finally:
         distiller.close()
 
@@ -157,11 +166,11 @@ def _collated(dataset: Any, indices: list[int]) -> tuple[torch.Tensor, torch.Ten
     return device_images(images, torch.device("cpu")), torch.as_tensor(labels)
 
 
-def _check_pair_criteria(stage: StagePlan, distiller: Distiller) -> list[tuple[Shape, Shape]]:
+def _check_pair_criteria(where: str, distiller: Distiller) -> list[tuple[Shape, Shape]]:
     """Each pair's criterion takes its adapter's outputs for features of the real tap shapes
     (the Distiller's dry run sized the adapters, but did not call the criteria); returns the
-    shapes of each pair's adapter outputs, what its criterion compares."""
-    where = f"pipeline.{stage.name}.distill"
+    shapes of each pair's adapter outputs, what its criterion compares. `where`: the pairs'
+    distill section's key path."""
     generator = torch.Generator().manual_seed(0)
     compared = []
     for i, (pair, (s_shape, t_shape)) in enumerate(zip(distiller.pairs, distiller.shapes, strict=True)):
@@ -183,7 +192,9 @@ def _check_pair_criteria(stage: StagePlan, distiller: Distiller) -> list[tuple[S
     return compared
 
 
-def _check_step(stage: StagePlan, distiller: Distiller, images: torch.Tensor, labels: torch.Tensor) -> None:
+def _check_step(
+    stage: StagePlan, distiller: Distiller | SeveralTeachers, images: torch.Tensor, labels: torch.Tensor
+) -> None:
     """One training step's loss terms on a real batch (no gradient): the teacher's converted input,
     the logit loss on the real classes and labels (unlabelled samples too), every pair and group."""
     try:
@@ -248,15 +259,15 @@ def _check_models(recipe: Recipe, example: torch.Tensor, evaluator: Any) -> dict
     returns the size of each model's weights in bytes."""
     classes = getattr(evaluator, "num_classes", None)
     # a teacher with its own input (distill.teacher_input) is checked on the batch converted for it
-    converts = {s.teacher: s for s in recipe.plan if s.distill is not None and s.distill.teacher_input}
+    converts = {t.model: (s, t.distill) for s in recipe.plan for t in s.teachers if t.distill.teacher_input}
     sizes = {}
     for key in recipe.models:
         model = model_from_recipe(recipe, key, f"models.{key}")
         given, size_key = example, "data.image_size"
         if key in converts:
-            stage = converts[key]
+            stage, distill = converts[key]
             try:
-                conversion = make_teacher_input(stage.distill, stage.data, model)
+                conversion = make_teacher_input(distill, stage.data, model)
             except ValueError as exc:
                 raise RecipeError([f"{stage.key}.distill.{exc}"]) from None
             if conversion is not None:
@@ -295,10 +306,27 @@ def check_stage_settings(recipe: Recipe) -> None:
         d = stage.distill
         if d is None:
             continue
-        batch = stage.data.batch_size
-        problems += _option_problems(stage, d)
-        problems += _adapter_option_problems(stage, d)
-        for adapter_key, adapter, criterion_key, criterion in _feature_checks(stage, d):
+        problems += _distill_setting_problems(stage)
+        if any(t.distill.cache for t in stage.teachers):
+            try:
+                check_output_dir(teacher_cache_dir(d), option=stage.origin("distill", "cache_dir"))
+            except OutputDirError as exc:
+                problems.append(f"{exc} (or set distill.cache: false)")
+    if problems:
+        raise RecipeError(list(dict.fromkeys(problems)))
+
+
+def _distill_setting_problems(stage: StagePlan) -> list[str]:
+    """Each teacher's logit loss, criteria and adapters of a distill stage are registered, take
+    their options and suit the batch size; reported under the key each comes from."""
+    batch = stage.data.batch_size
+    several = bool(stage.distill_spec().teachers)
+    problems = _combine_problems(stage) if several else []
+    for k, teacher in enumerate(stage.teachers):
+        index = k if several else None
+        problems += _option_problems(stage, teacher.distill, index)
+        problems += _adapter_option_problems(stage, teacher, index)
+        for adapter_key, adapter, criterion_key, criterion in _feature_checks(stage, teacher, index):
             try:
                 need = criterion_min_batch(criterion)
                 if batch // distributed.world_size() < need:
@@ -318,23 +346,47 @@ def check_stage_settings(recipe: Recipe) -> None:
                     f"{adapter_key}: {adapter!r} is computed from batch statistics and needs at least "
                     f"{need} samples per batch (per process); data.batch_size is {batch}"
                 )
-        if d.cache:
-            try:
-                check_output_dir(teacher_cache_dir(d), option=stage.origin("distill", "cache_dir"))
-            except OutputDirError as exc:
-                problems.append(f"{exc} (or set distill.cache: false)")
-    if problems:
-        raise RecipeError(list(dict.fromkeys(problems)))
+    return problems
 
 
-def _option_problems(stage: StagePlan, d: DistillSpec) -> list[str]:
-    """A distill stage's logit loss and feature criterion are registered and take their options
-    (names and values)."""
+def _combine_problems(stage: StagePlan) -> list[str]:
+    """The rule `distill.teacher_combine` works with the logit loss and the teachers' weights."""
+    d = stage.distill_spec()
+    try:
+        TeacherCombiner(d.teacher_combine, d.logit_loss, d.logit_options, [t.weight for t in stage.teachers])
+    except RegistryError:
+        return []  # an unknown rule or logit loss is reported under its own key
+    except OptionError as exc:
+        if exc.option != "weights":
+            return []  # a bad logit option is reported under logit_options
+        return [f"{stage.origin('distill', 'teachers')}: {exc}"]
+    except ValueError as exc:
+        return [f"{stage.origin('distill', 'teacher_combine')}: {exc}"]
+    return []
+
+
+def _own_key(stage: StagePlan, k: int | None, key: str) -> str | None:
+    """`pipeline.<stage>.distill.teachers[k].<key>` when teacher `k` of `distill.teachers` sets
+    `key` itself, else None (the setting is the distill section's)."""
+    if k is None or getattr(stage.distill_spec().teachers[k], key, None) is None:
+        return None
+    return f"{stage.key}.distill.teachers[{k}].{key}"
+
+
+def _section_key(stage: StagePlan, k: int | None) -> str:
+    """The key path of a teacher's distill settings: the section, or `distill.teachers[k]`."""
+    return f"{stage.key}.distill" + ("" if k is None else f".teachers[{k}]")
+
+
+def _option_problems(stage: StagePlan, d: DistillSpec, k: int | None) -> list[str]:
+    """A distill stage's logit loss and (teacher `k`'s) feature criterion are registered and take
+    their options (names and values)."""
     problems = []
     for kind, resolve in (("logit_loss", resolve_logit_loss), ("criterion", resolve_feature_criterion)):
         options = "logit_options" if kind == "logit_loss" else "criterion_options"
         # a setting inherited from the top-level `distill` is reported once, under its own key
-        name_key, options_key = stage.origin("distill", kind), stage.origin("distill", options)
+        name_key = _own_key(stage, k, kind) or stage.origin("distill", kind)
+        options_key = _own_key(stage, k, options) or stage.origin("distill", options)
         try:
             resolve(getattr(d, kind), getattr(d, options))
         except RegistryError as exc:
@@ -346,18 +398,19 @@ def _option_problems(stage: StagePlan, d: DistillSpec) -> list[str]:
     return problems
 
 
-def _adapter_option_problems(stage: StagePlan, d: DistillSpec) -> list[str]:
-    """The adapter options of the distill section, and those a pair gives itself, suit their adapter
-    (names, then values, by building it for two small widths). Options left from another adapter
+def _adapter_option_problems(stage: StagePlan, teacher: TeacherPlan, k: int | None) -> list[str]:
+    """The adapter options of (teacher `k`'s) distill section, and those a pair gives itself, suit
+    their adapter (names, then values, by building it for two small widths). Options left from another adapter
     are the usual cause: the message says how to clear them."""
+    d = teacher.distill
     if d.adapter == "none":
         return []
     # options inherited from the top-level `distill` are reported once, under their own key
-    key = stage.origin("distill", "adapter_options")
+    key = _own_key(stage, k, "adapter_options") or stage.origin("distill", "adapter_options")
     checks = [(key, d.adapter, d.adapter_options, f"clear them with --set {key}={{}}")]
-    for i, spec in enumerate(stage.pair_specs()):
+    for i, spec in enumerate(teacher.pair_specs()):
         if spec.adapter_options is not None:
-            pair_key = f"{stage.key}.distill.pairs[{i}].adapter_options"
+            pair_key = f"{_section_key(stage, k)}.pairs[{i}].adapter_options"
             adapter = spec.adapter or d.adapter
             checks.append((pair_key, adapter, spec.adapter_options, "remove them from the pair"))
     problems = []
@@ -375,17 +428,19 @@ def _adapter_option_problems(stage: StagePlan, d: DistillSpec) -> list[str]:
     return problems
 
 
-def _feature_checks(stage: StagePlan, d: DistillSpec) -> list[tuple[str, str, str, str]]:
-    """(adapter key, adapter, criterion key, criterion) of the distill section and of each layer
-    pair that names its own adapter or criterion; the keys say where to report a problem."""
+def _feature_checks(stage: StagePlan, teacher: TeacherPlan, k: int | None) -> list[tuple[str, str, str, str]]:
+    """(adapter key, adapter, criterion key, criterion) of (teacher `k`'s) distill section and of
+    each layer pair that names its own adapter or criterion; the keys say where to report a problem."""
+    d = teacher.distill
     # a criterion inherited from the top-level `distill` is reported once, under its own key
-    criterion_key = stage.origin("distill", "criterion")
-    checks = [(f"{stage.key}.distill.adapter", d.adapter, criterion_key, d.criterion)]
+    criterion_key = _own_key(stage, k, "criterion") or stage.origin("distill", "criterion")
+    adapter_key = _own_key(stage, k, "adapter") or f"{stage.key}.distill.adapter"
+    checks = [(adapter_key, d.adapter, criterion_key, d.criterion)]
     if d.adapter == "none":
         return checks
-    for i, spec in enumerate(stage.pair_specs()):
+    for i, spec in enumerate(teacher.pair_specs()):
         if spec.adapter or spec.criterion:
-            key = f"{stage.key}.distill.pairs[{i}]"
+            key = f"{_section_key(stage, k)}.pairs[{i}]"
             checks.append(
                 (
                     f"{key}.adapter" if spec.adapter else checks[0][0],
@@ -411,11 +466,16 @@ TAP_COLUMNS = (
 )
 
 
-def tap_table(stage: StagePlan, distiller: Distiller, compared: list[tuple[Shape, Shape]]) -> Table:
+def tap_table(
+    stage: StagePlan, distiller: Distiller, compared: list[tuple[Shape, Shape]], teacher: str = ""
+) -> Table:
     """A table of layer pairs and groups: taps → shapes (as captured → as selected) → what each
     pair's adapter hands its criterion (`compared`: the shapes of its outputs, from
-    `_check_pair_criteria`) → adapter, criterion and weight (a group's method and weight)."""
-    table = Table(title=f"stage {stage.name!r}: layer pairs (adapter params: {distiller.extra_parameters()})")
+    `_check_pair_criteria`) → adapter, criterion and weight (a group's method and weight).
+    `teacher`: which teacher's pairs, in the title (a stage with several teachers has a table each)."""
+    whose = f", {teacher}" if teacher else ""
+    params = distiller.extra_parameters()
+    table = Table(title=f"stage {stage.name!r}{whose}: layer pairs (adapter params: {params})")
     for col in TAP_COLUMNS:
         table.add_column(col)
     student, teacher = distiller.student_taps.captured_shapes, distiller.teacher_taps.captured_shapes

@@ -27,6 +27,7 @@ from torch import nn
 from kdkit.config.schema import DataSpec, ModelSpec, Recipe, StageSpec
 from kdkit.data.datasets import build_dataset, build_loaders, eval_loader
 from kdkit.distill.distiller import Distiller
+from kdkit.distill.several_teachers import SeveralTeachers
 from kdkit.evaluation.comparison import (
     differences,
     differences_table,
@@ -151,7 +152,11 @@ class RecipeRun:
             task = build_distiller(r, stage, trained, cache_data=train_loader.dataset)
             d = plan.distill_spec()
             meta["spec"] = _spec_for_checkpoint(r.models[d.student])
-            meta["teacher"] = self._teacher_reference(d.teacher)
+            references = [self._teacher_reference(t.distill.teacher) for t in plan.teachers]
+            if d.teachers:
+                meta["teachers"] = references
+            else:  # the key of one-teacher checkpoints, as before `distill.teachers`
+                meta["teacher"] = references[0]
             extra = task.extra_parameters()
         trainer = Trainer(
             task,
@@ -170,7 +175,7 @@ class RecipeRun:
         # randomness building the task consumed (a projection adapter's init, for instance).
         seed_everything(seed)
         result: StageResult = trainer.fit(resume=resume)
-        if isinstance(task, Distiller):
+        if isinstance(task, Distiller | SeveralTeachers):
             task.close()
         self._remember(stage, stage_dir)
         return {

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kdkit import CACHE_KEYS_VERSION
-from kdkit.config.schema import Recipe, StageSpec
+from kdkit.config.schema import DistillSpec, Recipe, StageSpec
 from kdkit.utils.checkpoint import atomic_path, atomic_write_text, file_sha256
 from kdkit.utils.lock import locked
 
@@ -57,9 +57,18 @@ def stage_inputs(recipe: Recipe, stage: StageSpec) -> dict[str, Any]:
     if stage.do == "train":  # the key `model` (not `models`) keeps existing cache entries valid
         return {**inputs, "model": dataclasses.asdict(recipe.models[stage.model])}
     distill = plan.distill_spec()
-    teacher = plan.teacher  # set for every distill stage
-    models = {key: dataclasses.asdict(recipe.models[key]) for key in (distill.student, teacher)}
-    return {**inputs, "distill": dataclasses.asdict(distill), "models": models}
+    keys = (distill.student, *(t.model for t in plan.teachers))
+    models = {key: dataclasses.asdict(recipe.models[key]) for key in keys}
+    return {**inputs, "distill": _distill_inputs(distill), "models": models}
+
+
+def _distill_inputs(distill: DistillSpec) -> dict[str, Any]:
+    """The distill section as stage inputs; a one-teacher section without the several-teacher keys,
+    so that the stages of recipes written before them keep their keys."""
+    inputs = dataclasses.asdict(distill)
+    if not distill.teachers:
+        del inputs["teachers"], inputs["teacher_combine"]
+    return inputs
 
 
 def stage_upstream(recipe: Recipe, stage: StageSpec) -> list[str]:
@@ -67,8 +76,8 @@ def stage_upstream(recipe: Recipe, stage: StageSpec) -> list[str]:
     it, and an evaluate stage's runs."""
     if stage.do == "evaluate":
         return list(stage.runs)
-    trained_by = recipe.plan.of(stage).teacher_stage
-    return [trained_by] if trained_by else []
+    stages = [t.stage for t in recipe.plan.of(stage).teachers if t.stage]
+    return list(dict.fromkeys(stages))
 
 
 def train_stage_key(recipe: Recipe, stage: StageSpec) -> str:

@@ -234,7 +234,7 @@ def _without_other_distills(data: dict[str, Any], recipe: Recipe, compared: str)
     """`data` without the distill stages other than the compared one (unless a stage learns from
     one as its teacher) and without them in evaluate stages' runs: each run of an ablation trains
     and tests only what its comparison needs."""
-    teachers = {s.distill.teacher for s in recipe.plan if s.distill is not None}
+    teachers = {t.distill.teacher for s in recipe.plan for t in s.teachers}
     dropped = {
         s.name for s in recipe.pipeline if s.do == "distill" and s.name != compared and s.name not in teachers
     }
