@@ -43,10 +43,6 @@ class StagePlan:
     data: DataSpec  # the top-level `data` with the stage's overrides
     distill: DistillSpec | None = None  # distill stages: the top-level `distill` with the overrides
     model: str | None = None  # the model key this stage trains (None for evaluate stages)
-    teacher: str | None = None  # distill stages: the (first) teacher's model key
-    teacher_stage: str | None = None  # distill stages: the earlier stage that trains the (first) teacher
-    # distill stages: the (first) teacher's `distill.pairs` parsed once ('uniform:N' stays a string)
-    pairs: tuple[PairSpec, ...] | str | None = None
     teachers: tuple[TeacherPlan, ...] = ()  # distill stages: every teacher (one without distill.teachers)
 
     @property

@@ -102,19 +102,7 @@ def _plan_stage(
         return StagePlan(stage, seed, train, data, model=stage.model)
     if stage.do == "distill":
         teachers = _plan_teachers(stage, distill, f"{where}.distill", recipe, earlier, trained, problems)
-        first = teachers[0] if teachers else None
-        return StagePlan(
-            stage,
-            seed,
-            train,
-            data,
-            distill,
-            model=distill.student,
-            teacher=first.model if first else distill.teacher,
-            teacher_stage=first.stage if first else None,
-            pairs=first.pairs if first else None,
-            teachers=teachers,
-        )
+        return StagePlan(stage, seed, train, data, distill, model=distill.student, teachers=teachers)
     _check_evaluate(stage, where, trained, problems)
     return StagePlan(stage, seed, train, data)
 
@@ -157,7 +145,7 @@ def _plan_teachers(
             problems.append(f"{at}.weight: expected a value >= 0, got {spec.weight}")
         _check_distill(merged, at, recipe, trained, problems)
         plans.append(_teacher_plan(merged, spec.weight, at, earlier, problems))
-    if distill.teachers and not any(t.weight > 0 for t in distill.teachers):
+    if not any(t.weight > 0 for t in distill.teachers):
         problems.append(f"{where}.teachers: every weight is 0; at least one teacher needs a weight > 0")
     return tuple(plans)
 

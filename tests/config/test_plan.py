@@ -32,9 +32,10 @@ def test_each_stage_is_resolved_once_with_its_seed_models_and_pairs() -> None:
     assert (teacher.seed, teacher.train.seed, teacher.train.lr) == (7, 7, 0.002)
     assert (kd.seed, kd.train.seed, kd.data.batch_size) == (recipe.seed, recipe.seed, 16)
     assert [s.model for s in recipe.plan] == ["teacher", "student", "student", None]
-    assert (kd.teacher, kd.teacher_stage, teacher.teacher) == ("teacher", "teacher", None)
-    assert [(p.student, p.teacher) for p in kd.pairs] == [(1, 1), (2, 2)]
-    assert teacher.distill is None and teacher.pairs is None and test.distill is None
+    (only,) = kd.teachers
+    assert (only.model, only.stage, teacher.teachers) == ("teacher", "teacher", ())
+    assert [(p.student, p.teacher) for p in only.pairs] == [(1, 1), (2, 2)]
+    assert teacher.distill is None and test.distill is None and test.teachers == ()
     assert recipe.plan.of(recipe.pipeline[1]) is kd and kd.distill_spec() is kd.distill
     assert kd.adapter_names() == ["covariance"] and kd.criterion_names() == ["mse"]
     assert kd.origin("data", "batch_size") == "pipeline.student_kd.data.batch_size"
