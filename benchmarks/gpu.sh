@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The prepared GPU benchmark: the KDFAS pair (ViT-L/16 teacher -> ViT-B/16 student) at 224 px, bf16,
 # batch 128, on synthetic tensors, through `kdkit bench`: modes (a)-(e) eagerly (e: (b) compiled),
-# then (a)-(c) with every model compiled (train.compile), with images/s, peak GPU memory and MFU
-# (2 x MAC FLOPs over the GPU's dense bf16 peak). Prints one JSON object; about 5-8 minutes on an
-# H100/H200 (compilation included).
+# then (a)-(c) with every model compiled (train.compile), then (a) and (b) with two ViT-L/16 teachers
+# (the same teacher twice: the cost of two ViT-L-class teachers, and each one's share of the step),
+# with images/s, peak GPU memory and MFU (2 x MAC FLOPs over the GPU's dense bf16 peak). Prints one
+# JSON object; about 6-9 minutes on an H100/H200 (compilation included).
 #
 #   benchmarks/gpu.sh            # on the GPU machine, from the repository root
 #   benchmarks/gpu.sh --tiny     # the same script on the CPU at a toy size (what the tests run)
@@ -34,8 +35,11 @@ else
 fi
 eager=$("$KDKIT" bench "${args[@]}" "${eager_only[@]}" --no-data --json)
 compiled=$("$KDKIT" bench "${args[@]}" "${compiled_only[@]}" --no-data --set train.compile=true --json)
+two=$("$KDKIT" bench "${args[@]}" --modes student,distill --no-data --json \
+      --set "distill.teachers=[{teacher: teacher}, {teacher: teacher}]")
 python3 -c 'import json, sys
-eager, compiled = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(json.dumps({"benchmark": "kdkit benchmarks/gpu.sh", "tiny": sys.argv[3] == "--tiny",
-                  "gpu": eager["machine"].get("gpu"), "eager": eager, "compiled": compiled}, indent=2))' \
-    "$eager" "$compiled" "${1:-}"
+eager, compiled, two = (json.loads(arg) for arg in sys.argv[1:4])
+print(json.dumps({"benchmark": "kdkit benchmarks/gpu.sh", "tiny": sys.argv[4] == "--tiny",
+                  "gpu": eager["machine"].get("gpu"), "eager": eager, "compiled": compiled,
+                  "two_teachers": two}, indent=2))' \
+    "$eager" "$compiled" "$two" "${1:-}"

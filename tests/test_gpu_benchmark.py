@@ -35,3 +35,7 @@ def test_gpu_benchmark_runs_at_a_tiny_size_and_prints_one_json() -> None:
         assert all(row["img_per_s"] > 0 for row in run["modes"].values()), run["modes"]
     assert eager["compile"] is False and compiled["compile"] is True
     assert compiled["ratios"]["b/a"] is None and eager["ratios"]["b/a"] > 0  # unmeasured: no ratio
+    two = report["two_teachers"]  # the same teacher twice: twice its FLOPs, a share each
+    assert set(two["modes"]) == {"student", "distill"} and len(two["teachers"]) == 2
+    assert two["forward_gflops_per_image"]["teacher"] == 2 * eager["forward_gflops_per_image"]["teacher"]
+    assert all(t["share_of_distill_step"] > 0 for t in two["teachers"])

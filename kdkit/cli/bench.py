@@ -123,7 +123,24 @@ def print_report(report: dict[str, Any]) -> None:
     output.print(table)
     ratios = "  ".join(f"{k} = {v:.3f}" for k, v in report["ratios"].items() if v is not None)
     output.print(f"step-time ratios: {ratios}", markup=False)
+    _print_teachers(report.get("teachers", []))  # absent from reports of kdkit 0.2
     _print_loader(report["loader"])
+
+
+def _print_teachers(teachers: list[dict[str, Any]]) -> None:
+    """One line per teacher: its forward time and share of (b)'s step (measured when (b) ran)."""
+    for k, row in enumerate(teachers):
+        trained = f" (stage {row['stage']})" if row["stage"] else ""
+        measured = (
+            f"{row['forward_ms']:.1f} ms/step, {100 * row['share_of_distill_step']:.0f} % of (b)'s step"
+            if "forward_ms" in row
+            else "not timed (mode distill not run)"
+        )
+        output.print(
+            f"teacher {k} {row['model']}{trained}: forward {row['forward_gflops_per_image']:.3g} "
+            f"GFLOPs/image, {measured}",
+            markup=False,
+        )
 
 
 def _print_loader(loader: dict[str, Any] | None) -> None:

@@ -144,12 +144,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     and in the overrides, are read as their current ones (`distill.stages` is `distill.pairs`).
     Adapter options stay with their adapter: an override that changes a distill section's adapter
     without setting its `adapter_options` drops the old adapter's options, with a note
-    (`_keep_options_with_their_adapter`).
+    (`_keep_options_with_their_adapter`); one that sets a section's `teacher` or `teachers` replaces
+    the other form (`_keep_one_teacher_form`).
     """
     data = copy.deepcopy(canonical_keys(data))
     before = _adapter_settings(data)
     changed = [_set_value(data, text) for text in overrides]
     _keep_options_with_their_adapter(data, before, changed)
+    _keep_one_teacher_form(data, changed)
     return data
 
 
@@ -242,6 +244,19 @@ def _keep_options_with_their_adapter(
             )
         elif adapter == old_adapter and options != old_options and not own:
             section["adapter_options"] = copy.deepcopy(old_options)
+
+
+def _keep_one_teacher_form(data: dict[str, Any], changed: list[Section]) -> None:
+    """Where an override set a distill section's `teacher` (or `teachers`) and not the other form,
+    drop the other form the section had, with a note: they name the same thing, and a section may
+    give only one (`--set distill.teachers=[...]` on a recipe that names its `teacher`)."""
+    sections = _distill_sections(data)
+    for path in changed:
+        section, key = path[:-1], path[-1]
+        other = {"teacher": "teachers", "teachers": "teacher"}.get(str(key))
+        if other and other in sections.get(section, {}) and (*section, other) not in changed:
+            del sections[section][other]
+            _note_once(f"note: {_section_name(data, section)}.{key} replaces its {other}")
 
 
 def _section_name(data: dict[str, Any], path: Section) -> str:

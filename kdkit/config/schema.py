@@ -281,8 +281,11 @@ class Recipe:
         return plan
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict (YAML/JSON-serialisable) of the resolved recipe."""
-        return dataclasses.asdict(self)
+        """A plain dict (YAML/JSON-serialisable) of the resolved recipe, which parses back to it."""
+        data = dataclasses.asdict(self)
+        if data["distill"]["teachers"]:  # one form only: `teacher` is then the unused default
+            del data["distill"]["teacher"]
+        return data
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,9 @@ from kdkit.registry import TEACHER_COMBINERS, did_you_mean
 def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Validate a recipe mapping into a `Recipe`, or raise `RecipeError` listing every problem."""
     problems: list[str] = []
-    recipe = convert_dataclass(Recipe, canonical_keys(data, problems), "", problems)
+    given = canonical_keys(data, problems)
+    _check_one_teacher_form(given.get("distill"), "distill", problems)
+    recipe = convert_dataclass(Recipe, given, "", problems)
     if recipe is not None and not problems:
         plan = _check_semantics(recipe, problems)
         if not problems:
@@ -79,8 +81,11 @@ def _plan_stage(
     where = f"pipeline.{stage.name}"
     found: list[str] = []
     train = convert(TrainSpec, {**dataclasses.asdict(recipe.train), **stage.train}, f"{where}.train", found)
+    # a stage's own `teacher` replaces the `teachers` it inherits, and its own `teachers` the
+    # `teacher` (both at one level is an error, checked on the mapping as written)
+    own_distill = {"teachers": [], **stage.distill} if "teacher" in stage.distill else stage.distill
     distill = convert(
-        DistillSpec, {**dataclasses.asdict(recipe.distill), **stage.distill}, f"{where}.distill", found
+        DistillSpec, {**dataclasses.asdict(recipe.distill), **own_distill}, f"{where}.distill", found
     )
     data = convert(DataSpec, {**dataclasses.asdict(recipe.data), **stage.data}, f"{where}.data", found)
     if stage.data and stage.do == "evaluate":
@@ -121,13 +126,7 @@ def _plan_teachers(
     if not distill.teachers:
         _check_distill(distill, where, recipe, trained, problems)
         return (_teacher_plan(distill, 1.0, where, earlier, problems),)
-    # a stage's own `teachers` replace the one `teacher` it inherits; at one level, both is an error
-    inherits_teachers = "teachers" not in stage.distill
-    if "teacher" in stage.distill or (inherits_teachers and distill.teacher != DistillSpec.teacher):
-        problems.append(
-            f"{where}: give either teacher ({distill.teacher!r}) or teachers (a list), not both; "
-            "remove distill.teacher"
-        )
+    _check_one_teacher_form(stage.distill, where, problems)
     if distill.teacher_combine not in TEACHER_COMBINERS:
         problems.append(
             f"{where}.teacher_combine: expected one of {TEACHER_COMBINERS.names()}, got "
@@ -148,6 +147,15 @@ def _plan_teachers(
     if not any(t.weight > 0 for t in distill.teachers):
         problems.append(f"{where}.teachers: every weight is 0; at least one teacher needs a weight > 0")
     return tuple(plans)
+
+
+def _check_one_teacher_form(section: Any, where: str, problems: list[str]) -> None:
+    """A distill section as written names `teacher` or `teachers`, not both."""
+    if isinstance(section, dict) and "teacher" in section and section.get("teachers"):
+        problems.append(
+            f"{where}: give either teacher ({section['teacher']!r}) or teachers (a list), not both; "
+            f"remove {where}.teacher"
+        )
 
 
 def _teacher_plan(

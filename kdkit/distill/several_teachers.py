@@ -3,13 +3,15 @@ teacher, sharing the student.
 
     distiller = SeveralTeachers([Distiller(vit, student, ...), Distiller(cnn, student, ...)],
                                 weights=[1.0, 1.0], combine="ensemble")
-    out = distiller(images, labels)  # {'loss', 'ce', 'kd', 'feat', 'feat.t0', 'feat.t0.0', ..., 'logits'}
+    out = distiller(images, labels)  # {'loss', 'ce', 'kd', 'kd.t0', 'kd_weight.t0', 'feat', 'feat.t0',
+                                     #  'feat.t0.0', ..., 'logits'}
 
 Each branch keeps everything of its teacher: the frozen teacher (eval mode, inference mode, its
 dtype), its taps, pairs, adapters, criteria, groups, input conversion and cache. The student runs
 once. The loss is ``(1 - alpha) * CE + alpha * kd + beta * feat``: ``kd`` is the
 `kdkit.distill.teacher_ensemble.TeacherCombiner` of rule `combine` on the teachers' float32 logits
-(with the raw labels: it handles unlabelled samples itself); ``feat`` is the teachers' feature terms
+(with the raw labels: it handles unlabelled samples itself), logged with each teacher's own term
+``kd.t<k>`` and its weight ``kd_weight.t<k>``; ``feat`` is the teachers' feature terms
 (`Distiller.feature_terms`, logged as ``feat.t<k>``), weighted by their weights normalised over the
 teachers that have one. With one teacher, use the `Distiller` itself.
 """
@@ -77,7 +79,7 @@ class SeveralTeachers(nn.Module):
         loss = (1.0 - self.alpha) * ce
         if self.alpha > 0:
             t_logits = [t["logits"].float() for t in teachers]
-            out["kd"] = self.combiner(s_logits.float(), t_logits, labels, self.tau).loss
+            out.update(self._logit_terms(s_logits.float(), t_logits, labels))
             loss = loss + self.alpha * out["kd"]
         weighted, total = [], 0.0
         for k, (branch, feats, teacher) in enumerate(zip(self.branches, s_feats, teachers, strict=True)):
@@ -92,6 +94,21 @@ class SeveralTeachers(nn.Module):
         out["loss"] = loss
         out["logits"] = s_logits
         return out
+
+    def _logit_terms(
+        self, s_logits: torch.Tensor, t_logits: list[torch.Tensor], labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """`kd`, the combined term; and, logged only, `kd.t<k>`, the loss against teacher k alone,
+        and `kd_weight.t<k>`, teacher k's weight in `kd` averaged over the batch (per sample under
+        `ca_mkd`, so it shows which teacher the rule trusted)."""
+        combined = self.combiner(s_logits, t_logits, labels, self.tau)
+        terms = {"kd": combined.loss}
+        with torch.no_grad():
+            each = self.combiner.each(s_logits, t_logits, labels, self.tau)
+        for k, term in enumerate(each):
+            terms[_teacher_term("kd", k)] = term
+            terms[_teacher_term("kd_weight", k)] = combined.weights[:, k].mean()
+        return terms
 
     def no_weight_decay(self) -> set[str]:
         """Parameters timm's optimizer factory keeps out of weight decay (the student's own list)."""

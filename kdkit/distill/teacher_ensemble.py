@@ -4,7 +4,7 @@
 `TeacherCombiner(rule, logit_loss, logit_options, weights)` checks everything once; calling it with
 the student's logits, a list of the teachers' logits (each (B, C)), the labels and τ returns a
 `CombinedKD`: the KD term (a scalar) and the weight each teacher had for each sample (B, K), for
-logging. Built-in rules:
+logging; `each` gives the logit loss against each teacher alone, also for logging. Built-in rules:
 
 - `ensemble`: the logit loss against the weighted average of the teachers' softened probabilities
   (Hinton et al., 2015), given to the loss as the pseudo-logits `τ · log p̄` (`ensemble_logits`);
@@ -139,8 +139,15 @@ def weighted(
 ) -> CombinedKD:
     """`Σ_k w_k · loss(s, z_k)` (`weights` summing to 1); an unlabelled sample takes each teacher's
     own predicted class in that teacher's term."""
-    losses = [term(student_logits, z, _labels_or_prediction(labels, z), tau) for z in teacher_logits]
+    losses = _each_teacher(term, student_logits, teacher_logits, labels, tau)
     return CombinedKD((weights * torch.stack(losses)).sum(), _same_weights(weights, len(labels)))
+
+
+def _each_teacher(
+    term: LogitTerm, student_logits: Tensor, teacher_logits: Sequence[Tensor], labels: Tensor, tau: float
+) -> list[Tensor]:
+    """The logit loss against each teacher alone (an unlabelled sample takes that teacher's class)."""
+    return [term(student_logits, z, _labels_or_prediction(labels, z), tau) for z in teacher_logits]
 
 
 def _kl_per_sample(student_logits: Tensor, teacher_logits: Tensor, tau: float, standardize: bool) -> Tensor:
@@ -248,3 +255,10 @@ class TeacherCombiner:
         raw = self.weights or [1.0] * len(teacher_logits)
         weights = student_logits.new_tensor(raw) / sum(raw)
         return self.rule(student_logits, teacher_logits, labels, tau, weights, self.term)
+
+    def each(
+        self, student_logits: Tensor, teacher_logits: Sequence[Tensor], labels: Tensor, tau: float
+    ) -> list[Tensor]:
+        """The logit loss against each teacher alone, one scalar per teacher: for logging how close
+        the student is to each (the combined term is not their sum under every rule)."""
+        return _each_teacher(self.term, student_logits, teacher_logits, labels, tau)

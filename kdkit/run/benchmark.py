@@ -45,6 +45,7 @@ from kdkit.data.augment import device_images
 from kdkit.data.datasets import DataError, build_loaders
 from kdkit.data.throughput import innermost, loader_throughput
 from kdkit.distill.distiller import Distiller
+from kdkit.distill.several_teachers import SeveralTeachers
 from kdkit.distill.teacher_cache import TeacherCache
 from kdkit.models.info import forward_gflops
 from kdkit.run.build import build_distiller, dry_run_size, model_from_recipe
@@ -90,7 +91,7 @@ class BenchSetup:
     pool: list[tuple[torch.Tensor, ...]]  # `POOL` batches of (images, labels, sample keys)
     example: torch.Tensor  # a few images on the CPU, for the dry run that sizes a distiller
 
-    def distiller(self) -> Distiller:
+    def distiller(self) -> Distiller | SeveralTeachers:
         """A new distiller of the stage."""
         return build_distiller(self.recipe, self.stage, example=self.example)
 
@@ -100,13 +101,6 @@ def bench_setup(recipe: Recipe, stage: str | None = None, batch: int | None = No
     images per step (default: the stage's own batch size)."""
     stage_spec = _distill_stage(recipe, stage)
     plan = recipe.plan.of(stage_spec)
-    if len(plan.teachers) > 1:  # its modes (cached teacher, hand-written loop) time one teacher
-        raise RecipeError(
-            [
-                f"{plan.key}.distill.teachers: kdkit bench times a stage with one teacher; this one "
-                f"has {len(plan.teachers)}"
-            ]
-        )
     # Random weights: the cost does not depend on them, and the bench needs no weight files.
     models = {k: dataclasses.replace(s, weights=None, pretrained=False) for k, s in recipe.models.items()}
     recipe = dataclasses.replace(recipe, models=models)
@@ -138,6 +132,8 @@ def run_bench(
         cache = TeacherCache(Path(tmp), {"bench": True}, len(setup.pool) * setup.size, max_bytes=1 << 62)
         builders = _builders(setup, cache, steps, modes)
         runners, memory, unavailable = _warm_up_modes(builders, setup.device, warmup)
+        if "distill" in runners:  # each teacher's share of (b)'s step
+            runners.update(_teacher_forwards(setup, warmup))
         cache.hits = cache.misses = 0  # count the timed steps only
         seconds = _timed_rounds(runners, steps, repeats, setup.device)
         cache_hits = cache.hits / max(cache.hits + cache.misses, 1)
@@ -158,6 +154,7 @@ def run_bench(
         "machine": machine(setup.device),
         "modes": rows,
         "ratios": _ratios(seconds),
+        "teachers": _teacher_rows(setup, seconds, steps, gflops["teachers"]),
         "memory_kind": "cuda_max_allocated" if setup.device.type == "cuda" else "rss_increase",
         "forward_gflops_per_image": gflops,
         "peak_tflops": peak,
@@ -165,7 +162,7 @@ def run_bench(
     }
 
 
-def _step_gflops(gflops: dict[str, float]) -> dict[str, float]:
+def _step_gflops(gflops: dict[str, Any]) -> dict[str, float]:
     """Model GFLOPs per image of a training step of each mode: the student's forward and backward
     (about 3 forwards), plus the teacher's forward where it runs. Adapters and losses are negligible."""
     student, teacher = 3 * gflops["student"], gflops["teacher"]
@@ -179,6 +176,17 @@ def _builders(
     """For each of `modes`, a function that builds its models and returns its `Runner`."""
     train, pool = setup.train, setup.pool
     compile_train = dataclasses.replace(train, compile=True)
+    n_teachers = len(setup.recipe.plan.of(setup.stage).teachers)
+
+    def one_teacher(build: Callable[[], Runner]) -> Callable[[], Runner]:
+        """(c) and (d) time one teacher's cache and hand-written loop: unavailable with several."""
+        if n_teachers == 1:
+            return build
+
+        def refuse() -> Runner:
+            raise ValueError(f"times one teacher; this stage has {n_teachers} (see the teachers' shares)")
+
+        return refuse
 
     def student() -> Runner:
         model = model_from_recipe(setup.recipe, setup.distill.student, "bench.student")
@@ -187,11 +195,15 @@ def _builders(
     builders: dict[str, Callable[[], Runner]] = {
         "student": student,
         "distill": lambda: _trainer_steps(setup.distiller(), train, pool, steps),
-        "cached": lambda: _trainer_steps(
-            _filled(setup.distiller(), cache, pool, train), train, pool, steps, keys=True
+        "cached": one_teacher(
+            lambda: _trainer_steps(
+                _filled(setup.distiller(), cache, pool, train), train, pool, steps, keys=True
+            )
         ),
-        "reference": lambda: _reference_steps(
-            setup.distiller(), setup.distill, train, pool, steps, setup.example.to(setup.device)
+        "reference": one_teacher(
+            lambda: _reference_steps(
+                setup.distiller(), setup.distill, train, pool, steps, setup.example.to(setup.device)
+            )
         ),
         "compiled": lambda: _trainer_steps(setup.distiller(), compile_train, pool, steps),
     }
@@ -231,12 +243,13 @@ def _timed_rounds(
     rotates and reverses from round to round, so no mode always follows the same one."""
     seconds: dict[str, list[float]] = {mode: [] for mode in runners}
     order = [m for m in ("student", "cached", "distill", "reference", "compiled") if m in runners]
-    rounds = f"bench: {repeats} timed rounds of {len(order)} modes × {steps} steps"
+    order += sorted(set(runners) - set(order))  # the teachers' forwards
+    rounds = f"bench: {repeats} timed rounds of {len(order)} measurements × {steps} steps"
     with progress(repeats * len(order), rounds, unit="measurements") as advance:
         for r in range(repeats):
             rotated = order[r % len(order) :] + order[: r % len(order)]
             for mode in rotated if r % 2 == 0 else rotated[::-1]:
-                advance(0, info=MODES[mode])
+                advance(0, info=MODES.get(mode, f"{mode} forward"))
                 start = time.perf_counter()
                 runners[mode](steps)  # no per-step display inside the timed window
                 _synchronize(device)
@@ -280,22 +293,61 @@ def _rows(
     return rows
 
 
+def _ratio(seconds: dict[str, list[float]], a: str, b: str) -> float | None:
+    """Median over the repeats of a/b measured in the same round (moments apart): robust to load
+    that drifts during the run; None when either was not measured."""
+    if a not in seconds or b not in seconds:
+        return None
+    return statistics.median(x / y for x, y in zip(seconds[a], seconds[b], strict=True))
+
+
 def _ratios(seconds: dict[str, list[float]]) -> dict[str, float | None]:
     """The step-time ratios (b)/(d), (c)/(a), (b)/(a) and (b)/(e)."""
+    pairs = {"b/d": ("distill", "reference"), "c/a": ("cached", "student"), "b/a": ("distill", "student")}
+    return {name: _ratio(seconds, a, b) for name, (a, b) in {**pairs, "b/e": ("distill", "compiled")}.items()}
 
-    def ratio(a: str, b: str) -> float | None:
-        """Median over the repeats of a/b measured in the same round (moments apart): robust to load
-        that drifts during the run."""
-        if a not in seconds or b not in seconds:
-            return None
-        return statistics.median(x / y for x, y in zip(seconds[a], seconds[b], strict=True))
 
-    return {
-        "b/d": ratio("distill", "reference"),
-        "c/a": ratio("cached", "student"),
-        "b/a": ratio("distill", "student"),
-        "b/e": ratio("distill", "compiled"),
-    }
+def _teacher_forwards(setup: BenchSetup, warmup: int) -> dict[str, Runner]:
+    """A runner per teacher (`teacher.t<k>`): n forwards of that teacher alone as (b) runs it (its
+    input conversion, dtype, taps, under inference mode and the stage's amp), warmed up."""
+    distiller = setup.distiller()
+
+    def forwards(branch: Distiller) -> Runner:
+        def run(n: int, advance: Callable[..., None] | None = None) -> None:
+            with autocast(setup.device, setup.train.amp):
+                for i in range(n):
+                    branch.teacher_outputs(setup.pool[i % len(setup.pool)][0])
+                    if advance is not None:
+                        advance()
+
+        return run
+
+    runners = {f"teacher.t{k}": forwards(branch) for k, branch in enumerate(_branches(distiller))}
+    for runner in runners.values():
+        runner(max(warmup, 1))
+    return runners
+
+
+def _teacher_rows(
+    setup: BenchSetup, seconds: dict[str, list[float]], steps: int, gflops: list[float]
+) -> list[dict[str, Any]]:
+    """Each teacher's forward time per step and its share of (b)'s step (median of the rounds'
+    ratios), with its model, the stage that trains it and its forward GFLOPs per image."""
+    rows = []
+    for k, teacher in enumerate(setup.recipe.plan.of(setup.stage).teachers):
+        mode = f"teacher.t{k}"
+        row: dict[str, Any] = {"model": teacher.model, "stage": teacher.stage, "weight": teacher.weight}
+        row["forward_gflops_per_image"] = gflops[k]
+        if mode in seconds:
+            row["forward_ms"] = 1000 * statistics.median(seconds[mode]) / steps
+            row["share_of_distill_step"] = _ratio(seconds, mode, "distill")
+        rows.append(row)
+    return rows
+
+
+def _branches(distiller: Distiller | SeveralTeachers) -> list[Distiller]:
+    """The one-teacher distillers of `distiller`: itself, or one per teacher."""
+    return list(distiller.branches) if isinstance(distiller, SeveralTeachers) else [distiller]
 
 
 def _warm_up(mode: str, runner: Runner, steps: int) -> None:
@@ -305,15 +357,17 @@ def _warm_up(mode: str, runner: Runner, steps: int) -> None:
         runner(steps, advance)
 
 
-def _forward_gflops(distiller: Distiller, example: torch.Tensor) -> dict[str, float]:
-    """Forward GFLOPs per image of the distiller's student and teacher (PyTorch's FLOP counter)."""
-    dtype = next(distiller.teacher.parameters()).dtype  # a half-precision teacher takes half inputs
-    flops = {
-        "student": forward_gflops(distiller.student, example),
-        "teacher": forward_gflops(distiller.teacher, example.to(dtype)),
-    }
+def _forward_gflops(distiller: Distiller | SeveralTeachers, example: torch.Tensor) -> dict[str, Any]:
+    """Forward GFLOPs per image of the distiller's student, of each teacher (`teachers`) and of all
+    teachers together (`teacher`), by PyTorch's FLOP counter."""
+    teachers = []
+    for branch in _branches(distiller):
+        dtype = next(branch.teacher.parameters()).dtype  # a half-precision teacher takes half inputs
+        images = example if branch.teacher_input is None else branch.teacher_input(example)
+        teachers.append(forward_gflops(branch.teacher, images.to(dtype)))
+    flops = {"student": forward_gflops(distiller.student, example), "teacher": sum(teachers)}
     distiller.close()
-    return flops
+    return {**flops, "teachers": teachers}
 
 
 def _known_peak(device: torch.device, amp: str) -> float | None:

@@ -217,17 +217,25 @@ def _refuse_shadowed(variant: Variant, recipe: Recipe, compared: str, label: str
     change nothing of what is compared: refused, naming the stage's own value."""
     own = next(s for s in recipe.pipeline if s.name == compared).distill
     fields = [key.split(".")[1] for key, _ in variant.values if key.startswith("distill.")]
-    shadowed = [field for field in fields if field in own]
+    shadowed = [(field, key) for field in fields if (key := _shadowing_key(field, own))]
     if shadowed:
         raise RecipeError(
             [
                 f"distill.{field}: the compared stage {compared!r} sets pipeline.{compared}.distill."
-                f"{field}={own[field]!r} itself, so this variant would change nothing; vary "
-                f"pipeline.{compared}.distill.{field} or compare another stage (--stage)"
-                for field in shadowed
+                f"{key}={own[key]!r} itself, so this variant would change nothing; vary "
+                f"pipeline.{compared}.distill.{key} or compare another stage (--stage)"
+                for field, key in shadowed
             ],
             label,
         )
+
+
+def _shadowing_key(field: str, own: dict[str, Any]) -> str | None:
+    """The stage's own distill key that hides a top-level `distill.<field>`: the same key, or the
+    other form of naming teachers (a stage's `teacher` replaces the `teachers` it inherits, and
+    its `teachers` the `teacher`)."""
+    other_form = {"teacher": "teachers", "teachers": "teacher"}.get(field)
+    return next((key for key in (field, other_form) if key in own), None)
 
 
 def _without_other_distills(data: dict[str, Any], recipe: Recipe, compared: str) -> dict[str, Any]:

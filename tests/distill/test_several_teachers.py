@@ -13,11 +13,13 @@ import yaml
 from conftest import REPO, tiny_recipe_dict, vit_options
 
 from kdkit.cli import main
+from kdkit.config import loading
+from kdkit.config.loading import apply_overrides
 from kdkit.config.schema import RecipeError
 from kdkit.config.validation import parse_recipe
 from kdkit.distill.distiller import Distiller
 from kdkit.distill.several_teachers import SeveralTeachers
-from kdkit.distill.teacher_ensemble import TeacherCombiner
+from kdkit.distill.teacher_ensemble import TeacherCombiner, ca_mkd_weights
 from kdkit.run.build import build_distiller
 from kdkit.run.checks import check_stage_settings
 from kdkit.run.stage_cache import stage_inputs, stage_upstream
@@ -43,8 +45,11 @@ def two_teacher_dict() -> dict[str, Any]:
 
 
 def _distill_dict(**distill: Any) -> dict[str, Any]:
+    """The tiny recipe with a second teacher model; `teachers` replace its `teacher: teacher`."""
     data = tiny_recipe_dict()
     data["models"]["teacher2"] = {"name": "vit_tiny_patch16_224", "options": vit_options(embed_dim=40)}
+    if "teachers" in distill:
+        del data["distill"]["teacher"]
     data["distill"].update(distill)
     return data
 
@@ -124,6 +129,26 @@ def test_two_teachers_logit_term_is_the_combiners_and_features_are_weighted(
     torch.testing.assert_close(out["loss"], 0.3 * ce + 0.7 * out["kd"] + 1.0 * out["feat"])
 
 
+def test_each_teachers_logit_term_and_weight_are_logged(two_teachers: SeveralTeachers) -> None:
+    """`kd.t<k>` is the loss against teacher k alone (under 'weighted' the combined term is their
+    weighted sum) and `kd_weight.t<k>` its weight; under ca_mkd the weights are the batch's mean."""
+    out = two_teachers(IMAGES, LABELS)
+    t_logits = [branch.teacher_outputs(IMAGES)["logits"].float() for branch in two_teachers.branches]
+    alone = TeacherCombiner("weighted", "kl", {}, [1.0])
+    for k, z in enumerate(t_logits):
+        torch.testing.assert_close(out[f"kd.t{k}"], alone(out["logits"].float(), [z], LABELS, 3.0).loss)
+    torch.testing.assert_close(out["kd"], 0.75 * out["kd.t0"] + 0.25 * out["kd.t1"])
+    assert (out["kd_weight.t0"].item(), out["kd_weight.t1"].item()) == (0.75, 0.25)
+    assert not out["kd.t0"].requires_grad  # logged, never trained on
+    two_teachers.combiner = TeacherCombiner("ca_mkd", "kl")
+    try:
+        out = two_teachers(IMAGES, LABELS)
+    finally:
+        two_teachers.combiner = TeacherCombiner("weighted", "kl", {}, [3.0, 1.0])
+    expected = ca_mkd_weights(t_logits, LABELS).mean(dim=0)
+    torch.testing.assert_close(torch.stack([out["kd_weight.t0"], out["kd_weight.t1"]]), expected)
+
+
 def test_two_teachers_train_student_and_adapters_only_and_their_state_round_trips(
     two_teachers: SeveralTeachers,
 ) -> None:
@@ -145,13 +170,26 @@ def test_two_teachers_train_student_and_adapters_only_and_their_state_round_trip
     task.eval()
 
 
-def test_a_stages_own_teachers_replace_the_top_level_teacher() -> None:
+def test_a_stages_own_teachers_replace_the_top_level_teacher_and_back() -> None:
     data = _distill_dict(teacher="teacher2")
     data["pipeline"][1]["distill"] = {"teachers": [{"teacher": "teacher"}, {"teacher": "teacher2"}]}
     stage = parse_recipe(data).plan.stage("student_kd")
     assert [t.model for t in stage.teachers] == ["teacher", "teacher2"]
     data["pipeline"][1]["distill"]["teacher"] = "teacher"
     assert "pipeline.student_kd.distill: give either teacher ('teacher') or teachers" in _problems(data)
+    data = _distill_dict(teachers=[{"teacher": "teacher"}, {"teacher": "teacher2"}])
+    data["pipeline"][1]["distill"] = {"teacher": "teacher2"}  # one teacher for this stage
+    assert [t.model for t in parse_recipe(data).plan.stage("student_kd").teachers] == ["teacher2"]
+
+
+def test_teacher_and_teachers_at_the_top_level_is_refused_even_with_the_default_name() -> None:
+    """`teacher: teacher` is the default value, so only the mapping as written shows it was given."""
+    data = _distill_dict(teachers=[{"teacher": "teacher"}, {"teacher": "teacher2"}])
+    data["distill"]["teacher"] = "teacher"
+    assert (
+        "distill: give either teacher ('teacher') or teachers (a list), not both; remove distill.teacher"
+        in (_problems(data))
+    )
 
 
 @pytest.mark.parametrize(
@@ -159,7 +197,7 @@ def test_a_stages_own_teachers_replace_the_top_level_teacher() -> None:
     [
         (
             {"teacher": "teacher2", "teachers": [{"teacher": "teacher"}]},
-            "pipeline.student_kd.distill: give either teacher ('teacher2') or teachers",
+            "distill: give either teacher ('teacher2') or teachers",
         ),
         (
             {"teachers": [{"teacher": "teacher"}, {"teacher": "nope"}]},
@@ -267,13 +305,63 @@ def test_a_two_teacher_recipe_runs_end_to_end_and_resumes(
     assert (run / "student_kd" / "model.pt").read_bytes() == before  # same seed, same teachers
 
 
-def test_bench_refuses_a_stage_with_several_teachers(
+def test_bench_times_each_teachers_share_of_a_two_teacher_step(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(two_teacher_dict(), sort_keys=False))
-    assert main(["bench", str(path), "--steps", "1"]) == 2
-    assert (
-        "pipeline.student_kd.distill.teachers: kdkit bench times a stage with one teacher"
-        in capsys.readouterr().err
+    argv = [
+        "bench",
+        str(path),
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--batch",
+        "4",
+        "--no-data",
+    ]
+    assert main([*argv, "--modes", "student,distill,cached", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "this stage has 2" in report["modes"]["cached"]["unavailable"]  # (c) times one teacher's cache
+    teachers = report["teachers"]
+    assert [(t["model"], t["stage"]) for t in teachers] == [
+        ("vit_teacher", "vit_teacher"),
+        ("cnn_teacher", "cnn_teacher"),
+    ]
+    assert all(t["forward_ms"] > 0 and t["share_of_distill_step"] > 0 for t in teachers)
+    flops = report["forward_gflops_per_image"]
+    assert flops["teacher"] == pytest.approx(sum(t["forward_gflops_per_image"] for t in teachers))
+    assert flops["teachers"][0] != flops["teachers"][1]  # a ViT and a ResNet, each counted
+    distill = report["modes"]["distill"]
+    assert distill["tflops_per_s"] == pytest.approx(
+        (3 * flops["student"] + flops["teacher"]) * distill["img_per_s"] / 1000
     )
+    assert main([*argv, "--modes", "distill"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher 1 cnn_teacher (stage cnn_teacher): forward" in out and "of (b)'s step" in out
+
+
+def test_an_override_of_one_teacher_form_replaces_the_other(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--set distill.teachers=[...]` on a recipe that names its `teacher` (a `--vary` of teachers,
+    say) replaces it with a note; setting both at once is still refused."""
+    loading._note_once.cache_clear()  # notes print once per process
+    data = apply_overrides(_distill_dict(), ["distill.teachers=[{teacher: teacher}, {teacher: teacher2}]"])
+    assert "teacher" not in data["distill"] and len(data["distill"]["teachers"]) == 2
+    assert "note: distill.teachers replaces its teacher" in capsys.readouterr().err
+    assert [t.model for t in parse_recipe(data).plan.stage("student_kd").teachers] == ["teacher", "teacher2"]
+    back = apply_overrides(data, ["distill.teacher=teacher2"])
+    assert "teachers" not in back["distill"] and back["distill"]["teacher"] == "teacher2"
+    both = apply_overrides(
+        _distill_dict(), ["distill.teachers=[{teacher: teacher2}]", "distill.teacher=teacher"]
+    )
+    assert "distill: give either teacher ('teacher') or teachers" in _problems(both)
+
+
+def test_a_resolved_two_teacher_recipe_parses_back_to_itself() -> None:
+    """A run's recipe.yaml (`Recipe.to_dict`) names the teachers in one form, so resume reads it."""
+    recipe = parse_recipe(_distill_dict(teachers=[{"teacher": "teacher"}, {"teacher": "teacher2"}]))
+    assert "teacher" not in recipe.to_dict()["distill"]
+    assert parse_recipe(yaml.safe_load(yaml.safe_dump(recipe.to_dict()))) == recipe

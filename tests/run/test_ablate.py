@@ -217,6 +217,10 @@ def test_a_run_keeps_only_the_compared_distill_stage_and_refuses_a_shadowed_key(
     # a distill stage that teaches a later one stays
     base["pipeline"].insert(2, {"name": "third", "do": "distill", "distill": {"teacher": "other"}})
     assert "other" in [s.name for s in resolve(base, variant, 0, "tiny.yaml", stage="third").pipeline]
+    # the stage's own `teacher` replaces the `teachers` a variant sets: shadowed too
+    teachers = expand_grid(["distill.teachers=[{teacher: teacher}]"])[0]
+    with pytest.raises(RecipeError, match=r"distill.teachers: the compared stage 'third' sets "):
+        resolve(base, teachers, 0, "tiny.yaml", stage="third")
 
 
 @pytest.mark.parametrize(

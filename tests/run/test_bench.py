@@ -103,6 +103,11 @@ def test_bench_json_reports_every_mode_the_ratios_the_machine_and_the_loader(
     # Model FLOPs: the student's forward + backward (3 forwards), plus the teacher's forward where it runs.
     flops = report["forward_gflops_per_image"]
     assert flops["teacher"] > flops["student"] > 0  # the tiny teacher is the wider one
+    assert flops["teachers"] == [flops["teacher"]]
+    (teacher,) = report["teachers"]  # its forward alone, timed beside (b)
+    assert (
+        teacher["model"] == "teacher" and teacher["forward_ms"] > 0 and teacher["share_of_distill_step"] > 0
+    )
     modes = (
         ("student", False),
         ("distill", True),
@@ -131,9 +136,9 @@ def test_bench_modes_choose_what_is_measured(
     # Progress on stderr: each mode's warm-up, then the timed rounds naming the mode measured.
     assert "bench (a) student alone: warm-up: 1/1 steps" in err
     assert "bench (b) distill, live teacher: warm-up: 1/1 steps" in err
-    rounds = [line for line in err.splitlines() if line.startswith("bench: 1 timed rounds of 2 modes")]
+    rounds = [line for line in err.splitlines() if line.startswith("bench: 1 timed rounds of 3 measurements")]
     measured = sorted(line.split(", ETA ")[1].split(", ", 1)[1] for line in rounds)
-    assert measured == ["(a) student alone", "(b) distill, live teacher"]
+    assert measured == ["(a) student alone", "(b) distill, live teacher", "teacher.t0 forward"]
 
 
 def test_bench_needs_a_distill_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
