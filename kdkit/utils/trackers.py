@@ -50,6 +50,8 @@ class RunIdentity:
 class Tracker:
     """What a tracker receives; each method does nothing unless a tracker needs it."""
 
+    run_id: str | None = None  # the tracker's own id of the run, when it has one (kept for a resume)
+
     def params(self, recipe: dict[str, Any]) -> None:
         """The resolved recipe (nested mappings), once per run."""
 
@@ -120,7 +122,8 @@ def open_trackers(
     try:
         for name in names:
             trackers.append(_open(name, run_dir, identity, tracking_uri, ids.get(name)))
-            ids[name] = getattr(trackers[-1], "run_id", None)
+            if trackers[-1].run_id is not None:
+                ids[name] = trackers[-1].run_id
     except Exception:
         for tracker in trackers:
             tracker.close(failed=True)
