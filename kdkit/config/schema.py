@@ -232,6 +232,17 @@ class TrainSpec:
     # also evaluate the test split every epoch, only to report the epoch a test-set selection would
     # pick (the "optimistic" numbers of published code); never used to select anything
     track_test: bool = False
+    # Run-wide (the top-level train section only; no stage result depends on them, see TRACKING_KEYS):
+    # experiment trackers beside metrics.jsonl, which is always written: jsonl, tensorboard, mlflow,
+    # wandb; null = tensorboard when it is installed (kdkit 0.2's behaviour). See docs/tracking.md
+    loggers: list[str] | None = None
+    tracking_uri: str | None = None  # MLflow's; null = $MLFLOW_TRACKING_URI, else MLflow's default
+    experiment: str | None = None  # MLflow experiment and W&B project; null = the recipe's name
+
+
+# The `train` keys that choose where a run is logged: set once per run (not per stage), and no
+# stage's result depends on them, so they are no stage input (cache keys, `--resume`).
+TRACKING_KEYS = ("loggers", "tracking_uri", "experiment")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import Any
 
 from kdkit.config.plan import Plan, StagePlan, TeacherPlan
 from kdkit.config.schema import (
+    TRACKING_KEYS,
     DataSpec,
     DistillSpec,
     PairSpec,
@@ -25,6 +26,7 @@ from kdkit.config.schema import (
     shorten,
 )
 from kdkit.registry import TEACHER_COMBINERS, did_you_mean
+from kdkit.utils.trackers import LOGGERS
 
 
 def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
@@ -57,7 +59,19 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> Plan:
         problems.append(f"pipeline: stage name {dup!r} is used more than once")
     _check_data(recipe.data, "data", problems)
     _check_train(recipe.train, "train", problems)
+    _check_loggers(recipe.train.loggers, problems)
     return build_plan(recipe, problems)
+
+
+def _check_loggers(names: list[str] | None, problems: list[str]) -> None:
+    """Each name of `train.loggers` is a known logger (whether its package is installed is checked
+    before a run, by `kdkit.run.checks`)."""
+    for i, name in enumerate(names or []):
+        if name not in LOGGERS:
+            problems.append(
+                f"train.loggers[{i}]: unknown logger {name!r}.{did_you_mean(name, list(LOGGERS))} "
+                f"Known loggers: {', '.join(LOGGERS)}"
+            )
 
 
 def build_plan(recipe: Recipe, problems: list[str]) -> Plan:
@@ -92,6 +106,11 @@ def _plan_stage(
         found.append(f"{where}.data: an evaluate stage reads the top-level data; remove it")
     if stage.baseline is not None and stage.do != "evaluate":
         found.append(f"{where}.baseline: only an evaluate stage compares with a baseline")
+    found.extend(
+        f"{where}.train.{key}: a run logs to one place; set it in the top-level train section"
+        for key in TRACKING_KEYS
+        if key in stage.train
+    )
     problems.extend(found)
     if found:
         return None

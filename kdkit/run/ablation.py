@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from kdkit.config.loading import read_yaml, recipe_changes
-from kdkit.config.schema import Recipe
+from kdkit.config.schema import TRACKING_KEYS, Recipe
 from kdkit.config.validation import parse_recipe
 from kdkit.errors import RunFailed, UsageError
 from kdkit.plugins import load_plugins
@@ -58,13 +58,14 @@ from kdkit.run.ablation_report import (
 )
 from kdkit.run.build import make_evaluator
 from kdkit.run.checks import check_recipe
-from kdkit.run.pipeline import RecipeRun
+from kdkit.run.pipeline import RecipeRun, run_identity
 from kdkit.run.stage_cache import StageCache, train_stage_key
 from kdkit.run.variants import Variant, baseline_stage, resolve, target_stage
 from kdkit.utils.checkpoint import atomic_write_text
 from kdkit.utils.lock import exclusive
 from kdkit.utils.memory import process_peak
 from kdkit.utils.runlog import console
+from kdkit.utils.trackers import RunIdentity
 from kdkit.utils.workers import Interrupted, WorkerPool
 
 
@@ -117,6 +118,13 @@ class RunJob:
     def preparing(self) -> Path:
         """Where the run's train stages are trained, when they are not in the cache yet."""
         return self.out / "prepare" / self.name
+
+    def identity(self, run_dir: Path, suffix: str = "") -> RunIdentity:
+        """How experiment trackers file this run (its name + `suffix`, its files in `run_dir`):
+        every run of the ablation in one group (MLflow experiment, W&B group) named after the
+        ablation's folder, tagged with its variant and seed."""
+        tags = {"variant": self.variant.label, "seed": str(self.seed)}
+        return run_identity(self.recipe, self.name + suffix, run_dir.resolve(), self.out.resolve().name, tags)
 
 
 # ------------------------------------------------------------------------------------ the ablation
@@ -227,7 +235,8 @@ def execute(job: RunJob) -> Outcome:
 def _run_and_publish(job: RunJob) -> None:
     """Run the job's recipe in its partial folder, then move that into runs/ in one rename."""
     start = time.perf_counter()
-    RecipeRun(job.recipe, job.partial, stage_cache=StageCache(job.out / "cache")).run(resume=True)
+    identity = job.identity(job.final)  # trackers name the folder the run is moved to
+    RecipeRun(job.recipe, job.partial, StageCache(job.out / "cache"), identity).run(resume=True)
     record = {
         "run": job.name,
         "variant": job.variant.label,
@@ -272,9 +281,11 @@ def _pending(jobs: list[RunJob]) -> list[RunJob]:
 
 
 def _differences(job: RunJob, run_dir: Path) -> list[str]:
-    """Recipe keys at which the run in `run_dir` differs from the job's (none before it wrote its recipe)."""
+    """Recipe keys at which the run in `run_dir` differs from the job's (none before it wrote its
+    recipe), where it logs to aside: that changes no result."""
     saved = run_dir / "recipe.yaml"
-    return recipe_changes(read_yaml(saved), job.recipe.to_dict()) if saved.exists() else []
+    changed = recipe_changes(read_yaml(saved), job.recipe.to_dict()) if saved.exists() else []
+    return [key for key in changed if key.removeprefix("train.") not in TRACKING_KEYS]
 
 
 def prepare(job: RunJob) -> Outcome:
@@ -285,7 +296,8 @@ def prepare(job: RunJob) -> Outcome:
     console.rule(f"train stages for {job.name}")
 
     def train(job: RunJob) -> None:
-        RecipeRun(job.recipe, job.preparing, stage_cache=StageCache(job.out / "cache")).run(resume=True)
+        identity = job.identity(job.preparing, " (train stages)")
+        RecipeRun(job.recipe, job.preparing, StageCache(job.out / "cache"), identity).run(resume=True)
 
     return attempt(job, job.preparing, train)
 

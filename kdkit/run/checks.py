@@ -57,6 +57,7 @@ from kdkit.training.optim import check_optimization
 from kdkit.utils import distributed
 from kdkit.utils.checkpoint import OutputDirError, check_output_dir
 from kdkit.utils.device import autocast, resolve_device
+from kdkit.utils.trackers import missing_package
 
 Shape = tuple[int, ...]  # a tensor's shape, as the tap table prints it
 
@@ -93,6 +94,7 @@ def check_recipe(recipe: Recipe, generate: bool = False, source: str = "recipe")
 def _check(recipe: Recipe, generate: bool) -> RecipeCheck:
     r = recipe
     _check_names(r)
+    _check_loggers(r)
     evaluator = make_evaluator(r)
     if generate:
         for spec in [r.data, *(s.data for s in _own_data(r))]:
@@ -112,6 +114,13 @@ def _check(recipe: Recipe, generate: bool) -> RecipeCheck:
         if stage.do == "distill":
             result.tables.extend(_check_distill_stage(r, stage))
     return result
+
+
+def _check_loggers(recipe: Recipe) -> None:
+    """Every logger `train.loggers` names can be imported (else its install line)."""
+    problems = [missing_package(name) for name in dict.fromkeys(recipe.train.loggers or [])]
+    if any(problems):
+        raise RecipeError([f"train.loggers: {problem}" for problem in problems if problem])
 
 
 def _check_distill_stage(recipe: Recipe, stage: StagePlan) -> list[Table]:

@@ -8,6 +8,7 @@ Run directory layout::
     RUN/<stage>/last.pt      resume state of a train/distill stage
     RUN/<stage>/model.pt     the trained network at its best validation epoch
     RUN/<stage>/done.json    written last: the stage is complete and is skipped on --resume
+    RUN/trackers.json        the run ids of its experiment trackers (`train.loggers`), if any
 
 `kdkit.run.checks.check_recipe` checks the whole plan before a run; `RecipeRun` only runs it. With a
 shared stage cache (`RecipeRun(..., stage_cache=StageCache(DIR))`, used by `kdkit ablate`), an
@@ -24,7 +25,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from kdkit.config.schema import DataSpec, ModelSpec, Recipe, StageSpec
+from kdkit.config.schema import DataSpec, ModelSpec, Recipe, RecipeError, StageSpec
 from kdkit.data.datasets import build_dataset, build_loaders, eval_loader
 from kdkit.distill.distiller import Distiller
 from kdkit.distill.several_teachers import SeveralTeachers
@@ -48,15 +49,31 @@ from kdkit.training.trainer import StageResult, Trainer
 from kdkit.utils import distributed
 from kdkit.utils.checkpoint import atomic_write_text, file_sha256, load_file, seed_everything
 from kdkit.utils.runlog import MetricsLog, console, output
+from kdkit.utils.trackers import (
+    TRACKER_DIRS,
+    RunIdentity,
+    Tracker,
+    TrackerError,
+    chosen_loggers,
+    open_trackers,
+)
 
 
 class RecipeRun:
     """One execution of a recipe in a run directory, optionally sharing trained stages via `stage_cache`."""
 
-    def __init__(self, recipe: Recipe, out_dir: Path, stage_cache: StageCache | None = None) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        out_dir: Path,
+        stage_cache: StageCache | None = None,
+        identity: RunIdentity | None = None,
+    ) -> None:
         self.recipe = recipe
         self.out_dir = Path(out_dir)
         self.stage_cache = stage_cache
+        # how experiment trackers file the run; default: named after its directory, alone
+        self.identity = identity or run_identity(recipe, self.out_dir.name, self.out_dir.resolve())
         self.trained: dict[str, tuple[ModelSpec, Path]] = {}  # stage -> (model spec, model.pt)
 
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -66,8 +83,10 @@ class RecipeRun:
         main = distributed.is_main()  # under torchrun, rank 0 alone writes the run directory
         if main:
             atomic_write_text(yaml.safe_dump(r.to_dict(), sort_keys=False), self.out_dir / "recipe.yaml")
-        log = MetricsLog(self.out_dir)
+        log = MetricsLog(self.out_dir, self._trackers() if main else [])
+        log.params(r.to_dict())
         summary = self._read_summary() if resume else {}
+        failed = True
         try:
             for stage in r.pipeline:
                 stage_dir = self.out_dir / stage.name
@@ -82,9 +101,34 @@ class RecipeRun:
                 if main:
                     atomic_write_text(json.dumps(summary, indent=2), self.out_dir / "summary.json")
                     atomic_write_text(json.dumps({"stage": stage.name}), done)
+                    log.stage_result(stage.name, result, self._final_model(stage))
+            failed = False
         finally:
-            log.close()
+            log.files(self.out_dir, self._artefacts() if main else [])
+            log.close(failed)
         return summary
+
+    def _trackers(self) -> list[Tracker]:
+        """The experiment trackers of `train.loggers`, started (a resumed run continues theirs)."""
+        train = self.recipe.train
+        try:
+            names = chosen_loggers(train.loggers)
+            return open_trackers(names, self.out_dir, self.identity, train.tracking_uri)
+        except TrackerError as exc:
+            raise RecipeError([f"train.loggers: {exc}"]) from None
+
+    def _final_model(self, stage: StageSpec) -> Path | None:
+        """Where a fitted stage's `model.pt` is once the run is complete (None: it has none)."""
+        if stage.do == "evaluate":
+            return None
+        return self.identity.run_dir / stage.name / "model.pt"
+
+    def _artefacts(self) -> list[Path]:
+        """What trackers keep of the run: its summary, its resolved recipe and its plots."""
+        files = [self.out_dir / "summary.json", self.out_dir / "recipe.yaml"]
+        plots = sorted(self.out_dir.rglob("*.png"))
+        plots = [path for path in plots if path.relative_to(self.out_dir).parts[0] not in TRACKER_DIRS]
+        return [path for path in files if path.exists()] + plots
 
     def _read_summary(self) -> dict[str, Any]:
         path = self.out_dir / "summary.json"
@@ -224,6 +268,14 @@ class RecipeRun:
             out["paper"] = paper
             output.print(paper_table(paper))
         return out
+
+
+def run_identity(
+    recipe: Recipe, name: str, run_dir: Path, group: str | None = None, tags: dict[str, str] | None = None
+) -> RunIdentity:
+    """How trackers file a run of `recipe` named `name` whose files end up in `run_dir`: in the
+    experiment `train.experiment` (default: the recipe's name), with an ablation's `group` and tags."""
+    return RunIdentity(name, recipe.train.experiment or recipe.name, run_dir, group, tags or {})
 
 
 def _spec_for_checkpoint(spec: ModelSpec) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kdkit import CACHE_KEYS_VERSION
-from kdkit.config.schema import DistillSpec, Recipe, StageSpec
+from kdkit.config.schema import TRACKING_KEYS, DistillSpec, Recipe, StageSpec, TrainSpec
 from kdkit.utils.checkpoint import atomic_path, atomic_write_text, file_sha256
 from kdkit.utils.lock import locked
 
@@ -51,7 +51,7 @@ def stage_inputs(recipe: Recipe, stage: StageSpec) -> dict[str, Any]:
         "data": dataclasses.asdict(plan.data),
         # a tracked test split is the run's own (reported only; see Trainer.best_on_test)
         "test_data": dataclasses.asdict(recipe.data) if train.track_test else None,
-        "train": dataclasses.asdict(train),
+        "train": _train_inputs(train),
         "evaluator": evaluator,
     }
     if stage.do == "train":  # the key `model` (not `models`) keeps existing cache entries valid
@@ -60,6 +60,15 @@ def stage_inputs(recipe: Recipe, stage: StageSpec) -> dict[str, Any]:
     keys = (distill.student, *(t.model for t in plan.teachers))
     models = {key: dataclasses.asdict(recipe.models[key]) for key in keys}
     return {**inputs, "distill": _distill_inputs(distill), "models": models}
+
+
+def _train_inputs(train: TrainSpec) -> dict[str, Any]:
+    """The merged train section as stage inputs, without where the run is logged (`TRACKING_KEYS`):
+    no result depends on it, and the keys of stages trained before those keys existed stay valid."""
+    inputs = dataclasses.asdict(train)
+    for key in TRACKING_KEYS:
+        del inputs[key]
+    return inputs
 
 
 def _distill_inputs(distill: DistillSpec) -> dict[str, Any]:

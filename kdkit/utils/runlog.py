@@ -1,4 +1,4 @@
-"""Run logging: `metrics.jsonl` (one JSON object per line), TensorBoard when installed, and the
+"""Run logging: `metrics.jsonl` (one JSON object per line) and the experiment trackers, and the
 two consoles: `console` (stderr: progress, logs, warnings, errors) and `output` (stdout: results —
 tables, listings — so that `kdkit taps MODEL | grep attn` works).
 
@@ -17,11 +17,11 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
@@ -29,6 +29,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kdkit.errors import EnvironmentSettingError
 from kdkit.utils.checkpoint import naming_the_file
+
+if TYPE_CHECKING:
+    from kdkit.utils.trackers import Tracker
 
 # Columns for output that is not going to a terminal: rich would use 80 (or the width of whichever
 # terminal stdin is), cutting long tap paths and wrapping log lines; tables never pad to it.
@@ -228,31 +231,47 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Appends metric records to `run_dir/metrics.jsonl` and, if available, TensorBoard."""
+    """Appends metric records to `run_dir/metrics.jsonl` and hands everything a run logs to its
+    experiment trackers (`kdkit.utils.trackers`: TensorBoard, MLflow, W&B). A tracker that fails
+    during the run is dropped with a warning: the training goes on, metrics.jsonl has every record."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, trackers: Sequence[Tracker] = ()) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-        except Exception:  # tensorboard is optional; any import/setup failure just disables it
-            self._tb = None
+        self.trackers = list(trackers)
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (it gets a wall-clock `time` field)."""
-        record = {"time": round(time.time(), 3), **{k: _clean(v) for k, v in record.items()}}
+        record = {"time": round(time.time(), 3), **record}
         with naming_the_file(self.path), open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self._tb is not None and "step" in record:
-            prefix = record.get("stage", "run")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch", "time"):
-                    self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+            handle.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._each("metrics", record)
 
-    def close(self) -> None:
-        """Flush and close TensorBoard files."""
-        if self._tb is not None:
-            self._tb.close()
+    def params(self, recipe: dict[str, Any]) -> None:
+        """The resolved recipe, to the trackers."""
+        self._each("params", recipe)
+
+    def stage_result(self, stage: str, result: dict[str, Any], model: Path | None) -> None:
+        """A finished stage's result and model path, to the trackers."""
+        self._each("stage_result", stage, result, model)
+
+    def files(self, root: Path, paths: list[Path]) -> None:
+        """Artefact files under `root`, to the trackers."""
+        self._each("files", root, paths)
+
+    def close(self, failed: bool = False) -> None:
+        """End every tracker's run (flushing TensorBoard's files)."""
+        self._each("close", failed)
+        self.trackers = []
+
+    def _each(self, method: str, *args: Any) -> None:
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as exc:  # a tracker's service failing must not stop hours of training
+                self.trackers.remove(tracker)
+                console.print(
+                    f"warning: {type(tracker).__name__} stopped logging ({type(exc).__name__}: {exc}); "
+                    f"{self.path} still has every record",
+                    markup=False,
+                )
