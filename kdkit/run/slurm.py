@@ -188,7 +188,8 @@ def submit_ablation(ablation: engine.Ablation, launcher: LauncherSpec) -> tuple[
         folder = out / launcher.folder
         submitted, after_keys = [], {}
         for keys, job in engine.preparation(pending).items():
-            submitted.append(submit(engine.prepare, _with(job, threads), launcher, folder, job.name))
+            name = f"train-stages-of-{job.name}"
+            submitted.append(submit(engine.prepare, _with(job, threads), launcher, folder, name))
             after_keys[keys] = submitted[-1].job_id
         for job in pending:
             missing = set(engine.missing_train_stages(job))
@@ -227,10 +228,14 @@ def _not_complete(missing: list[dict[str, Any]], total: int, out: Path, command:
     """Which runs are not complete and why; how to collect again and how to resubmit."""
     lines = [f"ablation not complete: {len(missing)} of {total} runs:"]
     lines += [f"  {m['run']} ({m['variant']}, seed {m['seed']}): {m['error']}" for m in missing]
-    written = "the report of the complete runs (marked incomplete) is in" if total > len(missing) else "no"
+    report = (
+        f"the report of the complete runs is in {out}/ablation.md, marked incomplete"
+        if total > len(missing)
+        else "no run is complete, so no report was written"
+    )
     lines.append(
-        f"{written} report in {out}/ablation.md; when the queued jobs are done: kdkit ablate --collect "
-        f"{out}; failed or stopped runs continue from their last checkpoint with: {command}"
+        f"{report}; when the queued jobs are done: kdkit ablate --collect {out}; runs that failed or "
+        f"stopped continue from their last checkpoint with: {command}"
     )
     return "\n".join(lines)
 
