@@ -159,6 +159,7 @@ def run_complete(recipe: Recipe, out: Path) -> bool:
 
 def submit_run(recipe: Recipe, out: Path, resume: bool, source: str, command_line: str) -> Submitted:
     """Check the recipe here (a bad one stops before it queues), then submit its run into `out`."""
+    _submitit()  # missing: say so before the checks
     with exclusive(out, command_line):
         plan = plan_resume(out, recipe) if resume else None
         check_recipe(recipe, generate=True, source=source)
@@ -173,6 +174,7 @@ def submit_ablation(ablation: engine.Ablation, launcher: LauncherSpec) -> tuple[
     """Submit the train stages the pending runs need, then the runs (each after the train stages it
     reads); runs still queued from an earlier submission are left alone. Returns the ablation folder
     and what was submitted."""
+    _submitit()  # missing: say so before the checks
     if launcher.nodes > 1 or launcher.gpus_per_node > 1:
         raise UsageError(
             "kdkit ablate --launcher slurm: one process per run (nodes 1, gpus_per_node 0 or 1); "

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -172,6 +173,19 @@ def test_flags_override_the_section_and_a_bad_one_exits_2(tmp_path: Path, capsys
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
     assert main(["run", str(tmp_path / "r.yaml"), "--launcher", "slurm", "--time", "0"]) == 2
     assert "launcher.time: expected at least 1, got 0" in capsys.readouterr().err
+
+
+def test_without_submitit_the_launcher_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "submitit", None)  # what `import submitit` finds when it is missing
+    monkeypatch.chdir(tmp_path)
+    Path("r.yaml").write_text(yaml.safe_dump(small_ablation_recipe_dict()))
+    assert main(["run", "r.yaml", "--launcher", "slurm"]) == 2
+    assert main(["ablate", "r.yaml", *GRID, "--launcher", "slurm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("--launcher slurm needs submitit: pip install 'kdkit[slurm]'") == 2, err
+    assert not Path("runs").exists()
 
 
 def test_a_multi_node_job_takes_rank_and_world_from_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
