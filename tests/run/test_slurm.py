@@ -111,10 +111,13 @@ def long_run_recipe() -> dict:
 
 
 @pytest.mark.slow
-def test_a_cancelled_run_resubmitted_resumes(cluster: None, tmp_path: Path, monkeypatch) -> None:
+def test_a_cancelled_run_resubmitted_resumes(
+    cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     Path("long.yaml").write_text(yaml.safe_dump(long_run_recipe()))
-    assert main(["run", "long.yaml", "--out", "run", "--launcher", "slurm", "--slurm-folder", "jobs"]) == 0
+    on_slurm = ["--launcher", "slurm", "--slurm-folder", "jobs"]
+    assert main(["run", "long.yaml", "--out", "run", *on_slurm]) == 0
     (first,) = (p.name.split("_")[0] for p in Path("run/jobs").glob("*_submitted.pkl"))
     deadline = time.monotonic() + 120
     while not Path("run/teacher/last.pt").exists():
@@ -123,18 +126,7 @@ def test_a_cancelled_run_resubmitted_resumes(cluster: None, tmp_path: Path, monk
     subprocess.run(["scancel", first], check=True)
     assert wait_for([first], poll_s=0.5)[first] == "CANCELLED"
     assert not Path("run/teacher/done.json").exists()
-    command = [
-        "run",
-        "long.yaml",
-        "--out",
-        "run",
-        "--resume",
-        "--launcher",
-        "slurm",
-        "--slurm-folder",
-        "jobs",
-    ]
-    assert main([*command, "--wait"]) == 0
+    assert main(["run", "long.yaml", "--out", "run", "--resume", *on_slurm, "--wait"]) == 0
     assert Path("run/teacher/done.json").exists()
     (log,) = (p for p in Path("run/jobs").glob("*_0_log.err") if not p.name.startswith(f"{first}_"))
     resumed = re.search(r"\[teacher\] resumed from run/teacher/last.pt after epoch (\d+)", log.read_text())
