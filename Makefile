@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml plugins/fas/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,export,trackers]' -e plugins/fas
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,export,trackers,slurm]' -e plugins/fas
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt facenet-pytorch==2.6.0
 	touch $(STAMP)
 

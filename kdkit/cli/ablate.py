@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-from kdkit.cli.arguments import add_recipe_args
+from kdkit.cli.arguments import add_launcher_args, add_recipe_args, launcher_overrides
 from kdkit.config.loading import apply_overrides, read_yaml
+from kdkit.config.schema import LauncherSpec
+from kdkit.config.validation import parse_launcher
 from kdkit.errors import UsageError
 from kdkit.run.ablation import Ablation, run_ablation
 from kdkit.run.variants import combine, expand_grid, read_variants
+from kdkit.utils.runlog import console
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Run the cartesian product of every --vary with every seed, everything else identical, "
         "and write ablation.csv/.json/.md/.png. Re-running the same command continues it.",
     )
-    add_recipe_args(p)
+    add_recipe_args(p, optional=True)  # not with --collect
     p.add_argument(
         "--variants",
         type=Path,
@@ -59,6 +63,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="train the teacher (every train stage but the compared one) again for every seed; by "
         "default it is trained once, with the recipe's seed, and every seed of every variant uses it",
     )
+    add_launcher_args(p)
+    p.add_argument(
+        "--collect",
+        type=Path,
+        metavar="OUT",
+        help="write the report of the ablation submitted into OUT with --launcher slurm from its "
+        "finished runs (and name those still queued or failed)",
+    )
     p.set_defaults(func=cmd_ablate)
 
 
@@ -67,13 +79,43 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     `RunFailed`, exit status 1, names the runs that failed)."""
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: expected at least 1")
-    run_ablation(_ablation(args))
+    if args.collect is not None:
+        return _collect(args.collect)
+    if args.recipe is None:
+        raise UsageError("kdkit ablate: give the recipe (or --collect OUT)")
+    base = apply_overrides(read_yaml(args.recipe), args.overrides + launcher_overrides(args))
+    launcher = parse_launcher(base.pop("launcher", {}), str(args.recipe))
+    if launcher.kind == "slurm":
+        return _submit(_ablation(args, base), launcher)
+    run_ablation(_ablation(args, base))
     return 0
 
 
-def _ablation(args: argparse.Namespace) -> Ablation:
-    """The ablation the arguments ask for; a `UsageError` or `RecipeError` names a bad one."""
-    base = apply_overrides(read_yaml(args.recipe), args.overrides)
+def _submit(ablation: Ablation, launcher: LauncherSpec) -> int:
+    """`kdkit ablate --launcher slurm`: submit what is not done or queued yet, or, when every run is
+    complete, write the report."""
+    from kdkit.run.slurm import submit_ablation
+
+    out, submitted = submit_ablation(ablation, launcher)
+    if not submitted:  # every run is complete or still queued
+        return _collect(out)
+    for job in submitted:
+        console.print(f"submitted SLURM job {job.job_id}: {job.name} (output: {job.stdout})", markup=False)
+    console.print(f"when they are done: kdkit ablate --collect {out} (or this command again)", markup=False)
+    return 0
+
+
+def _collect(out: Path) -> int:
+    """`kdkit ablate --collect OUT`: the report of a submitted ablation."""
+    from kdkit.run.slurm import collect_ablation
+
+    console.print(f"report: {collect_ablation(out)}", markup=False)
+    return 0
+
+
+def _ablation(args: argparse.Namespace, base: dict[str, Any]) -> Ablation:
+    """The ablation the arguments ask for (`base`: the recipe with its overrides, without its
+    launcher); a `UsageError` or `RecipeError` names a bad one."""
     if not args.vary and args.variants is None:
         raise UsageError(
             "kdkit ablate: give the variants to compare: --vary KEY=V1,V2,... or --variants FILE"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from rich.table import Table
 
-from kdkit.cli.arguments import add_recipe_args
+from kdkit.cli.arguments import add_launcher_args, add_recipe_args, launcher_overrides
 from kdkit.config.loading import load_recipe
-from kdkit.config.schema import ModelSpec
+from kdkit.config.schema import ModelSpec, Recipe
 from kdkit.data.datasets import example_input
-from kdkit.errors import UsageError
+from kdkit.errors import RunFailed, UsageError
 from kdkit.models.factory import build_model
 from kdkit.models.info import model_cost
 from kdkit.training.trainer import TrainingInterrupted
@@ -41,6 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "checkpoints; with a changed recipe, the stages the change touches (and those reading them) "
         "run again and the others are kept",
     )
+    add_launcher_args(p)
+    p.add_argument("--wait", action="store_true", help="with --launcher slurm: wait until the job ends")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a recipe: types, models, taps and adapter shapes (dry run)")
@@ -63,7 +65,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kdkit.run.resume import plan_resume
     from kdkit.utils import distributed
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides + launcher_overrides(args))
+    if recipe.launcher.kind == "slurm":
+        return _submit(args, recipe)
     with distributed.session():
         try:
             out = _run_dir(recipe.name, args.out, args.resume) if distributed.is_main() else None
@@ -90,6 +94,29 @@ def cmd_run(args: argparse.Namespace) -> int:
             except (TrainingInterrupted, Interrupted) as exc:
                 raise _continue_run(exc, args, out) from None
         console.print(f"done: {out / 'summary.json'}")
+    return 0
+
+
+def _submit(args: argparse.Namespace, recipe: Recipe) -> int:
+    """`kdkit run --launcher slurm`: submit the run as a SLURM job; print its id and logs (and wait)."""
+    from kdkit.run.slurm import run_complete, submit_run, wait_for
+
+    out = _run_dir(recipe.name, args.out, args.resume)
+    job = submit_run(recipe, out, args.resume, str(args.recipe), args.command_line)
+    console.print(f"submitted SLURM job {job.job_id}: {recipe.name} into {out}", markup=False)
+    console.print(f"  output: {job.stdout}\n  errors: {job.stderr}", markup=False)
+    if not args.wait:
+        console.print(f"follow it with: squeue --jobs {job.job_id}; tail -f {job.stdout}", markup=False)
+        return 0
+    state = wait_for([job.job_id]).get(job.job_id, "no longer in squeue")
+    if not run_complete(recipe, out):
+        sets = [word for override in args.overrides for word in ("--set", override)]
+        again = shlex.join(["kdkit", "run", str(args.recipe), *sets, "--out", str(out), "--resume"])
+        raise RunFailed(
+            f"SLURM job {job.job_id} ended ({state}) before the run was complete; see {job.stderr}; "
+            f"continue it from its last checkpoint with: {again} --launcher slurm"
+        )
+    console.print(f"done: {out / 'summary.json'}", markup=False)
     return 0
 
 

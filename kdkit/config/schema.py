@@ -265,6 +265,23 @@ class StageSpec:
 
 
 @dataclass
+class LauncherSpec:
+    """Where `kdkit run` and `kdkit ablate` run the work: here, or as SLURM jobs through submitit
+    (docs/scaling.md, "A SLURM cluster"). The command line's `--launcher`, `--partition`, ... override
+    it. It says how the work runs, not what: it is in no cache key and changes no result."""
+
+    kind: Literal["local", "slurm"] = "local"
+    partition: str | None = None  # null: the cluster's default partition
+    time: int = 60  # minutes per job; a job that runs out of it is requeued and resumes
+    nodes: int = 1  # nodes per run (a DDP run over nodes × gpus_per_node processes)
+    gpus_per_node: int = 0  # GPUs per node, one process each (0: one CPU process)
+    cpus_per_task: int = 1  # CPU cores per process (its torch threads)
+    mem: str | None = None  # memory per node as sbatch writes it, e.g. 32G; null: the cluster's default
+    folder: str = "slurm"  # submitit's job files and logs (relative: inside the run or ablation folder)
+    sbatch: dict[str, Any] = field(default_factory=dict)  # more sbatch options: {account: lab, ...}
+
+
+@dataclass
 class Recipe:
     """A whole experiment: data, models, distillation, training and the pipeline of stages."""
 
@@ -278,6 +295,7 @@ class Recipe:
     train: TrainSpec = field(default_factory=TrainSpec)
     evaluator: str = "classification"  # a registered evaluator
     evaluator_options: dict[str, Any] = field(default_factory=dict)
+    launcher: LauncherSpec = field(default_factory=LauncherSpec)
 
     @functools.cached_property
     def plan(self) -> Plan:

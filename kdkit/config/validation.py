@@ -14,6 +14,7 @@ from kdkit.config.schema import (
     TRACKING_KEYS,
     DataSpec,
     DistillSpec,
+    LauncherSpec,
     PairSpec,
     Recipe,
     RecipeError,
@@ -60,6 +61,7 @@ def _check_semantics(recipe: Recipe, problems: list[str]) -> Plan:
     _check_data(recipe.data, "data", problems)
     _check_train(recipe.train, "train", problems)
     _check_loggers(recipe.train.loggers, problems)
+    check_launcher(recipe.launcher, "launcher", problems)
     return build_plan(recipe, problems)
 
 
@@ -262,6 +264,34 @@ def _check_data(data: DataSpec, where: str, problems: list[str]) -> None:
             f"{where}.balanced: balanced batches draw by label, which unlabeled samples lack; "
             f"set balanced: false or drop {where}.unlabeled"
         )
+
+
+def parse_launcher(data: Any, source: str = "recipe") -> LauncherSpec:
+    """A `launcher` section on its own (`kdkit ablate` keeps it out of its runs' recipes: it says how
+    they run, not what), or `RecipeError` naming every problem by its key path."""
+    problems: list[str] = []
+    launcher = convert_dataclass(LauncherSpec, data, "launcher", problems)
+    if not problems:
+        check_launcher(launcher, "launcher", problems)
+    if problems:
+        raise RecipeError(problems, source)
+    return launcher
+
+
+def check_launcher(launcher: LauncherSpec, where: str, problems: list[str]) -> None:
+    """The `launcher` section's values: positive sizes, sbatch option names and scalar values."""
+    for key in ("time", "nodes", "cpus_per_task"):
+        if getattr(launcher, key) < 1:
+            problems.append(f"{where}.{key}: expected at least 1, got {getattr(launcher, key)}")
+    if launcher.gpus_per_node < 0:
+        problems.append(f"{where}.gpus_per_node: expected 0 or more, got {launcher.gpus_per_node}")
+    if launcher.mem is not None and not re.fullmatch(r"[0-9]+[KMGT]?", launcher.mem):
+        problems.append(f"{where}.mem: expected a size such as 16G or 4000M, got {launcher.mem!r}")
+    for name, value in launcher.sbatch.items():
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", str(name)):
+            problems.append(f"{where}.sbatch.{name}: expected an sbatch option name such as account or qos")
+        elif not isinstance(value, str | int | float | bool):
+            problems.append(f"{where}.sbatch.{name}: expected a single value, got {shorten(value)}")
 
 
 def _check_train(train: TrainSpec, where: str, problems: list[str]) -> None:

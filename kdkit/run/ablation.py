@@ -182,13 +182,8 @@ def _run_grid(
     start: float,
 ) -> None:
     """Check every variant, train the shared train stages, run what is not done yet, write the report."""
-    variants = list(dict.fromkeys(job.variant for job in jobs))
-    seeds = list(dict.fromkeys(job.seed for job in jobs))
-    for variant in variants:  # everything `kdkit run` checks, once per variant; prepares the data
-        source = f"{ablation.recipe} with {variant.label}"
-        check_recipe(recipes[variant, seeds[0]], generate=True, source=source)
+    check_variants(ablation, jobs, recipes)
     out = jobs[0].out
-    console.print(f"{len(variants)} variants × {len(seeds)} seeds, checked; ablation folder: {out}")
     pending = _pending(jobs)
     failures = _prepare_train_stages(pending, ablation.jobs)
     runnable = [job for job in pending if job.name not in failures]
@@ -203,6 +198,18 @@ def _run_grid(
         _report(ablation, complete, stage, time.perf_counter() - start, failed)
     if failed:
         raise RunFailed(_incomplete(failed, len(jobs), len(complete), out, ablation.command_line))
+
+
+def check_variants(
+    ablation: Ablation, jobs: list[RunJob], recipes: dict[tuple[Variant, int], Recipe]
+) -> None:
+    """Everything `kdkit run` checks, once per variant (with the first seed); prepares the data."""
+    variants = list(dict.fromkeys(job.variant for job in jobs))
+    seeds = list(dict.fromkeys(job.seed for job in jobs))
+    for variant in variants:
+        source = f"{ablation.recipe} with {variant.label}"
+        check_recipe(recipes[variant, seeds[0]], generate=True, source=source)
+    console.print(f"{len(variants)} variants × {len(seeds)} seeds, checked; ablation folder: {jobs[0].out}")
 
 
 # ------------------------------------------------------------------------------------ run processes

@@ -19,6 +19,7 @@ from kdkit.config.schema import (
     DataSpec,
     DistillSpec,
     GroupSpec,
+    LauncherSpec,
     ModelSpec,
     PairSpec,
     Recipe,
@@ -435,7 +436,7 @@ def test_the_recipe_reference_documents_every_key() -> None:
     """docs/recipes.md has a table row for every field of every recipe dataclass, with its default."""
     doc = (REPO / "docs" / "recipes.md").read_text()
     classes = (Recipe, DataSpec, UnlabeledPool, ModelSpec, DistillSpec, PairSpec, GroupSpec, TeacherInputSpec)
-    for cls in (*classes, TrainSpec, StageSpec):
+    for cls in (*classes, TrainSpec, StageSpec, LauncherSpec):
         assert f"`{cls.__name__}`" in doc, cls.__name__
         for f in dataclasses.fields(cls):
             rows = [line.split(" | ") for line in doc.splitlines() if line.startswith(f"| `{f.name}` |")]
