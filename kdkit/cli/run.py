@@ -20,6 +20,7 @@ from kdkit.models.factory import build_model
 from kdkit.models.info import model_cost
 from kdkit.training.trainer import TrainingInterrupted
 from kdkit.utils.checkpoint import check_output_dir
+from kdkit.utils.gpus import multi_gpu_hint, visible_gpus
 from kdkit.utils.lock import exclusive
 from kdkit.utils.runlog import console, output
 from kdkit.utils.workers import Interrupted
@@ -64,6 +65,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kdkit.utils import distributed
 
     recipe = load_recipe(args.recipe, args.overrides)
+    hint = multi_gpu_hint(visible_gpus(), recipe.train.device, str(args.recipe))
+    if hint:
+        console.print(hint, markup=False)
     with distributed.session():
         try:
             out = _run_dir(recipe.name, args.out, args.resume) if distributed.is_main() else None
