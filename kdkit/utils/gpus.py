@@ -30,11 +30,6 @@ class GpuPlan:
     sets: list[GpuSet]
     jobs: int
 
-    @property
-    def per_run(self) -> int:
-        """GPUs per run (1 without GPU assignment: one process per run)."""
-        return len(self.sets[0]) if self.sets else 1
-
 
 def visible_gpus() -> int:
     """How many CUDA GPUs this process sees (0 without CUDA)."""
@@ -49,10 +44,10 @@ def plan_gpus(gpus: str | None, per_run: int, jobs: int | None, visible: int) ->
         raise UsageError(f"--gpus-per-run {per_run}: expected at least 1")
     if gpus == "none" or (gpus is None and visible == 0):
         if per_run != 1:
-            raise UsageError(f"--gpus-per-run {per_run}: needs GPUs, and {_no_gpus(gpus, visible)}")
+            raise UsageError(f"--gpus-per-run {per_run}: needs GPUs, and {_no_gpus(gpus)}")
         return GpuPlan([], jobs or 1)
     if visible == 0:
-        raise UsageError(f"--gpus {gpus}: {_no_gpus(gpus, visible)}; leave --gpus out to run on the CPU")
+        raise UsageError(f"--gpus {gpus}: {_no_gpus(gpus)}; leave --gpus out to run on the CPU")
     indices = parse_gpus(gpus or "all", visible)
     if len(indices) % per_run:
         raise UsageError(
@@ -69,7 +64,8 @@ def plan_gpus(gpus: str | None, per_run: int, jobs: int | None, visible: int) ->
     return GpuPlan(sets[: jobs or len(sets)], jobs or len(sets))
 
 
-def _no_gpus(gpus: str | None, visible: int) -> str:
+def _no_gpus(gpus: str | None) -> str:
+    """Why no GPU can be assigned, for a message."""
     if gpus == "none":
         return "none are assigned (--gpus none, or a recipe that trains on the CPU only)"
     cause = "torch.cuda.is_available() is False" if not torch.cuda.is_available() else "none are visible"

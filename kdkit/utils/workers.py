@@ -205,9 +205,9 @@ class WorkerPool:
     ) -> None:
         self.function, self.processes, self.fresh = function, max(1, processes), fresh
         self.environments = list(environments) if environments is not None else None
+        self.slots = SlotQueue(len(self.environments)) if self.environments is not None else None
         if self.environments is not None:
             self.processes = min(self.processes, len(self.environments))
-            self.slots = SlotQueue(len(self.environments))
         self.initializer, self.describe = initializer, describe
         self.workers: list[_Worker] = []
         # spawn, never fork: a forked child can inherit a lock held by one of this process's threads
@@ -253,9 +253,9 @@ class WorkerPool:
         # print a traceback (a Ctrl-C in these milliseconds is lost here too; a second one works).
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-        slot = self.slots.take() if self.environments is not None else None
+        slot = self.slots.take() if self.slots is not None else None
         try:
-            with _environment(self.environments[slot] if slot is not None else {}):
+            with _environment(self.environments[slot] if self.environments and slot is not None else {}):
                 process.start()
         finally:
             if previous is not None:
@@ -298,7 +298,7 @@ class WorkerPool:
             worker.process.kill()
             worker.process.join()
         worker.conn.close()
-        if worker.slot is not None:
+        if self.slots is not None and worker.slot is not None:
             self.slots.give_back(worker.slot)
         self.workers.remove(worker)
 
