@@ -115,6 +115,9 @@ def test_two_torchrun_nodes_of_two_processes_write_one_run_directory_like_a_sing
     runs = {name: tmp_path / name for name in ("ddp", "single")}
     lines = {name: (run / "metrics.jsonl").read_text().splitlines() for name, run in runs.items()}
     assert len(lines["ddp"]) == len(lines["single"])  # ranks 1-3 logged nothing
+    for got, want in zip(map(json.loads, lines["ddp"]), map(json.loads, lines["single"]), strict=True):
+        for key in (k for k in want if k.startswith(("train/", "val/"))):  # means over the global batch
+            assert abs(got[key] - want[key]) <= 1e-5 * max(1.0, abs(want[key])), key
     summary = json.loads((runs["ddp"] / "summary.json").read_text())
     assert set(summary) == {"student_kd", "test"} and summary["test"]["results"]["student_kd"]
     models = {name: load_file(run / "student_kd" / "model.pt")["model"] for name, run in runs.items()}
