@@ -14,9 +14,10 @@ from typing import Any
 from kdkit.cli.arguments import add_launcher_args, add_recipe_args, launcher_overrides
 from kdkit.config.loading import apply_overrides, read_yaml
 from kdkit.config.schema import LauncherSpec
-from kdkit.config.validation import parse_launcher
+from kdkit.config.validation import parse_launcher, parse_recipe
 from kdkit.errors import UsageError
 from kdkit.run.ablation import Ablation, run_ablation
+from kdkit.run.gpu_runs import ablation_gpus
 from kdkit.run.variants import combine, expand_grid, read_variants
 from kdkit.utils.runlog import console
 
@@ -48,8 +49,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0,1,2", help="seeds every variant runs with (default 0,1,2)")
     p.add_argument("--out", type=Path, help="ablation folder (default runs/ablation-<recipe name>)")
     p.add_argument(
-        "--jobs", type=int, default=1, help="runs at the same time, each its own process (default 1)"
+        "--jobs",
+        type=int,
+        help="runs at the same time, each its own process (default: one per GPU set, else 1)",
     )
+    add_gpu_args(p)
     p.add_argument("--stage", help="the stage whose model is compared (default: the last distill stage)")
     p.add_argument(
         "--no-baseline",
@@ -77,7 +81,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def cmd_ablate(args: argparse.Namespace) -> int:
     """`kdkit ablate`: check every variant, run what is not done yet, then write the report (a
     `RunFailed`, exit status 1, names the runs that failed)."""
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: expected at least 1")
     if args.collect is not None:
         return _collect(args.collect)
@@ -116,12 +120,36 @@ def _collect(out: Path) -> int:
 def _ablation(args: argparse.Namespace, base: dict[str, Any]) -> Ablation:
     """The ablation the arguments ask for (`base`: the recipe with its overrides, without its
     launcher); a `UsageError` or `RecipeError` names a bad one."""
+
+
+def add_gpu_args(p: argparse.ArgumentParser) -> None:
+    """`--gpus` and `--gpus-per-run`: which GPUs the runs use, each run on GPUs of its own."""
+    p.add_argument(
+        "--gpus",
+        metavar="0,1,...|all|none",
+        help="GPUs the runs share out, each run on its own (CUDA_VISIBLE_DEVICES); default: every "
+        "visible GPU when CUDA is available; none: no GPU assignment",
+    )
+    p.add_argument(
+        "--gpus-per-run",
+        type=int,
+        default=1,
+        metavar="N",
+        help="GPUs of each run (default 1); with N > 1 a run is a DDP run of N processes",
+    )
+
+
+def _ablation(args: argparse.Namespace) -> Ablation:
+    """The ablation the arguments ask for; a `UsageError` or `RecipeError` names a bad one."""
+    base = apply_overrides(read_yaml(args.recipe), args.overrides)
     if not args.vary and args.variants is None:
         raise UsageError(
             "kdkit ablate: give the variants to compare: --vary KEY=V1,V2,... or --variants FILE"
         )
     named = read_variants(args.variants) if args.variants else []
     variants = combine(named, expand_grid(args.vary) if args.vary else [])
+    recipe = parse_recipe(base, str(args.recipe))
+    gpus = ablation_gpus(recipe, args.gpus, args.gpus_per_run, args.jobs)
     return Ablation(
         recipe=args.recipe,
         base=base,
@@ -132,7 +160,8 @@ def _ablation(args: argparse.Namespace, base: dict[str, Any]) -> Ablation:
         vary=args.vary,
         variants_file=args.variants,
         out=args.out,
-        jobs=args.jobs,
+        jobs=gpus.jobs,
+        gpu_sets=gpus.sets,
         stage=args.stage,
         baseline=not args.no_baseline,
         teacher_per_seed=args.teacher_per_seed,

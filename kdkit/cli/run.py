@@ -20,6 +20,7 @@ from kdkit.models.factory import build_model
 from kdkit.models.info import model_cost
 from kdkit.training.trainer import TrainingInterrupted
 from kdkit.utils.checkpoint import check_output_dir
+from kdkit.utils.gpus import multi_gpu_hint, visible_gpus
 from kdkit.utils.lock import exclusive
 from kdkit.utils.runlog import console, output
 from kdkit.utils.workers import Interrupted
@@ -68,6 +69,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides + launcher_overrides(args))
     if recipe.launcher.kind == "slurm":
         return _submit(args, recipe)
+    hint = multi_gpu_hint(visible_gpus(), recipe.train.device, str(args.recipe))
+    if hint:
+        console.print(hint, markup=False)
     with distributed.session():
         try:
             out = _run_dir(recipe.name, args.out, args.resume) if distributed.is_main() else None

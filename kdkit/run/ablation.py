@@ -58,12 +58,13 @@ from kdkit.run.ablation_report import (
 )
 from kdkit.run.build import make_evaluator
 from kdkit.run.checks import check_recipe
-from kdkit.run.pipeline import RecipeRun, run_identity
-from kdkit.run.stage_cache import StageCache, train_stage_key
+from kdkit.run.gpu_runs import run_recipe
+from kdkit.run.pipeline import run_identity
+from kdkit.run.stage_cache import train_stage_key
 from kdkit.run.variants import Variant, baseline_stage, resolve, target_stage
 from kdkit.utils.checkpoint import atomic_write_text
+from kdkit.utils.gpus import GpuSet, describe_sets, gpu_environments, on_gpus
 from kdkit.utils.lock import exclusive
-from kdkit.utils.memory import process_peak
 from kdkit.utils.runlog import console
 from kdkit.utils.trackers import RunIdentity
 from kdkit.utils.workers import Interrupted, WorkerPool
@@ -84,6 +85,7 @@ class Ablation:
     variants_file: Path | None = None
     out: Path | None = None  # default runs/ablation-<recipe name>
     jobs: int = 1  # runs at the same time, each its own process
+    gpu_sets: list[GpuSet] = field(default_factory=list)  # one per concurrent run (`--gpus`), or none
     stage: str | None = None  # the compared stage (default: `target_stage`)
     baseline: bool = True
     teacher_per_seed: bool = False
@@ -184,11 +186,14 @@ def _run_grid(
     """Check every variant, train the shared train stages, run what is not done yet, write the report."""
     check_variants(ablation, jobs, recipes)
     out = jobs[0].out
+    if ablation.gpu_sets:
+        console.print(f"{ablation.jobs} run(s) at a time, {describe_sets(ablation.gpu_sets)}", markup=False)
     pending = _pending(jobs)
-    failures = _prepare_train_stages(pending, ablation.jobs)
+    environments = gpu_environments(ablation.gpu_sets)
+    failures = _prepare_train_stages(pending, ablation.jobs, environments)
     runnable = [job for job in pending if job.name not in failures]
     if runnable:
-        errors = run_jobs(execute, runnable, ablation.jobs, "run")
+        errors = run_jobs(execute, runnable, ablation.jobs, "run", environments)
         failures |= {
             job.name: (errors[job.name], job.partial / ERROR_LOG) for job in runnable if job.name in errors
         }
@@ -235,7 +240,7 @@ def execute(job: RunJob) -> Outcome:
     """Run one job in this (fresh worker) process (see `attempt`)."""
     load_plugins()
     torch.set_num_threads(job.threads)
-    console.rule(f"run {job.name}")
+    console.rule(f"run {job.name}{on_gpus()}")
     return attempt(job, job.partial, _run_and_publish)
 
 
@@ -243,14 +248,14 @@ def _run_and_publish(job: RunJob) -> None:
     """Run the job's recipe in its partial folder, then move that into runs/ in one rename."""
     start = time.perf_counter()
     identity = job.identity(job.final)  # trackers name the folder the run is moved to
-    RecipeRun(job.recipe, job.partial, StageCache(job.out / "cache"), identity).run(resume=True)
+    peak = run_recipe(job.recipe, job.partial, job.out / "cache", job.threads, identity)
     record = {
         "run": job.name,
         "variant": job.variant.label,
         "values": dict(job.variant.values),
         "seed": job.seed,
         "wall_seconds": time.perf_counter() - start,
-        **process_peak(),
+        **peak,
     }
     atomic_write_text(json.dumps(record, indent=2), job.partial / "run.json")
     job.final.parent.mkdir(parents=True, exist_ok=True)
@@ -300,11 +305,11 @@ def prepare(job: RunJob) -> Outcome:
     process (see `attempt`)."""
     load_plugins()
     torch.set_num_threads(job.threads)
-    console.rule(f"train stages for {job.name}")
+    console.rule(f"train stages for {job.name}{on_gpus()}")
 
     def train(job: RunJob) -> None:
         identity = job.identity(job.preparing, " (train stages)")
-        RecipeRun(job.recipe, job.preparing, StageCache(job.out / "cache"), identity).run(resume=True)
+        run_recipe(job.recipe, job.preparing, job.out / "cache", job.threads, identity)
 
     return attempt(job, job.preparing, train)
 
@@ -331,14 +336,22 @@ def preparation(jobs: list[RunJob]) -> dict[tuple[str, ...], RunJob]:
 
 
 def run_jobs(
-    function: Callable[[RunJob], Outcome], jobs: list[RunJob], processes: int, what: str
+    function: Callable[[RunJob], Outcome],
+    jobs: list[RunJob],
+    processes: int,
+    what: str,
+    environments: list[dict[str, str]] | None = None,
 ) -> dict[str, str]:
-    """`function(job)` for every job, each in a fresh worker process, `processes` at a time; return
-    the failed jobs' errors by name. An interrupted or killed worker stops them all
-    (`kdkit.utils.workers`)."""
+    """`function(job)` for every job, each in a fresh worker process, `processes` at a time (each
+    with a free one of `environments`, e.g. its GPU set, when given); return the failed jobs'
+    errors by name. An interrupted or killed worker stops them all (`kdkit.utils.workers`)."""
     failed = {}
     with WorkerPool(
-        function, min(processes, len(jobs)), fresh=True, describe=lambda j: f"{what} {j.name}"
+        function,
+        min(processes, len(jobs)),
+        fresh=True,
+        describe=lambda j: f"{what} {j.name}",
+        environments=environments,
     ) as pool:
         for done, (name, error) in enumerate(pool.run(jobs), 1):
             state = "complete" if error is None else f"FAILED: {error}"
@@ -348,14 +361,16 @@ def run_jobs(
     return failed
 
 
-def _prepare_train_stages(pending: list[RunJob], processes: int) -> dict[str, tuple[str, Path]]:
+def _prepare_train_stages(
+    pending: list[RunJob], processes: int, environments: list[dict[str, str]] | None
+) -> dict[str, tuple[str, Path]]:
     """Train the train stages the pending runs need; return the runs that cannot run because one of
     theirs failed: run name → (error, log)."""
     first = preparation(pending)
     if not first:
         return {}
     console.print(f"train stages first: {len(first)} job(s), then the runs", markup=False)
-    errors = run_jobs(prepare, list(first.values()), processes, "train stages for")
+    errors = run_jobs(prepare, list(first.values()), processes, "train stages for", environments)
     blocked = {}
     for job in pending:
         missing = set(missing_train_stages(job))

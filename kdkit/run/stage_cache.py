@@ -9,6 +9,7 @@ are what an ablation varies.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,6 +21,7 @@ from typing import Any
 
 from kdkit import CACHE_KEYS_VERSION
 from kdkit.config.schema import TRACKING_KEYS, DistillSpec, Recipe, StageSpec, TrainSpec
+from kdkit.utils import distributed
 from kdkit.utils.checkpoint import atomic_path, atomic_write_text, file_sha256
 from kdkit.utils.lock import locked
 
@@ -124,16 +126,28 @@ class StageCache:
         """The stage's result and its cache record (key, reused, trained_by), with its model at
         `model_path`: linked from the cache, or trained by `train()` and published.
 
-        The entry's lock makes concurrent runs that need the same stage wait for one training."""
+        The entry's lock makes concurrent runs that need the same stage wait for one training. Under
+        DDP, rank 0 alone holds it and decides; every rank trains (a rank waiting on the lock would
+        leave rank 0 waiting for it at the first gradient), rank 0 alone links and publishes."""
         entry = self.entry(recipe, stage)
-        with locked(entry.with_name(f"{entry.name}.lock")):
-            if (entry / "done.json").exists():
-                cached = json.loads((entry / "done.json").read_text())
-                link_or_copy(entry / "model.pt", model_path)
+        lock, main = entry.with_name(f"{entry.name}.lock"), distributed.is_main()
+        if distributed.is_distributed():
+            with locked(lock):  # first wait out another run's training alone, not in a collective (timeout)
+                pass
+        with locked(lock) if main else contextlib.nullcontext():
+            done = entry / "done.json"
+            cached = distributed.broadcast_object(
+                json.loads(done.read_text()) if main and done.exists() else None
+            )
+            if cached is not None:
+                if main:
+                    link_or_copy(entry / "model.pt", model_path)
                 result, reused, trained_by = cached["result"], True, cached["trained_by"]
             else:
                 result, reused, trained_by = train(), False, run_name
-                _publish(model_path, entry, {"result": result, "trained_by": trained_by})
+                if main:
+                    _publish(model_path, entry, {"result": result, "trained_by": trained_by})
+            distributed.barrier()  # the other ranks read the model once it is in place
         return result, {"key": entry.name, "reused": reused, "trained_by": trained_by}
 
 

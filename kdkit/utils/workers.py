@@ -8,18 +8,23 @@ Workers never act on SIGINT (they start with it ignored and keep it blocked, so 
 Ctrl-C to the whole process group reaches the coordinator alone), and a worker that dies or is
 stopped by someone else stops the pool with `Interrupted` (or `WorkerError`) naming its task,
 where `multiprocessing.Pool` would wait for it for ever.
+
+A pool can also give each worker process its own environment variables, one set per slot
+(`environments`): a worker holds a slot from its start to its end, then gives it back, so no two
+live workers share one. `kdkit ablate --gpus` confines each run to its own GPUs this way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import pickle
 import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -125,10 +130,46 @@ def _portable(exc: Exception) -> Exception:
     return WorkerError(f"{type(exc).__name__}: {exc}")
 
 
+class SlotQueue:
+    """Slots 0..n-1 (e.g. GPU sets) that workers hold one at a time: `take` the free slot that was
+    given back first, `give_back` it when its worker ends. A slot is never held twice at once."""
+
+    def __init__(self, count: int) -> None:
+        self.free = deque(range(count))
+
+    def take(self) -> int:
+        """A free slot; a `RuntimeError` when every slot is held (the caller starts no worker then)."""
+        if not self.free:
+            raise RuntimeError("every slot is held")
+        return self.free.popleft()
+
+    def give_back(self, slot: int) -> None:
+        """Free `slot` again."""
+        if slot in self.free:
+            raise RuntimeError(f"slot {slot} was not held")
+        self.free.append(slot)
+
+
+@contextlib.contextmanager
+def _environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """`os.environ` with `variables` set while the block runs (a spawned child copies it at its start)."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @dataclass
 class _Worker:
     process: Any  # multiprocessing's SpawnProcess
     conn: Connection
+    slot: int | None = None  # its environment's index, given back when it ends
     task: Any = None
     busy: bool = False
 
@@ -147,6 +188,9 @@ class WorkerPool:
     worker stopped by a signal raises `Interrupted` (exit status 128 + that signal) and one that died
     otherwise `WorkerError`, both naming the task by `describe(task)`. Leaving the block, normally or
     not, ends every worker.
+
+    With `environments`, at most one worker per entry runs at a time and each starts with a free
+    entry's variables set (see `SlotQueue`).
     """
 
     def __init__(
@@ -157,8 +201,13 @@ class WorkerPool:
         fresh: bool = False,
         initializer: Callable[[], None] | None = None,
         describe: Callable[[Any], str] = str,
+        environments: Sequence[Mapping[str, str]] | None = None,
     ) -> None:
         self.function, self.processes, self.fresh = function, max(1, processes), fresh
+        self.environments = list(environments) if environments is not None else None
+        self.slots = SlotQueue(len(self.environments)) if self.environments is not None else None
+        if self.environments is not None:
+            self.processes = min(self.processes, len(self.environments))
         self.initializer, self.describe = initializer, describe
         self.workers: list[_Worker] = []
         # spawn, never fork: a forked child can inherit a lock held by one of this process's threads
@@ -204,13 +253,15 @@ class WorkerPool:
         # print a traceback (a Ctrl-C in these milliseconds is lost here too; a second one works).
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        slot = self.slots.take() if self.slots is not None else None
         try:
-            process.start()
+            with _environment(self.environments[slot] if self.environments and slot is not None else {}):
+                process.start()
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
         child.close()
-        worker = _Worker(process, parent)
+        worker = _Worker(process, parent, slot)
         self.workers.append(worker)
         return worker
 
@@ -247,6 +298,8 @@ class WorkerPool:
             worker.process.kill()
             worker.process.join()
         worker.conn.close()
+        if self.slots is not None and worker.slot is not None:
+            self.slots.give_back(worker.slot)
         self.workers.remove(worker)
 
     def _end(self, grace: float, ask: bool) -> None:
