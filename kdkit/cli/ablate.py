@@ -117,11 +117,6 @@ def _collect(out: Path) -> int:
     return 0
 
 
-def _ablation(args: argparse.Namespace, base: dict[str, Any]) -> Ablation:
-    """The ablation the arguments ask for (`base`: the recipe with its overrides, without its
-    launcher); a `UsageError` or `RecipeError` names a bad one."""
-
-
 def add_gpu_args(p: argparse.ArgumentParser) -> None:
     """`--gpus` and `--gpus-per-run`: which GPUs the runs use, each run on GPUs of its own."""
     p.add_argument(
@@ -139,9 +134,9 @@ def add_gpu_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _ablation(args: argparse.Namespace) -> Ablation:
-    """The ablation the arguments ask for; a `UsageError` or `RecipeError` names a bad one."""
-    base = apply_overrides(read_yaml(args.recipe), args.overrides)
+def _ablation(args: argparse.Namespace, base: dict[str, Any]) -> Ablation:
+    """The ablation the arguments ask for (`base`: the recipe with its overrides, without its
+    launcher); a `UsageError` or `RecipeError` names a bad one."""
     if not args.vary and args.variants is None:
         raise UsageError(
             "kdkit ablate: give the variants to compare: --vary KEY=V1,V2,... or --variants FILE"

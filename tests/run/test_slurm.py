@@ -196,9 +196,10 @@ def test_a_multi_node_job_takes_rank_and_world_from_slurm(monkeypatch: pytest.Mo
     }
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
     keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"]
+    for key in keys:  # set, then deleted: monkeypatch removes what the job sets when the test ends
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     seen = SlurmJob(lambda names: {k: os.environ[k] for k in names}, keys, 1)()
     port = seen.pop("MASTER_PORT")
     assert seen == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07"}
