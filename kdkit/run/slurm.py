@@ -39,6 +39,7 @@ from kdkit.utils.lock import exclusive
 
 INSTALL = "pip install 'kdkit[slurm]'"
 QUEUE_FILE = "slurm.json"  # in an ablation folder: its definition and the job id of every run
+SQUEUE_TRIES, SQUEUE_RETRY_S = 5, 3.0  # how often and how far apart to ask an unanswering squeue
 WAITING = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
 
 
@@ -116,9 +117,15 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
     if not job_ids:
         return {}
     command = ["squeue", "--noheader", "--states=all", "--format=%i|%T", f"--jobs={','.join(job_ids)}"]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    rows = (line.split("|") for line in done.stdout.splitlines() if "|" in line)
-    return {job_id.strip(): state.strip() for job_id, state in rows}
+    for attempt in range(SQUEUE_TRIES):
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        # squeue refuses ids it no longer knows (finished longer ago than MinJobAge): none queued
+        if done.returncode == 0 or "Invalid job id" in done.stderr:
+            rows = (line.split("|") for line in done.stdout.splitlines() if "|" in line)
+            return {job_id.strip(): state.strip() for job_id, state in rows}
+        if attempt < SQUEUE_TRIES - 1:  # a controller that is restarting or busy answers later
+            time.sleep(SQUEUE_RETRY_S)
+    raise UsageError(f"squeue failed {SQUEUE_TRIES} times: {done.stderr.strip() or done.returncode}")
 
 
 def wait_for(job_ids: list[str], poll_s: float = 2.0) -> dict[str, str]:

@@ -93,6 +93,7 @@ def test_ablation_on_slurm_equals_the_local_one(
     assert set(states.values()) == {"COMPLETED"}, states
     assert main(["ablate", "--collect", "slurm"]) == 0
     assert report_numbers(Path("slurm")) == report_numbers(Path("local"))
+    assert job_states(["999999999"]) == {}  # squeue refuses an id it does not know: not queued
     queue = subprocess.run(
         ["squeue", "--states=all", f"--jobs={','.join(runs.values())}"], capture_output=True
     )
