@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,20 @@ def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(output, "_width", None)
     monkeypatch.delenv("COLUMNS", raising=False)
     monkeypatch.delenv("LINES", raising=False)
+
+
+# torch.distributed's rendezvous variables: a test that leaves them set makes every later in-process
+# run of its worker start a process group and wait for ranks that never come.
+DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def no_distributed_variables_left_behind() -> Iterator[None]:
+    """Fail the test that leaves torch.distributed's variables otherwise than it found them."""
+    before = {name: os.environ.get(name) for name in DISTRIBUTED_VARIABLES}
+    yield
+    after = {name: os.environ.get(name) for name in DISTRIBUTED_VARIABLES}
+    assert after == before, f"the test changed torch.distributed's variables: {before} -> {after}"
 
 
 @pytest.fixture(autouse=True, scope="session")
