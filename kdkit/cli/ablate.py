@@ -89,6 +89,11 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         raise UsageError("kdkit ablate: give the recipe (or --collect OUT)")
     base = apply_overrides(read_yaml(args.recipe), args.overrides + launcher_overrides(args))
     launcher = parse_launcher(base.pop("launcher", {}), str(args.recipe))
+    if launcher.kind == "slurm" and (args.gpus is not None or args.gpus_per_run != 1):
+        raise UsageError(
+            "--gpus and --gpus-per-run share out this machine's GPUs; with --launcher slurm each "
+            "run's job asks SLURM for its GPUs: use --gpus-per-node"
+        )
     if launcher.kind == "slurm":
         return _submit(_ablation(args, base), launcher)
     run_ablation(_ablation(args, base))

@@ -188,7 +188,7 @@ def _run_grid(
     out = jobs[0].out
     if ablation.gpu_sets:
         console.print(f"{ablation.jobs} run(s) at a time, {describe_sets(ablation.gpu_sets)}", markup=False)
-    pending = _pending(jobs)
+    pending = pending_jobs(jobs)
     environments = gpu_environments(ablation.gpu_sets)
     failures = _prepare_train_stages(pending, ablation.jobs, environments)
     runnable = [job for job in pending if job.name not in failures]
@@ -198,9 +198,9 @@ def _run_grid(
             job.name: (errors[job.name], job.partial / ERROR_LOG) for job in runnable if job.name in errors
         }
     complete = [job for job in jobs if job.final.exists()]
-    failed = [_failure(job, *failures[job.name]) for job in jobs if job.name in failures]
+    failed = [failure_record(job, *failures[job.name]) for job in jobs if job.name in failures]
     if complete:
-        _report(ablation, complete, stage, time.perf_counter() - start, failed)
+        report_ablation(ablation, complete, stage, time.perf_counter() - start, failed)
     if failed:
         raise RunFailed(_incomplete(failed, len(jobs), len(complete), out, ablation.command_line))
 
@@ -262,7 +262,7 @@ def _run_and_publish(job: RunJob) -> None:
     os.replace(job.partial, job.final)
 
 
-def _pending(jobs: list[RunJob]) -> list[RunJob]:
+def pending_jobs(jobs: list[RunJob]) -> list[RunJob]:
     """Jobs still to run. Complete runs are skipped (refused when they ran another recipe);
     interrupted ones continue, or start again when they ran another recipe."""
     pending = []
@@ -382,7 +382,7 @@ def _prepare_train_stages(
 
 
 # ------------------------------------------------------------------------------------ failures and the report
-def _failure(job: RunJob, error: str, log: Path) -> dict[str, Any]:
+def failure_record(job: RunJob, error: str, log: Path) -> dict[str, Any]:
     """A failed run as the report lists it."""
     return {"run": job.name, "variant": job.variant.label, "seed": job.seed, "error": error, "log": str(log)}
 
@@ -436,7 +436,7 @@ def _groups(jobs: list[RunJob], stage: str, with_baseline: bool) -> list[Group]:
     return first + groups
 
 
-def _report(
+def report_ablation(
     ablation: Ablation, jobs: list[RunJob], stage: str, seconds: float, failed: list[dict[str, Any]]
 ) -> None:
     """Read the complete runs of the grid (`jobs`) and write the report files; `failed` lists the

@@ -81,10 +81,11 @@ class RecipeRun:
         r = self.recipe
         self.out_dir.mkdir(parents=True, exist_ok=True)
         main = distributed.is_main()  # under torchrun, rank 0 alone writes the run directory
+        resolved = r.to_dict()
         if main:
-            atomic_write_text(yaml.safe_dump(r.to_dict(), sort_keys=False), self.out_dir / "recipe.yaml")
+            atomic_write_text(yaml.safe_dump(resolved, sort_keys=False), self.out_dir / "recipe.yaml")
         log = MetricsLog(self.out_dir, self._trackers() if main else [])
-        log.params(r.to_dict())
+        log.params(resolved)
         summary = self._read_summary() if resume else {}
         failed = True
         try:

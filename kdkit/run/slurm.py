@@ -192,7 +192,7 @@ def submit_ablation(ablation: engine.Ablation, launcher: LauncherSpec) -> tuple[
     with exclusive(out, ablation.command_line):
         engine.check_variants(ablation, jobs, recipes)
         queued = _queued(out)
-        pending = [job for job in engine._pending(jobs) if job.name not in queued]
+        pending = [job for job in engine.pending_jobs(jobs) if job.name not in queued]
         threads = launcher.cpus_per_task
         folder = out / launcher.folder
         submitted, after_keys = [], {}
@@ -227,7 +227,7 @@ def collect_ablation(out: Path) -> Path:
     missing = [_missing(job, record["runs"].get(job.name), states) for job in jobs if not job.final.exists()]
     if complete:
         ends = [(job.final / "run.json").stat().st_mtime for job in complete]
-        engine._report(ablation, complete, stage, max(ends) - record["submitted"], missing)
+        engine.report_ablation(ablation, complete, stage, max(ends) - record["submitted"], missing)
     if missing:
         raise RunFailed(_not_complete(missing, len(jobs), out, ablation.command_line))
     return out / "ablation.md"
@@ -261,7 +261,7 @@ def _missing(job: engine.RunJob, job_id: str | None, states: dict[str, str]) -> 
         why = f"failed in SLURM job {job_id}: {error_log.read_text().strip().splitlines()[-1]}"
     else:
         why = f"SLURM job {job_id} ended before the run was complete ({state or 'not in squeue any more'})"
-    return engine._failure(job, why, error_log)
+    return engine.failure_record(job, why, error_log)
 
 
 def _queued(out: Path) -> set[str]:

@@ -257,6 +257,10 @@ class WorkerPool:
         try:
             with _environment(self.environments[slot] if self.environments and slot is not None else {}):
                 process.start()
+        except BaseException:  # no worker holds the slot
+            if self.slots is not None and slot is not None:
+                self.slots.give_back(slot)
+            raise
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)

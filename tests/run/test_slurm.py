@@ -166,6 +166,11 @@ def test_flags_override_the_section_and_a_bad_one_exits_2(tmp_path: Path, capsys
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
     assert main(["run", str(tmp_path / "r.yaml"), "--launcher", "slurm", "--time", "0"]) == 2
     assert "launcher.time: expected at least 1, got 0" in capsys.readouterr().err
+    ablate = ["ablate", str(tmp_path / "r.yaml"), *GRID, "--out", str(tmp_path / "abl")]
+    assert main([*ablate, "--gpus", "0"]) == 2  # this machine's GPUs mean nothing to the jobs
+    assert "with --launcher slurm each run's job asks SLURM for its GPUs: use --gpus-per-node" in (
+        capsys.readouterr().err
+    )
 
 
 def test_without_submitit_the_launcher_says_how_to_install_it(

@@ -3,8 +3,10 @@ process confined to its set through the environment it starts with."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -144,3 +146,25 @@ def test_kdkit_run_on_a_multi_gpu_machine_says_how_to_use_them(
     assert "torchrun --standalone --nproc_per_node=4 -m kdkit run tiny.yaml" in err
     assert "kdkit ablate tiny.yaml --vary ... --gpus all" in err
     assert multi_gpu_hint(1, "auto", "r.yaml") is None and multi_gpu_hint(4, "cpu", "r.yaml") is None
+
+
+def test_a_worker_that_cannot_start_gives_its_gpu_set_back() -> None:
+    pool = WorkerPool(str, 1, environments=[{"KDKIT_GPUS": "0"}])
+    pool.context = _FailingStart()
+    with pytest.raises(OSError, match="no process"):
+        pool._start()
+    assert list(pool.slots.free) == [0]  # the set is free for the next worker
+
+
+class _FailingStart:
+    """A multiprocessing context whose processes cannot start (as when the OS refuses a process)."""
+
+    def Pipe(self) -> tuple[Any, Any]:  # noqa: N802 (multiprocessing's name)
+        return multiprocessing.Pipe()
+
+    def Process(self, **_: Any) -> Any:  # noqa: N802
+        class Process:
+            def start(self) -> None:
+                raise OSError("no process")
+
+        return Process()
